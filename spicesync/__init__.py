@@ -1,0 +1,9 @@
+"""spicesync: keep an application's PostgreSQL users and SpiceDB relationships in sync.
+
+The shared package: constants, settings, models, errors and the CLI. The saga itself lives in
+the top-level ``workflows``, ``activities``, ``workers`` and ``starters`` packages.
+"""
+
+__all__ = ["__version__"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The ``spicesync`` command line."""

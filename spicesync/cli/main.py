@@ -1,0 +1,149 @@
+"""``spicesync``: run the stack, the worker, the demo, and start syncs by hand."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from spicesync.errors import InvalidUserInput
+from spicesync.models import CreateUserInput
+from spicesync.settings import MissingSetting, load_settings
+
+__all__ = ["build_parser", "main"]
+
+
+def _stack(args: argparse.Namespace) -> int:
+    from spicesync.stack.manager import stack_down, stack_status, stack_up
+
+    settings = load_settings()
+    if args.action == "up":
+        state = asyncio.run(stack_up(settings))
+        for key, value in state.env.items():
+            print(f"{key}={value}")
+        return 0
+    if args.action == "down":
+        stopped = stack_down(settings)
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing (no stack recorded)"))
+        return 0
+    state, health = asyncio.run(stack_status(settings))
+    if not state.components:
+        print("# no stack recorded; run `spicesync stack up`")
+        return 1
+    for key, value in state.env.items():
+        print(f"{key}={value}")
+    for c in state.components:
+        where = f" pid={c.pid}" if c.pid else ""
+        log = f" log={c.log}" if c.log else ""
+        print(f"# {c.name:<8} {health[c.name]:<10} {c.label}{where}{log}")
+    return 0 if all(h == "healthy" for h in health.values()) else 1
+
+
+def _worker(_args: argparse.Namespace) -> int:
+    from workers.worker import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(run_worker(load_settings()))
+    return 0
+
+
+def _users_create(args: argparse.Namespace) -> int:
+    from starters.create_user import UserCreationFailed, WaitFor, create_user
+
+    try:
+        event = CreateUserInput(
+            user_id=args.user_id or str(uuid.uuid4()),
+            email=args.email,
+            name=args.name,
+            org_id=args.org,
+            role=args.role,
+        )
+        outcome = asyncio.run(create_user(event, wait=WaitFor(args.wait)))
+    except (InvalidUserInput, ValidationError) as err:
+        print(json.dumps({"status": "rejected", "error": "InvalidUserInput", "message": str(err)}))
+        return 2
+    except UserCreationFailed as err:
+        print(
+            json.dumps(
+                {
+                    "user_id": event.user_id,
+                    "workflow_id": err.workflow_id,
+                    "status": "failed",
+                    "error": err.error_type,
+                    "message": err.message,
+                }
+            )
+        )
+        return 1
+    print(outcome.model_dump_json())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from spicesync.demo import run_demo, summary
+
+    report = asyncio.run(run_demo(args.users))
+    print(summary(report, load_settings().temporal_ui_url))
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command (each has ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="spicesync",
+        description="Keep PostgreSQL users and SpiceDB relationships in sync with Temporal.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    stack = commands.add_parser("stack", help="run the local Temporal, PostgreSQL and SpiceDB")
+    stack.add_argument(
+        "action",
+        choices=["up", "status", "down"],
+        help="up: start what is missing and print KEY=value settings; status: settings and"
+        " health; down: stop what up started",
+    )
+    stack.set_defaults(func=_stack)
+
+    worker = commands.add_parser("worker", help="run a worker until SIGINT/SIGTERM")
+    worker.set_defaults(func=_worker)
+
+    users = commands.add_parser("users", help="start user syncs as an application would")
+    user_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    create = user_commands.add_parser("create", help="create a user in the App DB and SpiceDB")
+    create.add_argument("--email", required=True)
+    create.add_argument("--name", required=True)
+    create.add_argument("--org", required=True, help="organization id")
+    create.add_argument("--role", default="member", choices=["member", "admin"])
+    create.add_argument("--user-id", help="the user's UUID (default: a new one); reuse to retry")
+    create.add_argument(
+        "--wait",
+        default="permissions",
+        choices=["start", "row", "permissions"],
+        help="return once started, once the row is committed, or once permissions are written",
+    )
+    create.set_defaults(func=_users_create)
+
+    demo = commands.add_parser(
+        "demo", help="bring the stack up, create users, verify them in both stores"
+    )
+    demo.add_argument("--users", type=int, default=100, help="valid users to create (default 100)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spicesync`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MissingSetting as err:
+        print(f"spicesync: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

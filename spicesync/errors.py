@@ -1,0 +1,67 @@
+"""Typed business errors.
+
+An activity raises one of these for a failure that retrying cannot fix; Temporal records it
+under the class name as the ``ApplicationError`` type, and :data:`NON_RETRYABLE_ERROR_TYPES`
+(the only list of them) tells every ``RetryPolicy`` not to retry it. Anything else an activity
+raises is treated as transient and retried with backoff until it succeeds.
+
+Messages carry opaque ids and error codes only, never an email or a name: they end up in the
+workflow history.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "NON_RETRYABLE_ERROR_TYPES",
+    "AppDBRejected",
+    "AppDBUnavailable",
+    "DuplicateEmail",
+    "InvalidUserInput",
+    "PermanentSyncError",
+    "SpiceDBRejected",
+    "SpiceDBUnavailable",
+    "UserRowMissing",
+]
+
+
+class PermanentSyncError(Exception):
+    """Base class of failures that must not be retried: the saga compensates instead."""
+
+
+class InvalidUserInput(PermanentSyncError):
+    """The event's fields are malformed; nothing was written."""
+
+
+class DuplicateEmail(PermanentSyncError):
+    """Another user id already owns this email (compared case-insensitively)."""
+
+
+class AppDBRejected(PermanentSyncError):
+    """PostgreSQL refused the statement for a reason retrying cannot fix (e.g. a constraint)."""
+
+
+class SpiceDBRejected(PermanentSyncError):
+    """SpiceDB refused the call for good (INVALID_ARGUMENT, FAILED_PRECONDITION, ...)."""
+
+
+class UserRowMissing(PermanentSyncError):
+    """The row this run inserted is gone, so it cannot be marked synced."""
+
+
+NON_RETRYABLE_ERROR_TYPES: Final[list[str]] = [
+    InvalidUserInput.__name__,
+    DuplicateEmail.__name__,
+    AppDBRejected.__name__,
+    SpiceDBRejected.__name__,
+    UserRowMissing.__name__,
+]
+
+
+class AppDBUnavailable(Exception):
+    """PostgreSQL could not be reached or answered with a transient error; retried."""
+
+
+class SpiceDBUnavailable(Exception):
+    """SpiceDB could not be reached or answered with a transient error; retried."""

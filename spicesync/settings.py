@@ -1,0 +1,144 @@
+"""The one typed settings object for spicesync.
+
+Values come from the environment (the variable names the stack prints: ``DATABASE_URL``,
+``SPICEDB_ENDPOINT``, ``SPICEDB_PRESHARED_KEY``, ``TEMPORAL_ADDRESS``, ...) and, for local
+development, from the ``stack.env`` file that ``spicesync stack up`` writes into the state
+directory. The environment always wins over the file. The Temporal connection follows the SDK's
+own env-config conventions (``TEMPORAL_ADDRESS``, ``TEMPORAL_NAMESPACE``, ``TEMPORAL_API_KEY``,
+``TEMPORAL_PROFILE``, TLS variables and the TOML profile file).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from temporalio.envconfig import ClientConfig, ClientConnectConfig
+
+from spicesync.constants import DEFAULT_TASK_QUEUE
+
+__all__ = ["STACK_ENV_FILE", "MissingSetting", "Settings", "load_settings", "read_env_file"]
+
+STACK_ENV_FILE = "stack.env"
+
+
+class MissingSetting(RuntimeError):
+    """A setting the command needs is not configured."""
+
+
+class Settings(BaseSettings):
+    """All of spicesync's configuration.
+
+    Secrets have no defaults: locally ``spicesync stack up`` generates the SpiceDB preshared key
+    and writes it to ``stack.env``; elsewhere it must be provided.
+    """
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    environment: Literal["local", "production"] = Field(
+        default="local", validation_alias="SPICESYNC_ENV"
+    )
+    state_dir: Path = Field(default=Path(".spicesync"), validation_alias="SPICESYNC_STATE_DIR")
+    task_queue: str = Field(default=DEFAULT_TASK_QUEUE, validation_alias="SPICESYNC_TASK_QUEUE")
+
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    database_pool_min_size: int = Field(default=2, ge=1, validation_alias="DATABASE_POOL_MIN")
+    database_pool_max_size: int = Field(default=10, ge=1, validation_alias="DATABASE_POOL_MAX")
+
+    spicedb_endpoint: str | None = Field(default=None, validation_alias="SPICEDB_ENDPOINT")
+    spicedb_preshared_key: SecretStr | None = Field(
+        default=None, validation_alias="SPICEDB_PRESHARED_KEY"
+    )
+    spicedb_insecure: bool = Field(default=True, validation_alias="SPICEDB_INSECURE")
+
+    temporal_address: str = Field(default="localhost:7233", validation_alias="TEMPORAL_ADDRESS")
+    temporal_namespace: str = Field(default="default", validation_alias="TEMPORAL_NAMESPACE")
+    temporal_ui_url: str | None = Field(default=None, validation_alias="TEMPORAL_UI_URL")
+
+    # Ports of the local stack (``spicesync stack up``); unused when pointing at real services.
+    stack_temporal_port: int = Field(default=7233, validation_alias="SPICESYNC_TEMPORAL_PORT")
+    stack_temporal_ui_port: int = Field(default=8233, validation_alias="SPICESYNC_TEMPORAL_UI_PORT")
+    stack_spicedb_port: int = Field(default=50051, validation_alias="SPICESYNC_SPICEDB_PORT")
+
+    @model_validator(mode="after")
+    def _production_needs_explicit_services(self) -> Settings:
+        if self.environment == "production":
+            missing = [
+                name
+                for name, value in (
+                    ("DATABASE_URL", self.database_url),
+                    ("SPICEDB_ENDPOINT", self.spicedb_endpoint),
+                    ("SPICEDB_PRESHARED_KEY", self.spicedb_preshared_key),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(
+                    "SPICESYNC_ENV=production needs " + ", ".join(missing) + " to be set"
+                )
+        return self
+
+    def require_database_url(self) -> str:
+        """Return ``DATABASE_URL`` or raise a clear error naming it."""
+        if not self.database_url:
+            raise MissingSetting("DATABASE_URL is not set: run `spicesync stack up` or export it")
+        return self.database_url
+
+    def require_spicedb(self) -> tuple[str, str]:
+        """Return the SpiceDB endpoint and preshared key or raise a clear error naming them."""
+        if not self.spicedb_endpoint or self.spicedb_preshared_key is None:
+            raise MissingSetting(
+                "SPICEDB_ENDPOINT and SPICEDB_PRESHARED_KEY must be set: run `spicesync stack up`"
+                " or export them"
+            )
+        return self.spicedb_endpoint, self.spicedb_preshared_key.get_secret_value()
+
+    def temporal_connect_config(self) -> ClientConnectConfig:
+        """Load the Temporal connection the SDK's env-config way.
+
+        The stack's ``TEMPORAL_*`` values act as the environment's defaults, so a profile file
+        or real environment variables still override them.
+
+        Returns:
+            Keyword arguments for ``temporalio.client.Client.connect``.
+        """
+        env = {"TEMPORAL_ADDRESS": self.temporal_address, "TEMPORAL_NAMESPACE": self.temporal_namespace}
+        env.update(os.environ)
+        return ClientConfig.load_client_connect_config(override_env_vars=env)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a ``KEY=value`` file as written by ``spicesync stack up``.
+
+    Args:
+        path: The file; a missing file reads as empty.
+
+    Returns:
+        The variables in file order.
+    """
+    if not path.is_file():
+        return {}
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, falling back to the local stack's ``stack.env``.
+
+    Args:
+        **overrides: Field values that win over every source (tests use this).
+
+    Returns:
+        The settings.
+    """
+    state_dir = Path(os.environ.get("SPICESYNC_STATE_DIR", ".spicesync"))
+    stack_file = state_dir / STACK_ENV_FILE
+    return Settings(_env_file=stack_file if stack_file.is_file() else None, **overrides)  # type: ignore[call-arg]

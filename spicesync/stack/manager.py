@@ -1,0 +1,226 @@
+"""``spicesync stack up | status | down``: the local stack's lifecycle.
+
+``up`` starts only what is not configured already (``TEMPORAL_ADDRESS``, ``DATABASE_URL`` and
+``SPICEDB_ENDPOINT`` in the environment mean "use mine"), records what it started in
+``<state dir>/stack.json`` and writes the connection settings to ``<state dir>/stack.env``,
+which every other spicesync command reads. ``down`` stops exactly what ``up`` recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import asyncpg
+
+from spicesync.settings import STACK_ENV_FILE, Settings, read_env_file
+from spicesync.stack.components import (
+    prepare_app_db,
+    prepare_spicedb,
+    start_embedded_postgres,
+    start_spicedb,
+    start_temporal,
+    stop_embedded_postgres,
+    wait_for_spicedb,
+)
+from spicesync.stack.processes import pid_alive, port_open, stop_pid, wait_for_port
+
+__all__ = ["Component", "StackState", "stack_down", "stack_status", "stack_up"]
+
+_STATE_FILE = "stack.json"
+
+
+@dataclass
+class Component:
+    """One engine of the stack."""
+
+    name: str
+    label: str
+    managed: bool  # started by `stack up` (and so stopped by `stack down`)
+    pid: int | None = None
+    log: str | None = None
+    data_dir: str | None = None
+
+
+@dataclass
+class StackState:
+    """What ``stack up`` started and the settings it produced."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    components: list[Component] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> StackState:
+        """Read the state file; an absent one is an empty stack."""
+        path = state_dir / _STATE_FILE
+        if not path.is_file():
+            return cls()
+        raw = json.loads(path.read_text())
+        return cls(env=raw["env"], components=[Component(**c) for c in raw["components"]])
+
+    def save(self, state_dir: Path) -> None:
+        """Write the state file and ``stack.env``."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / _STATE_FILE).write_text(
+            json.dumps({"env": self.env, "components": [asdict(c) for c in self.components]}, indent=2)
+        )
+        env_file = state_dir / STACK_ENV_FILE
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
+        env_file.chmod(0o600)  # it holds the preshared key
+
+    def component(self, name: str) -> Component | None:
+        """The component called ``name``, if recorded."""
+        return next((c for c in self.components if c.name == name), None)
+
+
+def _running(component: Component | None) -> bool:
+    if component is None:
+        return False
+    if component.name == "postgres" and component.data_dir:
+        return (Path(component.data_dir) / "postmaster.pid").exists()
+    return not component.managed or pid_alive(component.pid)
+
+
+async def stack_up(settings: Settings) -> StackState:
+    """Start whatever is not running yet, wait for readiness, migrate, write the schema.
+
+    Idempotent: a second ``up`` reuses the running engines.
+
+    Args:
+        settings: Ports and the state directory.
+
+    Returns:
+        The stack's state, whose ``env`` holds the connection settings.
+    """
+    state_dir = settings.state_dir.resolve()
+    logs = state_dir / "logs"
+    old = StackState.load(state_dir)
+    new = StackState()
+
+    # Temporal
+    if "TEMPORAL_ADDRESS" in os.environ:
+        new.components.append(Component("temporal", f"external {os.environ['TEMPORAL_ADDRESS']}", False))
+        new.env["TEMPORAL_ADDRESS"] = os.environ["TEMPORAL_ADDRESS"]
+    else:
+        port, ui_port = settings.stack_temporal_port, settings.stack_temporal_ui_port
+        temporal = old.component("temporal")
+        if not (_running(temporal) and temporal and temporal.managed):
+            if port_open("127.0.0.1", port):
+                raise RuntimeError(
+                    f"port {port} is taken by something `stack up` did not start; set"
+                    " SPICESYNC_TEMPORAL_PORT or TEMPORAL_ADDRESS"
+                )
+            log = logs / "temporal.log"
+            pid = start_temporal(port=port, ui_port=ui_port, db_file=state_dir / "temporal.db", log=log)
+            temporal = Component("temporal", "Temporal dev server (SQLite, WAL)", True, pid, str(log))
+            wait_for_port("127.0.0.1", port, pid=pid, timeout=60, log=log)
+        new.components.append(temporal)
+        new.env["TEMPORAL_ADDRESS"] = f"127.0.0.1:{port}"
+        new.env["TEMPORAL_UI_URL"] = f"http://127.0.0.1:{ui_port}"
+    new.env["TEMPORAL_NAMESPACE"] = os.environ.get("TEMPORAL_NAMESPACE", "default")
+    new.env["SPICESYNC_TASK_QUEUE"] = settings.task_queue
+
+    # PostgreSQL
+    if "DATABASE_URL" in os.environ:
+        new.components.append(Component("postgres", "external DATABASE_URL", False))
+        new.env["DATABASE_URL"] = os.environ["DATABASE_URL"]
+    else:
+        data_dir = state_dir / "postgres"
+        log = data_dir / "log"
+        url = await asyncio.to_thread(start_embedded_postgres, data_dir)
+        new.components.append(
+            Component("postgres", "embedded PostgreSQL", True, None, str(log), str(data_dir))
+        )
+        new.env["DATABASE_URL"] = url
+
+    # SpiceDB
+    if "SPICEDB_ENDPOINT" in os.environ:
+        new.components.append(Component("spicedb", f"external {os.environ['SPICEDB_ENDPOINT']}", False))
+        new.env["SPICEDB_ENDPOINT"] = os.environ["SPICEDB_ENDPOINT"]
+        key = settings.spicedb_preshared_key
+        if key is None:
+            raise RuntimeError("SPICEDB_ENDPOINT is set, so SPICEDB_PRESHARED_KEY must be too")
+        new.env["SPICEDB_PRESHARED_KEY"] = key.get_secret_value()
+    else:
+        port = settings.stack_spicedb_port
+        spicedb = old.component("spicedb")
+        key_text = old.env.get("SPICEDB_PRESHARED_KEY")
+        if not (_running(spicedb) and spicedb and spicedb.managed and key_text):
+            if port_open("127.0.0.1", port):
+                raise RuntimeError(
+                    f"port {port} is taken by something `stack up` did not start; set"
+                    " SPICESYNC_SPICEDB_PORT or SPICEDB_ENDPOINT"
+                )
+            # Generated, never defaulted: each local stack gets its own key.
+            key_text = secrets.token_urlsafe(24)
+            log = logs / "spicedb.log"
+            pid, label = await asyncio.to_thread(start_spicedb, port=port, preshared_key=key_text, log=log)
+            spicedb = Component("spicedb", label, True, pid, str(log))
+            wait_for_port("127.0.0.1", port, pid=pid, timeout=60, log=log)
+        new.components.append(spicedb)
+        new.env["SPICEDB_ENDPOINT"] = f"127.0.0.1:{port}"
+        new.env["SPICEDB_PRESHARED_KEY"] = key_text
+    new.env["SPICEDB_INSECURE"] = "true" if settings.spicedb_insecure else "false"
+
+    new.save(state_dir)
+    await prepare_app_db(new.env["DATABASE_URL"])
+    await prepare_spicedb(new.env["SPICEDB_ENDPOINT"], new.env["SPICEDB_PRESHARED_KEY"])
+    return new
+
+
+async def _health(component: Component, env: dict[str, str]) -> str:
+    try:
+        if component.name == "temporal":
+            host, _, port = env["TEMPORAL_ADDRESS"].rpartition(":")
+            return "healthy" if port_open(host or "127.0.0.1", int(port)) else "down"
+        if component.name == "postgres":
+            conn = await asyncpg.connect(env["DATABASE_URL"], timeout=3)
+            try:
+                await conn.fetchval("SELECT 1")
+            finally:
+                await conn.close()
+            return "healthy"
+        await asyncio.wait_for(
+            wait_for_spicedb(env["SPICEDB_ENDPOINT"], env["SPICEDB_PRESHARED_KEY"], timeout=2), 5
+        )
+        return "healthy"
+    except Exception as err:
+        return f"down ({type(err).__name__})"
+
+
+async def stack_status(settings: Settings) -> tuple[StackState, dict[str, str]]:
+    """The recorded stack and each engine's health, probed now."""
+    state = StackState.load(settings.state_dir.resolve())
+    health = {c.name: await _health(c, state.env) for c in state.components}
+    return state, health
+
+
+def stack_down(settings: Settings) -> list[str]:
+    """Stop what ``stack up`` started, and nothing else. Data files are kept.
+
+    Returns:
+        The names of the components stopped.
+    """
+    state_dir = settings.state_dir.resolve()
+    state = StackState.load(state_dir)
+    stopped: list[str] = []
+    for component in reversed(state.components):
+        if not component.managed:
+            continue
+        if component.name == "postgres" and component.data_dir:
+            stop_embedded_postgres(Path(component.data_dir))
+        elif component.pid is not None and pid_alive(component.pid):
+            stop_pid(component.pid)
+        stopped.append(component.name)
+    for name in (_STATE_FILE, STACK_ENV_FILE):
+        (state_dir / name).unlink(missing_ok=True)
+    return stopped
+
+
+def read_stack_env(state_dir: Path) -> dict[str, str]:
+    """The settings the last ``stack up`` wrote."""
+    return read_env_file(state_dir / STACK_ENV_FILE)

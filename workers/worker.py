@@ -1,0 +1,114 @@
+"""Build and run a spicesync worker.
+
+The PostgreSQL pool and the SpiceDB client are created once, at start, and shared by every
+activity; the worker drains in-flight tasks and closes both on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.memberships import MembershipActivities
+from activities.user_rows import UserRowActivities
+from spicesync.db import create_pool
+from spicesync.settings import Settings
+from spicesync.spicedb import SpiceDBClient, connect_spicedb
+from spicesync.temporal import connect_temporal
+from workflows.create_user import CreateUserWorkflow
+
+__all__ = ["WorkerResources", "build_worker", "open_resources", "run_worker"]
+
+log = logging.getLogger("spicesync.worker")
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """The long-lived connections a worker's activities share."""
+
+    pool: asyncpg.Pool
+    spicedb: SpiceDBClient
+
+
+@contextlib.asynccontextmanager
+async def open_resources(settings: Settings) -> AsyncIterator[WorkerResources]:
+    """Open the pool and the SpiceDB client once; close both on exit.
+
+    Args:
+        settings: Where PostgreSQL and SpiceDB are.
+
+    Yields:
+        The shared resources.
+    """
+    endpoint, key = settings.require_spicedb()
+    pool = await create_pool(
+        settings.require_database_url(),
+        min_size=settings.database_pool_min_size,
+        max_size=settings.database_pool_max_size,
+    )
+    spicedb = connect_spicedb(endpoint, key, insecure=settings.spicedb_insecure)
+    try:
+        yield WorkerResources(pool=pool, spicedb=spicedb)
+    finally:
+        await spicedb.close()
+        await pool.close()
+
+
+def build_worker(client: Client, resources: WorkerResources, *, task_queue: str) -> Worker:
+    """Register the saga's workflow and activities on ``task_queue``.
+
+    Args:
+        client: A client built with ``pydantic_data_converter``.
+        resources: The shared pool and SpiceDB client.
+        task_queue: The queue to poll.
+
+    Returns:
+        The (not yet running) worker.
+    """
+    rows = UserRowActivities(resources.pool)
+    memberships = MembershipActivities(resources.spicedb)
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[CreateUserWorkflow],
+        activities=[
+            rows.insert_user_row,
+            rows.mark_user_synced,
+            rows.delete_user_row,
+            memberships.write_membership,
+            memberships.delete_membership,
+        ],
+    )
+
+
+async def run_worker(
+    settings: Settings, *, stop: asyncio.Event | None = None, client: Client | None = None
+) -> None:
+    """Run a worker until ``stop`` is set, or SIGINT/SIGTERM when no event is given.
+
+    Args:
+        settings: Connection settings.
+        stop: Set it to shut down; by default the process signals set it.
+        client: An injected Temporal client; connected from the settings otherwise.
+    """
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+    client = client or await connect_temporal(settings)
+    async with open_resources(settings) as resources:
+        worker = build_worker(client, resources, task_queue=settings.task_queue)
+        async with worker:
+            log.info("worker polling task queue %s", settings.task_queue)
+            await stop.wait()
+            log.info("shutting down: finishing in-flight tasks")
+    log.info("worker stopped")
