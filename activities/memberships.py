@@ -76,7 +76,7 @@ class MembershipActivities:
                 write, timeout=SPICEDB_CALL_TIMEOUT_SECONDS
             )
         except grpc.aio.AioRpcError as err:
-            raise _translate(err, request.membership) from err
+            raise _translate(err, request.membership) from None
         return WriteMembershipResult(zed_token=response.written_at.token)
 
     @activity.defn
@@ -107,5 +107,5 @@ class MembershipActivities:
                 delete, timeout=SPICEDB_CALL_TIMEOUT_SECONDS
             )
         except grpc.aio.AioRpcError as err:
-            raise _translate(err, m) from err
+            raise _translate(err, m) from None
         return DeleteMembershipResult(zed_token=response.deleted_at.token)

@@ -1,0 +1,156 @@
+"""Shared fixtures: real engines, started once per session, isolated per test by fresh ids."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from spicesync.constants import SEARCH_ATTRIBUTES
+from spicesync.spicedb import SpiceDBClient, connect_spicedb
+from spicesync.stack.components import (
+    prepare_app_db,
+    prepare_spicedb,
+    start_embedded_postgres,
+    start_spicedb,
+    stop_embedded_postgres,
+)
+from spicesync.stack.processes import free_port, pid_alive, stop_pid, tool_path, wait_for_port
+
+
+def _binary(name: str) -> str:
+    path = tool_path(name)
+    if path is None:
+        pytest.fail(f"`{name}` is not installed; run the README's test command")
+    return path
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    """The real Temporal dev server, with spicesync's search attributes and eager start."""
+    extra = ["--dynamic-config-value", "system.enableEagerWorkflowStart=true"]
+    for name, kind in SEARCH_ATTRIBUTES.items():
+        extra += ["--search-attribute", f"{name}={kind}"]
+    env = await WorkflowEnvironment.start_local(
+        data_converter=pydantic_data_converter,
+        dev_server_existing_path=_binary("temporal"),
+        dev_server_extra_args=extra,
+        ui=False,
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """Temporal's time-skipping test server, for workflow logic with mocked activities."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter,
+        test_server_existing_path=_binary("temporal-test-server"),
+    )
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={
+                name: IndexedValueType.Value(f"INDEXED_VALUE_TYPE_{kind.upper()}")
+                for name, kind in SEARCH_ATTRIBUTES.items()
+            },
+        )
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture
+def task_queue() -> str:
+    """A task queue of this test's own, so no other test's worker picks up its tasks."""
+    return f"test-{uuid.uuid4()}"
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """``TEST_DATABASE_URL`` when set; otherwise an embedded PostgreSQL for this session."""
+    configured = os.environ.get("TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    data_dir = Path(tempfile.mkdtemp(prefix="spicesync-pg-")) / "data"
+    url = start_embedded_postgres(data_dir)
+    yield url
+    stop_embedded_postgres(data_dir)
+    shutil.rmtree(data_dir.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def app_db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A migrated App DB and a pool to read it with."""
+    await prepare_app_db(database_url)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=5)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+@dataclass
+class SpiceDBServer:
+    """The real SpiceDB engine behind its gRPC host, as a separate process."""
+
+    endpoint: str
+    preshared_key: str
+    pid: int
+    log: Path
+
+    def pause(self) -> None:
+        """Freeze the process: calls hang until their deadline, as with a hung server."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused process run again, its data intact."""
+        os.kill(self.pid, signal.SIGCONT)
+
+    def client(self, key: str | None = None) -> SpiceDBClient:
+        """A fresh client, with the right key unless told otherwise."""
+        return connect_spicedb(self.endpoint, key or self.preshared_key)
+
+
+@pytest.fixture(scope="session")
+async def spicedb_server() -> AsyncIterator[SpiceDBServer]:
+    """One SpiceDB engine for the session; tests isolate themselves with fresh object ids."""
+    port = free_port()
+    key = f"test-{uuid.uuid4().hex}"
+    log = Path(tempfile.mkdtemp(prefix="spicesync-spicedb-")) / "spicedb.log"
+    pid, _label = start_spicedb(port=port, preshared_key=key, log=log)
+    wait_for_port("127.0.0.1", port, pid=pid, timeout=60, log=log)
+    server = SpiceDBServer(f"127.0.0.1:{port}", key, pid, log)
+    await prepare_spicedb(server.endpoint, key)
+    yield server
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGCONT)
+        stop_pid(pid)
+
+
+@pytest.fixture
+async def spicedb(spicedb_server: SpiceDBServer) -> AsyncIterator[SpiceDBClient]:
+    """A client for reading SpiceDB state in assertions."""
+    client = spicedb_server.client()
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def client(temporal_env: WorkflowEnvironment) -> Client:
+    """The dev server's client (pydantic converter)."""
+    return temporal_env.client

@@ -1,0 +1,60 @@
+import uuid
+
+import pytest
+
+from spicesync.errors import InvalidUserInput
+from spicesync.models import CreateUserInput
+from spicesync.validation import user_input_problems, validate_create_user
+
+
+def event(**changes: str) -> CreateUserInput:
+    fields = {
+        "user_id": str(uuid.uuid4()),
+        "email": "ada@example.com",
+        "name": "Ada Lovelace",
+        "org_id": "acme",
+        "role": "member",
+    } | changes
+    return CreateUserInput(**fields)
+
+
+def test_valid_event_has_no_problems() -> None:
+    assert user_input_problems(event()) == []
+    assert user_input_problems(event(role="admin", name="Zoë Ñandú 山田")) == []
+    validate_create_user(event())
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"user_id": "42"}, "user_id"),
+        ({"user_id": str(uuid.uuid4()).upper()}, "user_id"),
+        ({"email": "no-at-sign"}, "email"),
+        ({"email": "two@@example.com"}, "email"),
+        ({"email": "spaces in@example.com"}, "email"),
+        ({"email": "a@" + "x" * 250 + ".com"}, "email"),
+        ({"email": "ünï@example.com"}, "email"),
+        ({"email": "x@example.com'; DROP TABLE users;--"}, "email"),
+        ({"name": "   "}, "name"),
+        ({"name": "x" * 201}, "name"),
+        ({"name": "bell\x07"}, "name"),
+        ({"name": "rtl\u202eoverride"}, "name"),
+        ({"org_id": ""}, "org_id"),
+        ({"org_id": "acme corp"}, "org_id"),
+        ({"org_id": "a" * 129}, "org_id"),
+        ({"org_id": "acme/../root"}, "org_id"),
+        ({"role": "owner"}, "role"),
+    ],
+)
+def test_each_rule_names_its_field(changes: dict[str, str], field: str) -> None:
+    problems = user_input_problems(event(**changes))
+    assert [p.split(":")[0] for p in problems] == [field]
+
+
+def test_error_lists_every_problem_without_echoing_values() -> None:
+    bad = event(email="secret-address", name="", role="root")
+    with pytest.raises(InvalidUserInput) as caught:
+        validate_create_user(bad)
+    message = str(caught.value)
+    assert "email:" in message and "name:" in message and "role:" in message
+    assert "secret-address" not in message and "root" not in message
