@@ -1,6 +1,6 @@
 """``python -m spicesync`` runs the CLI."""
 
-from spicesync.cli.main import main
+from spicesync.cli.main import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -61,7 +61,10 @@ async def apply_migrations(conn: asyncpg.Connection) -> list[int]:
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
     try:
         await conn.execute(_LEDGER)
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM spicesync_schema_migrations")}
+        done = {
+            r["version"]
+            for r in await conn.fetch("SELECT version FROM spicesync_schema_migrations")
+        }
         for migration in load_migrations():
             if migration.version in done:
                 continue

@@ -25,6 +25,7 @@ from authzed.api.v1 import (
     SubjectReference,
     ZedToken,
 )
+from temporalio.client import Client
 
 from spicesync.errors import InvalidUserInput
 from spicesync.models import CreateUserInput
@@ -102,12 +103,15 @@ def _cases(count: int) -> list[DemoCase]:
     return cases
 
 
-async def _submit(case: DemoCase, client: object, task_queue: str, gate: asyncio.Semaphore) -> None:
+async def _submit(case: DemoCase, client: Client, task_queue: str, gate: asyncio.Semaphore) -> None:
     async with gate:
         started = time.perf_counter()
         try:
             outcome = await create_user(
-                case.event, wait=WaitFor.PERMISSIONS, client=client, task_queue=task_queue  # type: ignore[arg-type]
+                case.event,
+                wait=WaitFor.PERMISSIONS,
+                client=client,
+                task_queue=task_queue,
             )
             case.outcome, case.zed_token = outcome.status, outcome.zed_token
         except InvalidUserInput:
@@ -117,9 +121,7 @@ async def _submit(case: DemoCase, client: object, task_queue: str, gate: asyncio
         case.seconds = time.perf_counter() - started
 
 
-async def _check_permission(
-    spicedb: SpiceDBClient, case: DemoCase, permission: str
-) -> CheckPermissionResponse.Permissionship.ValueType:
+async def _check_permission(spicedb: SpiceDBClient, case: DemoCase, permission: str) -> int:
     consistency = (
         Consistency(at_least_as_fresh=ZedToken(token=case.zed_token))
         if case.zed_token
@@ -130,11 +132,13 @@ async def _check_permission(
             consistency=consistency,
             resource=ObjectReference(object_type="organization", object_id=case.event.org_id),
             permission=permission,
-            subject=SubjectReference(object=ObjectReference(object_type="user", object_id=case.event.user_id)),
+            subject=SubjectReference(
+                object=ObjectReference(object_type="user", object_id=case.event.user_id)
+            ),
         ),
         timeout=5,
     )
-    return response.permissionship
+    return int(response.permissionship)
 
 
 async def _verify(case: DemoCase, pool: asyncpg.Pool, spicedb: SpiceDBClient) -> None:
@@ -225,8 +229,10 @@ def summary(report: DemoReport, ui_url: str | None) -> str:
             f"  time-to-permission       : p50 {statistics.median(latencies):.0f} ms,"
             f" p99 {p99:.0f} ms"
         )
-    lines.append("  verified independently  : row + ZedToken in PostgreSQL, CheckPermission"
-                 " at_least_as_fresh in SpiceDB, nothing left for rejected events")
+    lines.append(
+        "  verified independently  : row + ZedToken in PostgreSQL, CheckPermission"
+        " at_least_as_fresh in SpiceDB, nothing left for rejected events"
+    )
     for case in report.failures:
         lines.append(
             f"  UNEXPECTED user {case.event.user_id}: expected {case.expect}, got"

@@ -58,6 +58,7 @@ _PERMANENT_SQLSTATE_CLASSES: frozenset[str] = frozenset(
     }
 )
 
+
 def classify_sqlstate(sqlstate: str | None) -> FailureKind:
     """Classify a PostgreSQL error by its SQLSTATE.
 

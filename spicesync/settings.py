@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -105,7 +105,10 @@ class Settings(BaseSettings):
         Returns:
             Keyword arguments for ``temporalio.client.Client.connect``.
         """
-        env = {"TEMPORAL_ADDRESS": self.temporal_address, "TEMPORAL_NAMESPACE": self.temporal_namespace}
+        env = {
+            "TEMPORAL_ADDRESS": self.temporal_address,
+            "TEMPORAL_NAMESPACE": self.temporal_namespace,
+        }
         env.update(os.environ)
         return ClientConfig.load_client_connect_config(override_env_vars=env)
 
@@ -130,7 +133,7 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment, falling back to the local stack's ``stack.env``.
 
     Args:
@@ -141,4 +144,4 @@ def load_settings(**overrides: object) -> Settings:
     """
     state_dir = Path(os.environ.get("SPICESYNC_STATE_DIR", ".spicesync"))
     stack_file = state_dir / STACK_ENV_FILE
-    return Settings(_env_file=stack_file if stack_file.is_file() else None, **overrides)  # type: ignore[call-arg]
+    return Settings(_env_file=stack_file if stack_file.is_file() else None, **overrides)

@@ -37,12 +37,12 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-class SpiceDBClient(AsyncClient):  # type: ignore[misc]
+class SpiceDBClient(AsyncClient):
     """``authzed`` async client that keeps its channel so it can be closed cleanly."""
 
     def __init__(self, target: str, credentials: grpc.ChannelCredentials) -> None:
         self.channel = grpc.aio.secure_channel(target, credentials, _CHANNEL_OPTIONS)
-        self.init_stubs(self.channel)
+        self.init_stubs(self.channel)  # type: ignore[attr-defined]
 
     async def close(self) -> None:
         """Close the channel; in-flight calls are cancelled."""

@@ -1,5 +1,6 @@
-"""Validation of user events, run by the starter before anything starts and by the workflow
-before anything is written.
+"""Validation of user events.
+
+Run by the starter before anything starts and by the workflow before anything is written.
 
 Error messages name the offending fields and the rule, never the value: the message is kept in
 the workflow history, and the value may be personal data.

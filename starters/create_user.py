@@ -104,19 +104,20 @@ async def create_user(
     workflow_id = create_user_workflow_id(event.user_id)
     # USE_EXISTING: a duplicate while the first run is open attaches to it. REJECT_DUPLICATE: a
     # duplicate after it closed starts nothing; the caller gets that run's outcome instead.
-    policies = {
-        "id": workflow_id,
-        "task_queue": task_queue,
-        "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
-        "id_reuse_policy": WorkflowIDReusePolicy.REJECT_DUPLICATE,
-    }
+    id_conflict_policy = WorkflowIDConflictPolicy.USE_EXISTING
+    id_reuse_policy = WorkflowIDReusePolicy.REJECT_DUPLICATE
     try:
         if wait is WaitFor.ROW:
             committed = await client.execute_update_with_start_workflow(
                 CreateUserWorkflow.row_committed,
                 RowCommittedInput(),
                 start_workflow_operation=WithStartWorkflowOperation(
-                    CreateUserWorkflow.run, event, **policies  # type: ignore[arg-type]
+                    CreateUserWorkflow.run,
+                    event,
+                    id=workflow_id,
+                    task_queue=task_queue,
+                    id_conflict_policy=id_conflict_policy,
+                    id_reuse_policy=id_reuse_policy,
                 ),
             )
             return CreateUserOutcome(
@@ -125,11 +126,16 @@ async def create_user(
         handle = await client.start_workflow(
             CreateUserWorkflow.run,
             event,
+            id=workflow_id,
+            task_queue=task_queue,
+            id_conflict_policy=id_conflict_policy,
+            id_reuse_policy=id_reuse_policy,
             request_eager_start=True,
-            **policies,  # type: ignore[arg-type]
         )
         if wait is WaitFor.START:
-            return CreateUserOutcome(user_id=event.user_id, workflow_id=workflow_id, status="started")
+            return CreateUserOutcome(
+                user_id=event.user_id, workflow_id=workflow_id, status="started"
+            )
         result = await handle.result()
     except WorkflowAlreadyStartedError:
         # The event was handled before and its workflow has closed: report how it ended.
@@ -137,7 +143,10 @@ async def create_user(
     except (WorkflowFailureError, WorkflowUpdateFailedError) as err:
         raise _failure(workflow_id, err) from err
     return CreateUserOutcome(
-        user_id=result.user_id, workflow_id=workflow_id, status=result.status, zed_token=result.zed_token
+        user_id=result.user_id,
+        workflow_id=workflow_id,
+        status=result.status,
+        zed_token=result.zed_token,
     )
 
 

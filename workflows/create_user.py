@@ -8,11 +8,14 @@ failure or a cancellation undoes what this run wrote, in reverse order, and the 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.types import MethodAsyncSingleParam, ParamType, ReturnType
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
@@ -105,7 +108,7 @@ class CreateUserWorkflow:
         try:
             self._stage("inserting_row")
             insert_started = True
-            inserted = await workflow.execute_activity_method(
+            inserted = await _step(
                 UserRowActivities.insert_user_row,
                 InsertUserRowInput(
                     user_id=event.user_id,
@@ -115,26 +118,31 @@ class CreateUserWorkflow:
                     role=event.role,
                     run_id=run_id,
                 ),
-                **_step_options(),
             )
             row_created = inserted.created
             self._row_committed = True
 
             self._stage("writing_permissions")
             write_started = True
-            written = await workflow.execute_activity_method(
-                MembershipActivities.write_membership,
-                WriteMembershipInput(membership=membership),
-                **_step_options(),
-            )
+            try:
+                written = await _step(
+                    MembershipActivities.write_membership,
+                    WriteMembershipInput(membership=membership),
+                )
+            except ActivityError as err:
+                # SpiceDB applies a WriteRelationships call whole or not at all: a refusal means
+                # nothing landed, so there is nothing to undo (and with a wrong key, the undo
+                # itself could never succeed).
+                if _refused(err):
+                    write_started = False
+                raise
 
             self._stage("marking_synced")
-            synced = await workflow.execute_activity_method(
+            synced = await _step(
                 UserRowActivities.mark_user_synced,
                 MarkUserSyncedInput(
                     user_id=event.user_id, run_id=run_id, zed_token=written.zed_token
                 ),
-                **_step_options(),
             )
             self._stage("synced")
             return CreateUserResult(
@@ -176,7 +184,9 @@ class CreateUserWorkflow:
             raise self._failure
         return RowCommittedResult(user_id=self._user_id, status="pending")
 
-    async def _compensate(self, run_id: str, membership: Membership | None, *, delete_row: bool) -> None:
+    async def _compensate(
+        self, run_id: str, membership: Membership | None, *, delete_row: bool
+    ) -> None:
         """Undo this run's writes in reverse order; every step retries until it succeeds."""
         if membership is not None:
             await workflow.execute_activity_method(
@@ -197,14 +207,24 @@ class CreateUserWorkflow:
         workflow.upsert_search_attributes([STAGE.value_set(stage)])
 
 
-def _step_options() -> dict[str, object]:
+def _step(
+    activity: MethodAsyncSingleParam[Any, ParamType, ReturnType], arg: ParamType
+) -> Awaitable[ReturnType]:
+    """Run a forward step of the saga with its retry policy."""
     # WAIT_CANCELLATION_COMPLETED: on cancel, compensation must start only after an in-flight
     # write has really stopped, or the write could land after its undo.
-    return {
-        "start_to_close_timeout": _TIMEOUT,
-        "retry_policy": STEP_RETRY,
-        "cancellation_type": ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-    }
+    return workflow.execute_activity_method(
+        activity,
+        arg,
+        start_to_close_timeout=_TIMEOUT,
+        retry_policy=STEP_RETRY,
+        cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+    )
+
+
+def _refused(err: ActivityError) -> bool:
+    cause = err.cause
+    return isinstance(cause, ApplicationError) and cause.type in NON_RETRYABLE_ERROR_TYPES
 
 
 def _as_failure(err: BaseException, *, cancelled: bool) -> ApplicationError:

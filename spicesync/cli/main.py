@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import uuid
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from spicesync.errors import InvalidUserInput
 from spicesync.models import CreateUserInput
 from spicesync.settings import MissingSetting, load_settings
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "entry", "main"]
 
 
 def _stack(args: argparse.Namespace) -> int:
@@ -147,3 +148,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def entry() -> None:
+    """Console-script entry: run :func:`main`, then leave without interpreter finalisation.
+
+    gRPC and the Temporal SDK's core keep native threads that can crash the interpreter while it
+    finalises (``Fatal Python error: PyGILState_Release``), turning a successful command into
+    exit status -6. Every client and worker is closed by then, so flushing and leaving at once
+    keeps the exit status truthful.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

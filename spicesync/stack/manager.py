@@ -66,7 +66,9 @@ class StackState:
         """Write the state file and ``stack.env``."""
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / _STATE_FILE).write_text(
-            json.dumps({"env": self.env, "components": [asdict(c) for c in self.components]}, indent=2)
+            json.dumps(
+                {"env": self.env, "components": [asdict(c) for c in self.components]}, indent=2
+            )
         )
         env_file = state_dir / STACK_ENV_FILE
         env_file.write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
@@ -103,7 +105,9 @@ async def stack_up(settings: Settings) -> StackState:
 
     # Temporal
     if "TEMPORAL_ADDRESS" in os.environ:
-        new.components.append(Component("temporal", f"external {os.environ['TEMPORAL_ADDRESS']}", False))
+        new.components.append(
+            Component("temporal", f"external {os.environ['TEMPORAL_ADDRESS']}", False)
+        )
         new.env["TEMPORAL_ADDRESS"] = os.environ["TEMPORAL_ADDRESS"]
     else:
         port, ui_port = settings.stack_temporal_port, settings.stack_temporal_ui_port
@@ -115,8 +119,12 @@ async def stack_up(settings: Settings) -> StackState:
                     " SPICESYNC_TEMPORAL_PORT or TEMPORAL_ADDRESS"
                 )
             log = logs / "temporal.log"
-            pid = start_temporal(port=port, ui_port=ui_port, db_file=state_dir / "temporal.db", log=log)
-            temporal = Component("temporal", "Temporal dev server (SQLite, WAL)", True, pid, str(log))
+            pid = start_temporal(
+                port=port, ui_port=ui_port, db_file=state_dir / "temporal.db", log=log
+            )
+            temporal = Component(
+                "temporal", "Temporal dev server (SQLite, WAL)", True, pid, str(log)
+            )
             wait_for_port("127.0.0.1", port, pid=pid, timeout=60, log=log)
         new.components.append(temporal)
         new.env["TEMPORAL_ADDRESS"] = f"127.0.0.1:{port}"
@@ -139,7 +147,9 @@ async def stack_up(settings: Settings) -> StackState:
 
     # SpiceDB
     if "SPICEDB_ENDPOINT" in os.environ:
-        new.components.append(Component("spicedb", f"external {os.environ['SPICEDB_ENDPOINT']}", False))
+        new.components.append(
+            Component("spicedb", f"external {os.environ['SPICEDB_ENDPOINT']}", False)
+        )
         new.env["SPICEDB_ENDPOINT"] = os.environ["SPICEDB_ENDPOINT"]
         key = settings.spicedb_preshared_key
         if key is None:
@@ -158,7 +168,9 @@ async def stack_up(settings: Settings) -> StackState:
             # Generated, never defaulted: each local stack gets its own key.
             key_text = secrets.token_urlsafe(24)
             log = logs / "spicedb.log"
-            pid, label = await asyncio.to_thread(start_spicedb, port=port, preshared_key=key_text, log=log)
+            pid, label = await asyncio.to_thread(
+                start_spicedb, port=port, preshared_key=key_text, log=log
+            )
             spicedb = Component("spicedb", label, True, pid, str(log))
             wait_for_port("127.0.0.1", port, pid=pid, timeout=60, log=log)
         new.components.append(spicedb)

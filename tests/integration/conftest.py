@@ -1,0 +1,147 @@
+"""The real pipeline: a worker on the dev server, PostgreSQL and the SpiceDB engine over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+from authzed.api.v1 import (
+    CheckPermissionRequest,
+    CheckPermissionResponse,
+    Consistency,
+    ObjectReference,
+    ReadRelationshipsRequest,
+    RelationshipFilter,
+    SubjectFilter,
+    SubjectReference,
+    ZedToken,
+)
+from temporalio.client import Client
+
+from spicesync.models import CreateUserInput
+from spicesync.settings import Settings
+from spicesync.spicedb import SpiceDBClient
+from tests.conftest import SpiceDBServer
+from workers.worker import build_worker, open_resources
+
+pytestmark = pytest.mark.integration
+
+
+def new_event(**changes: str) -> CreateUserInput:
+    """A valid event with ids and an email no other test uses."""
+    user_id = str(uuid.uuid4())
+    fields = {
+        "user_id": user_id,
+        "email": f"u-{user_id[:8]}@example.com",
+        "name": "Test User",
+        "org_id": f"org-{uuid.uuid4().hex[:12]}",
+        "role": "member",
+    } | changes
+    return CreateUserInput(**fields)
+
+
+@dataclass
+class Pipeline:
+    """A running worker and what tests need to observe its effects."""
+
+    client: Client
+    task_queue: str
+    pool: asyncpg.Pool
+    spicedb: SpiceDBClient
+
+
+def worker_settings(database_url: str, spicedb: SpiceDBServer, key: str | None = None) -> Settings:
+    return Settings(
+        database_url=database_url,
+        spicedb_endpoint=spicedb.endpoint,
+        spicedb_preshared_key=key or spicedb.preshared_key,
+    )
+
+
+@pytest.fixture
+async def pipeline(
+    client: Client,
+    task_queue: str,
+    database_url: str,
+    app_db: asyncpg.Pool,
+    spicedb_server: SpiceDBServer,
+    spicedb: SpiceDBClient,
+) -> AsyncIterator[Pipeline]:
+    async with (
+        open_resources(worker_settings(database_url, spicedb_server)) as resources,
+        build_worker(client, resources, task_queue=task_queue),
+    ):
+        yield Pipeline(client, task_queue, app_db, spicedb)
+
+
+async def user_row(pool: asyncpg.Pool, user_id: str) -> asyncpg.Record | None:
+    return await pool.fetchrow("SELECT * FROM users WHERE id = $1", uuid.UUID(user_id))
+
+
+async def relationships_of(spicedb: SpiceDBClient, user_id: str) -> list[tuple[str, str]]:
+    """Every (organization, relation) the user holds, read fully consistently."""
+    return [
+        (r.relationship.resource.object_id, r.relationship.relation)
+        async for r in spicedb.ReadRelationships(
+            ReadRelationshipsRequest(
+                consistency=Consistency(fully_consistent=True),
+                relationship_filter=RelationshipFilter(
+                    resource_type="organization",
+                    optional_subject_filter=SubjectFilter(
+                        subject_type="user", optional_subject_id=user_id
+                    ),
+                ),
+            ),
+            timeout=5,
+        )
+    ]
+
+
+async def has_permission(
+    spicedb: SpiceDBClient, event: CreateUserInput, permission: str, zed_token: str
+) -> bool:
+    response = await spicedb.CheckPermission(
+        CheckPermissionRequest(
+            consistency=Consistency(at_least_as_fresh=ZedToken(token=zed_token)),
+            resource=ObjectReference(object_type="organization", object_id=event.org_id),
+            permission=permission,
+            subject=SubjectReference(
+                object=ObjectReference(object_type="user", object_id=event.user_id)
+            ),
+        ),
+        timeout=5,
+    )
+    return response.permissionship == CheckPermissionResponse.PERMISSIONSHIP_HAS_PERMISSION
+
+
+async def assert_synced(pipeline: Pipeline, event: CreateUserInput, zed_token: str) -> None:
+    """The row is synced with this ZedToken and SpiceDB grants exactly the role's permissions."""
+    row = await user_row(pipeline.pool, event.user_id)
+    assert row is not None
+    assert (row["email"], row["org_id"], row["role"]) == (event.email, event.org_id, event.role)
+    assert row["sync_status"] == "synced" and row["zed_token"] == zed_token
+    assert await relationships_of(pipeline.spicedb, event.user_id) == [(event.org_id, event.role)]
+    assert await has_permission(pipeline.spicedb, event, "view", zed_token)
+    assert await has_permission(pipeline.spicedb, event, "manage", zed_token) == (
+        event.role == "admin"
+    )
+
+
+async def assert_neither(pipeline: Pipeline, event: CreateUserInput) -> None:
+    """No row and no relationship: the user exists in neither store."""
+    assert await user_row(pipeline.pool, event.user_id) is None
+    assert await relationships_of(pipeline.spicedb, event.user_id) == []
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float = 30.0) -> None:
+    """Wait for an observable condition (a test-side probe, not part of the product)."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.1)

@@ -1,0 +1,135 @@
+"""The command line on its own stack: `stack up|status|down`, `worker`, `users create`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spicesync.stack.processes import free_port, pid_alive
+
+pytestmark = pytest.mark.integration
+
+CLI = [sys.executable, "-m", "spicesync"]
+
+
+def run(
+    args: list[str], env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def parse_env(text: str) -> dict[str, str]:
+    return dict(
+        line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#")
+    )
+
+
+@pytest.fixture
+def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Settings for a stack in a temporary state dir, on free ports, torn down afterwards."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TEMPORAL_", "SPICEDB_", "DATABASE_URL", "SPICESYNC_"))
+    }
+    env |= {
+        "SPICESYNC_STATE_DIR": str(tmp_path / "state"),
+        "SPICESYNC_TEMPORAL_PORT": str(free_port()),
+        "SPICESYNC_TEMPORAL_UI_PORT": str(free_port()),
+        "SPICESYNC_SPICEDB_PORT": str(free_port()),
+        "SPICESYNC_TASK_QUEUE": f"cli-{tmp_path.name}",
+    }
+    yield env
+    run(["stack", "down"], env)
+
+
+def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
+    up = run(["stack", "up"], stack_env)
+    assert up.returncode == 0, up.stderr
+    settings = parse_env(up.stdout)
+    for key in (
+        "TEMPORAL_ADDRESS",
+        "TEMPORAL_NAMESPACE",
+        "DATABASE_URL",
+        "SPICEDB_ENDPOINT",
+        "SPICEDB_PRESHARED_KEY",
+    ):
+        assert settings.get(key), key
+    assert settings["TEMPORAL_ADDRESS"].endswith(stack_env["SPICESYNC_TEMPORAL_PORT"])
+
+    again = run(["stack", "up"], stack_env)  # idempotent: reuses what runs
+    assert again.returncode == 0 and parse_env(again.stdout) == settings
+
+    status = run(["stack", "status"], stack_env)
+    assert status.returncode == 0, status.stdout
+    health = [line for line in status.stdout.splitlines() if line.startswith("# ")]
+    assert len(health) == 3 and all(" healthy " in line and "log=" in line for line in health)
+    pids = [int(word[4:]) for line in health for word in line.split() if word.startswith("pid=")]
+    assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+
+    worker = subprocess.Popen(
+        [*CLI, "worker"], env=stack_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        created = run(
+            [
+                "users",
+                "create",
+                "--email",
+                "cli@example.com",
+                "--name",
+                "Cli",
+                "--org",
+                "cli-org",
+                "--role",
+                "admin",
+            ],
+            stack_env,
+        )
+        assert created.returncode == 0, created.stdout + created.stderr
+        outcome = json.loads(created.stdout)
+        assert outcome["status"] == "synced" and outcome["zed_token"]
+        assert outcome["workflow_id"] == f"create-user-{outcome['user_id']}"
+
+        rejected = run(
+            ["users", "create", "--email", "nope", "--name", "X", "--org", "o"], stack_env
+        )
+        assert rejected.returncode == 2
+        assert json.loads(rejected.stdout)["error"] == "InvalidUserInput"
+
+        duplicate = run(
+            [
+                "users",
+                "create",
+                "--email",
+                "CLI@example.com",
+                "--name",
+                "Other",
+                "--org",
+                "cli-org",
+                "--wait",
+                "row",
+            ],
+            stack_env,
+        )
+        assert duplicate.returncode == 1
+        assert json.loads(duplicate.stdout)["error"] == "DuplicateEmail"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        output, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 0, output  # graceful shutdown on SIGTERM
+    assert "worker stopped" in output
+
+    down = run(["stack", "down"], stack_env)
+    assert down.returncode == 0 and "temporal" in down.stdout and "spicedb" in down.stdout
+    assert not any(pid_alive(p) for p in pids)
+    assert not (Path(stack_env["SPICESYNC_STATE_DIR"]) / "stack.env").exists()

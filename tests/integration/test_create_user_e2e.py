@@ -1,0 +1,210 @@
+"""User creation on the real Temporal dev server, PostgreSQL and the SpiceDB engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import grpc.aio
+import pytest
+from authzed.api.v1 import ReadSchemaRequest
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError
+
+from spicesync.constants import create_user_workflow_id
+from spicesync.errors import InvalidUserInput
+from starters.create_user import UserCreationFailed, WaitFor, create_user
+from tests.conftest import SpiceDBServer
+from tests.integration.conftest import (
+    Pipeline,
+    assert_neither,
+    assert_synced,
+    eventually,
+    new_event,
+    relationships_of,
+    user_row,
+    worker_settings,
+)
+from workers.worker import build_worker, open_resources
+from workflows.create_user import STAGE, CreateUserWorkflow
+
+pytestmark = pytest.mark.integration
+
+
+async def test_happy_path_writes_row_then_permissions(pipeline: Pipeline) -> None:
+    member, admin = new_event(), new_event(role="admin")
+    for event in (member, admin):
+        outcome = await create_user(
+            event, wait=WaitFor.PERMISSIONS, client=pipeline.client, task_queue=pipeline.task_queue
+        )
+        assert outcome.status == "synced" and outcome.zed_token
+        assert outcome.workflow_id == create_user_workflow_id(event.user_id)
+        await assert_synced(pipeline, event, outcome.zed_token)
+        described = await pipeline.client.get_workflow_handle(outcome.workflow_id).describe()
+        assert described.typed_search_attributes.get(STAGE) == "synced"
+        # Only opaque ids in the workflow id and search attributes.
+        assert event.email not in outcome.workflow_id
+        assert event.email not in str(described.typed_search_attributes)
+
+
+async def test_wait_for_row_returns_before_permissions(pipeline: Pipeline) -> None:
+    event = new_event()
+    outcome = await create_user(
+        event, wait=WaitFor.ROW, client=pipeline.client, task_queue=pipeline.task_queue
+    )
+    assert outcome.status == "pending" and outcome.zed_token is None
+    assert await user_row(pipeline.pool, event.user_id) is not None  # committed already
+    result = await pipeline.client.get_workflow_handle_for(
+        CreateUserWorkflow.run, outcome.workflow_id
+    ).result()
+    await assert_synced(pipeline, event, result.zed_token)
+
+
+async def test_wait_for_start_returns_at_once(pipeline: Pipeline) -> None:
+    event = new_event()
+    outcome = await create_user(
+        event, wait=WaitFor.START, client=pipeline.client, task_queue=pipeline.task_queue
+    )
+    assert outcome.status == "started"
+    result = await pipeline.client.get_workflow_handle_for(
+        CreateUserWorkflow.run, outcome.workflow_id
+    ).result()
+    await assert_synced(pipeline, event, result.zed_token)
+
+
+async def test_duplicate_events_are_no_ops(pipeline: Pipeline) -> None:
+    event = new_event()
+    # Three deliveries at once (while the first run is open), then one after it closed.
+    concurrent = await asyncio.gather(
+        *(
+            create_user(event, wait=wait, client=pipeline.client, task_queue=pipeline.task_queue)
+            for wait in (WaitFor.PERMISSIONS, WaitFor.ROW, WaitFor.PERMISSIONS)
+        )
+    )
+    late = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
+    tokens = {o.zed_token for o in (*concurrent, late) if o.zed_token}
+    assert len(tokens) == 1
+    await assert_synced(pipeline, event, tokens.pop())
+    rows = await pipeline.pool.fetchval(
+        "SELECT count(*) FROM users WHERE org_id = $1", event.org_id
+    )
+    assert rows == 1
+    runs = [
+        w
+        async for w in pipeline.client.list_workflows(
+            f"WorkflowId = '{create_user_workflow_id(event.user_id)}'"
+        )
+    ]
+    assert len(runs) == 1
+
+
+async def test_duplicate_email_fails_clearly_and_leaves_nothing(pipeline: Pipeline) -> None:
+    first = new_event()
+    await create_user(first, client=pipeline.client, task_queue=pipeline.task_queue)
+    second = new_event(email=first.email.upper())
+    with pytest.raises(UserCreationFailed) as caught:
+        await create_user(second, client=pipeline.client, task_queue=pipeline.task_queue)
+    assert caught.value.error_type == "DuplicateEmail"
+    assert first.email.lower() not in caught.value.message.lower()  # no PII in the failure
+    await assert_neither(pipeline, second)
+    # The first user is untouched.
+    assert await relationships_of(pipeline.spicedb, first.user_id) == [(first.org_id, "member")]
+
+
+async def test_invalid_input_is_rejected_before_anything_starts(pipeline: Pipeline) -> None:
+    event = new_event(email="not an email", org_id="bad org")
+    with pytest.raises(InvalidUserInput, match=r"email:.*org_id:"):
+        await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
+    with pytest.raises(RPCError):
+        await pipeline.client.get_workflow_handle(create_user_workflow_id(event.user_id)).describe()
+    await assert_neither(pipeline, event)
+
+
+async def _waiting_on_spicedb(client: Client, workflow_id: str) -> bool:
+    described = await client.get_workflow_handle(workflow_id).describe()
+    pending = described.raw_description.pending_activities
+    return any(p.activity_type.name == "write_membership" and p.attempt >= 2 for p in pending)
+
+
+async def test_spicedb_outage_waits_then_completes(
+    pipeline: Pipeline, spicedb_server: SpiceDBServer
+) -> None:
+    event = new_event()
+    spicedb_server.pause()
+    try:
+        outcome = await create_user(
+            event, wait=WaitFor.START, client=pipeline.client, task_queue=pipeline.task_queue
+        )
+        # The write hits its deadline and is retried: the workflow waits, durably.
+        await eventually(
+            lambda: _waiting_on_spicedb(pipeline.client, outcome.workflow_id), timeout=60
+        )
+        row = await user_row(pipeline.pool, event.user_id)
+        assert row is not None and row["sync_status"] == "pending"
+    finally:
+        spicedb_server.resume()
+    result = await pipeline.client.get_workflow_handle_for(
+        CreateUserWorkflow.run, outcome.workflow_id
+    ).result()
+    await assert_synced(pipeline, event, result.zed_token)
+
+
+async def test_cancel_during_outage_compensates_to_neither(
+    pipeline: Pipeline, spicedb_server: SpiceDBServer
+) -> None:
+    event = new_event()
+    spicedb_server.pause()
+    try:
+        outcome = await create_user(
+            event, wait=WaitFor.START, client=pipeline.client, task_queue=pipeline.task_queue
+        )
+        await eventually(
+            lambda: _waiting_on_spicedb(pipeline.client, outcome.workflow_id), timeout=60
+        )
+        handle = pipeline.client.get_workflow_handle(outcome.workflow_id)
+        await handle.cancel()
+    finally:
+        spicedb_server.resume()
+    await eventually(
+        lambda: _closed_as(pipeline.client, outcome.workflow_id, WorkflowExecutionStatus.CANCELED),
+        timeout=60,
+    )
+    await assert_neither(pipeline, event)
+
+
+async def _closed_as(client: Client, workflow_id: str, status: WorkflowExecutionStatus) -> bool:
+    return (await client.get_workflow_handle(workflow_id).describe()).status == status
+
+
+async def test_wrong_preshared_key_is_refused(spicedb_server: SpiceDBServer) -> None:
+    bad = spicedb_server.client(key="not-the-key")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await bad.ReadSchema(ReadSchemaRequest(), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await bad.close()
+
+
+async def test_worker_with_wrong_key_fails_with_unauthenticated_and_compensates(
+    client: Client,
+    task_queue: str,
+    database_url: str,
+    app_db: object,
+    spicedb_server: SpiceDBServer,
+) -> None:
+    event = new_event()
+    settings = worker_settings(database_url, spicedb_server, key="not-the-key")
+    async with (
+        open_resources(settings) as resources,
+        build_worker(client, resources, task_queue=task_queue),
+    ):
+        with pytest.raises(UserCreationFailed) as caught:
+            await create_user(event, client=client, task_queue=task_queue)
+    assert caught.value.error_type == "SpiceDBRejected"
+    assert "UNAUTHENTICATED" in caught.value.message
+    check = spicedb_server.client()
+    try:
+        await assert_neither(Pipeline(client, task_queue, app_db, check), event)  # type: ignore[arg-type]
+    finally:
+        await check.close()
