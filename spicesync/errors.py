@@ -11,7 +11,9 @@ workflow history.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import ClassVar, Final
+
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 __all__ = [
     "NON_RETRYABLE_ERROR_TYPES",
@@ -26,16 +28,36 @@ __all__ = [
 ]
 
 
-class PermanentSyncError(Exception):
-    """Base class of failures that must not be retried: the saga compensates instead."""
+class PermanentSyncError(ApplicationError):
+    """Base class of failures that must not be retried: the saga compensates instead.
+
+    The ``ApplicationError`` type is the class name, which is what ``non_retryable_error_types``
+    matches. Expected business outcomes are marked benign, so the SDK logs them at DEBUG instead
+    of printing a stack trace for every refused user; configuration problems stay loud.
+    """
+
+    benign: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            message,
+            type=type(self).__name__,
+            category=ApplicationErrorCategory.BENIGN
+            if self.benign
+            else ApplicationErrorCategory.UNSPECIFIED,
+        )
 
 
 class InvalidUserInput(PermanentSyncError):
     """The event's fields are malformed; nothing was written."""
 
+    benign = True
+
 
 class DuplicateEmail(PermanentSyncError):
     """Another user id already owns this email (compared case-insensitively)."""
+
+    benign = True
 
 
 class AppDBRejected(PermanentSyncError):

@@ -95,7 +95,9 @@ class CreateUserWorkflow:
             validate_create_user(event)
         except InvalidUserInput as err:
             # Nothing has been written; fail with the reasons, naming fields, not values.
-            self._failure = ApplicationError(str(err), type="InvalidUserInput", non_retryable=True)
+            self._failure = ApplicationError(
+                err.message, type="InvalidUserInput", non_retryable=True
+            )
             await workflow.wait_condition(workflow.all_handlers_finished)
             raise self._failure from None
 

@@ -67,7 +67,8 @@ def _users_create(args: argparse.Namespace) -> int:
         )
         outcome = asyncio.run(create_user(event, wait=WaitFor(args.wait)))
     except (InvalidUserInput, ValidationError) as err:
-        print(json.dumps({"status": "rejected", "error": "InvalidUserInput", "message": str(err)}))
+        message = err.message if isinstance(err, InvalidUserInput) else str(err)
+        print(json.dumps({"status": "rejected", "error": "InvalidUserInput", "message": message}))
         return 2
     except UserCreationFailed as err:
         print(
