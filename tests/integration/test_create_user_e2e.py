@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from pathlib import Path
 
+import asyncpg
 import grpc
 import grpc.aio
 import pytest
@@ -13,6 +16,9 @@ from temporalio.service import RPCError
 
 from spicesync.constants import create_user_workflow_id
 from spicesync.errors import InvalidUserInput
+from spicesync.spicedb import connect_spicedb
+from spicesync.stack.components import prepare_spicedb, start_spicedb
+from spicesync.stack.processes import free_port, stop_pid, wait_for_port
 from starters.create_user import UserCreationFailed, WaitFor, create_user
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import (
@@ -208,3 +214,43 @@ async def test_worker_with_wrong_key_fails_with_unauthenticated_and_compensates(
         await assert_neither(Pipeline(client, task_queue, app_db, check), event)  # type: ignore[arg-type]
     finally:
         await check.close()
+
+
+async def test_spicedb_killed_then_restarted_waits_then_completes(
+    client: Client, task_queue: str, database_url: str, app_db: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # A SpiceDB of this test's own, so killing it disturbs no other test.
+    port, key, log = free_port(), f"k-{uuid.uuid4().hex}", tmp_path / "spicedb.log"
+    endpoint = f"127.0.0.1:{port}"
+
+    async def start() -> int:
+        pid, _ = start_spicedb(port=port, preshared_key=key, log=log)
+        wait_for_port("127.0.0.1", port, pid=pid, timeout=60, log=log)
+        # The memory datastore comes back empty; writing the schema is what `stack up` does.
+        await prepare_spicedb(endpoint, key)
+        return pid
+
+    pid = await start()
+    server = SpiceDBServer(endpoint, key, pid, log)
+    event = new_event()
+    async with (
+        open_resources(worker_settings(database_url, server)) as resources,
+        build_worker(client, resources, task_queue=task_queue),
+    ):
+        stop_pid(pid)  # connections are now refused: UNAVAILABLE
+        outcome = await create_user(event, wait=WaitFor.START, client=client, task_queue=task_queue)
+        await eventually(lambda: _waiting_on_spicedb(client, outcome.workflow_id), timeout=60)
+        pid = await start()
+        try:
+            result = await client.get_workflow_handle_for(
+                CreateUserWorkflow.run, outcome.workflow_id
+            ).result()
+            check = connect_spicedb(endpoint, key)
+            try:
+                await assert_synced(
+                    Pipeline(client, task_queue, app_db, check), event, result.zed_token
+                )
+            finally:
+                await check.close()
+        finally:
+            stop_pid(pid)
