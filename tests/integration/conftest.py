@@ -10,22 +10,11 @@ from dataclasses import dataclass
 
 import asyncpg
 import pytest
-from authzed.api.v1 import (
-    CheckPermissionRequest,
-    CheckPermissionResponse,
-    Consistency,
-    ObjectReference,
-    ReadRelationshipsRequest,
-    RelationshipFilter,
-    SubjectFilter,
-    SubjectReference,
-    ZedToken,
-)
 from temporalio.client import Client
 
 from spicesync.models import CreateUserInput
 from spicesync.settings import Settings
-from spicesync.spicedb import SpiceDBClient
+from spicesync.spicedb import SpiceDBClient, has_org_permission, user_memberships
 from tests.conftest import SpiceDBServer
 from workers.worker import build_worker, open_resources
 
@@ -84,39 +73,19 @@ async def user_row(pool: asyncpg.Pool, user_id: str) -> asyncpg.Record | None:
 
 
 async def relationships_of(spicedb: SpiceDBClient, user_id: str) -> list[tuple[str, str]]:
-    """Every (organization, relation) the user holds, read fully consistently."""
-    return [
-        (r.relationship.resource.object_id, r.relationship.relation)
-        async for r in spicedb.ReadRelationships(
-            ReadRelationshipsRequest(
-                consistency=Consistency(fully_consistent=True),
-                relationship_filter=RelationshipFilter(
-                    resource_type="organization",
-                    optional_subject_filter=SubjectFilter(
-                        subject_type="user", optional_subject_id=user_id
-                    ),
-                ),
-            ),
-            timeout=5,
-        )
-    ]
+    return await user_memberships(spicedb, user_id)
 
 
 async def has_permission(
     spicedb: SpiceDBClient, event: CreateUserInput, permission: str, zed_token: str
 ) -> bool:
-    response = await spicedb.CheckPermission(
-        CheckPermissionRequest(
-            consistency=Consistency(at_least_as_fresh=ZedToken(token=zed_token)),
-            resource=ObjectReference(object_type="organization", object_id=event.org_id),
-            permission=permission,
-            subject=SubjectReference(
-                object=ObjectReference(object_type="user", object_id=event.user_id)
-            ),
-        ),
-        timeout=5,
+    return await has_org_permission(
+        spicedb,
+        user_id=event.user_id,
+        org_id=event.org_id,
+        permission=permission,
+        zed_token=zed_token,
     )
-    return response.permissionship == CheckPermissionResponse.PERMISSIONSHIP_HAS_PERMISSION
 
 
 async def assert_synced(pipeline: Pipeline, event: CreateUserInput, zed_token: str) -> None:
