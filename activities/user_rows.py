@@ -1,10 +1,16 @@
-"""App DB steps of the saga: insert the user's row, mark it synced, and delete it to compensate.
+"""App DB steps of the per-user saga.
 
-Every statement is idempotent on the business key (the user id), because an activity may run
-more than once: a worker can commit and die before Temporal hears about it.
+Read the user's state, insert a created user's row, record an applied event on the row (or
+delete it, leaving a tombstone), and undo an insert.
+
+Every statement is idempotent on the business key (the user id) and guarded by the event's
+version, because an activity may run more than once: a worker can commit and die before Temporal
+hears about it, and an old attempt can wake up late.
 """
 
 from __future__ import annotations
+
+import uuid
 
 import asyncpg
 from temporalio import activity
@@ -12,34 +18,54 @@ from temporalio import activity
 from spicesync.errors import AppDBRejected, AppDBUnavailable, DuplicateEmail, UserRowMissing
 from spicesync.failures import FailureKind, classify_sqlstate
 from spicesync.models import (
-    DeleteUserRowInput,
-    DeleteUserRowResult,
-    InsertUserRowInput,
-    InsertUserRowResult,
-    MarkUserSyncedInput,
-    MarkUserSyncedResult,
+    ApplyRowInput,
+    ApplyRowResult,
+    InsertCreatedRowInput,
+    InsertCreatedRowResult,
+    ReadUserStateInput,
+    UndoCreatedRowInput,
+    UserState,
 )
 
 __all__ = ["UserRowActivities"]
 
 _EMAIL_INDEX = "users_email_lower_key"
 
+_READ_STATE = """
+SELECT u.version, u.org_id, u.role, t.version AS tombstone
+FROM (SELECT $1::uuid AS id) k
+LEFT JOIN users u ON u.id = k.id
+LEFT JOIN user_tombstones t ON t.id = k.id
+"""
 _INSERT = """
-INSERT INTO users (id, email, name, org_id, role, created_by_run)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO users (id, email, name, org_id, role, version, created_by_event)
+SELECT $1, $2, $3, $4, $5, $6, $7
+WHERE NOT EXISTS (SELECT 1 FROM user_tombstones WHERE id = $1 AND version >= $6)
 ON CONFLICT (id) DO NOTHING
-RETURNING created_by_run
+RETURNING id
 """
-_OWNER = "SELECT created_by_run FROM users WHERE id = $1"
-_MARK_SYNCED = """
+_EXISTING = "SELECT version, created_by_event FROM users WHERE id = $1"
+_RECORD = """
 UPDATE users
-SET sync_status = 'synced', zed_token = $2, synced_at = now(), updated_at = now()
-WHERE id = $1
-RETURNING sync_status
+SET org_id = $2, role = $3, version = $4, zed_token = $5,
+    sync_status = 'synced', synced_at = now(), updated_at = now()
+WHERE id = $1 AND version <= $4
+RETURNING id
 """
-# Compensation deletes a row only if this run inserted it: a row that existed before the run
-# (or belongs to another run) is never removed by this run's rollback.
-_DELETE_OWN = "DELETE FROM users WHERE id = $1 AND created_by_run = $2"
+_DELETE = "DELETE FROM users WHERE id = $1 AND version < $2 RETURNING id"
+_TOMBSTONE = """
+INSERT INTO user_tombstones (id, version) VALUES ($1, $2)
+ON CONFLICT (id) DO UPDATE SET version = GREATEST(user_tombstones.version, EXCLUDED.version),
+                               deleted_at = now()
+"""
+_NEWER_ROW = "SELECT 1 FROM users WHERE id = $1 AND version >= $2"
+# Compensation deletes a row only if this event inserted it: a row that existed before is never
+# removed by a rollback.
+_UNDO_INSERT = "DELETE FROM users WHERE id = $1 AND created_by_event = $2"
+
+# Errors are re-raised "from None": Temporal stores an exception's cause chain in the history,
+# and PostgreSQL's DETAIL text quotes the offending values (an email, say).
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
 def _translate(err: BaseException, user_id: str) -> Exception:
@@ -52,11 +78,6 @@ def _translate(err: BaseException, user_id: str) -> Exception:
     return AppDBUnavailable(f"user {user_id}: PostgreSQL unavailable: {type(err).__name__}")
 
 
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
-# Errors are re-raised "from None": Temporal stores an exception's cause chain in the history,
-# and PostgreSQL's DETAIL text quotes the offending values (an email, say).
-
-
 class UserRowActivities:
     """Activities on the ``users`` table, sharing the worker's one connection pool."""
 
@@ -64,55 +85,101 @@ class UserRowActivities:
         self._pool = pool
 
     @activity.defn
-    async def insert_user_row(self, row: InsertUserRowInput) -> InsertUserRowResult:
-        """Insert the user's row, owned by ``row.run_id``.
+    async def read_user_state(self, request: ReadUserStateInput) -> UserState:
+        """Read the version applied to the user and where the user belongs.
 
-        Idempotent: if the same user id is already there the step succeeds, and ``created`` says
-        whether this run owns the row (an earlier attempt of this run may have committed it).
+        A deleted user reads as not existing, at the version of its deletion.
+
+        Raises:
+            AppDBUnavailable: A transient PostgreSQL error; retried.
+        """
+        try:
+            row = await self._pool.fetchrow(_READ_STATE, uuid.UUID(request.user_id))
+        except _DB_ERRORS as err:
+            raise _translate(err, request.user_id) from None
+        assert row is not None
+        if row["version"] is not None:
+            return UserState(
+                exists=True, version=row["version"], org_id=row["org_id"], role=row["role"]
+            )
+        return UserState(exists=False, version=row["tombstone"] or 0)
+
+    @activity.defn
+    async def insert_created_row(self, request: InsertCreatedRowInput) -> InsertCreatedRowResult:
+        """Insert the row of a ``created`` event, pending until its permissions are written.
+
+        Idempotent: if this event (in an earlier attempt) already inserted the row, ``created``
+        is still true; if the user exists from an older version, ``created`` is false; if a
+        newer version (or a newer deletion) exists, ``stale`` is true and nothing is written.
 
         Raises:
             DuplicateEmail: Another user id has this email (case-insensitively).
             AppDBRejected: Another permanent PostgreSQL error.
-            AppDBUnavailable: A transient PostgreSQL error; the retry policy retries it.
-        """
-        try:
-            async with self._pool.acquire() as conn:
-                inserted = await conn.fetchval(
-                    _INSERT, row.user_id, row.email, row.name, row.org_id, row.role, row.run_id
-                )
-                if inserted is not None:
-                    return InsertUserRowResult(created=True)
-                owner = await conn.fetchval(_OWNER, row.user_id)
-        except _DB_ERRORS as err:
-            raise _translate(err, row.user_id) from None
-        return InsertUserRowResult(created=owner == row.run_id)
-
-    @activity.defn
-    async def mark_user_synced(self, synced: MarkUserSyncedInput) -> MarkUserSyncedResult:
-        """Store the ZedToken and mark the row synced (idempotent).
-
-        Raises:
-            UserRowMissing: The row is gone.
-            AppDBRejected: Another permanent PostgreSQL error.
             AppDBUnavailable: A transient PostgreSQL error; retried.
         """
+        e = request.event
+        user_id = uuid.UUID(e.user_id)
         try:
-            status = await self._pool.fetchval(_MARK_SYNCED, synced.user_id, synced.zed_token)
+            async with self._pool.acquire() as conn, conn.transaction():
+                inserted = await conn.fetchval(
+                    _INSERT, user_id, e.email, e.name, e.org_id, e.role, e.version, e.event_id
+                )
+                if inserted is not None:
+                    await conn.execute("DELETE FROM user_tombstones WHERE id = $1", user_id)
+                    return InsertCreatedRowResult(created=True, stale=False)
+                existing = await conn.fetchrow(_EXISTING, user_id)
         except _DB_ERRORS as err:
-            raise _translate(err, synced.user_id) from None
-        if status is None:
-            raise UserRowMissing(f"user {synced.user_id}: the row disappeared before it synced")
-        return MarkUserSyncedResult(status=status)
+            raise _translate(err, e.user_id) from None
+        if existing is None:  # not inserted and not there: a newer deletion's tombstone
+            return InsertCreatedRowResult(created=False, stale=True)
+        if existing["created_by_event"] == e.event_id:
+            return InsertCreatedRowResult(created=True, stale=False)
+        return InsertCreatedRowResult(created=False, stale=existing["version"] >= e.version)
 
     @activity.defn
-    async def delete_user_row(self, row: DeleteUserRowInput) -> DeleteUserRowResult:
-        """Compensation: delete the row if, and only if, ``row.run_id`` inserted it.
+    async def apply_row(self, request: ApplyRowInput) -> ApplyRowResult:
+        """Record an applied event on the row: new membership, version and ZedToken, synced.
+
+        A ``deleted`` event deletes the row and leaves a tombstone, in one transaction.
+
+        Returns:
+            ``applied`` false if the row already holds this version or a newer one.
+
+        Raises:
+            UserRowMissing: A non-delete event found no row.
+            AppDBRejected: A permanent PostgreSQL error.
+            AppDBUnavailable: A transient PostgreSQL error; retried.
+        """
+        e = request.event
+        user_id = uuid.UUID(e.user_id)
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                if e.kind == "deleted":
+                    if await conn.fetchval(_NEWER_ROW, user_id, e.version):
+                        return ApplyRowResult(applied=False)
+                    await conn.execute(_DELETE, user_id, e.version)
+                    await conn.execute(_TOMBSTONE, user_id, e.version)
+                    return ApplyRowResult(applied=True)
+                updated = await conn.fetchval(
+                    _RECORD, user_id, e.org_id, e.role, e.version, request.zed_token
+                )
+                if updated is not None:
+                    return ApplyRowResult(applied=True)
+                exists = await conn.fetchval("SELECT 1 FROM users WHERE id = $1", user_id)
+        except _DB_ERRORS as err:
+            raise _translate(err, e.user_id) from None
+        if exists is None:
+            raise UserRowMissing(f"user {e.user_id}: no row to record version {e.version} on")
+        return ApplyRowResult(applied=False)
+
+    @activity.defn
+    async def undo_created_row(self, request: UndoCreatedRowInput) -> None:
+        """Compensation: delete the row if, and only if, ``request.event_id`` inserted it.
 
         Raises:
             AppDBUnavailable: A transient PostgreSQL error; retried until it succeeds.
         """
         try:
-            result = await self._pool.execute(_DELETE_OWN, row.user_id, row.run_id)
+            await self._pool.execute(_UNDO_INSERT, uuid.UUID(request.user_id), request.event_id)
         except _DB_ERRORS as err:
-            raise _translate(err, row.user_id) from None
-        return DeleteUserRowResult(deleted=result != "DELETE 0")
+            raise _translate(err, request.user_id) from None

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Final
 
 __all__ = [
     "ACTIVITY_START_TO_CLOSE",
-    "CREATE_USER_WORKFLOW_ID_PREFIX",
     "DEFAULT_TASK_QUEUE",
+    "EVENTS_PER_RUN",
+    "HELD_CHANGE_GRACE",
     "SEARCH_ATTRIBUTES",
     "SPICEDB_CALL_TIMEOUT_SECONDS",
-    "create_user_workflow_id",
+    "USER_WORKFLOW_ID_PREFIX",
+    "user_workflow_id",
 ]
 
 DEFAULT_TASK_QUEUE: Final = "spicesync-users"
 
-CREATE_USER_WORKFLOW_ID_PREFIX: Final = "create-user-"
+USER_WORKFLOW_ID_PREFIX: Final = "user-"
+
+# How long a change to a user that does not exist (yet) waits for its creation before it fails.
+HELD_CHANGE_GRACE: Final = timedelta(minutes=5)
+
+# Events one run of a user's workflow applies before it continues as new (fresh history).
+EVENTS_PER_RUN: Final = 500
 
 # Search attributes the stack registers on the dev server. Values are opaque ids only.
 SEARCH_ATTRIBUTES: Final[dict[str, str]] = {
@@ -32,11 +41,11 @@ ACTIVITY_START_TO_CLOSE: Final = 15.0
 SPICEDB_CALL_TIMEOUT_SECONDS: Final = 5.0
 
 
-def create_user_workflow_id(user_id: uuid.UUID | str) -> str:
-    """Return the workflow id for creating ``user_id``.
+def user_workflow_id(user_id: uuid.UUID | str) -> str:
+    """Return the id of the workflow that applies ``user_id``'s events.
 
-    The id is derived from the business key alone, so a duplicate event for the same user maps
-    onto the same workflow and Temporal itself makes it a no-op.
+    The id is derived from the business key alone, so every event of a user, duplicates
+    included, reaches the same workflow, which applies them in order, each at most once.
 
     Args:
         user_id: The user's UUID.
@@ -44,4 +53,4 @@ def create_user_workflow_id(user_id: uuid.UUID | str) -> str:
     Returns:
         The workflow id; it carries only the opaque user id.
     """
-    return f"{CREATE_USER_WORKFLOW_ID_PREFIX}{uuid.UUID(str(user_id))}"
+    return f"{USER_WORKFLOW_ID_PREFIX}{uuid.UUID(str(user_id))}"

@@ -27,7 +27,7 @@ from spicesync.spicedb import (
 )
 from spicesync.stack.manager import stack_up
 from spicesync.temporal import connect_temporal
-from starters.create_user import UserCreationFailed, WaitFor, create_user
+from starters.user_events import UserSyncFailed, WaitFor, create_user
 from workers.worker import build_worker, open_resources
 
 __all__ = ["DemoCase", "DemoReport", "run_demo"]
@@ -110,7 +110,7 @@ async def _submit(case: DemoCase, client: Client, task_queue: str, gate: asyncio
             case.outcome, case.zed_token = outcome.status, outcome.zed_token
         except InvalidUserInput:
             case.outcome = "InvalidUserInput"
-        except UserCreationFailed as err:
+        except UserSyncFailed as err:
             case.outcome = err.error_type
         case.seconds = time.perf_counter() - started
 

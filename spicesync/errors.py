@@ -24,6 +24,7 @@ __all__ = [
     "PermanentSyncError",
     "SpiceDBRejected",
     "SpiceDBUnavailable",
+    "SupersededWrite",
     "UserRowMissing",
 ]
 
@@ -69,7 +70,11 @@ class SpiceDBRejected(PermanentSyncError):
 
 
 class UserRowMissing(PermanentSyncError):
-    """The row this run inserted is gone, so it cannot be marked synced."""
+    """The user's row is gone, so the event cannot be recorded on it."""
+
+
+class SupersededWrite(PermanentSyncError):
+    """SpiceDB's version marker moved past this write: a newer sync already applied."""
 
 
 NON_RETRYABLE_ERROR_TYPES: Final[list[str]] = [
@@ -78,6 +83,7 @@ NON_RETRYABLE_ERROR_TYPES: Final[list[str]] = [
     AppDBRejected.__name__,
     SpiceDBRejected.__name__,
     UserRowMissing.__name__,
+    SupersededWrite.__name__,
 ]
 
 

@@ -14,11 +14,22 @@ import uuid
 from typing import Final
 
 from spicesync.errors import InvalidUserInput
-from spicesync.models import CreateUserInput
+from spicesync.models import CreateUserInput, UserEvent
 
-__all__ = ["MAX_NAME_LENGTH", "ROLES", "user_input_problems", "validate_create_user"]
+__all__ = [
+    "EVENT_KINDS",
+    "MAX_NAME_LENGTH",
+    "ROLES",
+    "event_problems",
+    "user_input_problems",
+    "validate_create_user",
+    "validate_event",
+]
 
 ROLES: Final = ("member", "admin")
+EVENT_KINDS: Final = ("created", "role_changed", "moved", "deleted")
+MAX_VERSION: Final = 2**62
+_EVENT_ID: Final = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
 MAX_EMAIL_LENGTH: Final = 254
 MAX_NAME_LENGTH: Final = 200
 MAX_ORG_ID_LENGTH: Final = 128
@@ -88,3 +99,45 @@ def validate_create_user(event: CreateUserInput) -> None:
     problems = user_input_problems(event)
     if problems:
         raise InvalidUserInput("invalid user input: " + "; ".join(problems))
+
+
+def event_problems(event: UserEvent) -> list[str]:
+    """List everything wrong with a lifecycle event.
+
+    Args:
+        event: The event as received.
+
+    Returns:
+        One message per problem; empty when the event is valid.
+    """
+    problems: list[str] = []
+    if not _EVENT_ID.fullmatch(event.event_id):
+        problems.append("event_id: must be 1-200 characters of letters, digits and . _ : @ -")
+    if not 1 <= event.version < MAX_VERSION:
+        problems.append("version: must be a positive integer")
+    if event.kind not in EVENT_KINDS:
+        problems.append(f"kind: must be one of {', '.join(EVENT_KINDS)}")
+        return problems
+    as_user = CreateUserInput(
+        user_id=event.user_id,
+        email=event.email if event.kind == "created" else "x@example.org",
+        name=event.name if event.kind == "created" else "x",
+        org_id=event.org_id if event.kind != "deleted" else "x",
+        role=event.role if event.kind != "deleted" else "member",
+    )
+    problems.extend(user_input_problems(as_user))
+    return problems
+
+
+def validate_event(event: UserEvent) -> None:
+    """Raise if the lifecycle event cannot be applied.
+
+    Args:
+        event: The event as received.
+
+    Raises:
+        InvalidUserInput: With every problem found, one per clause.
+    """
+    problems = event_problems(event)
+    if problems:
+        raise InvalidUserInput("invalid event: " + "; ".join(problems))

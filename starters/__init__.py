@@ -1,5 +1,23 @@
-"""What application code calls to start a sync."""
+"""What application code calls to deliver user events."""
 
-from starters.create_user import CreateUserOutcome, UserCreationFailed, WaitFor, create_user
+from starters.user_events import (
+    SyncOutcome,
+    UserSyncFailed,
+    WaitFor,
+    change_role,
+    create_user,
+    delete_user,
+    move_user,
+    submit_event,
+)
 
-__all__ = ["CreateUserOutcome", "UserCreationFailed", "WaitFor", "create_user"]
+__all__ = [
+    "SyncOutcome",
+    "UserSyncFailed",
+    "WaitFor",
+    "change_role",
+    "create_user",
+    "delete_user",
+    "move_user",
+    "submit_event",
+]

@@ -23,7 +23,7 @@ from spicesync.db import create_pool
 from spicesync.settings import Settings
 from spicesync.spicedb import SpiceDBClient, connect_spicedb
 from spicesync.temporal import connect_temporal
-from workflows.create_user import CreateUserWorkflow
+from workflows.user_sync import UserSyncWorkflow
 
 __all__ = ["WorkerResources", "build_worker", "open_resources", "run_worker"]
 
@@ -78,13 +78,14 @@ def build_worker(client: Client, resources: WorkerResources, *, task_queue: str)
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[CreateUserWorkflow],
+        workflows=[UserSyncWorkflow],
         activities=[
-            rows.insert_user_row,
-            rows.mark_user_synced,
-            rows.delete_user_row,
-            memberships.write_membership,
-            memberships.delete_membership,
+            rows.read_user_state,
+            rows.insert_created_row,
+            rows.apply_row,
+            rows.undo_created_row,
+            memberships.read_memberships,
+            memberships.write_memberships,
         ],
     )
 

@@ -1,5 +1,5 @@
 """Workflows: one module per business process."""
 
-from workflows.create_user import CreateUserWorkflow
+from workflows.user_sync import UserSyncWorkflow
 
-__all__ = ["CreateUserWorkflow"]
+__all__ = ["UserSyncWorkflow"]

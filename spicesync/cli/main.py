@@ -54,34 +54,52 @@ def _worker(_args: argparse.Namespace) -> int:
     return 0
 
 
-def _users_create(args: argparse.Namespace) -> int:
-    from starters.create_user import UserCreationFailed, WaitFor, create_user
+def _users(args: argparse.Namespace) -> int:
+    from starters.user_events import (
+        UserSyncFailed,
+        WaitFor,
+        change_role,
+        create_user,
+        delete_user,
+        move_user,
+    )
 
+    wait = WaitFor(args.wait)
+    common = {"event_id": args.event_id, "wait": wait}
     try:
-        event = CreateUserInput(
-            user_id=args.user_id or str(uuid.uuid4()),
-            email=args.email,
-            name=args.name,
-            org_id=args.org,
-            role=args.role,
-        )
-        outcome = asyncio.run(create_user(event, wait=WaitFor(args.wait)))
+        if args.users_command == "create":
+            user = CreateUserInput(
+                user_id=args.user_id or str(uuid.uuid4()),
+                email=args.email,
+                name=args.name,
+                org_id=args.org,
+                role=args.role,
+            )
+            run = create_user(user, version=args.version, **common)
+        elif args.users_command == "update":
+            run = change_role(
+                args.user_id, org_id=args.org, role=args.role, version=args.version, **common
+            )
+        elif args.users_command == "move":
+            run = move_user(
+                args.user_id, org_id=args.org, role=args.role, version=args.version, **common
+            )
+        else:
+            run = delete_user(args.user_id, version=args.version, **common)
+        outcome = asyncio.run(run)
     except (InvalidUserInput, ValidationError) as err:
         message = err.message if isinstance(err, InvalidUserInput) else str(err)
         print(json.dumps({"status": "rejected", "error": "InvalidUserInput", "message": message}))
         return 2
-    except UserCreationFailed as err:
-        print(
-            json.dumps(
-                {
-                    "user_id": event.user_id,
-                    "workflow_id": err.workflow_id,
-                    "status": "failed",
-                    "error": err.error_type,
-                    "message": err.message,
-                }
-            )
-        )
+    except UserSyncFailed as err:
+        failure = {
+            "workflow_id": err.workflow_id,
+            "event_id": err.event_id,
+            "status": "failed",
+            "error": err.error_type,
+            "message": err.message,
+        }
+        print(json.dumps(failure))
         return 1
     print(outcome.model_dump_json())
     return 0
@@ -115,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a worker until SIGINT/SIGTERM")
     worker.set_defaults(func=_worker)
 
-    users = commands.add_parser("users", help="start user syncs as an application would")
+    users = commands.add_parser(
+        "users", help="deliver user lifecycle events as an application would"
+    )
     user_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
     create = user_commands.add_parser("create", help="create a user in the App DB and SpiceDB")
     create.add_argument("--email", required=True)
@@ -123,13 +143,36 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--org", required=True, help="organization id")
     create.add_argument("--role", default="member", choices=["member", "admin"])
     create.add_argument("--user-id", help="the user's UUID (default: a new one); reuse to retry")
-    create.add_argument(
-        "--wait",
-        default="permissions",
-        choices=["start", "row", "permissions"],
-        help="return once started, once the row is committed, or once permissions are written",
+    update = user_commands.add_parser("update", help="change a user's role")
+    move = user_commands.add_parser("move", help="move a user to another organization")
+    delete = user_commands.add_parser(
+        "delete", help="revoke a user's permissions, then delete the row"
     )
-    create.set_defaults(func=_users_create)
+    for changer in (update, move):
+        changer.add_argument("--user-id", required=True)
+        changer.add_argument("--org", required=True, help="the organization after the change")
+        changer.add_argument(
+            "--role", required=True, choices=["member", "admin"], help="the role after the change"
+        )
+    delete.add_argument("--user-id", required=True)
+    for sub, default_version in ((create, 1), (update, None), (move, None), (delete, None)):
+        sub.add_argument(
+            "--version",
+            type=int,
+            default=default_version,
+            required=default_version is None,
+            help="the user's version in the App DB after this change (monotonic per user)",
+        )
+        sub.add_argument(
+            "--event-id", help="idempotency key (default: derived from user, kind, version)"
+        )
+        sub.add_argument(
+            "--wait",
+            default="permissions",
+            choices=["start", "row", "permissions"],
+            help="return once accepted, once the row reflects it, or once SpiceDB does too",
+        )
+        sub.set_defaults(func=_users)
 
     demo = commands.add_parser(
         "demo", help="bring the stack up, create users, verify them in both stores"

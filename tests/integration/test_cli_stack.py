@@ -98,7 +98,7 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
         assert created.returncode == 0, created.stdout + created.stderr
         outcome = json.loads(created.stdout)
         assert outcome["status"] == "synced" and outcome["zed_token"]
-        assert outcome["workflow_id"] == f"create-user-{outcome['user_id']}"
+        assert outcome["workflow_id"] == f"user-{outcome['user_id']}"
 
         rejected = run(
             ["users", "create", "--email", "nope", "--name", "X", "--org", "o"], stack_env

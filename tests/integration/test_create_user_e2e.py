@@ -14,12 +14,12 @@ from authzed.api.v1 import ReadSchemaRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
-from spicesync.constants import create_user_workflow_id
+from spicesync.constants import user_workflow_id
 from spicesync.errors import InvalidUserInput
 from spicesync.spicedb import connect_spicedb
 from spicesync.stack.components import prepare_spicedb, start_spicedb
 from spicesync.stack.processes import free_port, stop_pid, wait_for_port
-from starters.create_user import UserCreationFailed, WaitFor, create_user
+from starters.user_events import UserSyncFailed, WaitFor, create_user
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import (
     Pipeline,
@@ -32,7 +32,7 @@ from tests.integration.conftest import (
     worker_settings,
 )
 from workers.worker import build_worker, open_resources
-from workflows.create_user import STAGE, CreateUserWorkflow
+from workflows.user_sync import STAGE
 
 pytestmark = pytest.mark.integration
 
@@ -44,10 +44,10 @@ async def test_happy_path_writes_row_then_permissions(pipeline: Pipeline) -> Non
             event, wait=WaitFor.PERMISSIONS, client=pipeline.client, task_queue=pipeline.task_queue
         )
         assert outcome.status == "synced" and outcome.zed_token
-        assert outcome.workflow_id == create_user_workflow_id(event.user_id)
+        assert outcome.workflow_id == user_workflow_id(event.user_id)
         await assert_synced(pipeline, event, outcome.zed_token)
         described = await pipeline.client.get_workflow_handle(outcome.workflow_id).describe()
-        assert described.typed_search_attributes.get(STAGE) == "synced"
+        assert described.typed_search_attributes.get(STAGE) == "idle"
         # Only opaque ids in the workflow id and search attributes.
         assert event.email not in outcome.workflow_id
         assert event.email not in str(described.typed_search_attributes)
@@ -60,9 +60,8 @@ async def test_wait_for_row_returns_before_permissions(pipeline: Pipeline) -> No
     )
     assert outcome.status == "pending" and outcome.zed_token is None
     assert await user_row(pipeline.pool, event.user_id) is not None  # committed already
-    result = await pipeline.client.get_workflow_handle_for(
-        CreateUserWorkflow.run, outcome.workflow_id
-    ).result()
+    # Delivering the same event again waits for its outcome: duplicates are no-ops.
+    result = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
     await assert_synced(pipeline, event, result.zed_token)
 
 
@@ -72,9 +71,8 @@ async def test_wait_for_start_returns_at_once(pipeline: Pipeline) -> None:
         event, wait=WaitFor.START, client=pipeline.client, task_queue=pipeline.task_queue
     )
     assert outcome.status == "started"
-    result = await pipeline.client.get_workflow_handle_for(
-        CreateUserWorkflow.run, outcome.workflow_id
-    ).result()
+    # Delivering the same event again waits for its outcome: duplicates are no-ops.
+    result = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
     await assert_synced(pipeline, event, result.zed_token)
 
 
@@ -98,7 +96,7 @@ async def test_duplicate_events_are_no_ops(pipeline: Pipeline) -> None:
     runs = [
         w
         async for w in pipeline.client.list_workflows(
-            f"WorkflowId = '{create_user_workflow_id(event.user_id)}'"
+            f"WorkflowId = '{user_workflow_id(event.user_id)}'"
         )
     ]
     assert len(runs) == 1
@@ -108,7 +106,7 @@ async def test_duplicate_email_fails_clearly_and_leaves_nothing(pipeline: Pipeli
     first = new_event()
     await create_user(first, client=pipeline.client, task_queue=pipeline.task_queue)
     second = new_event(email=first.email.upper())
-    with pytest.raises(UserCreationFailed) as caught:
+    with pytest.raises(UserSyncFailed) as caught:
         await create_user(second, client=pipeline.client, task_queue=pipeline.task_queue)
     assert caught.value.error_type == "DuplicateEmail"
     assert first.email.lower() not in caught.value.message.lower()  # no PII in the failure
@@ -122,14 +120,17 @@ async def test_invalid_input_is_rejected_before_anything_starts(pipeline: Pipeli
     with pytest.raises(InvalidUserInput, match=r"email:.*org_id:"):
         await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
     with pytest.raises(RPCError):
-        await pipeline.client.get_workflow_handle(create_user_workflow_id(event.user_id)).describe()
+        await pipeline.client.get_workflow_handle(user_workflow_id(event.user_id)).describe()
     await assert_neither(pipeline, event)
 
 
 async def _waiting_on_spicedb(client: Client, workflow_id: str) -> bool:
     described = await client.get_workflow_handle(workflow_id).describe()
     pending = described.raw_description.pending_activities
-    return any(p.activity_type.name == "write_membership" and p.attempt >= 2 for p in pending)
+    return any(
+        p.activity_type.name in ("read_memberships", "write_memberships") and p.attempt >= 2
+        for p in pending
+    )
 
 
 async def test_spicedb_outage_waits_then_completes(
@@ -149,9 +150,8 @@ async def test_spicedb_outage_waits_then_completes(
         assert row is not None and row["sync_status"] == "pending"
     finally:
         spicedb_server.resume()
-    result = await pipeline.client.get_workflow_handle_for(
-        CreateUserWorkflow.run, outcome.workflow_id
-    ).result()
+    # Delivering the same event again waits for its outcome: duplicates are no-ops.
+    result = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
     await assert_synced(pipeline, event, result.zed_token)
 
 
@@ -205,7 +205,7 @@ async def test_worker_with_wrong_key_fails_with_unauthenticated_and_compensates(
         open_resources(settings) as resources,
         build_worker(client, resources, task_queue=task_queue),
     ):
-        with pytest.raises(UserCreationFailed) as caught:
+        with pytest.raises(UserSyncFailed) as caught:
             await create_user(event, client=client, task_queue=task_queue)
     assert caught.value.error_type == "SpiceDBRejected"
     assert "UNAUTHENTICATED" in caught.value.message
@@ -242,9 +242,7 @@ async def test_spicedb_killed_then_restarted_waits_then_completes(
         await eventually(lambda: _waiting_on_spicedb(client, outcome.workflow_id), timeout=60)
         pid = await start()
         try:
-            result = await client.get_workflow_handle_for(
-                CreateUserWorkflow.run, outcome.workflow_id
-            ).result()
+            result = await create_user(event, client=client, task_queue=task_queue)
             check = connect_spicedb(endpoint, key)
             try:
                 await assert_synced(

@@ -3,8 +3,13 @@ import uuid
 import pytest
 
 from spicesync.errors import InvalidUserInput
-from spicesync.models import CreateUserInput
-from spicesync.validation import user_input_problems, validate_create_user
+from spicesync.models import CreateUserInput, UserEvent
+from spicesync.validation import (
+    event_problems,
+    user_input_problems,
+    validate_create_user,
+    validate_event,
+)
 
 
 def event(**changes: str) -> CreateUserInput:
@@ -58,3 +63,43 @@ def test_error_lists_every_problem_without_echoing_values() -> None:
     message = str(caught.value)
     assert "email:" in message and "name:" in message and "role:" in message
     assert "secret-address" not in message and "root" not in message
+
+
+def lifecycle(**changes: object) -> UserEvent:
+    fields: dict[str, object] = {
+        "event_id": "e-1",
+        "user_id": str(uuid.uuid4()),
+        "version": 2,
+        "kind": "role_changed",
+        "org_id": "acme",
+        "role": "admin",
+    } | changes
+    return UserEvent(**fields)  # type: ignore[arg-type]
+
+
+def test_valid_lifecycle_events() -> None:
+    assert event_problems(lifecycle()) == []
+    assert event_problems(lifecycle(kind="moved", org_id="other")) == []
+    assert event_problems(lifecycle(kind="deleted", org_id="", role="")) == []
+    created = lifecycle(kind="created", email="a@example.com", name="A", role="member")
+    assert event_problems(created) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"event_id": ""}, "event_id"),
+        ({"event_id": "has space"}, "event_id"),
+        ({"version": 0}, "version"),
+        ({"version": -3}, "version"),
+        ({"kind": "renamed"}, "kind"),
+        ({"role": "root"}, "role"),
+        ({"org_id": ""}, "org_id"),
+        ({"kind": "created", "email": "", "name": "A"}, "email"),
+    ],
+)
+def test_lifecycle_event_rules(changes: dict[str, object], field: str) -> None:
+    problems = event_problems(lifecycle(**changes))
+    assert [p.split(":")[0] for p in problems] == [field]
+    with pytest.raises(InvalidUserInput):
+        validate_event(lifecycle(**changes))

@@ -9,23 +9,23 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from workflows.create_user import CreateUserWorkflow
+from workflows.user_sync import UserSyncWorkflow
 
 HISTORIES = Path(__file__).parent.parent / "histories"
 
 
-@pytest.mark.parametrize("name", ["create_user_synced", "create_user_compensated"])
+@pytest.mark.parametrize("name", ["user_sync_lifecycle", "user_sync_compensated"])
 async def test_saved_history_replays(name: str) -> None:
     history = WorkflowHistory.from_json(name, (HISTORIES / f"{name}.json").read_text())
     result = await Replayer(
-        workflows=[CreateUserWorkflow], data_converter=pydantic_data_converter
+        workflows=[UserSyncWorkflow], data_converter=pydantic_data_converter
     ).replay_workflow(history, raise_on_replay_failure=True)
     assert result.replay_failure is None
 
 
-def test_histories_cover_both_outcomes() -> None:
-    synced = (HISTORIES / "create_user_synced.json").read_text()
-    compensated = (HISTORIES / "create_user_compensated.json").read_text()
-    assert "EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED" in synced
-    assert "EVENT_TYPE_WORKFLOW_EXECUTION_FAILED" in compensated
-    assert "delete_user_row" in compensated
+def test_histories_cover_the_lifecycle_and_compensation() -> None:
+    lifecycle = (HISTORIES / "user_sync_lifecycle.json").read_text()
+    compensated = (HISTORIES / "user_sync_compensated.json").read_text()
+    assert lifecycle.count('"name": "apply_row"') == 4  # created, role_changed, moved, deleted
+    assert "EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED" in lifecycle
+    assert '"name": "insert_created_row"' in compensated

@@ -1,0 +1,243 @@
+"""Deliver user lifecycle events from application code.
+
+Every event goes to its user's workflow (id ``user-<uuid>``) through update-with-start: the
+first event of a user starts the workflow, later ones join it, duplicates get the first
+delivery's outcome. Three ways to wait, for three kinds of caller:
+
+* ``WaitFor.START``: return once Temporal has durably accepted the event;
+* ``WaitFor.ROW``: return once the App DB row reflects it (for a creation: the seed's
+  "201 Created" moment, before SpiceDB is written);
+* ``WaitFor.PERMISSIONS``: return once SpiceDB reflects it too, with the ZedToken, so the
+  caller's next permission check can ask for ``at_least_as_fresh`` that token.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+from temporalio.client import Client, WithStartWorkflowOperation, WorkflowUpdateFailedError
+from temporalio.common import WorkflowIDConflictPolicy
+
+from spicesync.constants import user_workflow_id
+from spicesync.models import (
+    CreateUserInput,
+    EventOutcome,
+    SubmitEventInput,
+    UserEvent,
+    UserSyncInput,
+    WaitStage,
+)
+from spicesync.settings import load_settings
+from spicesync.temporal import connect_temporal
+from spicesync.validation import validate_event
+from workflows.user_sync import UserSyncWorkflow
+
+__all__ = [
+    "SyncOutcome",
+    "UserSyncFailed",
+    "WaitFor",
+    "change_role",
+    "create_user",
+    "delete_user",
+    "move_user",
+    "submit_event",
+]
+
+
+class WaitFor(enum.StrEnum):
+    """How long a starter waits."""
+
+    START = "start"
+    ROW = "row"
+    PERMISSIONS = "permissions"
+
+
+_STAGE: dict[WaitFor, WaitStage] = {
+    WaitFor.START: "accepted",
+    WaitFor.ROW: "row",
+    WaitFor.PERMISSIONS: "applied",
+}
+_STATUS: dict[str, Literal["started", "pending", "synced", "stale"]] = {
+    "queued": "started",
+    "row_committed": "pending",
+    "applied": "synced",
+    "stale": "stale",
+}
+
+
+class SyncOutcome(BaseModel):
+    """What the caller learns (opaque ids only)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    user_id: str
+    workflow_id: str
+    event_id: str
+    version: int
+    status: Literal["started", "pending", "synced", "stale"]
+    zed_token: str | None = None
+
+
+class UserSyncFailed(Exception):
+    """The event failed for good and was compensated: the user is as before the event."""
+
+    def __init__(self, workflow_id: str, event_id: str, error_type: str, message: str) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.workflow_id = workflow_id
+        self.event_id = event_id
+        self.error_type = error_type
+        self.message = message
+
+
+async def submit_event(
+    event: UserEvent,
+    *,
+    wait: WaitFor = WaitFor.PERMISSIONS,
+    client: Client | None = None,
+    task_queue: str | None = None,
+) -> SyncOutcome:
+    """Deliver ``event`` to its user's workflow, starting the workflow if needed.
+
+    Args:
+        event: The lifecycle event.
+        wait: How long to wait; see the module docstring.
+        client: An injected Temporal client (built with ``pydantic_data_converter``); connected
+            from the settings when omitted.
+        task_queue: The workers' task queue; the settings' by default.
+
+    Returns:
+        The outcome at the point the caller asked to wait for.
+
+    Raises:
+        InvalidUserInput: The event is malformed; nothing was started or written.
+        UserSyncFailed: The event failed for good (e.g. ``DuplicateEmail``) and was compensated.
+    """
+    validate_event(event)
+    if client is None or task_queue is None:
+        settings = load_settings()
+        client = client or await connect_temporal(settings)
+        task_queue = task_queue or settings.task_queue
+    workflow_id = user_workflow_id(event.user_id)
+    try:
+        outcome: EventOutcome = await client.execute_update_with_start_workflow(
+            UserSyncWorkflow.submit,
+            SubmitEventInput(event=event, wait=_STAGE[wait]),
+            start_workflow_operation=WithStartWorkflowOperation(
+                UserSyncWorkflow.run,
+                UserSyncInput(user_id=event.user_id),
+                id=workflow_id,
+                task_queue=task_queue,
+                # The user's workflow runs for as long as the user has events: join it.
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            ),
+        )
+    except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        raise UserSyncFailed(workflow_id, event.event_id, type(cause).__name__, str(cause)) from err
+    if outcome.status == "failed":
+        raise UserSyncFailed(
+            workflow_id, event.event_id, outcome.error_type or "Failed", outcome.message or ""
+        )
+    return SyncOutcome(
+        user_id=event.user_id,
+        workflow_id=workflow_id,
+        event_id=event.event_id,
+        version=event.version,
+        status=_STATUS[outcome.status],
+        zed_token=outcome.zed_token,
+    )
+
+
+def _event_id(user_id: str, kind: str, version: int) -> str:
+    # Derived from the business key, so the app re-sending the same change is a duplicate.
+    return f"{user_id}:{kind}:v{version}"
+
+
+async def create_user(
+    user: CreateUserInput,
+    *,
+    version: int = 1,
+    event_id: str | None = None,
+    wait: WaitFor = WaitFor.PERMISSIONS,
+    client: Client | None = None,
+    task_queue: str | None = None,
+) -> SyncOutcome:
+    """Deliver a ``created`` event (see :func:`submit_event`)."""
+    event = UserEvent(
+        event_id=event_id or _event_id(user.user_id, "created", version),
+        user_id=user.user_id,
+        version=version,
+        kind="created",
+        org_id=user.org_id,
+        role=user.role,
+        email=user.email,
+        name=user.name,
+    )
+    return await submit_event(event, wait=wait, client=client, task_queue=task_queue)
+
+
+async def change_role(
+    user_id: str,
+    *,
+    org_id: str,
+    role: str,
+    version: int,
+    event_id: str | None = None,
+    wait: WaitFor = WaitFor.PERMISSIONS,
+    client: Client | None = None,
+    task_queue: str | None = None,
+) -> SyncOutcome:
+    """Deliver a ``role_changed`` event: ``role`` in ``org_id`` from ``version`` on."""
+    event = UserEvent(
+        event_id=event_id or _event_id(user_id, "role_changed", version),
+        user_id=user_id,
+        version=version,
+        kind="role_changed",
+        org_id=org_id,
+        role=role,
+    )
+    return await submit_event(event, wait=wait, client=client, task_queue=task_queue)
+
+
+async def move_user(
+    user_id: str,
+    *,
+    org_id: str,
+    role: str,
+    version: int,
+    event_id: str | None = None,
+    wait: WaitFor = WaitFor.PERMISSIONS,
+    client: Client | None = None,
+    task_queue: str | None = None,
+) -> SyncOutcome:
+    """Deliver a ``moved`` event: the user belongs to ``org_id`` (as ``role``) from ``version``."""
+    event = UserEvent(
+        event_id=event_id or _event_id(user_id, "moved", version),
+        user_id=user_id,
+        version=version,
+        kind="moved",
+        org_id=org_id,
+        role=role,
+    )
+    return await submit_event(event, wait=wait, client=client, task_queue=task_queue)
+
+
+async def delete_user(
+    user_id: str,
+    *,
+    version: int,
+    event_id: str | None = None,
+    wait: WaitFor = WaitFor.PERMISSIONS,
+    client: Client | None = None,
+    task_queue: str | None = None,
+) -> SyncOutcome:
+    """Deliver a ``deleted`` event: permissions are revoked first, then the row is deleted."""
+    event = UserEvent(
+        event_id=event_id or _event_id(user_id, "deleted", version),
+        user_id=user_id,
+        version=version,
+        kind="deleted",
+    )
+    return await submit_event(event, wait=wait, client=client, task_queue=task_queue)

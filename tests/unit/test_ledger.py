@@ -1,0 +1,158 @@
+"""The per-user event ledger, alone and against a simple model (hypothesis)."""
+
+from __future__ import annotations
+
+import uuid
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spicesync.ledger import EventLedger
+from spicesync.models import EventOutcome, UserEvent, UserState
+
+USER = str(uuid.uuid4())
+NOBODY = UserState(exists=False, version=0)
+
+
+def event(version: int, kind: str = "role_changed", event_id: str | None = None) -> UserEvent:
+    return UserEvent(
+        event_id=event_id or f"e{version}",
+        user_id=USER,
+        version=version,
+        kind=kind,
+        org_id="" if kind == "deleted" else f"org{version}",
+        role="" if kind == "deleted" else "member",
+    )
+
+
+def apply(ledger: EventLedger, e: UserEvent) -> None:
+    """What the workflow does with a ready event (every application succeeds here)."""
+    assert ledger.state.exists or e.kind in ("created", "deleted")
+    state = (
+        UserState(exists=False, version=e.version)
+        if e.kind == "deleted"
+        else UserState(exists=True, version=e.version, org_id=e.org_id, role=e.role)
+    )
+    ledger.finish(e, EventOutcome(event_id=e.event_id, version=e.version, status="applied"), state)
+
+
+def test_duplicates_get_the_first_outcome() -> None:
+    ledger = EventLedger(NOBODY)
+    first = event(1, "created")
+    assert ledger.offer(first) is None
+    assert ledger.offer(first) is None  # still queued: the duplicate waits for the same outcome
+    apply(ledger, first)
+    assert ledger.offer(first) == ledger.outcome("e1")
+    assert ledger.outcome("e1") is not None and ledger.outcome("e1").status == "applied"  # type: ignore[union-attr]
+
+
+def test_stale_event_is_a_recorded_no_op() -> None:
+    ledger = EventLedger(UserState(exists=True, version=5, org_id="o", role="member"))
+    outcome = ledger.offer(event(3))
+    assert outcome is not None and outcome.status == "stale"
+    assert ledger.next_ready() is None
+
+
+def test_changes_wait_for_the_creation() -> None:
+    ledger = EventLedger(NOBODY)
+    ledger.offer(event(3))
+    ledger.offer(event(2))
+    assert ledger.next_ready() is None  # the user does not exist yet
+    ledger.offer(event(1, "created"))
+    assert ledger.next_ready() == event(1, "created")
+    apply(ledger, event(1, "created"))
+    assert ledger.next_ready() == event(2)
+
+
+def test_a_newer_application_makes_queued_older_events_stale() -> None:
+    ledger = EventLedger(NOBODY)
+    for v in (4, 2):
+        ledger.offer(event(v))
+    ledger.offer(event(3, "created"))
+    apply(ledger, event(3, "created"))  # a re-creation at v3 overtakes v2
+    assert ledger.outcome("e2") is not None and ledger.outcome("e2").status == "stale"  # type: ignore[union-attr]
+    assert ledger.next_ready() == event(4)
+
+
+def test_a_held_change_expires_as_failed() -> None:
+    ledger = EventLedger(NOBODY)
+    ledger.offer(event(2))
+    assert ledger.is_holding()
+    expired = ledger.expire_held()
+    assert (
+        expired is not None and expired.status == "failed" and expired.error_type == "UserNotFound"
+    )
+    late = ledger.offer(event(1, "created"))  # older than a decided event: stale
+    assert late is not None and late.status == "stale"
+
+
+def test_delete_before_create_leaves_the_create_stale() -> None:
+    ledger = EventLedger(NOBODY)
+    ledger.offer(event(2, "deleted"))
+    apply(ledger, ledger.next_ready())  # type: ignore[arg-type]
+    late = ledger.offer(event(1, "created"))
+    assert late is not None and late.status == "stale"
+    assert not ledger.state.exists
+
+
+def test_memory_is_bounded() -> None:
+    ledger = EventLedger(NOBODY, remember=3)
+    for v in range(1, 10):
+        e = event(v, "created" if v == 1 else "role_changed")
+        ledger.offer(e)
+        apply(ledger, ledger.next_ready())  # type: ignore[arg-type]
+    assert [o.event_id for o in ledger.recent()] == ["e7", "e8", "e9"]
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> tuple[list[UserEvent], list[UserEvent]]:
+    """A realistic life of one user and a delivery order with duplicates, shuffled.
+
+    Realistic: versions come from the App DB row, so a user is created before it changes, and
+    after a deletion the next event (if any) is a re-creation.
+    """
+    count = draw(st.integers(1, 30))
+    events, exists = [], False
+    for version in range(1, count + 1):
+        kind = draw(st.sampled_from(["role_changed", "moved", "deleted"])) if exists else "created"
+        events.append(event(version, kind))
+        exists = kind != "deleted"
+    deliveries = events + draw(st.lists(st.sampled_from(events), max_size=15))
+    return events, draw(st.permutations(deliveries))
+
+
+@settings(max_examples=400, deadline=None)
+@given(histories(), st.data())
+def test_ledger_matches_the_model(
+    history: tuple[list[UserEvent], list[UserEvent]], data: st.DataObject
+) -> None:
+    events, deliveries = history
+    ledger = EventLedger(NOBODY)
+    decided: list[UserEvent] = []
+    for delivered in deliveries:
+        ledger.offer(delivered)
+        # The workflow may get to apply between any two deliveries, or not.
+        while data.draw(st.booleans()) and (ready := ledger.next_ready()) is not None:
+            apply(ledger, ready)
+            decided.append(ready)
+    while (ready := ledger.next_ready()) is not None:
+        apply(ledger, ready)
+        decided.append(ready)
+
+    # Nothing is left held: every change found its user.
+    assert ledger.expire_held() is None and not ledger.has_pending()
+    # One at a time, strictly in version order, each event id at most once.
+    versions = [e.version for e in decided]
+    assert versions == sorted(set(versions))
+    # The model: the user ends as the highest version says, whatever the delivery order.
+    highest = events[-1]
+    assert decided[-1] == highest
+    assert ledger.state.version == highest.version
+    assert ledger.state.exists == (highest.kind != "deleted")
+    if highest.kind != "deleted":
+        assert (ledger.state.org_id, ledger.state.role) == (highest.org_id, highest.role)
+    # Every event is decided: applied if taken, otherwise a recorded stale no-op.
+    for e in events:
+        outcome = ledger.outcome(e.event_id)
+        assert outcome is not None
+        assert outcome.status == ("applied" if e in decided else "stale")

@@ -1,0 +1,358 @@
+"""Per-user saga logic on the time-skipping test server, activities replaced by recorders."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from temporalio import activity
+from temporalio.client import (
+    WithStartWorkflowOperation,
+    WorkflowExecutionStatus,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from spicesync.constants import HELD_CHANGE_GRACE, user_workflow_id
+from spicesync.errors import DuplicateEmail, SpiceDBRejected, SpiceDBUnavailable, UserRowMissing
+from spicesync.models import (
+    ApplyRowInput,
+    ApplyRowResult,
+    InsertCreatedRowInput,
+    InsertCreatedRowResult,
+    Membership,
+    MembershipsSnapshot,
+    ReadMembershipsInput,
+    ReadUserStateInput,
+    SubmitEventInput,
+    UndoCreatedRowInput,
+    UserEvent,
+    UserState,
+    UserSyncInput,
+    WriteMembershipsInput,
+    WriteMembershipsResult,
+)
+from starters.user_events import UserSyncFailed, WaitFor, submit_event
+from workflows.user_sync import UserSyncWorkflow
+
+Behaviour = Callable[[int], Awaitable[None]]
+
+
+class FakeSteps:
+    """Stand-ins for the six activities: record each attempt, fail when told to."""
+
+    def __init__(self, prior: MembershipsSnapshot | None = None, **behaviour: Behaviour) -> None:
+        self.calls: list[str] = []
+        self.attempts: dict[str, int] = {}
+        self.writes: list[WriteMembershipsInput] = []
+        self.prior = prior or MembershipsSnapshot(memberships=[], marker=None)
+        self._behaviour = behaviour
+
+    async def _step(self, name: str) -> None:
+        self.calls.append(name)
+        self.attempts[name] = self.attempts.get(name, 0) + 1
+        if name in self._behaviour:
+            await self._behaviour[name](self.attempts[name])
+
+    @activity.defn(name="read_user_state")
+    async def read_user_state(self, _: ReadUserStateInput) -> UserState:
+        await self._step("read_user_state")
+        return UserState(exists=False, version=0)
+
+    @activity.defn(name="insert_created_row")
+    async def insert_created_row(self, _: InsertCreatedRowInput) -> InsertCreatedRowResult:
+        await self._step("insert_created_row")
+        return InsertCreatedRowResult(created=True, stale=False)
+
+    @activity.defn(name="read_memberships")
+    async def read_memberships(self, _: ReadMembershipsInput) -> MembershipsSnapshot:
+        await self._step("read_memberships")
+        return self.prior
+
+    @activity.defn(name="write_memberships")
+    async def write_memberships(self, request: WriteMembershipsInput) -> WriteMembershipsResult:
+        name = "write_memberships" if request.check_marker else "restore_memberships"
+        await self._step(name)
+        self.writes.append(request)
+        return WriteMembershipsResult(zed_token=f"token-{len(self.writes)}")
+
+    @activity.defn(name="apply_row")
+    async def apply_row(self, _: ApplyRowInput) -> ApplyRowResult:
+        await self._step("apply_row")
+        return ApplyRowResult(applied=True)
+
+    @activity.defn(name="undo_created_row")
+    async def undo_created_row(self, _: UndoCreatedRowInput) -> None:
+        await self._step("undo_created_row")
+
+    def activities(self) -> list[Any]:
+        return [
+            self.read_user_state,
+            self.insert_created_row,
+            self.read_memberships,
+            self.write_memberships,
+            self.apply_row,
+            self.undo_created_row,
+        ]
+
+
+def fail_first(times: int, error: Exception) -> Behaviour:
+    async def behaviour(attempt: int) -> None:
+        if attempt <= times:
+            raise error
+
+    return behaviour
+
+
+def always(error: Exception) -> Behaviour:
+    async def behaviour(_attempt: int) -> None:
+        raise error
+
+    return behaviour
+
+
+def created(**changes: object) -> UserEvent:
+    uid = str(uuid.uuid4())
+    fields: dict[str, object] = {
+        "event_id": f"{uid}:created:v1",
+        "user_id": uid,
+        "version": 1,
+        "kind": "created",
+        "email": "ada@example.com",
+        "name": "Ada",
+        "org_id": "acme",
+        "role": "member",
+    } | changes
+    return UserEvent(**fields)  # type: ignore[arg-type]
+
+
+def change_of(event: UserEvent, **changes: object) -> UserEvent:
+    return event.model_copy(update={"email": "", "name": "", **changes})
+
+
+class Harness:
+    def __init__(self, env: WorkflowEnvironment, task_queue: str) -> None:
+        self.env, self.task_queue = env, task_queue
+
+    async def submit(self, event: UserEvent, wait: WaitFor = WaitFor.PERMISSIONS) -> Any:
+        # The test server skips time only while a client awaits a workflow result, not an
+        # update, so move its clock along while this caller waits (retry backoffs, timers).
+        submitted = asyncio.ensure_future(
+            submit_event(event, wait=wait, client=self.env.client, task_queue=self.task_queue)
+        )
+        while not submitted.done():
+            await asyncio.wait({submitted}, timeout=0.2)
+            if not submitted.done():
+                await self.env.sleep(timedelta(seconds=10))
+        return submitted.result()
+
+
+async def running(
+    env: WorkflowEnvironment, task_queue: str, steps: FakeSteps
+) -> AsyncIterator[Harness]:
+    async with Worker(
+        env.client,
+        task_queue=task_queue,
+        workflows=[UserSyncWorkflow],
+        activities=steps.activities(),
+        # Deliver a cancel to a heartbeating activity at once, not after the 30 s default.
+        default_heartbeat_throttle_interval=timedelta(milliseconds=50),
+        max_heartbeat_throttle_interval=timedelta(milliseconds=50),
+    ):
+        yield Harness(env, task_queue)
+
+
+async def test_transient_failures_retry_until_success(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    steps = FakeSteps(
+        insert_created_row=fail_first(3, ConnectionResetError("PostgreSQL went away")),
+        write_memberships=fail_first(5, SpiceDBUnavailable("UNAVAILABLE")),
+    )
+    async for h in running(time_skipping_env, task_queue, steps):
+        outcome = await h.submit(created())
+    assert outcome.status == "synced" and outcome.zed_token == "token-1"
+    assert steps.attempts["insert_created_row"] == 4
+    assert steps.attempts["write_memberships"] == 6
+    write = steps.writes[0]
+    assert write.add == [Membership(user_id=write.user_id, org_id="acme", role="member")]
+    assert (write.expected_marker, write.set_marker, write.check_marker) == (None, 1, True)
+
+
+async def test_permanent_failure_restores_the_prior_state_in_reverse_order(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    steps = FakeSteps(apply_row=always(UserRowMissing("gone")))
+    async for h in running(time_skipping_env, task_queue, steps):
+        with pytest.raises(UserSyncFailed) as caught:
+            await h.submit(created())
+    assert caught.value.error_type == "UserRowMissing"
+    assert steps.calls == [
+        "read_user_state",
+        "insert_created_row",
+        "read_memberships",
+        "write_memberships",
+        "apply_row",  # one attempt: permanent errors are not retried
+        "restore_memberships",
+        "undo_created_row",
+    ]
+    restore = steps.writes[-1]
+    assert restore.add == [] and [m.org_id for m in restore.remove] == ["acme"]
+    assert (restore.remove_marker, restore.set_marker) == (1, None)
+
+
+async def test_compensation_keeps_a_grant_that_existed_before(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    event = created()
+    grant = Membership(user_id=event.user_id, org_id="acme", role="member")
+    steps = FakeSteps(
+        prior=MembershipsSnapshot(memberships=[grant], marker=None),
+        apply_row=always(UserRowMissing("x")),
+    )
+    async for h in running(time_skipping_env, task_queue, steps):
+        with pytest.raises(UserSyncFailed):
+            await h.submit(event)
+    restore = steps.writes[-1]
+    # SpiceDB #1903: the rollback puts the pre-existing grant back instead of deleting it.
+    assert restore.remove == [] and restore.add == [grant]
+
+
+async def test_refused_write_lands_nothing_so_only_the_row_is_undone(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    steps = FakeSteps(write_memberships=always(SpiceDBRejected("INVALID_ARGUMENT")))
+    async for h in running(time_skipping_env, task_queue, steps):
+        with pytest.raises(UserSyncFailed) as caught:
+            await h.submit(created())
+    assert caught.value.error_type == "SpiceDBRejected"
+    assert steps.attempts["write_memberships"] == 1
+    assert steps.calls[-2:] == ["write_memberships", "undo_created_row"]
+
+
+async def test_duplicate_email_writes_nothing_to_spicedb(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    steps = FakeSteps(insert_created_row=always(DuplicateEmail("taken")))
+    async for h in running(time_skipping_env, task_queue, steps):
+        with pytest.raises(UserSyncFailed) as caught:
+            await h.submit(created())
+    assert caught.value.error_type == "DuplicateEmail"
+    assert steps.calls == ["read_user_state", "insert_created_row"]
+
+
+async def test_compensation_failures_retry_until_they_succeed(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    steps = FakeSteps(
+        apply_row=always(UserRowMissing("gone")),
+        # Even a "permanent" error type is retried during compensation: it must finish.
+        restore_memberships=fail_first(2, SpiceDBRejected("flaky")),
+        undo_created_row=fail_first(4, ConnectionRefusedError("PostgreSQL down")),
+    )
+    async for h in running(time_skipping_env, task_queue, steps):
+        with pytest.raises(UserSyncFailed):
+            await h.submit(created())
+    assert steps.attempts["restore_memberships"] == 3
+    assert steps.attempts["undo_created_row"] == 5
+
+
+async def test_duplicates_and_stale_events_are_no_ops(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    steps = FakeSteps()
+    first = created()
+    change = change_of(first, event_id="change-3", kind="role_changed", version=3, role="admin")
+    older = change_of(first, event_id="change-2", kind="role_changed", version=2)
+    async for h in running(time_skipping_env, task_queue, steps):
+        a, b = await asyncio.gather(h.submit(first), h.submit(first))
+        assert a == b and a.status == "synced"
+        assert (await h.submit(change)).status == "synced"
+        assert (await h.submit(older)).status == "stale"
+        assert (await h.submit(first)).status == "synced"  # a late duplicate: first outcome
+    assert steps.attempts["insert_created_row"] == 1
+    assert steps.attempts["write_memberships"] == 2
+
+
+async def test_invalid_event_is_rejected_by_the_update_validator(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    steps = FakeSteps()
+    bad = created(email="not-an-email")
+    async for h in running(time_skipping_env, task_queue, steps):
+        with pytest.raises(WorkflowUpdateFailedError) as caught:
+            # Straight to the workflow, past the starter's own validation.
+            await h.env.client.execute_update_with_start_workflow(
+                UserSyncWorkflow.submit,
+                SubmitEventInput(event=bad),
+                start_workflow_operation=WithStartWorkflowOperation(
+                    UserSyncWorkflow.run,
+                    UserSyncInput(user_id=bad.user_id),
+                    id=user_workflow_id(bad.user_id),
+                    task_queue=task_queue,
+                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                ),
+            )
+        assert "email:" in str(caught.value.cause)
+    assert "insert_created_row" not in steps.calls
+
+
+async def test_a_change_for_a_user_that_never_comes_fails_after_its_grace(
+    own_time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    steps = FakeSteps()
+    orphan = change_of(created(), event_id="orphan", kind="moved", version=2)
+    async for h in running(own_time_skipping_env, task_queue, steps):
+        assert (await h.submit(orphan, wait=WaitFor.START)).status == "started"
+        await h.env.sleep(HELD_CHANGE_GRACE + timedelta(seconds=1))
+        with pytest.raises(UserSyncFailed) as caught:
+            await h.submit(orphan)  # the duplicate learns the first delivery's outcome
+    assert caught.value.error_type == "UserNotFound"
+    assert "write_memberships" not in steps.calls
+
+
+async def test_an_idle_workflow_closes(
+    own_time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    steps = FakeSteps()
+    event = created()
+    async for h in running(own_time_skipping_env, task_queue, steps):
+        await h.submit(event)
+        handle = h.env.client.get_workflow_handle(user_workflow_id(event.user_id))
+        assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+        await h.env.sleep(timedelta(seconds=UserSyncInput(user_id="x").idle_seconds + 1))
+        assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
+
+
+async def test_cancellation_compensates_after_the_inflight_write_stops(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    write_running = asyncio.Event()
+
+    async def hang_until_cancelled(_attempt: int) -> None:
+        write_running.set()
+        while True:  # heartbeating is how an activity learns it was cancelled
+            activity.heartbeat()
+            await asyncio.sleep(0.1)
+
+    steps = FakeSteps(write_memberships=hang_until_cancelled)
+    event = created()
+    async for h in running(time_skipping_env, task_queue, steps):
+        pending = asyncio.create_task(h.submit(event))
+        await asyncio.wait_for(write_running.wait(), 30)
+        handle = h.env.client.get_workflow_handle(user_workflow_id(event.user_id))
+        await handle.cancel()
+        for _ in range(300):
+            if (await handle.describe()).status == WorkflowExecutionStatus.CANCELED:
+                break
+            await asyncio.sleep(0.1)
+        assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+        with pytest.raises(Exception):  # noqa: B017 - the caller learns it did not go through
+            await pending
+    assert steps.calls[-2:] == ["restore_memberships", "undo_created_row"]
