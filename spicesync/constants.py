@@ -11,9 +11,11 @@ __all__ = [
     "DEFAULT_TASK_QUEUE",
     "EVENTS_PER_RUN",
     "HELD_CHANGE_GRACE",
+    "MAX_IN_FLIGHT_UPDATES",
     "SEARCH_ATTRIBUTES",
     "SPICEDB_CALL_TIMEOUT_SECONDS",
     "USER_WORKFLOW_ID_PREFIX",
+    "dev_server_dynamic_config",
     "user_workflow_id",
 ]
 
@@ -24,8 +26,25 @@ USER_WORKFLOW_ID_PREFIX: Final = "user-"
 # How long a change to a user that does not exist (yet) waits for its creation before it fails.
 HELD_CHANGE_GRACE: Final = timedelta(minutes=5)
 
+# Temporal admits at most this many in-flight updates per workflow (``history.maxInFlightUpdates``,
+# 10 by default). Each waiting caller holds one, so a burst of events for one user needs more;
+# the local stack raises the limit to this, and a production namespace should too.
+MAX_IN_FLIGHT_UPDATES: Final = 500
+
 # Events one run of a user's workflow applies before it continues as new (fresh history).
 EVENTS_PER_RUN: Final = 500
+
+
+def dev_server_dynamic_config() -> list[str]:
+    """``--dynamic-config-value`` arguments for the Temporal dev server (stack and tests)."""
+    values = {
+        "system.enableEagerWorkflowStart": "true",
+        "history.maxInFlightUpdates": str(MAX_IN_FLIGHT_UPDATES),
+    }
+    return [
+        arg for key, value in values.items() for arg in ("--dynamic-config-value", f"{key}={value}")
+    ]
+
 
 # Search attributes the stack registers on the dev server. Values are opaque ids only.
 SEARCH_ATTRIBUTES: Final[dict[str, str]] = {

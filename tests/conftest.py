@@ -19,7 +19,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from spicesync.constants import SEARCH_ATTRIBUTES
+from spicesync.constants import SEARCH_ATTRIBUTES, dev_server_dynamic_config
 from spicesync.spicedb import SpiceDBClient, connect_spicedb
 from spicesync.stack.components import (
     prepare_app_db,
@@ -41,7 +41,7 @@ def _binary(name: str) -> str:
 @pytest.fixture(scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     """The real Temporal dev server, with spicesync's search attributes and eager start."""
-    extra = ["--dynamic-config-value", "system.enableEagerWorkflowStart=true"]
+    extra = [*dev_server_dynamic_config(), "--log-level", "warn"]
     for name, kind in SEARCH_ATTRIBUTES.items():
         extra += ["--search-attribute", f"{name}={kind}"]
     env = await WorkflowEnvironment.start_local(

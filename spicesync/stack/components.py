@@ -13,7 +13,7 @@ import grpc
 import grpc.aio
 from authzed.api.v1 import ReadSchemaRequest
 
-from spicesync.constants import SEARCH_ATTRIBUTES
+from spicesync.constants import SEARCH_ATTRIBUTES, dev_server_dynamic_config
 from spicesync.db import apply_migrations
 from spicesync.spicedb import connect_spicedb, write_schema
 from spicesync.stack.engine_library import ensure_engine_library
@@ -50,12 +50,7 @@ def temporal_command(*, port: int, ui_port: int | None, db_file: Path | None) ->
             "--sqlite-pragma",
             "synchronous=NORMAL",
         ]
-    cmd += [
-        "--log-level",
-        "warn",
-        "--dynamic-config-value",
-        "system.enableEagerWorkflowStart=true",
-    ]
+    cmd += ["--log-level", "warn", *dev_server_dynamic_config()]
     for name, kind in SEARCH_ATTRIBUTES.items():
         cmd += ["--search-attribute", f"{name}={kind}"]
     return cmd

@@ -114,3 +114,50 @@ async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float = 3
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.1)
+
+
+_FAULTS_DDL = """
+CREATE TABLE IF NOT EXISTS test_faults (
+    user_id  uuid NOT NULL,
+    op       text NOT NULL,
+    sqlstate text NOT NULL
+);
+CREATE OR REPLACE FUNCTION test_inject_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    state text;
+BEGIN
+    SELECT f.sqlstate INTO state FROM test_faults f
+    WHERE f.user_id = (CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END) AND f.op = TG_OP;
+    IF state IS NOT NULL THEN
+        RAISE EXCEPTION 'injected fault' USING ERRCODE = state;
+    END IF;
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END $$;
+DROP TRIGGER IF EXISTS test_inject_fault ON users;
+CREATE TRIGGER test_inject_fault BEFORE INSERT OR UPDATE OR DELETE ON users
+    FOR EACH ROW EXECUTE FUNCTION test_inject_fault();
+"""
+
+
+@dataclass
+class Faults:
+    """Make PostgreSQL fail one statement kind for one user, with a chosen SQLSTATE."""
+
+    pool: asyncpg.Pool
+
+    async def inject(self, user_id: str, op: str, sqlstate: str) -> None:
+        await self.pool.execute(
+            "INSERT INTO test_faults VALUES ($1, $2, $3)", uuid.UUID(user_id), op, sqlstate
+        )
+
+    async def clear(self, user_id: str) -> None:
+        await self.pool.execute("DELETE FROM test_faults WHERE user_id = $1", uuid.UUID(user_id))
+
+
+@pytest.fixture
+async def faults(app_db: asyncpg.Pool) -> AsyncIterator[Faults]:
+    """Fault injection into the real PostgreSQL (a trigger on ``users``, this test's ids only)."""
+    await app_db.execute(_FAULTS_DDL)
+    injector = Faults(app_db)
+    yield injector
+    await app_db.execute("DELETE FROM test_faults")

@@ -123,6 +123,19 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
         )
         assert duplicate.returncode == 1
         assert json.loads(duplicate.stdout)["error"] == "DuplicateEmail"
+        uid = outcome["user_id"]
+        for args, version in (
+            (["update", "--user-id", uid, "--org", "cli-org", "--role", "member"], 2),
+            (["move", "--user-id", uid, "--org", "cli-org-2", "--role", "member"], 3),
+            (["delete", "--user-id", uid], 4),
+        ):
+            changed = run(["users", *args, "--version", str(version)], stack_env)
+            assert changed.returncode == 0, changed.stdout + changed.stderr
+            result = json.loads(changed.stdout)
+            assert (result["status"], result["version"]) == ("synced", version)
+        old = ["--org", "x", "--role", "admin", "--version", "3", "--event-id", "old"]
+        stale = run(["users", "update", "--user-id", uid, *old], stack_env)
+        assert json.loads(stale.stdout)["status"] == "stale"
     finally:
         worker.send_signal(signal.SIGTERM)
         output, _ = worker.communicate(timeout=60)
