@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,3 +147,53 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
     assert down.returncode == 0 and "temporal" in down.stdout and "spicedb" in down.stdout
     assert not any(pid_alive(p) for p in pids)
     assert not (Path(stack_env["SPICESYNC_STATE_DIR"]) / "stack.env").exists()
+
+
+def test_duplicate_after_a_worker_crash_is_a_no_op(stack_env: dict[str, str]) -> None:
+    up = run(["stack", "up"], stack_env)
+    assert up.returncode == 0, up.stderr
+    user_id = str(uuid.uuid4())
+    create = ["users", "create", "--email", f"crash-{user_id[-6:]}@example.com", "--name", "C"]
+    create += ["--org", "crash-org", "--user-id", user_id]
+
+    first = subprocess.Popen(
+        [*CLI, "worker"], env=stack_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        accepted = run([*create, "--wait", "start"], stack_env)
+        assert json.loads(accepted.stdout)["status"] == "started"
+    finally:
+        first.kill()  # SIGKILL: no draining, whatever it was doing is cut off
+        first.wait()
+    second = subprocess.Popen(
+        [*CLI, "worker"], env=stack_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        again = run(create, stack_env)  # the same event, delivered again, waits for its outcome
+        outcome = json.loads(again.stdout)
+        assert again.returncode == 0 and outcome["status"] == "synced"
+        status = run(["users", "create", *create[2:], "--wait", "permissions"], stack_env)
+        assert json.loads(status.stdout)["zed_token"] == outcome["zed_token"]
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=60)
+    env = parse_env(up.stdout)
+    rows = subprocess.run(
+        [sys.executable, "-c", _COUNT, env["DATABASE_URL"], user_id],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert rows.stdout.split() == ["1", "synced"]
+
+
+_COUNT = """
+import asyncio, sys, asyncpg
+async def main():
+    conn = await asyncpg.connect(sys.argv[1])
+    n = await conn.fetchval("SELECT count(*) FROM users WHERE id = $1::uuid", sys.argv[2])
+    s = await conn.fetchval("SELECT sync_status FROM users WHERE id = $1::uuid", sys.argv[2])
+    print(n, s)
+    await conn.close()
+asyncio.run(main())
+"""
