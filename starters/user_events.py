@@ -178,6 +178,29 @@ async def create_user(
     return await submit_event(event, wait=wait, client=client, task_queue=task_queue)
 
 
+async def _membership_change(
+    kind: str,
+    user_id: str,
+    *,
+    org_id: str,
+    role: str,
+    version: int,
+    event_id: str | None,
+    wait: WaitFor,
+    client: Client | None,
+    task_queue: str | None,
+) -> SyncOutcome:
+    event = UserEvent(
+        event_id=event_id or _event_id(user_id, kind, version),
+        user_id=user_id,
+        version=version,
+        kind=kind,
+        org_id=org_id,
+        role=role,
+    )
+    return await submit_event(event, wait=wait, client=client, task_queue=task_queue)
+
+
 async def change_role(
     user_id: str,
     *,
@@ -190,15 +213,17 @@ async def change_role(
     task_queue: str | None = None,
 ) -> SyncOutcome:
     """Deliver a ``role_changed`` event: ``role`` in ``org_id`` from ``version`` on."""
-    event = UserEvent(
-        event_id=event_id or _event_id(user_id, "role_changed", version),
-        user_id=user_id,
-        version=version,
-        kind="role_changed",
+    return await _membership_change(
+        "role_changed",
+        user_id,
         org_id=org_id,
         role=role,
+        version=version,
+        event_id=event_id,
+        wait=wait,
+        client=client,
+        task_queue=task_queue,
     )
-    return await submit_event(event, wait=wait, client=client, task_queue=task_queue)
 
 
 async def move_user(
@@ -213,15 +238,17 @@ async def move_user(
     task_queue: str | None = None,
 ) -> SyncOutcome:
     """Deliver a ``moved`` event: the user belongs to ``org_id`` (as ``role``) from ``version``."""
-    event = UserEvent(
-        event_id=event_id or _event_id(user_id, "moved", version),
-        user_id=user_id,
-        version=version,
-        kind="moved",
+    return await _membership_change(
+        "moved",
+        user_id,
         org_id=org_id,
         role=role,
+        version=version,
+        event_id=event_id,
+        wait=wait,
+        client=client,
+        task_queue=task_queue,
     )
-    return await submit_event(event, wait=wait, client=client, task_queue=task_queue)
 
 
 async def delete_user(
