@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from spicesync.constants import EVENTS_PER_RUN
+
 __all__ = [
     "ApplyRowInput",
     "ApplyRowResult",
@@ -135,6 +137,8 @@ class UserSyncInput(_Model):
     user_id: str
     # How long the workflow stays open with nothing to do before it closes.
     idle_seconds: float = 600.0
+    # Events one run applies before it continues as new with a fresh history.
+    events_per_run: int = EVENTS_PER_RUN
     carried: CarriedState | None = None
 
 

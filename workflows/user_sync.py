@@ -28,7 +28,7 @@ from temporalio.workflow import ActivityCancellationType
 with workflow.unsafe.imports_passed_through():
     from activities.memberships import MembershipActivities
     from activities.user_rows import UserRowActivities
-    from spicesync.constants import ACTIVITY_START_TO_CLOSE, EVENTS_PER_RUN, HELD_CHANGE_GRACE
+    from spicesync.constants import ACTIVITY_START_TO_CLOSE, HELD_CHANGE_GRACE
     from spicesync.errors import NON_RETRYABLE_ERROR_TYPES, InvalidUserInput
     from spicesync.ledger import EventLedger
     from spicesync.models import (
@@ -83,6 +83,7 @@ class UserSyncWorkflow:
         self._ledger: EventLedger | None = None
         self._rows_committed: set[str] = set()
         self._applied_this_run = 0
+        self._events_per_run = 0
 
     @workflow.run
     async def run(self, request: UserSyncInput) -> None:
@@ -92,6 +93,7 @@ class UserSyncWorkflow:
             request: The user, and the state carried over from the previous run if any.
         """
         self._user_id = request.user_id
+        self._events_per_run = request.events_per_run
         workflow.upsert_search_attributes([USER_ID.value_set(request.user_id)])
         if request.carried is not None:
             state, recent = request.carried.state, request.carried.recent_outcomes
@@ -149,6 +151,7 @@ class UserSyncWorkflow:
                         UserSyncInput(
                             user_id=request.user_id,
                             idle_seconds=request.idle_seconds,
+                            events_per_run=request.events_per_run,
                             carried=CarriedState(
                                 state=ledger.state, recent_outcomes=ledger.recent()
                             ),
@@ -198,7 +201,7 @@ class UserSyncWorkflow:
 
     def _should_continue_as_new(self) -> bool:
         return (
-            self._applied_this_run >= EVENTS_PER_RUN
+            self._applied_this_run >= self._events_per_run
             or workflow.info().is_continue_as_new_suggested()
         )
 

@@ -356,3 +356,36 @@ async def test_cancellation_compensates_after_the_inflight_write_stops(
         with pytest.raises(Exception):  # noqa: B017 - the caller learns it did not go through
             await pending
     assert steps.calls[-2:] == ["restore_memberships", "undo_created_row"]
+
+
+async def test_continue_as_new_carries_state_and_dedupe(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    steps = FakeSteps()
+    first = created()
+    second = change_of(first, event_id="v2", kind="role_changed", version=2, role="admin")
+    third = change_of(first, event_id="v3", kind="moved", version=3, org_id="globex")
+    async for h in running(time_skipping_env, task_queue, steps):
+        handle = await h.env.client.start_workflow(
+            UserSyncWorkflow.run,
+            UserSyncInput(user_id=first.user_id, events_per_run=2),
+            id=user_workflow_id(first.user_id),
+            task_queue=task_queue,
+        )
+        await h.submit(first)
+        await h.submit(second)  # the run's second event: it continues as new after this
+        for _ in range(100):
+            if (
+                await h.env.client.get_workflow_handle(handle.id).describe()
+            ).run_id != handle.result_run_id:
+                break
+            await asyncio.sleep(0.05)
+        described = await h.env.client.get_workflow_handle(handle.id).describe()
+        assert described.run_id != handle.result_run_id  # a new run
+        again = await h.submit(first)  # remembered across the new run
+        assert again.status == "synced" and again.event_id == first.event_id
+        assert (await h.submit(second.model_copy(update={"event_id": "late"}))).status == "stale"
+        assert (await h.submit(third)).status == "synced"
+    assert steps.attempts["insert_created_row"] == 1
+    assert steps.attempts["write_memberships"] == 3
+    assert steps.attempts["read_user_state"] == 1  # the new run started from the carried state
