@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from temporalio.envconfig import ClientConfig, ClientConnectConfig
 
+from spicesync.codec import EncryptionCodec, parse_keys
 from spicesync.constants import DEFAULT_TASK_QUEUE
 
 __all__ = ["STACK_ENV_FILE", "MissingSetting", "Settings", "load_settings", "read_env_file"]
@@ -58,10 +59,19 @@ class Settings(BaseSettings):
     temporal_namespace: str = Field(default="default", validation_alias="TEMPORAL_NAMESPACE")
     temporal_ui_url: str | None = Field(default=None, validation_alias="TEMPORAL_UI_URL")
 
+    # Payload encryption: "id:base64key[,id:base64key...]"; the active key encrypts, all decrypt.
+    encryption_keys: SecretStr | None = Field(
+        default=None, validation_alias="SPICESYNC_ENCRYPTION_KEYS"
+    )
+    encryption_key_id: str | None = Field(
+        default=None, validation_alias="SPICESYNC_ENCRYPTION_KEY_ID"
+    )
+
     # Ports of the local stack (``spicesync stack up``); unused when pointing at real services.
     stack_temporal_port: int = Field(default=7233, validation_alias="SPICESYNC_TEMPORAL_PORT")
     stack_temporal_ui_port: int = Field(default=8233, validation_alias="SPICESYNC_TEMPORAL_UI_PORT")
     stack_spicedb_port: int = Field(default=50051, validation_alias="SPICESYNC_SPICEDB_PORT")
+    stack_codec_port: int = Field(default=8081, validation_alias="SPICESYNC_CODEC_PORT")
 
     @model_validator(mode="after")
     def _production_needs_explicit_services(self) -> Settings:
@@ -72,6 +82,7 @@ class Settings(BaseSettings):
                     ("DATABASE_URL", self.database_url),
                     ("SPICEDB_ENDPOINT", self.spicedb_endpoint),
                     ("SPICEDB_PRESHARED_KEY", self.spicedb_preshared_key),
+                    ("SPICESYNC_ENCRYPTION_KEYS", self.encryption_keys),
                 )
                 if not value
             ]
@@ -95,6 +106,13 @@ class Settings(BaseSettings):
                 " or export them"
             )
         return self.spicedb_endpoint, self.spicedb_preshared_key.get_secret_value()
+
+    def codec(self) -> EncryptionCodec | None:
+        """The payload codec, or ``None`` when no keys are configured (local use only)."""
+        if self.encryption_keys is None:
+            return None
+        keys = parse_keys(self.encryption_keys.get_secret_value())
+        return EncryptionCodec(keys, self.encryption_key_id or next(iter(keys)))
 
     def temporal_connect_config(self) -> ClientConnectConfig:
         """Load the Temporal connection the SDK's env-config way.

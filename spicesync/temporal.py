@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 
+from spicesync.codec import encrypted_data_converter
 from spicesync.settings import Settings
 
 __all__ = ["connect_temporal"]
 
 
 async def connect_temporal(settings: Settings) -> Client:
-    """Connect to Temporal using the SDK's env-config conventions and the pydantic converter.
+    """Connect to Temporal the SDK's env-config way, with the pydantic converter and encryption.
 
     Args:
         settings: spicesync's settings.
@@ -20,4 +20,4 @@ async def connect_temporal(settings: Settings) -> Client:
         A connected client.
     """
     config = settings.temporal_connect_config()
-    return await Client.connect(**config, data_converter=pydantic_data_converter)
+    return await Client.connect(**config, data_converter=encrypted_data_converter(settings.codec()))

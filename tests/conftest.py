@@ -19,6 +19,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from spicesync.codec import EncryptionCodec, encrypted_data_converter, generate_key, parse_keys
 from spicesync.constants import SEARCH_ATTRIBUTES, dev_server_dynamic_config
 from spicesync.spicedb import SpiceDBClient, connect_spicedb
 from spicesync.stack.components import (
@@ -39,13 +40,20 @@ def _binary(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+def test_codec() -> EncryptionCodec:
+    """The payload codec the integration tests' client and workers use (a key per session)."""
+    return EncryptionCodec(parse_keys(f"test:{generate_key()}"), "test")
+
+
+@pytest.fixture(scope="session")
+async def temporal_env(test_codec: EncryptionCodec) -> AsyncIterator[WorkflowEnvironment]:
     """The real Temporal dev server, with spicesync's search attributes and eager start."""
     extra = [*dev_server_dynamic_config(), "--log-level", "warn"]
     for name, kind in SEARCH_ATTRIBUTES.items():
         extra += ["--search-attribute", f"{name}={kind}"]
     env = await WorkflowEnvironment.start_local(
-        data_converter=pydantic_data_converter,
+        # Encrypted like a real deployment: every integration test runs with the codec on.
+        data_converter=encrypted_data_converter(test_codec),
         dev_server_existing_path=_binary("temporal"),
         dev_server_extra_args=extra,
         ui=False,

@@ -105,6 +105,33 @@ def _users(args: argparse.Namespace) -> int:
     return 0
 
 
+def _codec_server(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from spicesync.codec_server import CodecServer
+
+    settings = load_settings()
+    codec = settings.codec()
+    if codec is None:
+        raise MissingSetting(
+            "SPICESYNC_ENCRYPTION_KEYS is not set: the codec server needs the keys"
+        )
+    origins = args.ui_origin or [
+        settings.temporal_ui_url or f"http://127.0.0.1:{settings.stack_temporal_ui_port}",
+        f"http://localhost:{settings.stack_temporal_ui_port}",
+    ]
+    port = settings.stack_codec_port if args.port is None else args.port
+    server = CodecServer(codec, host=args.host, port=port, allowed_origins=origins)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.stop).start())
+    print(f"codec server on http://{args.host}:{server.port} for {', '.join(origins)}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from spicesync.demo import run_demo, summary
 
@@ -173,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
             help="return once accepted, once the row reflects it, or once SpiceDB does too",
         )
         sub.set_defaults(func=_users)
+
+    codec = commands.add_parser(
+        "codec-server", help="decrypt payloads for the Temporal UI (operators only)"
+    )
+    codec.add_argument("--host", default="127.0.0.1")
+    codec.add_argument("--port", type=int, help="default: SPICESYNC_CODEC_PORT (8081)")
+    codec.add_argument(
+        "--ui-origin",
+        action="append",
+        help="an origin allowed to call it (CORS); repeatable; default: the local Temporal UI",
+    )
+    codec.set_defaults(func=_codec_server)
 
     demo = commands.add_parser(
         "demo", help="bring the stack up, create users, verify them in both stores"

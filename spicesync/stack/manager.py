@@ -17,10 +17,12 @@ from pathlib import Path
 
 import asyncpg
 
+from spicesync.codec import generate_key
 from spicesync.settings import STACK_ENV_FILE, Settings, read_env_file
 from spicesync.stack.components import (
     prepare_app_db,
     prepare_spicedb,
+    start_codec_server,
     start_embedded_postgres,
     start_spicedb,
     start_temporal,
@@ -103,6 +105,19 @@ async def stack_up(settings: Settings) -> StackState:
     old = StackState.load(state_dir)
     new = StackState()
 
+    # Payload encryption: the key outlives `stack down`, like the history it encrypted.
+    if "SPICESYNC_ENCRYPTION_KEYS" in os.environ:
+        keys = os.environ["SPICESYNC_ENCRYPTION_KEYS"]
+    else:
+        key_file = state_dir / "encryption-keys"
+        if not key_file.is_file():
+            state_dir.mkdir(parents=True, exist_ok=True)
+            key_file.write_text(f"local1:{generate_key()}\n")
+            key_file.chmod(0o600)
+        keys = key_file.read_text().strip()
+    new.env["SPICESYNC_ENCRYPTION_KEYS"] = keys
+    codec_endpoint = f"http://127.0.0.1:{settings.stack_codec_port}"
+
     # Temporal
     if "TEMPORAL_ADDRESS" in os.environ:
         new.components.append(
@@ -120,7 +135,11 @@ async def stack_up(settings: Settings) -> StackState:
                 )
             log = logs / "temporal.log"
             pid = start_temporal(
-                port=port, ui_port=ui_port, db_file=state_dir / "temporal.db", log=log
+                port=port,
+                ui_port=ui_port,
+                db_file=state_dir / "temporal.db",
+                log=log,
+                codec_endpoint=codec_endpoint,
             )
             temporal = Component(
                 "temporal", "Temporal dev server (SQLite, WAL)", True, pid, str(log)
@@ -129,6 +148,18 @@ async def stack_up(settings: Settings) -> StackState:
         new.components.append(temporal)
         new.env["TEMPORAL_ADDRESS"] = f"127.0.0.1:{port}"
         new.env["TEMPORAL_UI_URL"] = f"http://127.0.0.1:{ui_port}"
+
+        codec = old.component("codec")
+        if not (_running(codec) and codec and codec.managed):
+            port_c = settings.stack_codec_port
+            if port_open("127.0.0.1", port_c):
+                raise RuntimeError(f"port {port_c} is taken; set SPICESYNC_CODEC_PORT")
+            log = logs / "codec-server.log"
+            pid = start_codec_server(port=port_c, keys=keys, ui_port=ui_port, log=log)
+            codec = Component("codec", "payload codec server for the UI", True, pid, str(log))
+            wait_for_port("127.0.0.1", port_c, pid=pid, timeout=30, log=log)
+        new.components.append(codec)
+        new.env["SPICESYNC_CODEC_ENDPOINT"] = codec_endpoint
     new.env["TEMPORAL_NAMESPACE"] = os.environ.get("TEMPORAL_NAMESPACE", "default")
     new.env["SPICESYNC_TASK_QUEUE"] = settings.task_queue
 
@@ -189,6 +220,9 @@ async def _health(component: Component, env: dict[str, str]) -> str:
         if component.name == "temporal":
             host, _, port = env["TEMPORAL_ADDRESS"].rpartition(":")
             return "healthy" if port_open(host or "127.0.0.1", int(port)) else "down"
+        if component.name == "codec":
+            port = env["SPICESYNC_CODEC_ENDPOINT"].rpartition(":")[2]
+            return "healthy" if port_open("127.0.0.1", int(port)) else "down"
         if component.name == "postgres":
             conn = await asyncpg.connect(env["DATABASE_URL"], timeout=3)
             try:

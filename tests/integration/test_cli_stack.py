@@ -47,6 +47,7 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         "SPICESYNC_TEMPORAL_PORT": str(free_port()),
         "SPICESYNC_TEMPORAL_UI_PORT": str(free_port()),
         "SPICESYNC_SPICEDB_PORT": str(free_port()),
+        "SPICESYNC_CODEC_PORT": str(free_port()),
         "SPICESYNC_TASK_QUEUE": f"cli-{tmp_path.name}",
     }
     yield env
@@ -58,6 +59,7 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
     assert up.returncode == 0, up.stderr
     settings = parse_env(up.stdout)
     for key in (
+        "SPICESYNC_ENCRYPTION_KEYS",
         "TEMPORAL_ADDRESS",
         "TEMPORAL_NAMESPACE",
         "DATABASE_URL",
@@ -73,9 +75,9 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
     status = run(["stack", "status"], stack_env)
     assert status.returncode == 0, status.stdout
     health = [line for line in status.stdout.splitlines() if line.startswith("# ")]
-    assert len(health) == 3 and all(" healthy " in line and "log=" in line for line in health)
+    assert len(health) == 4 and all(" healthy " in line and "log=" in line for line in health)
     pids = [int(word[4:]) for line in health for word in line.split() if word.startswith("pid=")]
-    assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+    assert len(pids) == 3 and all(pid_alive(p) for p in pids)
 
     worker = subprocess.Popen(
         [*CLI, "worker"], env=stack_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
