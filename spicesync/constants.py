@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Final
 
 __all__ = [
+    "ACTIVE_STAGES",
     "ACTIVITY_START_TO_CLOSE",
     "DEFAULT_TASK_QUEUE",
     "EVENTS_PER_RUN",
@@ -51,7 +52,18 @@ SEARCH_ATTRIBUTES: Final[dict[str, str]] = {
     "SpicesyncUserId": "Keyword",
     "SpicesyncOrgId": "Keyword",
     "SpicesyncStage": "Keyword",
+    "SpicesyncStageSince": "Datetime",
+    "SpicesyncLastError": "Keyword",
 }
+
+# Stages in which a sync is working on a store; one that stays in them too long is stuck.
+ACTIVE_STAGES: Final = (
+    "inserting_row",
+    "reading_permissions",
+    "writing_permissions",
+    "recording_row",
+    "compensating",
+)
 
 # One attempt of an activity; retries are the RetryPolicy's job, so keep each try short.
 ACTIVITY_START_TO_CLOSE: Final = 15.0

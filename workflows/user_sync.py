@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 from temporalio.types import MethodAsyncSingleParam, ParamType, ReturnType
 from temporalio.workflow import ActivityCancellationType
@@ -49,9 +49,20 @@ with workflow.unsafe.imports_passed_through():
     )
     from spicesync.validation import validate_event
 
-__all__ = ["COMPENSATION_RETRY", "STAGE", "STEP_RETRY", "UserSyncWorkflow"]
+__all__ = [
+    "COMPENSATION_RETRY",
+    "LAST_ERROR",
+    "ORG_ID",
+    "STAGE",
+    "STAGE_SINCE",
+    "STEP_RETRY",
+    "USER_ID",
+    "UserSyncWorkflow",
+]
 
 STAGE = SearchAttributeKey.for_keyword("SpicesyncStage")
+STAGE_SINCE = SearchAttributeKey.for_datetime("SpicesyncStageSince")
+LAST_ERROR = SearchAttributeKey.for_keyword("SpicesyncLastError")
 USER_ID = SearchAttributeKey.for_keyword("SpicesyncUserId")
 ORG_ID = SearchAttributeKey.for_keyword("SpicesyncOrgId")
 
@@ -163,7 +174,9 @@ class UserSyncWorkflow:
             self._applied_this_run += 1
             if new_state.org_id:
                 workflow.upsert_search_attributes([ORG_ID.value_set(new_state.org_id)])
-            self._stage("idle" if outcome.status != "failed" else "failed")
+            self._stage(
+                "idle" if outcome.status != "failed" else "failed", error=outcome.error_type
+            )
 
     @workflow.update
     async def submit(self, request: SubmitEventInput) -> EventOutcome:
@@ -331,8 +344,16 @@ class UserSyncWorkflow:
                 retry_policy=COMPENSATION_RETRY,
             )
 
-    def _stage(self, stage: str) -> None:
-        workflow.upsert_search_attributes([STAGE.value_set(stage)])
+    def _stage(self, stage: str, *, error: str | None = None) -> None:
+        # Kept current so the UI and `spicesync stuck` can find, e.g., every sync that has been
+        # writing to SpiceDB for more than five minutes.
+        updates: list[SearchAttributeUpdate[Any]] = [
+            STAGE.value_set(stage),
+            STAGE_SINCE.value_set(workflow.now()),
+        ]
+        if error is not None:
+            updates.append(LAST_ERROR.value_set(error))
+        workflow.upsert_search_attributes(updates)
 
 
 def _step(

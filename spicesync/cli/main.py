@@ -105,6 +105,29 @@ def _users(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stuck(args: argparse.Namespace) -> int:
+    from spicesync.stuck import StuckSync, find_stuck, parse_duration
+    from spicesync.temporal import connect_temporal
+
+    async def run() -> list[StuckSync]:
+        client = await connect_temporal(load_settings())
+        return await find_stuck(client, older_than=parse_duration(args.older_than))
+
+    stuck = asyncio.run(run())
+    if args.json:
+        print(json.dumps([s.model_dump(mode="json") for s in stuck]))
+        return 0
+    if not stuck:
+        print(f"no sync has been stuck for more than {args.older_than}")
+        return 0
+    print(f"{'user id':<36}  {'stage':<20} {'age':>8}  {'attempt':>7}  last error")
+    for s in stuck:
+        age = f"{s.age_seconds / 60:.1f}m"
+        error = (s.last_error or "").replace("\n", " ")[:100]
+        print(f"{s.user_id:<36}  {s.stage:<20} {age:>8}  {s.attempt:>7}  {error}")
+    return 0
+
+
 def _codec_server(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -200,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="return once accepted, once the row reflects it, or once SpiceDB does too",
         )
         sub.set_defaults(func=_users)
+
+    stuck = commands.add_parser(
+        "stuck", help="list syncs stuck in a stage (from Temporal's visibility and describe)"
+    )
+    stuck.add_argument("--older-than", default="5m", help="e.g. 30s, 5m, 2h (default 5m)")
+    stuck.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stuck.set_defaults(func=_stuck)
 
     codec = commands.add_parser(
         "codec-server", help="decrypt payloads for the Temporal UI (operators only)"

@@ -145,6 +145,10 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
     assert worker.returncode == 0, output  # graceful shutdown on SIGTERM
     assert "worker stopped" in output
 
+    stuck = run(["stuck", "--older-than", "1m"], stack_env)
+    assert stuck.returncode == 0 and "no sync has been stuck" in stuck.stdout
+    assert json.loads(run(["stuck", "--json"], stack_env).stdout) == []
+
     down = run(["stack", "down"], stack_env)
     assert down.returncode == 0 and "temporal" in down.stdout and "spicedb" in down.stdout
     assert not any(pid_alive(p) for p in pids)
