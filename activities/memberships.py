@@ -25,7 +25,7 @@ from google.protobuf.struct_pb2 import Struct
 from temporalio import activity
 
 from spicesync.constants import SPICEDB_CALL_TIMEOUT_SECONDS
-from spicesync.errors import SpiceDBRejected, SpiceDBUnavailable, SupersededWrite
+from spicesync.errors import SchemaMismatch, SpiceDBRejected, SpiceDBUnavailable, SupersededWrite
 from spicesync.failures import FailureKind, classify_grpc_status
 from spicesync.models import (
     Membership,
@@ -41,6 +41,8 @@ __all__ = ["MembershipActivities"]
 _MARKER_RELATION = "sync_version"
 _MARKER_TYPE = "spicesync_version"
 _PRECONDITION_FAILED = "unable to satisfy write precondition"
+# A failed precondition and a schema mismatch share FAILED_PRECONDITION; the text tells them apart.
+_SCHEMA_MISMATCH = "not found under definition"
 
 _TOUCH = RelationshipUpdate.Operation.OPERATION_TOUCH
 _DELETE = RelationshipUpdate.Operation.OPERATION_DELETE
@@ -49,6 +51,8 @@ _DELETE = RelationshipUpdate.Operation.OPERATION_DELETE
 def _translate(err: grpc.aio.AioRpcError, user_id: str) -> Exception:
     code = err.code()
     text = f"user {user_id}: SpiceDB {code.name}: {err.details()}"
+    if code == grpc.StatusCode.FAILED_PRECONDITION and _SCHEMA_MISMATCH in (err.details() or ""):
+        return SchemaMismatch(text)
     if classify_grpc_status(code) is FailureKind.PERMANENT:
         return SpiceDBRejected(text)
     return SpiceDBUnavailable(text)

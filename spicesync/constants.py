@@ -63,6 +63,7 @@ ACTIVE_STAGES: Final = (
     "writing_permissions",
     "recording_row",
     "compensating",
+    "parked",
 )
 
 # One attempt of an activity; retries are the RetryPolicy's job, so keep each try short.

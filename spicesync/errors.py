@@ -22,6 +22,7 @@ __all__ = [
     "DuplicateEmail",
     "InvalidUserInput",
     "PermanentSyncError",
+    "SchemaMismatch",
     "SpiceDBRejected",
     "SpiceDBUnavailable",
     "SupersededWrite",
@@ -73,6 +74,13 @@ class UserRowMissing(PermanentSyncError):
     """The user's row is gone, so the event cannot be recorded on it."""
 
 
+class SchemaMismatch(PermanentSyncError):
+    """SpiceDB's schema lacks a definition or relation spicesync writes: an operator must fix it.
+
+    Not compensated: the sync parks until the schema is fixed and it is resumed.
+    """
+
+
 class SupersededWrite(PermanentSyncError):
     """SpiceDB's version marker moved past this write: a newer sync already applied."""
 
@@ -84,6 +92,7 @@ NON_RETRYABLE_ERROR_TYPES: Final[list[str]] = [
     SpiceDBRejected.__name__,
     UserRowMissing.__name__,
     SupersededWrite.__name__,
+    SchemaMismatch.__name__,
 ]
 
 

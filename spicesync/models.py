@@ -211,3 +211,13 @@ class WriteMembershipsInput(_Model):
     remove_marker: int | None
     check_marker: bool = True
     event_id: str = ""
+
+
+class ResumeInput(_Model):
+    """Input of the ``resume`` update: an operator fixed what parked the sync."""
+
+
+class ResumeResult(_Model):
+    """``resumed`` is false when the sync was not parked."""
+
+    resumed: bool

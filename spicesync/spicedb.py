@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import re
 from typing import Any
 
 import grpc
@@ -14,6 +15,7 @@ from authzed.api.v1 import (
     Consistency,
     ObjectReference,
     ReadRelationshipsRequest,
+    ReadSchemaRequest,
     Relationship,
     RelationshipFilter,
     SubjectFilter,
@@ -26,11 +28,14 @@ from grpcutil import bearer_token_credentials, insecure_bearer_token_credentials
 from spicesync.models import Membership
 
 __all__ = [
+    "REQUIRED_RELATIONS",
     "SpiceDBClient",
+    "check_schema",
     "connect_spicedb",
     "has_org_permission",
     "load_schema",
     "membership_relationship",
+    "missing_schema",
     "user_memberships",
     "write_schema",
 ]
@@ -163,3 +168,47 @@ async def has_org_permission(
         timeout=5,
     )
     return bool(response.permissionship == CheckPermissionResponse.PERMISSIONSHIP_HAS_PERMISSION)
+
+
+# What the workflows write: (definition, relation), with the relation's subject type.
+REQUIRED_RELATIONS: tuple[tuple[str, str, str], ...] = (
+    ("organization", "member", "user"),
+    ("organization", "admin", "user"),
+    ("user", "sync_version", "spicesync_version"),
+)
+
+
+def missing_schema(schema_text: str) -> list[str]:
+    """List what spicesync writes that ``schema_text`` does not define.
+
+    Args:
+        schema_text: SpiceDB's schema, as ReadSchema returns it.
+
+    Returns:
+        Items such as ``organization#admin: user``; empty when everything is there.
+    """
+    definitions = {
+        match[1]: match[2]
+        for match in re.finditer(r"definition\s+([\w/]+)\s*\{(.*?)\n?\}", schema_text, re.S)
+    }
+    missing = []
+    for definition, relation, subject in REQUIRED_RELATIONS:
+        body = definitions.get(definition)
+        pattern = rf"relation\s+{relation}\s*:[^\n]*\b{subject}\b"
+        if body is None or not re.search(pattern, body):
+            missing.append(f"{definition}#{relation}: {subject}")
+    for definition in ("user", "organization", "spicesync_version"):
+        if definition not in definitions:
+            missing.append(f"definition {definition}")
+    return missing
+
+
+async def check_schema(client: SpiceDBClient) -> list[str]:
+    """Read SpiceDB's schema and list what spicesync needs that is missing."""
+    try:
+        response = await client.ReadSchema(ReadSchemaRequest(), timeout=10)
+    except grpc.aio.AioRpcError as err:
+        if err.code() == grpc.StatusCode.NOT_FOUND:
+            return ["the whole schema (none is defined)"]
+        raise
+    return missing_schema(response.schema_text)

@@ -21,7 +21,7 @@ from activities.memberships import MembershipActivities
 from activities.user_rows import UserRowActivities
 from spicesync.db import create_pool
 from spicesync.settings import Settings
-from spicesync.spicedb import SpiceDBClient, connect_spicedb
+from spicesync.spicedb import SpiceDBClient, check_schema, connect_spicedb
 from spicesync.temporal import connect_temporal
 from workflows.user_sync import UserSyncWorkflow
 
@@ -107,6 +107,11 @@ async def run_worker(
             loop.add_signal_handler(signum, stop.set)
     client = client or await connect_temporal(settings)
     async with open_resources(settings) as resources:
+        missing = await check_schema(resources.spicedb)
+        if missing:
+            # Syncs that need these park (visible in `spicesync stuck` and the UI) until the
+            # schema is fixed and they are resumed; the worker still serves everything else.
+            log.error("SpiceDB schema is missing what spicesync writes: %s", "; ".join(missing))
         worker = build_worker(client, resources, task_queue=settings.task_queue)
         async with worker:
             log.info("worker polling task queue %s", settings.task_queue)

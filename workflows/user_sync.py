@@ -40,6 +40,8 @@ with workflow.unsafe.imports_passed_through():
         MembershipsSnapshot,
         ReadMembershipsInput,
         ReadUserStateInput,
+        ResumeInput,
+        ResumeResult,
         SubmitEventInput,
         UndoCreatedRowInput,
         UserEvent,
@@ -95,6 +97,7 @@ class UserSyncWorkflow:
         self._rows_committed: set[str] = set()
         self._applied_this_run = 0
         self._events_per_run = 0
+        self._parked = False
 
     @workflow.run
     async def run(self, request: UserSyncInput) -> None:
@@ -212,6 +215,20 @@ class UserSyncWorkflow:
             raise ValueError("the event belongs to another user's workflow")
         validate_event(request.event)
 
+    @workflow.update
+    async def resume(self, _request: ResumeInput) -> ResumeResult:
+        """Resume a sync parked on a schema mismatch, once the schema is fixed."""
+        if not self._parked:
+            return ResumeResult(resumed=False)
+        self._parked = False
+        return ResumeResult(resumed=True)
+
+    async def _park(self, err: ActivityError) -> None:
+        self._parked = True
+        self._stage("parked", error=_cause_type(err))
+        workflow.logger.error("sync parked until resumed: %s", _describe(err)[1])
+        await workflow.wait_condition(lambda: not self._parked)
+
     def _should_continue_as_new(self) -> bool:
         return (
             self._applied_this_run >= self._events_per_run
@@ -245,30 +262,37 @@ class UserSyncWorkflow:
                 row_created = inserted.created
                 self._rows_committed.add(event.event_id)
 
-            self._stage("reading_permissions")
-            snapshot = await _step(
-                MembershipActivities.read_memberships, ReadMembershipsInput(user_id=event.user_id)
-            )
-            self._stage("writing_permissions")
-            write_started = True
-            try:
-                written = await _step(
-                    MembershipActivities.write_memberships,
-                    WriteMembershipsInput(
-                        user_id=event.user_id,
-                        remove=[m for m in snapshot.memberships if m != target],
-                        add=[target] if target is not None else [],
-                        expected_marker=snapshot.marker,
-                        remove_marker=snapshot.marker,
-                        set_marker=event.version,
-                        event_id=event.event_id,
-                    ),
-                )
-            except ActivityError as err:
-                # SpiceDB applies a write whole or not at all: a refusal landed nothing.
-                if _refused(err):
-                    write_started = False
-                raise
+            while True:
+                try:
+                    self._stage("reading_permissions")
+                    snapshot = await _step(
+                        MembershipActivities.read_memberships,
+                        ReadMembershipsInput(user_id=event.user_id),
+                    )
+                    self._stage("writing_permissions")
+                    write_started = True
+                    written = await _step(
+                        MembershipActivities.write_memberships,
+                        WriteMembershipsInput(
+                            user_id=event.user_id,
+                            remove=[m for m in snapshot.memberships if m != target],
+                            add=[target] if target is not None else [],
+                            expected_marker=snapshot.marker,
+                            remove_marker=snapshot.marker,
+                            set_marker=event.version,
+                            event_id=event.event_id,
+                        ),
+                    )
+                    break
+                except ActivityError as err:
+                    # SpiceDB applies a write whole or not at all: a refusal landed nothing.
+                    if _refused(err):
+                        write_started = False
+                    if _cause_type(err) != "SchemaMismatch":
+                        raise
+                    # The schema lacks what spicesync writes: only an operator can fix that, so
+                    # park (no compensation, nothing retried blindly) until resumed.
+                    await self._park(err)
 
             self._stage("recording_row")
             recorded = await _step(
@@ -369,6 +393,10 @@ def _step(
         retry_policy=STEP_RETRY,
         cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
     )
+
+
+def _cause_type(err: ActivityError) -> str | None:
+    return err.cause.type if isinstance(err.cause, ApplicationError) else None
 
 
 def _refused(err: ActivityError) -> bool:
