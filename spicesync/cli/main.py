@@ -128,6 +128,23 @@ def _stuck(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repair(args: argparse.Namespace) -> int:
+    from spicesync import repair
+    from spicesync.temporal import connect_temporal
+
+    async def run() -> dict[str, object]:
+        client = await connect_temporal(load_settings())
+        if args.action == "retry":
+            return {"reset_activities": await repair.retry_now(client, args.user_id)}
+        if args.action == "rollback":
+            status = await repair.rollback(client, args.user_id)
+            return {"status": status.name if status else None}
+        return {"resumed": await repair.resume(client, args.user_id)}
+
+    print(json.dumps({"user_id": args.user_id, "action": args.action, **asyncio.run(run())}))
+    return 0
+
+
 def _codec_server(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -230,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     stuck.add_argument("--older-than", default="5m", help="e.g. 30s, 5m, 2h (default 5m)")
     stuck.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stuck.set_defaults(func=_stuck)
+
+    repair_cmd = commands.add_parser("repair", help="retry now, roll back or resume a user's sync")
+    repair_cmd.add_argument(
+        "action",
+        choices=["retry", "rollback", "resume"],
+        help="retry: reset the retrying activity's backoff; rollback: cancel and compensate;"
+        " resume: continue a sync parked on a schema mismatch",
+    )
+    repair_cmd.add_argument("--user-id", required=True)
+    repair_cmd.set_defaults(func=_repair)
 
     codec = commands.add_parser(
         "codec-server", help="decrypt payloads for the Temporal UI (operators only)"

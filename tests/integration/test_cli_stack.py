@@ -127,6 +127,8 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
         assert duplicate.returncode == 1
         assert json.loads(duplicate.stdout)["error"] == "DuplicateEmail"
         uid = outcome["user_id"]
+        repaired = json.loads(run(["repair", "resume", "--user-id", uid], stack_env).stdout)
+        assert repaired == {"user_id": uid, "action": "resume", "resumed": False}
         for args, version in (
             (["update", "--user-id", uid, "--org", "cli-org", "--role", "member"], 2),
             (["move", "--user-id", uid, "--org", "cli-org-2", "--role", "member"], 3),

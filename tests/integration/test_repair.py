@@ -1,0 +1,71 @@
+"""Each repair action on a real stuck sync ends in a correct state (synced, or neither)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from temporalio.client import WorkflowExecutionStatus
+
+from spicesync import repair
+from starters.user_events import WaitFor, create_user
+from tests.conftest import SpiceDBServer
+from tests.integration.conftest import (
+    Pipeline,
+    assert_neither,
+    assert_synced,
+    eventually,
+    new_event,
+)
+
+pytestmark = pytest.mark.integration
+
+
+async def _retrying(pipeline: Pipeline, workflow_id: str, attempts: int) -> bool:
+    described = await pipeline.client.get_workflow_handle(workflow_id).describe()
+    return any(p.attempt >= attempts for p in described.raw_description.pending_activities)
+
+
+async def test_retry_now_completes_without_waiting_for_the_backoff(
+    pipeline: Pipeline, spicedb_server: SpiceDBServer
+) -> None:
+    user = new_event()
+    spicedb_server.pause()
+    try:
+        started = await create_user(
+            user, wait=WaitFor.START, client=pipeline.client, task_queue=pipeline.task_queue
+        )
+        await eventually(lambda: _retrying(pipeline, started.workflow_id, 3), timeout=60)
+    finally:
+        spicedb_server.resume()
+    began = time.monotonic()
+    assert await repair.retry_now(pipeline.client, user.user_id) == ["read_memberships"]
+    done = await create_user(user, client=pipeline.client, task_queue=pipeline.task_queue)
+    # The next natural attempt was 4 s away (1 s doubling); reset runs it now.
+    assert time.monotonic() - began < 3.5
+    await assert_synced(pipeline, user, done.zed_token or "")
+
+
+async def test_rollback_of_a_stuck_sync_ends_with_neither(
+    pipeline: Pipeline, spicedb_server: SpiceDBServer
+) -> None:
+    user = new_event()
+    spicedb_server.pause()
+    try:
+        started = await create_user(
+            user, wait=WaitFor.START, client=pipeline.client, task_queue=pipeline.task_queue
+        )
+        await eventually(lambda: _retrying(pipeline, started.workflow_id, 2), timeout=60)
+        rolled = asyncio.create_task(repair.rollback(pipeline.client, user.user_id))
+        await asyncio.sleep(0.5)
+    finally:
+        spicedb_server.resume()
+    assert await rolled == WorkflowExecutionStatus.CANCELED
+    await assert_neither(pipeline, user)
+
+
+async def test_resume_of_a_sync_that_is_not_parked_says_so(pipeline: Pipeline) -> None:
+    user = new_event()
+    await create_user(user, client=pipeline.client, task_queue=pipeline.task_queue)
+    assert await repair.resume(pipeline.client, user.user_id) is False
