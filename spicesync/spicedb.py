@@ -206,7 +206,7 @@ def missing_schema(schema_text: str) -> list[str]:
 async def check_schema(client: SpiceDBClient) -> list[str]:
     """Read SpiceDB's schema and list what spicesync needs that is missing."""
     try:
-        response = await client.ReadSchema(ReadSchemaRequest(), timeout=10)
+        response = await client.ReadSchema(ReadSchemaRequest(), timeout=5)
     except grpc.aio.AioRpcError as err:
         if err.code() == grpc.StatusCode.NOT_FOUND:
             return ["the whole schema (none is defined)"]

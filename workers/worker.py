@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
+import grpc
+import grpc.aio
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -107,7 +109,12 @@ async def run_worker(
             loop.add_signal_handler(signum, stop.set)
     client = client or await connect_temporal(settings)
     async with open_resources(settings) as resources:
-        missing = await check_schema(resources.spicedb)
+        try:
+            missing = await check_schema(resources.spicedb)
+        except grpc.aio.AioRpcError as err:
+            # SpiceDB being down must not keep the worker from starting: syncs wait for it.
+            log.warning("could not check SpiceDB's schema now: %s", err.code().name)
+            missing = []
         if missing:
             # Syncs that need these park (visible in `spicesync stuck` and the UI) until the
             # schema is fixed and they are resumed; the worker still serves everything else.

@@ -31,7 +31,7 @@ from tests.integration.conftest import (
     user_row,
     worker_settings,
 )
-from workers.worker import build_worker, open_resources
+from workers.worker import build_worker, open_resources, run_worker
 from workflows.user_sync import STAGE
 
 pytestmark = pytest.mark.integration
@@ -252,3 +252,34 @@ async def test_spicedb_killed_then_restarted_waits_then_completes(
                 await check.close()
         finally:
             stop_pid(pid)
+
+
+async def test_worker_starts_while_spicedb_is_down(
+    client: Client,
+    task_queue: str,
+    database_url: str,
+    app_db: asyncpg.Pool,
+    spicedb_server: SpiceDBServer,
+) -> None:
+    settings = worker_settings(database_url, spicedb_server).model_copy(
+        update={"task_queue": task_queue}
+    )
+    stop = asyncio.Event()
+    spicedb_server.pause()
+    try:
+        worker = asyncio.create_task(run_worker(settings, stop=stop, client=client))
+        await asyncio.sleep(6)  # past the start-up schema check's 5 s deadline
+        assert not worker.done(), "the worker gave up because SpiceDB was down"
+    finally:
+        spicedb_server.resume()
+    event = new_event()
+    done = await create_user(event, client=client, task_queue=task_queue)
+    stop.set()
+    await asyncio.wait_for(worker, 30)
+    check = spicedb_server.client()
+    try:
+        await assert_synced(
+            Pipeline(client, task_queue, app_db, check), event, done.zed_token or ""
+        )
+    finally:
+        await check.close()
