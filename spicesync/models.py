@@ -18,7 +18,6 @@ __all__ = [
     "ApplyRowResult",
     "CarriedState",
     "CreateUserInput",
-    "EventKind",
     "EventOutcome",
     "EventStatus",
     "InsertCreatedRowInput",
@@ -27,9 +26,7 @@ __all__ = [
     "MembershipsSnapshot",
     "ReadMembershipsInput",
     "ReadUserStateInput",
-    "Role",
     "SubmitEventInput",
-    "SyncStatus",
     "UndoCreatedRowInput",
     "UserEvent",
     "UserState",
@@ -38,9 +35,6 @@ __all__ = [
     "WriteMembershipsInput",
     "WriteMembershipsResult",
 ]
-
-Role = Literal["member", "admin"]
-SyncStatus = Literal["pending", "synced"]
 
 
 class _Model(BaseModel):
@@ -73,7 +67,6 @@ class WriteMembershipsResult(_Model):
 
 # --- Lifecycle events (one per-user workflow applies them in version order) -------------------
 
-EventKind = Literal["created", "role_changed", "moved", "deleted"]
 EventStatus = Literal["queued", "row_committed", "applied", "stale", "failed"]
 WaitStage = Literal["accepted", "row", "applied"]
 

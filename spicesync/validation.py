@@ -22,7 +22,6 @@ __all__ = [
     "ROLES",
     "event_problems",
     "user_input_problems",
-    "validate_create_user",
     "validate_event",
 ]
 
@@ -85,20 +84,6 @@ def user_input_problems(event: CreateUserInput) -> list[str]:
     if event.role not in ROLES:
         problems.append(f"role: must be one of {', '.join(ROLES)}")
     return problems
-
-
-def validate_create_user(event: CreateUserInput) -> None:
-    """Raise if the event cannot be applied.
-
-    Args:
-        event: The event as received.
-
-    Raises:
-        InvalidUserInput: With every problem found, one per clause.
-    """
-    problems = user_input_problems(event)
-    if problems:
-        raise InvalidUserInput("invalid user input: " + "; ".join(problems))
 
 
 def event_problems(event: UserEvent) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 
 from spicesync.codec import generate_key
-from spicesync.settings import STACK_ENV_FILE, Settings, read_env_file
+from spicesync.settings import STACK_ENV_FILE, Settings
 from spicesync.stack.components import (
     prepare_app_db,
     prepare_spicedb,
@@ -265,8 +265,3 @@ def stack_down(settings: Settings) -> list[str]:
     for name in (_STATE_FILE, STACK_ENV_FILE):
         (state_dir / name).unlink(missing_ok=True)
     return stopped
-
-
-def read_stack_env(state_dir: Path) -> dict[str, str]:
-    """The settings the last ``stack up`` wrote."""
-    return read_env_file(state_dir / STACK_ENV_FILE)
