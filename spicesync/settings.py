@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         default=None, validation_alias="SPICESYNC_ENCRYPTION_KEY_ID"
     )
 
+    # Observability: the worker's Prometheus endpoint, and where spans go without OTLP.
+    metrics_address: str | None = Field(
+        default="127.0.0.1:9464", validation_alias="SPICESYNC_METRICS_ADDRESS"
+    )
+    trace_file: Path | None = Field(default=None, validation_alias="SPICESYNC_TRACE_FILE")
+
     # Ports of the local stack (``spicesync stack up``); unused when pointing at real services.
     stack_temporal_port: int = Field(default=7233, validation_alias="SPICESYNC_TEMPORAL_PORT")
     stack_temporal_ui_port: int = Field(default=8233, validation_alias="SPICESYNC_TEMPORAL_UI_PORT")
@@ -106,6 +112,10 @@ class Settings(BaseSettings):
                 " or export them"
             )
         return self.spicedb_endpoint, self.spicedb_preshared_key.get_secret_value()
+
+    def trace_path(self) -> Path:
+        """Where spans go when no OTLP endpoint is configured."""
+        return self.trace_file or self.state_dir / "logs" / "traces.jsonl"
 
     def codec(self) -> EncryptionCodec | None:
         """The payload codec, or ``None`` when no keys are configured (local use only)."""

@@ -24,6 +24,7 @@ from activities.user_rows import UserRowActivities
 from spicesync.db import create_pool
 from spicesync.settings import Settings
 from spicesync.spicedb import SpiceDBClient, check_schema, connect_spicedb
+from spicesync.telemetry import metrics_runtime
 from spicesync.temporal import connect_temporal
 from workflows.user_sync import UserSyncWorkflow
 
@@ -107,7 +108,9 @@ async def run_worker(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-    client = client or await connect_temporal(settings)
+    if client is None:
+        runtime = metrics_runtime(settings.metrics_address) if settings.metrics_address else None
+        client = await connect_temporal(settings, runtime=runtime)
     async with open_resources(settings) as resources:
         try:
             missing = await check_schema(resources.spicedb)

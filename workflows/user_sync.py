@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -98,6 +98,7 @@ class UserSyncWorkflow:
         self._applied_this_run = 0
         self._events_per_run = 0
         self._parked = False
+        self._accepted_at: dict[str, datetime] = {}
 
     @workflow.run
     async def run(self, request: UserSyncInput) -> None:
@@ -174,6 +175,12 @@ class UserSyncWorkflow:
                 continue
             outcome, new_state = await self._apply(event, ledger.state)
             ledger.finish(event, outcome, new_state)
+            accepted_at = self._accepted_at.pop(event.event_id, None)
+            if outcome.status == "applied" and accepted_at is not None:
+                workflow.metric_meter().create_histogram_timedelta(
+                    "spicesync_time_to_permission",
+                    "From an event's acceptance to both stores reflecting it",
+                ).record(workflow.now() - accepted_at, {"kind": event.kind})
             self._applied_this_run += 1
             if new_state.org_id:
                 workflow.upsert_search_attributes([ORG_ID.value_set(new_state.org_id)])
@@ -195,6 +202,7 @@ class UserSyncWorkflow:
         decided = ledger.offer(event)
         if decided is not None:
             return decided
+        self._accepted_at.setdefault(event.event_id, workflow.now())
         if request.wait == "accepted":
             return EventOutcome(event_id=event.event_id, version=event.version, status="queued")
         await workflow.wait_condition(
@@ -226,6 +234,9 @@ class UserSyncWorkflow:
     async def _park(self, err: ActivityError) -> None:
         self._parked = True
         self._stage("parked", error=_cause_type(err))
+        workflow.metric_meter().create_counter(
+            "spicesync_parked", "Syncs parked until an operator resumes them"
+        ).add(1)
         workflow.logger.error("sync parked until resumed: %s", _describe(err)[1])
         await workflow.wait_condition(lambda: not self._parked)
 
@@ -323,6 +334,9 @@ class UserSyncWorkflow:
         except (ActivityError, ApplicationError, asyncio.CancelledError) as err:
             cancelled = is_cancelled_exception(err)
             self._stage("compensating")
+            workflow.metric_meter().create_counter(
+                "spicesync_compensations", "Events rolled back to their prior state"
+            ).add(1, {"kind": event.kind})
             undo = asyncio.ensure_future(
                 self._compensate(event, target, snapshot if write_started else None, row_created)
             )

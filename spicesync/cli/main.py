@@ -281,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spicesync`` console script."""
     args = build_parser().parse_args(argv)
+    provider = None
+    if args.command in ("worker", "users", "demo"):
+        from spicesync.telemetry import configure_tracing
+
+        provider = configure_tracing(f"spicesync-{args.command}", load_settings().trace_path())
     try:
         return int(args.func(args))
     except MissingSetting as err:
@@ -288,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        if provider is not None:
+            provider.shutdown()  # flush the last spans
 
 
 def entry() -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,7 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         "SPICESYNC_TEMPORAL_UI_PORT": str(free_port()),
         "SPICESYNC_SPICEDB_PORT": str(free_port()),
         "SPICESYNC_CODEC_PORT": str(free_port()),
+        "SPICESYNC_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
         "SPICESYNC_TASK_QUEUE": f"cli-{tmp_path.name}",
     }
     yield env
@@ -127,6 +129,9 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
         assert duplicate.returncode == 1
         assert json.loads(duplicate.stdout)["error"] == "DuplicateEmail"
         uid = outcome["user_id"]
+        metrics_url = f"http://{stack_env['SPICESYNC_METRICS_ADDRESS']}/metrics"
+        with urllib.request.urlopen(metrics_url, timeout=5) as response:
+            assert b"spicesync_time_to_permission" in response.read()
         repaired = json.loads(run(["repair", "resume", "--user-id", uid], stack_env).stdout)
         assert repaired == {"user_id": uid, "action": "resume", "resumed": False}
         for args, version in (
@@ -146,6 +151,9 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
         output, _ = worker.communicate(timeout=60)
     assert worker.returncode == 0, output  # graceful shutdown on SIGTERM
     assert "worker stopped" in output
+    traces = Path(stack_env["SPICESYNC_STATE_DIR"]) / "logs" / "traces.jsonl"
+    span_names = {json.loads(line)["name"] for line in traces.read_text().splitlines()}
+    assert {"RunActivity:write_memberships", "RunWorkflow:UserSyncWorkflow"} <= span_names
 
     stuck = run(["stuck", "--older-than", "1m"], stack_env)
     assert stuck.returncode == 0 and "no sync has been stuck" in stuck.stdout
