@@ -47,9 +47,10 @@ def _stack(args: argparse.Namespace) -> int:
 
 
 def _worker(_args: argparse.Namespace) -> int:
+    from spicesync.logs import configure_logging
     from workers.worker import run_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
     asyncio.run(run_worker(load_settings()))
     return 0
 

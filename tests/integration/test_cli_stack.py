@@ -151,6 +151,10 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
         output, _ = worker.communicate(timeout=60)
     assert worker.returncode == 0, output  # graceful shutdown on SIGTERM
     assert "worker stopped" in output
+    # Structured logs: JSON lines with ids, and no email anywhere (the refused duplicate's too).
+    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert any(r["message"] == "worker stopped" for r in records)
+    assert "cli@example.com" not in output.lower()
     traces = Path(stack_env["SPICESYNC_STATE_DIR"]) / "logs" / "traces.jsonl"
     span_names = {json.loads(line)["name"] for line in traces.read_text().splitlines()}
     assert {"RunActivity:write_memberships", "RunWorkflow:UserSyncWorkflow"} <= span_names
