@@ -15,6 +15,7 @@ from temporalio.client import Client
 from spicesync.models import CreateUserInput
 from spicesync.settings import Settings
 from spicesync.spicedb import SpiceDBClient, has_org_permission, user_memberships
+from starters.user_events import SyncOutcome, WaitFor, create_user
 from tests.conftest import SpiceDBServer
 from workers.worker import build_worker, open_resources
 
@@ -161,3 +162,18 @@ async def faults(app_db: asyncpg.Pool) -> AsyncIterator[Faults]:
     injector = Faults(app_db)
     yield injector
     await app_db.execute("DELETE FROM test_faults")
+
+
+async def retrying(client: Client, workflow_id: str, attempts: int = 2) -> bool:
+    """True once one of the workflow's pending activities is on attempt ``attempts`` or later."""
+    described = await client.get_workflow_handle(workflow_id).describe()
+    return any(p.attempt >= attempts for p in described.raw_description.pending_activities)
+
+
+async def start_held(
+    client: Client, task_queue: str, event: CreateUserInput, *, attempts: int = 2
+) -> SyncOutcome:
+    """Start ``event``'s sync while a store is down and wait until it is retrying, durably."""
+    outcome = await create_user(event, wait=WaitFor.START, client=client, task_queue=task_queue)
+    await eventually(lambda: retrying(client, outcome.workflow_id, attempts), timeout=60)
+    return outcome

@@ -28,6 +28,7 @@ from tests.integration.conftest import (
     eventually,
     new_event,
     relationships_of,
+    start_held,
     user_row,
     worker_settings,
 )
@@ -124,28 +125,14 @@ async def test_invalid_input_is_rejected_before_anything_starts(pipeline: Pipeli
     await assert_neither(pipeline, event)
 
 
-async def _waiting_on_spicedb(client: Client, workflow_id: str) -> bool:
-    described = await client.get_workflow_handle(workflow_id).describe()
-    pending = described.raw_description.pending_activities
-    return any(
-        p.activity_type.name in ("read_memberships", "write_memberships") and p.attempt >= 2
-        for p in pending
-    )
-
-
 async def test_spicedb_outage_waits_then_completes(
     pipeline: Pipeline, spicedb_server: SpiceDBServer
 ) -> None:
     event = new_event()
     spicedb_server.pause()
     try:
-        outcome = await create_user(
-            event, wait=WaitFor.START, client=pipeline.client, task_queue=pipeline.task_queue
-        )
-        # The write hits its deadline and is retried: the workflow waits, durably.
-        await eventually(
-            lambda: _waiting_on_spicedb(pipeline.client, outcome.workflow_id), timeout=60
-        )
+        # The call hits its deadline and is retried: the workflow waits, durably.
+        await start_held(pipeline.client, pipeline.task_queue, event)
         row = await user_row(pipeline.pool, event.user_id)
         assert row is not None and row["sync_status"] == "pending"
     finally:
@@ -161,12 +148,8 @@ async def test_cancel_during_outage_compensates_to_neither(
     event = new_event()
     spicedb_server.pause()
     try:
-        outcome = await create_user(
-            event, wait=WaitFor.START, client=pipeline.client, task_queue=pipeline.task_queue
-        )
-        await eventually(
-            lambda: _waiting_on_spicedb(pipeline.client, outcome.workflow_id), timeout=60
-        )
+        # The call hits its deadline and is retried: the workflow waits, durably.
+        outcome = await start_held(pipeline.client, pipeline.task_queue, event)
         handle = pipeline.client.get_workflow_handle(outcome.workflow_id)
         await handle.cancel()
     finally:
@@ -238,8 +221,7 @@ async def test_spicedb_killed_then_restarted_waits_then_completes(
         build_worker(client, resources, task_queue=task_queue),
     ):
         stop_pid(pid)  # connections are now refused: UNAVAILABLE
-        outcome = await create_user(event, wait=WaitFor.START, client=client, task_queue=task_queue)
-        await eventually(lambda: _waiting_on_spicedb(client, outcome.workflow_id), timeout=60)
+        await start_held(client, task_queue, event)
         pid = await start()
         try:
             result = await create_user(event, client=client, task_queue=task_queue)

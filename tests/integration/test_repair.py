@@ -13,22 +13,17 @@ from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import WorkflowExecutionStatus
 
 from spicesync import repair
-from starters.user_events import WaitFor, change_role, create_user, move_user
+from starters.user_events import change_role, create_user, move_user
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import (
     Pipeline,
     assert_neither,
     assert_synced,
-    eventually,
     new_event,
+    start_held,
 )
 
 pytestmark = pytest.mark.integration
-
-
-async def _retrying(pipeline: Pipeline, workflow_id: str, attempts: int) -> bool:
-    described = await pipeline.client.get_workflow_handle(workflow_id).describe()
-    return any(p.attempt >= attempts for p in described.raw_description.pending_activities)
 
 
 async def test_retry_now_completes_without_waiting_for_the_backoff(
@@ -37,10 +32,7 @@ async def test_retry_now_completes_without_waiting_for_the_backoff(
     user = new_event()
     spicedb_server.pause()
     try:
-        started = await create_user(
-            user, wait=WaitFor.START, client=pipeline.client, task_queue=pipeline.task_queue
-        )
-        await eventually(lambda: _retrying(pipeline, started.workflow_id, 3), timeout=60)
+        await start_held(pipeline.client, pipeline.task_queue, user, attempts=3)
     finally:
         spicedb_server.resume()
     began = time.monotonic()
@@ -57,10 +49,7 @@ async def test_rollback_of_a_stuck_sync_ends_with_neither(
     user = new_event()
     spicedb_server.pause()
     try:
-        started = await create_user(
-            user, wait=WaitFor.START, client=pipeline.client, task_queue=pipeline.task_queue
-        )
-        await eventually(lambda: _retrying(pipeline, started.workflow_id, 2), timeout=60)
+        await start_held(pipeline.client, pipeline.task_queue, user, attempts=2)
         rolled = asyncio.create_task(repair.rollback(pipeline.client, user.user_id))
         await asyncio.sleep(0.5)
     finally:
