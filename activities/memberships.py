@@ -7,42 +7,51 @@ attempt that was given up on can never land after a newer one.
 
 from __future__ import annotations
 
+import uuid
+
+import asyncpg
 import grpc
 import grpc.aio
 from authzed.api.v1 import (
-    Consistency,
-    ObjectReference,
     Precondition,
-    ReadRelationshipsRequest,
-    Relationship,
-    RelationshipFilter,
     RelationshipUpdate,
-    SubjectFilter,
-    SubjectReference,
     WriteRelationshipsRequest,
 )
 from google.protobuf.struct_pb2 import Struct
 from temporalio import activity
 
 from spicesync.constants import SPICEDB_CALL_TIMEOUT_SECONDS
-from spicesync.errors import SchemaMismatch, SpiceDBRejected, SpiceDBUnavailable, SupersededWrite
-from spicesync.failures import FailureKind, classify_grpc_status
+from spicesync.errors import (
+    AppDBRejected,
+    AppDBUnavailable,
+    MarkerMoved,
+    SchemaMismatch,
+    SpiceDBRejected,
+    SpiceDBUnavailable,
+    SupersededWrite,
+)
+from spicesync.failures import FailureKind, classify_grpc_status, classify_sqlstate
 from spicesync.models import (
-    Membership,
     MembershipsSnapshot,
     ReadMembershipsInput,
     WriteMembershipsInput,
     WriteMembershipsResult,
 )
-from spicesync.spicedb import SpiceDBClient, membership_relationship
+from spicesync.spicedb import (
+    SpiceDBClient,
+    marker_filter,
+    marker_relationship,
+    membership_relationship,
+    read_user_snapshot,
+)
 
 __all__ = ["MembershipActivities"]
 
-_MARKER_RELATION = "sync_version"
-_MARKER_TYPE = "spicesync_version"
 _PRECONDITION_FAILED = "unable to satisfy write precondition"
 # A failed precondition and a schema mismatch share FAILED_PRECONDITION; the text tells them apart.
 _SCHEMA_MISMATCH = "not found under definition"
+
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 _TOUCH = RelationshipUpdate.Operation.OPERATION_TOUCH
 _DELETE = RelationshipUpdate.Operation.OPERATION_DELETE
@@ -56,27 +65,6 @@ def _translate(err: grpc.aio.AioRpcError, user_id: str) -> Exception:
     if classify_grpc_status(code) is FailureKind.PERMANENT:
         return SpiceDBRejected(text)
     return SpiceDBUnavailable(text)
-
-
-def _marker(user_id: str, version: int) -> Relationship:
-    return Relationship(
-        resource=ObjectReference(object_type="user", object_id=user_id),
-        relation=_MARKER_RELATION,
-        subject=SubjectReference(
-            object=ObjectReference(object_type=_MARKER_TYPE, object_id=str(version))
-        ),
-    )
-
-
-def _marker_filter(user_id: str, version: int | None) -> RelationshipFilter:
-    return RelationshipFilter(
-        resource_type="user",
-        optional_resource_id=user_id,
-        optional_relation=_MARKER_RELATION,
-        optional_subject_filter=SubjectFilter(
-            subject_type=_MARKER_TYPE, optional_subject_id="" if version is None else str(version)
-        ),
-    )
 
 
 def _written_by(event_id: str) -> Struct:
@@ -93,46 +81,20 @@ def _written_by(event_id: str) -> Struct:
     return tag
 
 
-class MembershipActivities:
-    """Activities on SpiceDB relationships, sharing the worker's one SpiceDB client."""
+# Taken around every write: the row's lock is the one per-user mutex a backfill shares with the
+# live syncs, and the timestamp tells a backfill that this user's relationships are spicesync's.
+_CLAIM_ROW = "UPDATE users SET permissions_written_at = now() WHERE id = $1"
 
-    def __init__(self, client: SpiceDBClient) -> None:
+
+class MembershipActivities:
+    """Activities on SpiceDB relationships, sharing the worker's one SpiceDB client and pool."""
+
+    def __init__(self, client: SpiceDBClient, pool: asyncpg.Pool) -> None:
         self._client = client
+        self._pool = pool
 
     async def _read(self, user_id: str) -> MembershipsSnapshot:
-        consistency = Consistency(fully_consistent=True)
-        memberships = [
-            Membership(
-                user_id=user_id,
-                org_id=r.relationship.resource.object_id,
-                role=r.relationship.relation,
-            )
-            async for r in self._client.ReadRelationships(
-                ReadRelationshipsRequest(
-                    consistency=consistency,
-                    relationship_filter=RelationshipFilter(
-                        resource_type="organization",
-                        optional_subject_filter=SubjectFilter(
-                            subject_type="user", optional_subject_id=user_id
-                        ),
-                    ),
-                ),
-                timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
-            )
-        ]
-        markers = [
-            int(r.relationship.subject.object.object_id)
-            async for r in self._client.ReadRelationships(
-                ReadRelationshipsRequest(
-                    consistency=consistency, relationship_filter=_marker_filter(user_id, None)
-                ),
-                timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
-            )
-        ]
-        return MembershipsSnapshot(
-            memberships=sorted(memberships, key=lambda m: (m.org_id, m.role)),
-            marker=max(markers) if markers else None,
-        )
+        return await read_user_snapshot(self._client, user_id)
 
     @activity.defn
     async def read_memberships(self, request: ReadMembershipsInput) -> MembershipsSnapshot:
@@ -174,24 +136,26 @@ class MembershipActivities:
         if request.remove_marker is not None and request.remove_marker != request.set_marker:
             updates.append(
                 RelationshipUpdate(
-                    operation=_DELETE, relationship=_marker(uid, request.remove_marker)
+                    operation=_DELETE, relationship=marker_relationship(uid, request.remove_marker)
                 )
             )
         if request.set_marker is not None:
             updates.append(
-                RelationshipUpdate(operation=_TOUCH, relationship=_marker(uid, request.set_marker))
+                RelationshipUpdate(
+                    operation=_TOUCH, relationship=marker_relationship(uid, request.set_marker)
+                )
             )
         preconditions = []
         if request.check_marker:
             preconditions.append(
                 Precondition(
                     operation=Precondition.Operation.OPERATION_MUST_NOT_MATCH,
-                    filter=_marker_filter(uid, None),
+                    filter=marker_filter(uid, None),
                 )
                 if request.expected_marker is None
                 else Precondition(
                     operation=Precondition.Operation.OPERATION_MUST_MATCH,
-                    filter=_marker_filter(uid, request.expected_marker),
+                    filter=marker_filter(uid, request.expected_marker),
                 )
             )
         write = WriteRelationshipsRequest(
@@ -200,9 +164,11 @@ class MembershipActivities:
             optional_transaction_metadata=_written_by(request.event_id),
         )
         try:
-            response = await self._client.WriteRelationships(
-                write, timeout=SPICEDB_CALL_TIMEOUT_SECONDS
-            )
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(_CLAIM_ROW, uuid.UUID(uid))
+                response = await self._client.WriteRelationships(
+                    write, timeout=SPICEDB_CALL_TIMEOUT_SECONDS
+                )
             return WriteMembershipsResult(zed_token=response.written_at.token)
         except grpc.aio.AioRpcError as err:
             if not (
@@ -210,6 +176,18 @@ class MembershipActivities:
                 and _PRECONDITION_FAILED in (err.details() or "")
             ):
                 raise _translate(err, uid) from None
+        except _DB_ERRORS as err:
+            sqlstate = getattr(err, "sqlstate", None)
+            if classify_sqlstate(sqlstate) is FailureKind.PERMANENT:
+                # Refused by the claim, the first statement: SpiceDB was not called.
+                raise AppDBRejected(
+                    f"user {uid}: PostgreSQL refused the write claim ({sqlstate})"
+                ) from None
+            # The write may have landed before the commit failed; the retry's precondition
+            # recognises its own earlier write.
+            raise AppDBUnavailable(
+                f"user {uid}: PostgreSQL unavailable around the SpiceDB write: {type(err).__name__}"
+            ) from None
         return await self._after_failed_precondition(request)
 
     async def _after_failed_precondition(
@@ -225,7 +203,9 @@ class MembershipActivities:
                         updates=[
                             RelationshipUpdate(
                                 operation=_TOUCH,
-                                relationship=_marker(request.user_id, request.set_marker),
+                                relationship=marker_relationship(
+                                    request.user_id, request.set_marker
+                                ),
                             )
                         ],
                         optional_transaction_metadata=_written_by(request.event_id),
@@ -235,6 +215,17 @@ class MembershipActivities:
                 return WriteMembershipsResult(zed_token=response.written_at.token)
         except grpc.aio.AioRpcError as err:
             raise _translate(err, request.user_id) from None
+        if (
+            request.check_marker
+            and request.set_marker is not None
+            and (current.marker is None or current.marker < request.set_marker)
+        ):
+            # An older marker (a backfill wrote the user's pre-existing membership) or none at
+            # all (SpiceDB lost its data): not a newer sync, so this one re-plans and applies.
+            raise MarkerMoved(
+                f"user {request.user_id}: SpiceDB's marker moved to {current.marker} since the"
+                " read; nothing was written, plan again"
+            )
         raise SupersededWrite(
             f"user {request.user_id}: SpiceDB is at version {current.marker}, this write expected"
             f" {request.expected_marker}; a newer sync has applied, nothing was written"

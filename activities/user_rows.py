@@ -23,6 +23,7 @@ from spicesync.models import (
     InsertCreatedRowInput,
     InsertCreatedRowResult,
     ReadUserStateInput,
+    RecordRepairInput,
     UndoCreatedRowInput,
     UserState,
 )
@@ -48,7 +49,7 @@ _EXISTING = "SELECT version, created_by_event FROM users WHERE id = $1"
 _RECORD = """
 UPDATE users
 SET org_id = $2, role = $3, version = $4, zed_token = $5,
-    sync_status = 'synced', synced_at = now(), updated_at = now()
+    sync_status = 'synced', synced_at = now(), updated_at = now(), permissions_written_at = now()
 WHERE id = $1 AND version <= $4
 RETURNING id
 """
@@ -57,6 +58,11 @@ _TOMBSTONE = """
 INSERT INTO user_tombstones (id, version) VALUES ($1, $2)
 ON CONFLICT (id) DO UPDATE SET version = GREATEST(user_tombstones.version, EXCLUDED.version),
                                deleted_at = now()
+"""
+_RECORD_REPAIR = """
+UPDATE users
+SET zed_token = $3, sync_status = 'synced', synced_at = now(), permissions_written_at = now()
+WHERE id = $1 AND version = $2
 """
 _NEWER_ROW = "SELECT 1 FROM users WHERE id = $1 AND version >= $2"
 # Compensation deletes a row only if this event inserted it: a row that existed before is never
@@ -181,5 +187,19 @@ class UserRowActivities:
         """
         try:
             await self._pool.execute(_UNDO_INSERT, uuid.UUID(request.user_id), request.event_id)
+        except _DB_ERRORS as err:
+            raise _translate(err, request.user_id) from None
+
+    @activity.defn
+    async def record_repair(self, request: RecordRepairInput) -> None:
+        """Record a repair's ZedToken on the row, unless the row has moved on meanwhile.
+
+        Raises:
+            AppDBUnavailable: A transient PostgreSQL error; retried.
+        """
+        try:
+            await self._pool.execute(
+                _RECORD_REPAIR, uuid.UUID(request.user_id), request.version, request.zed_token
+            )
         except _DB_ERRORS as err:
             raise _translate(err, request.user_id) from None

@@ -9,10 +9,13 @@ from typing import Final
 __all__ = [
     "ACTIVE_STAGES",
     "ACTIVITY_START_TO_CLOSE",
+    "BACKFILL_WORKFLOW_ID",
     "DEFAULT_TASK_QUEUE",
     "EVENTS_PER_RUN",
     "HELD_CHANGE_GRACE",
     "MAX_IN_FLIGHT_UPDATES",
+    "RECONCILE_SCHEDULE_ID",
+    "RECONCILE_WORKFLOW_ID",
     "SEARCH_ATTRIBUTES",
     "SPICEDB_CALL_TIMEOUT_SECONDS",
     "USER_WORKFLOW_ID_PREFIX",
@@ -23,6 +26,12 @@ __all__ = [
 DEFAULT_TASK_QUEUE: Final = "spicesync-users"
 
 USER_WORKFLOW_ID_PREFIX: Final = "user-"
+
+# One on-demand reconcile at a time; the schedule's runs get this id plus their start time.
+RECONCILE_WORKFLOW_ID: Final = "spicesync-reconcile"
+RECONCILE_SCHEDULE_ID: Final = "spicesync-reconcile"
+# One backfill at a time: starting it again while it runs joins the running one.
+BACKFILL_WORKFLOW_ID: Final = "spicesync-backfill"
 
 # How long a change to a user that does not exist (yet) waits for its creation before it fails.
 HELD_CHANGE_GRACE: Final = timedelta(minutes=5)

@@ -21,6 +21,7 @@ __all__ = [
     "AppDBUnavailable",
     "DuplicateEmail",
     "InvalidUserInput",
+    "MarkerMoved",
     "PermanentSyncError",
     "SchemaMismatch",
     "SpiceDBRejected",
@@ -85,6 +86,17 @@ class SupersededWrite(PermanentSyncError):
     """SpiceDB's version marker moved past this write: a newer sync already applied."""
 
 
+class MarkerMoved(PermanentSyncError):
+    """SpiceDB's version marker moved to an *older* version since the write was planned.
+
+    A backfill wrote the user's pre-existing membership between this sync's read and its write.
+    Nothing was written; the sync reads again and re-plans (not retried as is: the expected
+    marker in the request is out of date).
+    """
+
+    benign = True
+
+
 NON_RETRYABLE_ERROR_TYPES: Final[list[str]] = [
     InvalidUserInput.__name__,
     DuplicateEmail.__name__,
@@ -93,6 +105,7 @@ NON_RETRYABLE_ERROR_TYPES: Final[list[str]] = [
     UserRowMissing.__name__,
     SupersededWrite.__name__,
     SchemaMismatch.__name__,
+    MarkerMoved.__name__,
 ]
 
 

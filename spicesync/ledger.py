@@ -79,6 +79,15 @@ class EventLedger:
                 EventOutcome(event_id=overtaken.event_id, version=overtaken.version, status="stale")
             )
 
+    def refresh(self, state: UserState) -> None:
+        """Adopt the user's state as read afresh from the App DB (by a repair).
+
+        The high-water version never goes back: an event not newer than one already decided
+        stays stale even if the App DB was restored from an older backup.
+        """
+        self.state = state
+        self._high_water = max(self._high_water, state.version)
+
     def expire_held(self) -> EventOutcome | None:
         """Fail the lowest held change (its grace period ran out); ``None`` if none is held."""
         if self.next_ready() is not None or not self._pending:

@@ -9,15 +9,25 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from spicesync.constants import EVENTS_PER_RUN
 
 __all__ = [
     "ApplyRowInput",
     "ApplyRowResult",
+    "BackfillInput",
+    "BackfillPageInput",
+    "BackfillPageResult",
+    "BackfillProgress",
+    "BackfillResult",
     "CarriedState",
+    "CheckSchemaInput",
+    "CountBackfillInput",
     "CreateUserInput",
+    "Drift",
+    "DriftCounts",
+    "DriftKind",
     "EventOutcome",
     "EventStatus",
     "InsertCreatedRowInput",
@@ -26,6 +36,20 @@ __all__ = [
     "MembershipsSnapshot",
     "ReadMembershipsInput",
     "ReadUserStateInput",
+    "ReconcileInput",
+    "ReconcileProgress",
+    "ReconcileReport",
+    "ReconcileUserInput",
+    "ReconcileUserResult",
+    "RecordRepairInput",
+    "RepairUsersInput",
+    "RepairUsersResult",
+    "ResumeInput",
+    "ResumeResult",
+    "SaveReportInput",
+    "ScanAppDBPageInput",
+    "ScanPageResult",
+    "ScanSpiceDBPageInput",
     "SubmitEventInput",
     "UndoCreatedRowInput",
     "UserEvent",
@@ -39,6 +63,11 @@ __all__ = [
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Tally(BaseModel):
+    # Counters a long-running workflow adds to as it goes (its own state, never shared).
+    model_config = ConfigDict(extra="forbid")
 
 
 class CreateUserInput(_Model):
@@ -214,3 +243,233 @@ class ResumeResult(_Model):
     """``resumed`` is false when the sync was not parked."""
 
     resumed: bool
+
+
+# --- Reconciliation: repair through the per-user workflow ------------------------------------
+
+
+class ReconcileUserInput(_Model):
+    """Input of the ``reconcile`` update: make SpiceDB match the App DB for this one user.
+
+    ``request_id`` names the reconcile run that asked (for the write's transaction metadata).
+    """
+
+    request_id: str
+
+
+class ReconcileUserResult(_Model):
+    """What the repair did: ``consistent`` means nothing needed writing."""
+
+    action: Literal["repaired", "consistent", "failed"]
+    removed: int = 0
+    added: int = 0
+    zed_token: str | None = None
+    error_type: str | None = None
+
+
+class RecordRepairInput(_Model):
+    """Record a repaired user's ZedToken on the row, if the row is still at ``version``."""
+
+    user_id: str
+    version: int
+    zed_token: str
+
+
+# --- Reconciliation: the scan ----------------------------------------------------------------
+
+DriftKind = Literal["missing", "mismatched", "orphan"]
+
+
+class Drift(_Model):
+    """One user whose SpiceDB relationships differ from the App DB.
+
+    ``missing``: the user's membership is absent and nothing else is there; ``mismatched``: the
+    user holds a membership the App DB does not give (wrong role or organization); ``orphan``:
+    relationships of a user the App DB does not have (deleted, or never existed).
+    ``deletions`` is the number of relationships a repair removes.
+    """
+
+    user_id: str
+    kind: DriftKind
+    deletions: int = 0
+
+
+class CheckSchemaInput(_Model):
+    """Check SpiceDB's schema before a scan."""
+
+
+class ScanAppDBPageInput(_Model):
+    """One keyset page of the App DB's users, checked against SpiceDB."""
+
+    after_user_id: str | None
+    page_size: int
+
+
+class ScanSpiceDBPageInput(_Model):
+    """One page of SpiceDB's organization relationships, checked against the App DB."""
+
+    cursor: str | None
+    page_size: int
+
+
+class ScanPageResult(_Model):
+    """Drift found on one page, how much was scanned, and where the next page starts.
+
+    ``next`` is ``None`` when the scan is complete. ``in_flight`` counts users skipped because a
+    live sync of theirs is between its two writes.
+    """
+
+    drift: list[Drift]
+    scanned: int
+    in_flight: int = 0
+    next: str | None
+
+
+class RepairUsersInput(_Model):
+    """Repair these users, each through its own per-user workflow."""
+
+    request_id: str
+    user_ids: list[str]
+
+
+class RepairUsersResult(_Tally):
+    """What the repairs did, summed."""
+
+    repaired: int = 0
+    consistent: int = 0
+    failed: int = 0
+    relationships_written: int = 0
+    failed_samples: list[str] = []
+
+
+class DriftCounts(_Tally):
+    """Drift found, by kind."""
+
+    missing: int = 0
+    mismatched: int = 0
+    orphan: int = 0
+
+
+class ReconcileInput(_Model):
+    """Input of the reconcile workflow; ``progress`` is set when it continues as new."""
+
+    dry_run: bool = True
+    # At most this many relationships deleted per run; a run that would delete more deletes
+    # none and says so.
+    prune_cap: int = 1000
+    page_size: int = Field(default=1000, ge=1, le=1000)
+    # Pages one run scans before it continues as new with a fresh history.
+    pages_per_run: int = 40
+    progress: ReconcileProgress | None = None
+
+
+class ReconcileProgress(_Tally):
+    """Where a reconcile is, carried across continue-as-new and shown by its query."""
+
+    phase: Literal["app_db", "spicedb", "prune", "done"] = "app_db"
+    app_cursor: str | None = None
+    spicedb_cursor: str | None = None
+    found: DriftCounts = DriftCounts()
+    samples: dict[str, list[str]] = {}
+    # Deletion-bearing repairs wait for the end of the scan (so the prune cap can be judged);
+    # at most ``prune_cap + 1`` are kept: beyond that the run prunes nothing anyway.
+    deferred: list[Drift] = []
+    deletions_planned: int = 0
+    rows_scanned: int = 0
+    relationships_scanned: int = 0
+    in_flight_skipped: int = 0
+    repairs: RepairUsersResult = RepairUsersResult()
+    started_at: str = ""
+    app_db_scan_seconds: float = 0.0
+    spicedb_scan_seconds: float = 0.0
+    repair_seconds: float = 0.0
+
+
+class ReconcileReport(_Model):
+    """The result of a reconcile run: counts, samples of opaque ids, rates."""
+
+    dry_run: bool
+    found: DriftCounts
+    samples: dict[str, list[str]]
+    rows_scanned: int
+    relationships_scanned: int
+    in_flight_skipped: int
+    repairs: RepairUsersResult
+    deletions_planned: int
+    prune_cap: int
+    prune_cap_exceeded: bool
+    rows_scanned_per_second: float
+    relationships_scanned_per_second: float
+    relationships_written_per_second: float
+    seconds: float
+    message: str
+
+
+class SaveReportInput(_Model):
+    """Keep a finished run's report in the App DB."""
+
+    workflow_id: str
+    run_id: str
+    report: ReconcileReport
+
+
+# --- Backfill ---------------------------------------------------------------------------------
+
+
+class BackfillInput(_Model):
+    """Input of the backfill workflow; ``progress`` is set when it continues as new."""
+
+    batch_size: int = 500
+    # Users per second at most (0: as fast as it goes); a durable timer paces the batches.
+    max_rate: float = 0.0
+    batches_per_run: int = 200
+    progress: BackfillProgress | None = None
+
+
+class BackfillProgress(_Tally):
+    """Where a backfill is; carried across continue-as-new and shown by its query."""
+
+    cursor: str | None = None
+    total: int = 0
+    scanned: int = 0
+    written_users: int = 0
+    skipped: int = 0
+    relationships_written: int = 0
+    busy_seconds: float = 0.0
+    elapsed_seconds: float = 0.0
+    done: bool = False
+
+
+class CountBackfillInput(_Model):
+    """Count the users a backfill has to write."""
+
+
+class BackfillPageInput(_Model):
+    """Write one keyset batch of never-synced users to SpiceDB."""
+
+    after_user_id: str | None
+    batch_size: int
+    request_id: str
+
+
+class BackfillPageResult(_Model):
+    """What one batch did, and where the next starts (``None``: finished)."""
+
+    scanned: int
+    written_users: int
+    skipped: int
+    relationships_written: int
+    zed_token: str | None
+    next: str | None
+
+
+class BackfillResult(_Model):
+    """The finished backfill's figures."""
+
+    progress: BackfillProgress
+    rows_scanned_per_second: float
+    relationships_written_per_second: float
+
+
+ReconcileInput.model_rebuild()
+BackfillInput.model_rebuild()

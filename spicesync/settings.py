@@ -73,6 +73,16 @@ class Settings(BaseSettings):
     )
     trace_file: Path | None = Field(default=None, validation_alias="SPICESYNC_TRACE_FILE")
 
+    # Reconciliation: how often the schedule runs, whether it repairs, and how much one run may
+    # delete at most (a run that would delete more deletes nothing and says so).
+    reconcile_interval_seconds: float = Field(
+        default=3600.0, gt=0, validation_alias="SPICESYNC_RECONCILE_INTERVAL_SECONDS"
+    )
+    reconcile_apply: bool = Field(default=True, validation_alias="SPICESYNC_RECONCILE_APPLY")
+    reconcile_prune_cap: int = Field(
+        default=1000, ge=0, validation_alias="SPICESYNC_RECONCILE_PRUNE_CAP"
+    )
+
     # Ports of the local stack (``spicesync stack up``); unused when pointing at real services.
     stack_temporal_port: int = Field(default=7233, validation_alias="SPICESYNC_TEMPORAL_PORT")
     stack_temporal_ui_port: int = Field(default=8233, validation_alias="SPICESYNC_TEMPORAL_UI_PORT")

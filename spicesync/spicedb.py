@@ -25,7 +25,8 @@ from authzed.api.v1 import (
 )
 from grpcutil import bearer_token_credentials, insecure_bearer_token_credentials
 
-from spicesync.models import Membership
+from spicesync.constants import SPICEDB_CALL_TIMEOUT_SECONDS
+from spicesync.models import Membership, MembershipsSnapshot
 
 __all__ = [
     "REQUIRED_RELATIONS",
@@ -34,8 +35,11 @@ __all__ = [
     "connect_spicedb",
     "has_org_permission",
     "load_schema",
+    "marker_filter",
+    "marker_relationship",
     "membership_relationship",
     "missing_schema",
+    "read_user_snapshot",
     "user_memberships",
     "write_schema",
 ]
@@ -112,6 +116,86 @@ def membership_relationship(membership: Membership) -> Relationship:
         subject=SubjectReference(
             object=ObjectReference(object_type="user", object_id=membership.user_id)
         ),
+    )
+
+
+MARKER_RELATION = "sync_version"
+MARKER_TYPE = "spicesync_version"
+
+
+def marker_relationship(user_id: str, version: int) -> Relationship:
+    """``user:<id>#sync_version@spicesync_version:<version>``: the version of the user's last sync.
+
+    Args:
+        user_id: The user's id.
+        version: The version the sync wrote.
+
+    Returns:
+        The relationship message.
+    """
+    return Relationship(
+        resource=ObjectReference(object_type="user", object_id=user_id),
+        relation=MARKER_RELATION,
+        subject=SubjectReference(
+            object=ObjectReference(object_type=MARKER_TYPE, object_id=str(version))
+        ),
+    )
+
+
+def marker_filter(user_id: str, version: int | None) -> RelationshipFilter:
+    """A filter for the user's marker: any version (``None``) or exactly ``version``."""
+    return RelationshipFilter(
+        resource_type="user",
+        optional_resource_id=user_id,
+        optional_relation=MARKER_RELATION,
+        optional_subject_filter=SubjectFilter(
+            subject_type=MARKER_TYPE, optional_subject_id="" if version is None else str(version)
+        ),
+    )
+
+
+async def read_user_snapshot(client: SpiceDBClient, user_id: str) -> MembershipsSnapshot:
+    """The user's memberships and version marker, read fully consistently.
+
+    Args:
+        client: A connected client.
+        user_id: The user's id.
+
+    Returns:
+        The memberships (sorted) and the highest marker, if any.
+    """
+    consistency = Consistency(fully_consistent=True)
+    memberships = [
+        Membership(
+            user_id=user_id,
+            org_id=r.relationship.resource.object_id,
+            role=r.relationship.relation,
+        )
+        async for r in client.ReadRelationships(
+            ReadRelationshipsRequest(
+                consistency=consistency,
+                relationship_filter=RelationshipFilter(
+                    resource_type="organization",
+                    optional_subject_filter=SubjectFilter(
+                        subject_type="user", optional_subject_id=user_id
+                    ),
+                ),
+            ),
+            timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
+        )
+    ]
+    markers = [
+        int(r.relationship.subject.object.object_id)
+        async for r in client.ReadRelationships(
+            ReadRelationshipsRequest(
+                consistency=consistency, relationship_filter=marker_filter(user_id, None)
+            ),
+            timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
+        )
+    ]
+    return MembershipsSnapshot(
+        memberships=sorted(memberships, key=lambda m: (m.org_id, m.role)),
+        marker=max(markers) if markers else None,
     )
 
 

@@ -29,8 +29,7 @@ from spicesync.models import (
     UserSyncInput,
     WaitStage,
 )
-from spicesync.settings import load_settings
-from spicesync.temporal import connect_temporal
+from spicesync.temporal import client_and_queue
 from spicesync.validation import validate_event
 from workflows.user_sync import UserSyncWorkflow
 
@@ -115,10 +114,7 @@ async def submit_event(
         UserSyncFailed: The event failed for good (e.g. ``DuplicateEmail``) and was compensated.
     """
     validate_event(event)
-    if client is None or task_queue is None:
-        settings = load_settings()
-        client = client or await connect_temporal(settings)
-        task_queue = task_queue or settings.task_queue
+    client, task_queue = await client_and_queue(client, task_queue)
     workflow_id = user_workflow_id(event.user_id)
     try:
         outcome: EventOutcome = await client.execute_update_with_start_workflow(

@@ -40,9 +40,15 @@ def _binary(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def test_codec() -> EncryptionCodec:
+def test_codec_keys() -> str:
+    """``SPICESYNC_ENCRYPTION_KEYS`` for this session (worker processes started by tests)."""
+    return f"test:{generate_key()}"
+
+
+@pytest.fixture(scope="session")
+def test_codec(test_codec_keys: str) -> EncryptionCodec:
     """The payload codec the integration tests' client and workers use (a key per session)."""
-    return EncryptionCodec(parse_keys(f"test:{generate_key()}"), "test")
+    return EncryptionCodec(parse_keys(test_codec_keys), "test")
 
 
 @pytest.fixture(scope="session")
@@ -150,20 +156,31 @@ class SpiceDBServer:
         return connect_spicedb(self.endpoint, key or self.preshared_key)
 
 
-@pytest.fixture(scope="session")
-async def spicedb_server() -> AsyncIterator[SpiceDBServer]:
-    """One SpiceDB engine for the session; tests isolate themselves with fresh object ids."""
-    port = free_port()
-    key = f"test-{uuid.uuid4().hex}"
+async def launch_spicedb(port: int | None = None, key: str | None = None) -> SpiceDBServer:
+    """Start a SpiceDB engine process with spicesync's schema (on ``port``, or a free one)."""
+    port = port or free_port()
+    key = key or f"test-{uuid.uuid4().hex}"
     log = Path(tempfile.mkdtemp(prefix="spicesync-spicedb-")) / "spicedb.log"
     pid, _label = start_spicedb(port=port, preshared_key=key, log=log)
     wait_for_port("127.0.0.1", port, pid=pid, timeout=60, log=log)
     server = SpiceDBServer(f"127.0.0.1:{port}", key, pid, log)
     await prepare_spicedb(server.endpoint, key)
+    return server
+
+
+def stop_spicedb(server: SpiceDBServer) -> None:
+    """Stop a SpiceDB process started by :func:`launch_spicedb` (paused or not)."""
+    if pid_alive(server.pid):
+        os.kill(server.pid, signal.SIGCONT)
+        stop_pid(server.pid)
+
+
+@pytest.fixture(scope="session")
+async def spicedb_server() -> AsyncIterator[SpiceDBServer]:
+    """One SpiceDB engine for the session; tests isolate themselves with fresh object ids."""
+    server = await launch_spicedb()
     yield server
-    if pid_alive(pid):
-        os.kill(pid, signal.SIGCONT)
-        stop_pid(pid)
+    stop_spicedb(server)
 
 
 @pytest.fixture

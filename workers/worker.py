@@ -19,13 +19,17 @@ import grpc.aio
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.backfill import BackfillActivities
 from activities.memberships import MembershipActivities
+from activities.reconciliation import ReconcileActivities
 from activities.user_rows import UserRowActivities
 from spicesync.db import create_pool
 from spicesync.settings import Settings
 from spicesync.spicedb import SpiceDBClient, check_schema, connect_spicedb
 from spicesync.telemetry import metrics_runtime
 from spicesync.temporal import connect_temporal
+from workflows.backfill import BackfillWorkflow
+from workflows.reconcile import ReconcileWorkflow
 from workflows.user_sync import UserSyncWorkflow
 
 __all__ = ["WorkerResources", "build_worker", "open_resources", "run_worker"]
@@ -66,7 +70,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[WorkerResources]:
 
 
 def build_worker(client: Client, resources: WorkerResources, *, task_queue: str) -> Worker:
-    """Register the saga's workflow and activities on ``task_queue``.
+    """Register the workflows (user sync, reconcile, backfill) and their activities.
 
     Args:
         client: A client built with ``pydantic_data_converter``.
@@ -77,18 +81,28 @@ def build_worker(client: Client, resources: WorkerResources, *, task_queue: str)
         The (not yet running) worker.
     """
     rows = UserRowActivities(resources.pool)
-    memberships = MembershipActivities(resources.spicedb)
+    memberships = MembershipActivities(resources.spicedb, resources.pool)
+    reconcile = ReconcileActivities(resources.pool, resources.spicedb, client, task_queue)
+    backfill = BackfillActivities(resources.pool, resources.spicedb)
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[UserSyncWorkflow],
+        workflows=[UserSyncWorkflow, ReconcileWorkflow, BackfillWorkflow],
         activities=[
             rows.read_user_state,
             rows.insert_created_row,
             rows.apply_row,
             rows.undo_created_row,
+            rows.record_repair,
             memberships.read_memberships,
             memberships.write_memberships,
+            reconcile.check_schema_ready,
+            reconcile.scan_app_db_page,
+            reconcile.scan_spicedb_page,
+            reconcile.repair_users,
+            reconcile.save_report,
+            backfill.count_backfill_candidates,
+            backfill.backfill_batch,
         ],
     )
 

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
+from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 from temporalio.types import MethodAsyncSingleParam, ParamType, ReturnType
 from temporalio.workflow import ActivityCancellationType
@@ -40,6 +40,9 @@ with workflow.unsafe.imports_passed_through():
         MembershipsSnapshot,
         ReadMembershipsInput,
         ReadUserStateInput,
+        ReconcileUserInput,
+        ReconcileUserResult,
+        RecordRepairInput,
         ResumeInput,
         ResumeResult,
         SubmitEventInput,
@@ -49,15 +52,14 @@ with workflow.unsafe.imports_passed_through():
         UserSyncInput,
         WriteMembershipsInput,
     )
+    from spicesync.retries import COMPENSATION_RETRY, STEP_RETRY
     from spicesync.validation import validate_event
 
 __all__ = [
-    "COMPENSATION_RETRY",
     "LAST_ERROR",
     "ORG_ID",
     "STAGE",
     "STAGE_SINCE",
-    "STEP_RETRY",
     "USER_ID",
     "UserSyncWorkflow",
 ]
@@ -68,22 +70,6 @@ LAST_ERROR = SearchAttributeKey.for_keyword("SpicesyncLastError")
 USER_ID = SearchAttributeKey.for_keyword("SpicesyncUserId")
 ORG_ID = SearchAttributeKey.for_keyword("SpicesyncOrgId")
 
-# Forward steps: transient failures retry for as long as it takes (an outage shows up as a
-# retrying activity, never as a lost event); typed business errors fail at once.
-STEP_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(minutes=1),
-    maximum_attempts=0,
-    non_retryable_error_types=NON_RETRYABLE_ERROR_TYPES,
-)
-# Compensation must finish whatever happens, so nothing is non-retryable there.
-COMPENSATION_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(minutes=1),
-    maximum_attempts=0,
-)
 _TIMEOUT = timedelta(seconds=ACTIVITY_START_TO_CLOSE)
 
 
@@ -99,6 +85,13 @@ class UserSyncWorkflow:
         self._events_per_run = 0
         self._parked = False
         self._accepted_at: dict[str, datetime] = {}
+        # Repairs asked for by reconciliation (tickets); all asked while one runs share the next.
+        self._repairs_asked = 0
+        self._repairs_done = 0
+        self._last_repair: ReconcileUserResult | None = None
+        self._repair_request_id = ""
+        # A reconcile run that asks again (its activity was retried) gets the first answer.
+        self._repair_results: dict[str, ReconcileUserResult] = {}
 
     @workflow.run
     async def run(self, request: UserSyncInput) -> None:
@@ -130,6 +123,8 @@ class UserSyncWorkflow:
             # Cancelled (an operator's "roll back this user"): the event in flight has been
             # compensated; every caller still waiting learns that its event did not apply.
             ledger.abandon("Cancelled", "the user's sync was cancelled; the event was rolled back")
+            self._last_repair = ReconcileUserResult(action="failed", error_type="Cancelled")
+            self._repairs_done = self._repairs_asked
             await workflow.wait_condition(workflow.all_handlers_finished)
             raise
 
@@ -140,6 +135,7 @@ class UserSyncWorkflow:
                 await workflow.wait_condition(
                     lambda: (
                         ledger.next_ready() is not None
+                        or self._repair_wanted()
                         or ledger.is_holding() != holding  # noqa: B023 - read in this iteration only
                         or (not ledger.has_pending() and self._should_continue_as_new())
                     ),
@@ -159,9 +155,24 @@ class UserSyncWorkflow:
                     return
                 continue
             event = ledger.next_ready()
+            if event is None and self._repair_wanted():
+                # Live events go first; a repair then reads what they left behind.
+                ticket = self._repairs_asked
+                self._last_repair = await self._repair(ledger)
+                self._repairs_done = ticket
+                self._stage("idle")
+                continue
             if event is None:
-                await workflow.wait_condition(workflow.all_handlers_finished)
-                if not ledger.has_pending():
+                # Before continuing as new, let callers collect their outcomes; anything that
+                # arrives meanwhile is served first.
+                await workflow.wait_condition(
+                    lambda: (
+                        workflow.all_handlers_finished()
+                        or ledger.has_pending()
+                        or self._repair_wanted()
+                    )
+                )
+                if workflow.all_handlers_finished() and not ledger.has_pending():
                     workflow.continue_as_new(
                         UserSyncInput(
                             user_id=request.user_id,
@@ -222,6 +233,85 @@ class UserSyncWorkflow:
         if request.event.user_id != self._user_id and self._user_id:
             raise ValueError("the event belongs to another user's workflow")
         validate_event(request.event)
+
+    @workflow.update
+    async def reconcile(self, request: ReconcileUserInput) -> ReconcileUserResult:
+        """Make SpiceDB match the App DB for this user, in turn with the user's live events.
+
+        Reconciliation repairs drift through here, so a repair never races a live sync: it runs
+        between events and reads both stores afresh when its turn comes.
+        """
+        await workflow.wait_condition(lambda: self._ledger is not None)
+        if (known := self._repair_results.get(request.request_id)) is not None:
+            return known
+        self._repair_request_id = request.request_id
+        self._repairs_asked += 1
+        ticket = self._repairs_asked
+        await workflow.wait_condition(lambda: self._repairs_done >= ticket)
+        assert self._last_repair is not None
+        self._repair_results[request.request_id] = self._last_repair
+        while len(self._repair_results) > 50:
+            del self._repair_results[next(iter(self._repair_results))]
+        return self._last_repair
+
+    def _repair_wanted(self) -> bool:
+        return self._repairs_asked > self._repairs_done
+
+    async def _repair(self, ledger: EventLedger) -> ReconcileUserResult:
+        """Rewrite the user's relationships to what the App DB says, if they differ."""
+        self._stage("reconciling")
+        state = await _step(
+            UserRowActivities.read_user_state, ReadUserStateInput(user_id=self._user_id)
+        )
+        ledger.refresh(state)
+        target = (
+            Membership(user_id=self._user_id, org_id=state.org_id, role=state.role)
+            if state.exists
+            else None
+        )
+        while True:
+            snapshot = await _step(
+                MembershipActivities.read_memberships, ReadMembershipsInput(user_id=self._user_id)
+            )
+            remove = [m for m in snapshot.memberships if m != target]
+            add = [target] if target is not None and target not in snapshot.memberships else []
+            if not remove and not add:
+                return ReconcileUserResult(action="consistent")
+            try:
+                written = await _step(
+                    MembershipActivities.write_memberships,
+                    WriteMembershipsInput(
+                        user_id=self._user_id,
+                        remove=remove,
+                        add=add,
+                        expected_marker=snapshot.marker,
+                        remove_marker=snapshot.marker,
+                        # A user that never existed keeps no marker; a deleted one keeps its
+                        # deletion's version, as a live delete leaves it.
+                        set_marker=state.version or None,
+                        event_id=self._repair_request_id,
+                    ),
+                )
+            except ActivityError as err:
+                cause = _cause_type(err)
+                if cause == "MarkerMoved":
+                    continue
+                if cause == "SchemaMismatch":
+                    await self._park(err)
+                    continue
+                # A refused write landed nothing (SpiceDB writes are atomic): nothing to undo.
+                return ReconcileUserResult(action="failed", error_type=cause or "ActivityError")
+            break
+        if state.exists:
+            await _step(
+                UserRowActivities.record_repair,
+                RecordRepairInput(
+                    user_id=self._user_id, version=state.version, zed_token=written.zed_token
+                ),
+            )
+        return ReconcileUserResult(
+            action="repaired", removed=len(remove), added=len(add), zed_token=written.zed_token
+        )
 
     @workflow.update
     async def resume(self, _request: ResumeInput) -> ResumeResult:
@@ -299,6 +389,9 @@ class UserSyncWorkflow:
                     # SpiceDB applies a write whole or not at all: a refusal landed nothing.
                     if _refused(err):
                         write_started = False
+                    if _cause_type(err) == "MarkerMoved":
+                        # A backfill wrote the user's older membership meanwhile: plan again.
+                        continue
                     if _cause_type(err) != "SchemaMismatch":
                         raise
                     # The schema lacks what spicesync writes: only an operator can fix that, so

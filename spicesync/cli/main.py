@@ -271,6 +271,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     codec.set_defaults(func=_codec_server)
 
+    from spicesync.cli.maintenance import backfill_command, reconcile_command
+
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="find drift between the App DB and SpiceDB and repair it (dry run by default)",
+    )
+    mode = reconcile.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--dry-run", action="store_true", help="report only, change nothing (the default)"
+    )
+    mode.add_argument("--apply", action="store_true", help="repair what is found")
+    reconcile.add_argument(
+        "--prune-cap",
+        type=int,
+        help="most relationships one run may delete (default SPICESYNC_RECONCILE_PRUNE_CAP, 1000)",
+    )
+    reconcile.add_argument(
+        "--page-size", type=int, default=1000, help="rows per scanned page (<= 1000)"
+    )
+    reconcile.add_argument(
+        "--schedule-every",
+        type=float,
+        metavar="SECONDS",
+        help="instead of running now, create or update the Temporal Schedule that runs it",
+    )
+    reconcile.add_argument("--json", action="store_true", help="print the report as JSON")
+    reconcile.set_defaults(func=reconcile_command)
+
+    backfill = commands.add_parser(
+        "backfill", help="write every App DB user spicesync has never written into SpiceDB"
+    )
+    backfill.add_argument("--batch-size", type=int, default=500, help="users per write (<= 500)")
+    backfill.add_argument(
+        "--max-rate", type=float, default=0.0, help="users per second at most (default: no limit)"
+    )
+    backfill.add_argument("--json", action="store_true", help="print the figures as JSON")
+    backfill.set_defaults(func=backfill_command)
+
     demo = commands.add_parser(
         "demo", help="bring the stack up, create users, verify them in both stores"
     )

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -212,7 +213,27 @@ async def stack_up(settings: Settings) -> StackState:
     new.save(state_dir)
     await prepare_app_db(new.env["DATABASE_URL"])
     await prepare_spicedb(new.env["SPICEDB_ENDPOINT"], new.env["SPICEDB_PRESHARED_KEY"])
+    await _schedule_reconcile(state_dir)
     return new
+
+
+async def _schedule_reconcile(state_dir: Path) -> None:
+    """Keep the local stack's reconcile schedule as the settings say (created or updated)."""
+    from spicesync.models import ReconcileInput
+    from spicesync.temporal import connect_temporal
+    from starters.reconcile import ensure_reconcile_schedule
+
+    # The stack's own connection settings, just written; real environment variables still win.
+    settings = Settings(_env_file=state_dir / STACK_ENV_FILE)
+    client = await connect_temporal(settings)
+    await ensure_reconcile_schedule(
+        timedelta(seconds=settings.reconcile_interval_seconds),
+        ReconcileInput(
+            dry_run=not settings.reconcile_apply, prune_cap=settings.reconcile_prune_cap
+        ),
+        client=client,
+        task_queue=settings.task_queue,
+    )
 
 
 async def _health(component: Component, env: dict[str, str]) -> str:

@@ -1,30 +1,80 @@
-"""Record the histories the replay test replays: ``python -m tests.histories.record``.
+"""Record the histories the replay test replays: ``python -m tests.histories.record [NAME ...]``.
 
-Runs against the local stack (``spicesync stack up``) with a worker of its own. One user is
-created, changes role, moves and is deleted; another is refused (duplicate email, compensated).
-Both histories are saved as JSON next to this file. Re-record when a workflow change is meant
-to be incompatible, and say so in the commit.
+Runs against the local stack's Temporal and PostgreSQL (``spicesync stack up``), on a database
+and a SpiceDB engine of its own (so a reconcile sees only what this script made), with a worker
+of its own and no payload encryption (the replay test has no key). Histories:
+
+* ``user_sync_lifecycle``: a user created, changing role, moving, deleted;
+* ``user_sync_compensated``: a creation refused (duplicate email) and compensated;
+* ``user_sync_repaired``: a user whose membership SpiceDB lost, repaired by a reconcile;
+* ``reconcile_apply``: the reconcile that repaired it (scans, repairs, report);
+* ``backfill_paced``: a backfill of 30 users in batches of 10, paced by timers.
+
+Re-record one when a workflow change is meant to be incompatible, and say so in the commit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import uuid
 from pathlib import Path
 
+import asyncpg
+
 from spicesync.constants import user_workflow_id
-from spicesync.models import CreateUserInput
-from spicesync.settings import load_settings
+from spicesync.models import BackfillInput, CreateUserInput, ReconcileInput
+from spicesync.settings import Settings, load_settings
+from spicesync.spicedb import connect_spicedb
+from spicesync.stack.components import prepare_app_db, prepare_spicedb, start_spicedb
+from spicesync.stack.processes import free_port, stop_pid, wait_for_port
 from spicesync.temporal import connect_temporal
+from starters.backfill import start_backfill
+from starters.reconcile import start_reconcile
 from starters.user_events import UserSyncFailed, change_role, create_user, delete_user, move_user
+from tests.integration.conftest import with_database
+from tests.integration.test_reconcile import insert_unsynced, revoke_all
 from workers.worker import build_worker, open_resources
 
 HERE = Path(__file__).parent
+ALL = (
+    "user_sync_lifecycle",
+    "user_sync_compensated",
+    "user_sync_repaired",
+    "reconcile_apply",
+    "backfill_paced",
+)
 
 
-async def record() -> None:
-    settings = load_settings()
+async def record(names: list[str]) -> None:
+    stack = load_settings()
+    database = f"spicesync_record_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(stack.require_database_url())
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    url = with_database(stack.require_database_url(), database)
+    await prepare_app_db(url)
+    port, key = free_port(), uuid.uuid4().hex
+    log = HERE / ".record-spicedb.log"
+    pid, _ = start_spicedb(port=port, preshared_key=key, log=log)
+    try:
+        wait_for_port("127.0.0.1", port, pid=pid, timeout=60, log=log)
+        await prepare_spicedb(f"127.0.0.1:{port}", key)
+        settings = load_settings(
+            encryption_keys=None,
+            database_url=url,
+            spicedb_endpoint=f"127.0.0.1:{port}",
+            spicedb_preshared_key=key,
+        )
+        await _run(settings, names)
+    finally:
+        stop_pid(pid)
+        (HERE / ".record-spicedb.log").unlink(missing_ok=True)
+        await admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+        await admin.close()
+
+
+async def _run(settings: Settings, names: list[str]) -> None:
     client = await connect_temporal(settings)
     task_queue = f"record-{uuid.uuid4()}"
     org = f"replay-{uuid.uuid4().hex[:8]}"
@@ -38,22 +88,56 @@ async def record() -> None:
     refused = synced.model_copy(
         update={"user_id": str(uuid.uuid4()), "email": synced.email.upper()}
     )
+    repaired = synced.model_copy(
+        update={"user_id": str(uuid.uuid4()), "email": f"fix-{org}@example.com"}
+    )
+    queue = {"client": client, "task_queue": task_queue}
+    histories: dict[str, str] = {}
     async with (
         open_resources(settings) as resources,
         build_worker(client, resources, task_queue=task_queue),
     ):
-        await create_user(synced, client=client, task_queue=task_queue)
-        uid, queue = synced.user_id, {"client": client, "task_queue": task_queue}
+        uid = synced.user_id
+        await create_user(synced, **queue)  # type: ignore[arg-type]
         await change_role(uid, org_id=org, role="member", version=2, **queue)  # type: ignore[arg-type]
         await move_user(uid, org_id=f"{org}-b", role="member", version=3, **queue)  # type: ignore[arg-type]
         await delete_user(uid, version=4, **queue)  # type: ignore[arg-type]
         with contextlib.suppress(UserSyncFailed):
-            await create_user(refused, client=client, task_queue=task_queue)
-    for name, event in (("user_sync_lifecycle", synced), ("user_sync_compensated", refused)):
-        history = await client.get_workflow_handle(user_workflow_id(event.user_id)).fetch_history()
-        (HERE / f"{name}.json").write_text(history.to_json())
+            await create_user(refused, **queue)  # type: ignore[arg-type]
+        await create_user(repaired, **queue)  # type: ignore[arg-type]
+        endpoint, key = settings.require_spicedb()
+        spicedb = connect_spicedb(endpoint, key)
+        await revoke_all(spicedb, repaired.user_id)
+        await spicedb.close()
+        reconcile = await start_reconcile(
+            ReconcileInput(dry_run=False, page_size=2),
+            **queue,
+            workflow_id="record-reconcile",  # type: ignore[arg-type]
+        )
+        await reconcile.result()
+        histories["reconcile_apply"] = (await reconcile.fetch_history()).to_json()
+        pool = await asyncpg.create_pool(settings.require_database_url(), min_size=1, max_size=2)
+        assert pool is not None
+        await insert_unsynced(pool, 30, "backfilled-org")
+        await pool.close()
+        backfill = await start_backfill(
+            BackfillInput(batch_size=10, max_rate=100.0),
+            **queue,
+            workflow_id="record-backfill",  # type: ignore[arg-type]
+        )
+        await backfill.result()
+        histories["backfill_paced"] = (await backfill.fetch_history()).to_json()
+    for name, user in (
+        ("user_sync_lifecycle", synced),
+        ("user_sync_compensated", refused),
+        ("user_sync_repaired", repaired),
+    ):
+        handle = client.get_workflow_handle(user_workflow_id(user.user_id))
+        histories[name] = (await handle.fetch_history()).to_json()
+    for name in names:
+        (HERE / f"{name}.json").write_text(histories[name])
         print(f"wrote {name}.json")
 
 
 if __name__ == "__main__":
-    asyncio.run(record())
+    asyncio.run(record(sys.argv[1:] or list(ALL)))

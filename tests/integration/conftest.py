@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from temporalio.client import Client
 from spicesync.models import CreateUserInput
 from spicesync.settings import Settings
 from spicesync.spicedb import SpiceDBClient, has_org_permission, user_memberships
+from spicesync.stack.components import prepare_app_db
 from starters.user_events import SyncOutcome, WaitFor, create_user
-from tests.conftest import SpiceDBServer
+from tests.conftest import SpiceDBServer, launch_spicedb, stop_spicedb
 from workers.worker import build_worker, open_resources
 
 pytestmark = pytest.mark.integration
@@ -129,6 +131,12 @@ DECLARE
 BEGIN
     SELECT f.sqlstate INTO state FROM test_faults f
     WHERE f.user_id = (CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END) AND f.op = TG_OP;
+    -- 'UPDATE' faults target recording an event on the row (apply_row), not the claim a
+    -- SpiceDB write takes on the row (which changes only permissions_written_at).
+    IF TG_OP = 'UPDATE' AND NEW.version = OLD.version
+       AND NEW.zed_token IS NOT DISTINCT FROM OLD.zed_token THEN
+        state := NULL;
+    END IF;
     IF state IS NOT NULL THEN
         RAISE EXCEPTION 'injected fault' USING ERRCODE = state;
     END IF;
@@ -177,3 +185,60 @@ async def start_held(
     outcome = await create_user(event, wait=WaitFor.START, client=client, task_queue=task_queue)
     await eventually(lambda: retrying(client, outcome.workflow_id, attempts), timeout=60)
     return outcome
+
+
+@dataclass
+class OwnStores:
+    """An App DB and a SpiceDB of this test's own, for tests that look at everything in them."""
+
+    database_url: str
+    pool: asyncpg.Pool
+    server: SpiceDBServer
+    spicedb: SpiceDBClient
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture
+async def own_stores(database_url: str) -> AsyncIterator[OwnStores]:
+    """A fresh, migrated database on the session's PostgreSQL and a fresh SpiceDB engine.
+
+    Reconciliation scans whole stores, so its tests must not see other tests' users.
+    """
+    name = f"spicesync_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(database_url, name)
+    await prepare_app_db(url)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=5)
+    assert pool is not None
+    server = await launch_spicedb()
+    spicedb = server.client()
+    try:
+        yield OwnStores(url, pool, server, spicedb)
+    finally:
+        await spicedb.close()
+        stop_spicedb(server)
+        await pool.close()
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def own_pipeline(
+    client: Client, task_queue: str, own_stores: OwnStores
+) -> AsyncIterator[Pipeline]:
+    """A worker whose App DB and SpiceDB are this test's own."""
+    settings = Settings(
+        database_url=own_stores.database_url,
+        spicedb_endpoint=own_stores.server.endpoint,
+        spicedb_preshared_key=own_stores.server.preshared_key,
+    )
+    async with (
+        open_resources(settings) as resources,
+        build_worker(client, resources, task_queue=task_queue),
+    ):
+        yield Pipeline(client, task_queue, own_stores.pool, own_stores.spicedb)

@@ -216,7 +216,7 @@ async def test_a_retried_add_cannot_land_after_a_later_remove(pipeline: Pipeline
     )
     with pytest.raises(SupersededWrite):
         await ActivityEnvironment().run(
-            MembershipActivities(pipeline.spicedb).write_memberships, zombie
+            MembershipActivities(pipeline.spicedb, pipeline.pool).write_memberships, zombie
         )
     assert await relationships_of(pipeline.spicedb, user.user_id) == []
 

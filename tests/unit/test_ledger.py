@@ -95,6 +95,18 @@ def test_delete_before_create_leaves_the_create_stale() -> None:
     assert not ledger.state.exists
 
 
+def test_a_repair_adopts_the_app_dbs_state_but_versions_never_go_back() -> None:
+    ledger = EventLedger(UserState(exists=True, version=5, org_id="o", role="member"))
+    # The App DB was restored from an older backup: the repair adopts what it says...
+    ledger.refresh(UserState(exists=False, version=0))
+    assert not ledger.state.exists
+    assert ledger.next_ready() is None and ledger.offer(event(6)) is None
+    assert ledger.is_holding()  # a change to a user that no longer exists waits for a creation
+    # ...but an event not newer than one already decided is still stale.
+    late = ledger.offer(event(4, "created"))
+    assert late is not None and late.status == "stale"
+
+
 def test_memory_is_bounded() -> None:
     ledger = EventLedger(NOBODY, remember=3)
     for v in range(1, 10):

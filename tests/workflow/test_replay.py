@@ -9,23 +9,42 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from workflows.backfill import BackfillWorkflow
+from workflows.reconcile import ReconcileWorkflow
 from workflows.user_sync import UserSyncWorkflow
 
 HISTORIES = Path(__file__).parent.parent / "histories"
 
 
-@pytest.mark.parametrize("name", ["user_sync_lifecycle", "user_sync_compensated"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "user_sync_lifecycle",
+        "user_sync_compensated",
+        "user_sync_repaired",
+        "reconcile_apply",
+        "backfill_paced",
+    ],
+)
 async def test_saved_history_replays(name: str) -> None:
     history = WorkflowHistory.from_json(name, (HISTORIES / f"{name}.json").read_text())
     result = await Replayer(
-        workflows=[UserSyncWorkflow], data_converter=pydantic_data_converter
+        workflows=[UserSyncWorkflow, ReconcileWorkflow, BackfillWorkflow],
+        data_converter=pydantic_data_converter,
     ).replay_workflow(history, raise_on_replay_failure=True)
     assert result.replay_failure is None
 
 
-def test_histories_cover_the_lifecycle_and_compensation() -> None:
-    lifecycle = (HISTORIES / "user_sync_lifecycle.json").read_text()
-    compensated = (HISTORIES / "user_sync_compensated.json").read_text()
+def test_histories_cover_every_workflow_and_path() -> None:
+    def read(name: str) -> str:
+        return (HISTORIES / f"{name}.json").read_text()
+
+    lifecycle = read("user_sync_lifecycle")
     assert lifecycle.count('"name": "apply_row"') == 4  # created, role_changed, moved, deleted
     assert "EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED" in lifecycle
-    assert '"name": "insert_created_row"' in compensated
+    assert '"name": "insert_created_row"' in read("user_sync_compensated")
+    assert '"name": "record_repair"' in read("user_sync_repaired")
+    reconcile = read("reconcile_apply")
+    for step in ("check_schema_ready", "scan_app_db_page", "scan_spicedb_page", "repair_users"):
+        assert f'"name": "{step}"' in reconcile
+    assert "EVENT_TYPE_TIMER_STARTED" in read("backfill_paced")

@@ -20,7 +20,13 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from spicesync.constants import HELD_CHANGE_GRACE, user_workflow_id
-from spicesync.errors import DuplicateEmail, SpiceDBRejected, SpiceDBUnavailable, UserRowMissing
+from spicesync.errors import (
+    DuplicateEmail,
+    MarkerMoved,
+    SpiceDBRejected,
+    SpiceDBUnavailable,
+    UserRowMissing,
+)
 from spicesync.models import (
     ApplyRowInput,
     ApplyRowResult,
@@ -30,6 +36,8 @@ from spicesync.models import (
     MembershipsSnapshot,
     ReadMembershipsInput,
     ReadUserStateInput,
+    ReconcileUserInput,
+    RecordRepairInput,
     SubmitEventInput,
     UndoCreatedRowInput,
     UserEvent,
@@ -91,6 +99,10 @@ class FakeSteps:
     async def undo_created_row(self, _: UndoCreatedRowInput) -> None:
         await self._step("undo_created_row")
 
+    @activity.defn(name="record_repair")
+    async def record_repair(self, _: RecordRepairInput) -> None:
+        await self._step("record_repair")
+
     def activities(self) -> list[Any]:
         return [
             self.read_user_state,
@@ -99,6 +111,7 @@ class FakeSteps:
             self.write_memberships,
             self.apply_row,
             self.undo_created_row,
+            self.record_repair,
         ]
 
 
@@ -389,3 +402,52 @@ async def test_continue_as_new_carries_state_and_dedupe(
     assert steps.attempts["insert_created_row"] == 1
     assert steps.attempts["write_memberships"] == 3
     assert steps.attempts["read_user_state"] == 1  # the new run started from the carried state
+
+
+async def test_a_marker_moved_by_a_backfill_makes_the_event_read_again_not_fail(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    steps = FakeSteps(write_memberships=fail_first(1, MarkerMoved("moved to 1")))
+    async for h in running(time_skipping_env, task_queue, steps):
+        outcome = await h.submit(created())
+    assert outcome.status == "synced"
+    assert steps.calls == [
+        "read_user_state",
+        "insert_created_row",
+        "read_memberships",
+        "write_memberships",  # refused: the marker moved since the read
+        "read_memberships",  # re-planned from a fresh read, nothing compensated
+        "write_memberships",
+        "apply_row",
+    ]
+
+
+async def test_a_repair_waits_for_the_event_in_flight_then_reads_both_stores_afresh(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def held(_attempt: int) -> None:
+        started.set()
+        await release.wait()
+
+    steps = FakeSteps(apply_row=held)
+    event = created()
+    async for h in running(time_skipping_env, task_queue, steps):
+        await h.submit(event, wait=WaitFor.ROW)
+        handle = time_skipping_env.client.get_workflow_handle(user_workflow_id(event.user_id))
+        repair = asyncio.ensure_future(
+            handle.execute_update(UserSyncWorkflow.reconcile, ReconcileUserInput(request_id="r1"))
+        )
+        await started.wait()
+        await asyncio.sleep(0.3)  # room for a wrongly eager repair to start
+        assert not repair.done() and steps.calls.count("read_user_state") == 1
+        release.set()
+        result = await repair
+        again = await handle.execute_update(
+            UserSyncWorkflow.reconcile, ReconcileUserInput(request_id="r1")
+        )
+    # The stand-ins say "no user, no relationships": nothing to write, and a repeated request
+    # is answered from memory without reading again.
+    assert result.action == "consistent" and again == result
+    assert steps.calls[-3:] == ["apply_row", "read_user_state", "read_memberships"]

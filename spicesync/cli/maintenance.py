@@ -1,0 +1,175 @@
+"""``spicesync reconcile`` and ``spicesync backfill``: start, show progress, print figures."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from datetime import timedelta
+
+from temporalio.client import Client
+
+from spicesync.models import BackfillInput, ReconcileInput, ReconcileReport
+from spicesync.settings import Settings, load_settings
+from spicesync.temporal import connect_temporal, workers_polling
+
+__all__ = ["backfill_command", "reconcile_command"]
+
+
+class NoWorker(RuntimeError):
+    """Nothing polls the task queue, so a started run would wait forever."""
+
+
+async def _connect(settings: Settings) -> Client:
+    client = await connect_temporal(settings)
+    if not await workers_polling(client, settings.task_queue):
+        raise NoWorker(
+            f"no worker polls task queue {settings.task_queue!r}; start one with"
+            " `spicesync worker` (the run would wait for it)"
+        )
+    return client
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = width if total <= 0 else min(width, width * done // total)
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def _show(line: str) -> None:
+    # One line rewritten in place on a terminal; a line every update otherwise (logs, CI).
+    end = "\r" if sys.stderr.isatty() else "\n"
+    print(line.ljust(100), end=end, file=sys.stderr, flush=True)
+
+
+def reconcile_command(args: argparse.Namespace) -> int:
+    """Run a reconcile now (or set its schedule) and print the report."""
+    from starters.reconcile import (
+        ReconcileAlreadyRunning,
+        ensure_reconcile_schedule,
+        start_reconcile,
+    )
+    from workflows.reconcile import ReconcileWorkflow
+
+    settings = load_settings()
+    request = ReconcileInput(
+        dry_run=not args.apply,
+        prune_cap=settings.reconcile_prune_cap if args.prune_cap is None else args.prune_cap,
+        page_size=args.page_size,
+    )
+
+    async def schedule() -> str:
+        client = await connect_temporal(settings)
+        return await ensure_reconcile_schedule(
+            timedelta(seconds=args.schedule_every), request, client=client
+        )
+
+    async def run_now() -> ReconcileReport:
+        client = await _connect(settings)
+        handle = await start_reconcile(request, client=client, task_queue=settings.task_queue)
+        result = asyncio.ensure_future(handle.result())
+        while not result.done():
+            await asyncio.wait([result], timeout=1.0)
+            if result.done():
+                break
+            p = await handle.query(ReconcileWorkflow.progress)
+            _show(
+                f"reconcile {p.phase}: {p.rows_scanned} rows, {p.relationships_scanned}"
+                f" relationships scanned; drift {p.found.missing}/{p.found.mismatched}/"
+                f"{p.found.orphan} (missing/mismatched/orphan)"
+            )
+        print(file=sys.stderr)
+        return result.result()
+
+    try:
+        if args.schedule_every is not None:
+            schedule_id = asyncio.run(schedule())
+            mode = "apply" if args.apply else "dry run"
+            print(f"schedule {schedule_id}: a reconcile ({mode}) every {args.schedule_every:g} s")
+            return 0
+        report = asyncio.run(run_now())
+    except (NoWorker, ReconcileAlreadyRunning) as err:
+        print(f"spicesync: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(report.model_dump_json())
+    else:
+        print(_reconcile_summary(report))
+    return 3 if report.prune_cap_exceeded else 0
+
+
+def _reconcile_summary(r: ReconcileReport) -> str:
+    lines = [
+        f"{'dry run' if r.dry_run else 'reconcile'}: {r.message}",
+        f"  scanned      {r.rows_scanned} App DB rows ({r.rows_scanned_per_second:g}/s), "
+        f"{r.relationships_scanned} SpiceDB relationships "
+        f"({r.relationships_scanned_per_second:g}/s); {r.in_flight_skipped} live syncs skipped",
+        f"  drift        missing {r.found.missing}, mismatched {r.found.mismatched}, "
+        f"orphan {r.found.orphan}; {r.deletions_planned} relationships to delete "
+        f"(cap {r.prune_cap})",
+    ]
+    if not r.dry_run:
+        lines.append(
+            f"  repairs      {r.repairs.repaired} repaired, {r.repairs.consistent} consistent by "
+            f"their turn, {r.repairs.failed} failed; {r.repairs.relationships_written} "
+            f"relationships written ({r.relationships_written_per_second:g}/s)"
+        )
+    for kind, ids in sorted(r.samples.items()):
+        lines.append(f"  {kind:<12} e.g. {', '.join(ids)}")
+    lines.append(f"  took         {r.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def backfill_command(args: argparse.Namespace) -> int:
+    """Start (or rejoin) the backfill, show a progress bar, print the figures."""
+    from starters.backfill import start_backfill
+    from workflows.backfill import BackfillWorkflow
+
+    settings = load_settings()
+
+    async def run() -> int:
+        client = await _connect(settings)
+        handle = await start_backfill(
+            BackfillInput(batch_size=args.batch_size, max_rate=args.max_rate),
+            client=client,
+            task_queue=settings.task_queue,
+        )
+        began = time.monotonic()
+        result = asyncio.ensure_future(handle.result())
+        while not result.done():
+            await asyncio.wait([result], timeout=0.5)
+            p = await handle.query(BackfillWorkflow.progress)
+            rate = p.written_users / max(time.monotonic() - began, 1e-9)
+            _show(
+                f"backfill {_bar(p.scanned, p.total)} {p.scanned}/{p.total} users "
+                f"({p.written_users} written, {p.skipped} skipped) {rate:,.0f} users/s"
+            )
+        print(file=sys.stderr)
+        done = result.result()
+        figures = {
+            "users_scanned": done.progress.scanned,
+            "users_written": done.progress.written_users,
+            "users_skipped": done.progress.skipped,
+            "relationships_written": done.progress.relationships_written,
+            "rows_scanned_per_second": done.rows_scanned_per_second,
+            "relationships_written_per_second": done.relationships_written_per_second,
+            "seconds": round(done.progress.elapsed_seconds, 2),
+        }
+        if args.json:
+            print(json.dumps(figures))
+        else:
+            print(
+                f"backfill: {figures['users_written']} users written "
+                f"({figures['users_skipped']} skipped: a live sync had written them), "
+                f"{figures['relationships_written']} relationships in {figures['seconds']} s; "
+                f"{figures['rows_scanned_per_second']:g} rows scanned/s, "
+                f"{figures['relationships_written_per_second']:g} relationships written/s"
+            )
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except NoWorker as err:
+        print(f"spicesync: {err}", file=sys.stderr)
+        return 2

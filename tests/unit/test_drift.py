@@ -1,0 +1,47 @@
+"""Classification of one user's drift between the App DB and SpiceDB."""
+
+from __future__ import annotations
+
+from spicesync.drift import IN_FLIGHT, AppRow, classify
+from spicesync.models import Drift, Membership, MembershipsSnapshot
+
+U = "5b0e8a58-7d4e-4c1b-9a57-1f1f3c0e2a11"
+ROW = AppRow(user_id=U, org_id="acme", role="member", version=3)
+
+
+def snap(*held: tuple[str, str], marker: int | None = 3) -> MembershipsSnapshot:
+    return MembershipsSnapshot(
+        memberships=[Membership(user_id=U, org_id=o, role=r) for o, r in held], marker=marker
+    )
+
+
+def test_agreeing_stores_are_not_drift() -> None:
+    assert classify(ROW, snap(("acme", "member"))) is None
+    assert classify(None, snap(marker=4)) is None  # a deleted user keeps only its marker
+
+
+def test_a_lost_membership_is_missing() -> None:
+    assert classify(ROW, snap(marker=None)) == Drift(user_id=U, kind="missing")
+    assert classify(ROW, snap(marker=3)) == Drift(user_id=U, kind="missing")
+
+
+def test_a_wrong_or_extra_membership_is_mismatched_and_counts_its_deletions() -> None:
+    assert classify(ROW, snap(("acme", "admin"))) == Drift(
+        user_id=U, kind="mismatched", deletions=1
+    )
+    assert classify(ROW, snap(("acme", "member"), ("other", "admin"), ("x", "member"))) == Drift(
+        user_id=U, kind="mismatched", deletions=2
+    )
+
+
+def test_relationships_without_a_row_are_an_orphan() -> None:
+    assert classify(None, snap(("acme", "member"), ("b", "admin"))) == Drift(
+        user_id=U, kind="orphan", deletions=2
+    )
+
+
+def test_a_live_sync_between_its_writes_is_left_alone() -> None:
+    # SpiceDB already holds version 4, the row is about to be recorded at 4.
+    assert classify(ROW, snap(("acme", "admin"), marker=4)) == IN_FLIGHT
+    creating = AppRow(user_id=U, org_id="acme", role="member", version=1, creating=True)
+    assert classify(creating, snap(marker=None)) == IN_FLIGHT
