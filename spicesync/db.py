@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.resources
 import re
+import urllib.parse
 from dataclasses import dataclass
 
 import asyncpg
 
-__all__ = ["Migration", "apply_migrations", "create_pool", "load_migrations"]
+__all__ = ["Migration", "apply_migrations", "create_pool", "load_migrations", "with_database"]
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Any fixed number works; it only has to be the same for every process that migrates.
@@ -103,3 +104,17 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
     )
     assert pool is not None
     return pool
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` pointing at database ``name`` on the same server (for scratch databases).
+
+    Args:
+        url: A PostgreSQL connection URL.
+        name: Another database's name.
+
+    Returns:
+        The URL with its path replaced.
+    """
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))

@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     codec.set_defaults(func=_codec_server)
 
-    from spicesync.cli.maintenance import backfill_command, reconcile_command
+    from spicesync.cli.maintenance import backfill_command, bench_command, reconcile_command
 
     reconcile = commands.add_parser(
         "reconcile",
@@ -308,6 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backfill.add_argument("--json", action="store_true", help="print the figures as JSON")
     backfill.set_defaults(func=backfill_command)
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure spicesync beside the empty-workflow ceiling, a dual write, a NATS"
+        " JetStream sync and an outbox relay (open loop); write a table, JSON and a plot",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="one low rate, a few seconds, 2,000-user backfill"
+    )
+    bench.add_argument("--rates", type=float, nargs="+", help="offered rates, users/s")
+    bench.add_argument("--seconds", type=float, help="seconds of load per rate")
+    bench.add_argument("--backfill-users", type=int, help="users in the backfill comparison")
+    bench.add_argument("--out", default=".spicesync/bench", help="output folder")
+    bench.add_argument(
+        "--nats-url", help="an existing NATS with JetStream (default: start one of its own)"
+    )
+    bench.set_defaults(func=bench_command)
 
     demo = commands.add_parser(
         "demo", help="bring the stack up, create users, verify them in both stores"

@@ -173,3 +173,41 @@ def backfill_command(args: argparse.Namespace) -> int:
     except NoWorker as err:
         print(f"spicesync: {err}", file=sys.stderr)
         return 2
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """Run ``spicesync bench`` and print where the outputs are."""
+    from pathlib import Path
+
+    from bench.run import BenchOptions, run_bench
+
+    if args.quick:
+        rates, seconds, backfill_users = [10.0], 4.0, 2_000
+    else:
+        rates, seconds, backfill_users = [10.0, 25.0, 50.0, 75.0], 15.0, 100_000
+    options = BenchOptions(
+        rates=args.rates or rates,
+        seconds=args.seconds or seconds,
+        out=Path(args.out),
+        backfill_users=args.backfill_users or backfill_users,
+        nats_url=args.nats_url,
+    )
+    payload = asyncio.run(run_bench(options))
+    print((options.out / "bench.md").read_text())
+    print(f"outputs: {options.out}/bench.md, bench.json, bench.png")
+    problems = [
+        f"{c['system']} @ {c['offered_rate']}/s: "
+        + ("no figures" if not c["completed"] else f"{c['lost']} lost")
+        for c in payload["cells"]
+        if not c["completed"] or c["lost"]
+    ]
+    if args.quick:
+        # The quick run is light enough that everything must have finished.
+        problems += [
+            f"{c['system']}: {c['not_done']} not done" for c in payload["cells"] if c["not_done"]
+        ]
+        if payload["backfill"]["sample_holding"] != payload["backfill"]["sample_checked"]:
+            problems.append("backfill: a sampled user lacks its permission")
+    for problem in problems:
+        print(f"spicesync bench: {problem}", file=sys.stderr)
+    return 1 if problems else 0

@@ -24,6 +24,7 @@ from pathlib import Path
 import asyncpg
 
 from spicesync.constants import user_workflow_id
+from spicesync.db import with_database
 from spicesync.models import BackfillInput, CreateUserInput, ReconcileInput
 from spicesync.settings import Settings, load_settings
 from spicesync.spicedb import connect_spicedb
@@ -33,7 +34,6 @@ from spicesync.temporal import connect_temporal
 from starters.backfill import start_backfill
 from starters.reconcile import start_reconcile
 from starters.user_events import UserSyncFailed, change_role, create_user, delete_user, move_user
-from tests.integration.conftest import with_database
 from tests.integration.test_reconcile import insert_unsynced, revoke_all
 from workers.worker import build_worker, open_resources
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import asyncpg
 import pytest
 from temporalio.client import Client
 
+from spicesync.db import with_database
 from spicesync.models import CreateUserInput
 from spicesync.settings import Settings
 from spicesync.spicedb import SpiceDBClient, has_org_permission, user_memberships
@@ -195,11 +195,6 @@ class OwnStores:
     pool: asyncpg.Pool
     server: SpiceDBServer
     spicedb: SpiceDBClient
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
 
 
 @pytest.fixture

@@ -1,0 +1,149 @@
+"""Open-loop load: requests are sent at a fixed offered rate whether or not earlier ones finished.
+
+A closed loop (send the next request when one completes) hides overload: the system sets its own
+pace. Here request ``i`` is due at ``t0 + i / rate``; its start-call latency is measured by the
+caller, and the moments its row and its permissions became true are read afterwards from the
+stores themselves (``users.created_at`` and ``users.synced_at``, written by every system), so
+measuring adds no load while the system runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from spicesync.models import CreateUserInput
+
+__all__ = ["CellResult", "Percentiles", "new_user", "percentiles", "run_open_loop", "wait_done"]
+
+
+def new_user(run: str, i: int) -> CreateUserInput:
+    """The ``i``-th user of a run: fresh ids, an organization shared by 50 users."""
+    user_id = str(uuid.uuid4())
+    return CreateUserInput(
+        user_id=user_id,
+        email=f"b-{user_id[:13]}@example.com",
+        name="Bench User",
+        org_id=f"bench-{run}-{i // 50}",
+        role="admin" if i % 10 == 0 else "member",
+    )
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    """p50, p95 and p99 of one measure, in milliseconds (``None`` with no samples)."""
+
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+    def as_dict(self) -> dict[str, float | None]:
+        """JSON-ready."""
+        return {"p50": self.p50, "p95": self.p95, "p99": self.p99}
+
+
+def percentiles(samples_ms: list[float]) -> Percentiles:
+    """Nearest-rank percentiles."""
+    if not samples_ms:
+        return Percentiles(None, None, None)
+    ordered = sorted(samples_ms)
+
+    def rank(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+    return Percentiles(round(statistics.median(ordered), 1), rank(0.95), rank(0.99))
+
+
+@dataclass
+class CellResult:
+    """One system at one offered rate."""
+
+    system: str
+    offered_rate: float
+    seconds: float
+    submitted: int = 0
+    failed_calls: int = 0
+    completed: int = 0
+    not_done: int = 0
+    completed_per_second: float = 0.0
+    start_call: Percentiles = field(default_factory=lambda: Percentiles(None, None, None))
+    time_to_row: Percentiles = field(default_factory=lambda: Percentiles(None, None, None))
+    time_to_permission: Percentiles = field(default_factory=lambda: Percentiles(None, None, None))
+    lost: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready."""
+        return {
+            "system": self.system,
+            "offered_rate": self.offered_rate,
+            "seconds": self.seconds,
+            "submitted": self.submitted,
+            "failed_calls": self.failed_calls,
+            "completed": self.completed,
+            "not_done": self.not_done,
+            "lost": self.lost,
+            "completed_per_second": self.completed_per_second,
+            "start_call_ms": self.start_call.as_dict(),
+            "time_to_row_ms": self.time_to_row.as_dict(),
+            "time_to_permission_ms": self.time_to_permission.as_dict(),
+        }
+
+
+async def run_open_loop(
+    submit: Callable[[CreateUserInput], Awaitable[None]],
+    users: list[CreateUserInput],
+    rate: float,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, float], list[float], int]:
+    """Offer ``users`` at ``rate`` per second.
+
+    Returns:
+        When each user's call was sent (epoch seconds, by user id), the start-call latencies in
+        milliseconds, and how many calls raised.
+    """
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+    failures = 0
+    began = time.monotonic()
+
+    async def one(user: CreateUserInput) -> None:
+        nonlocal failures
+        sent[user.user_id] = time.time()
+        t = time.perf_counter()
+        try:
+            await submit(user)
+        except Exception:
+            failures += 1
+            return
+        latencies.append((time.perf_counter() - t) * 1000)
+
+    tasks: list[asyncio.Task[None]] = []
+    for i, user in enumerate(users):
+        due = began + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(user)))
+        if progress is not None and i % max(1, int(rate)) == 0:
+            progress(i, len(users))
+    await asyncio.gather(*tasks)
+    return sent, latencies, failures
+
+
+async def wait_done(pool: asyncpg.Pool, user_ids: list[str], timeout: float) -> int:
+    """Wait until every user's row is synced, or ``timeout``; returns how many are not."""
+    ids = [uuid.UUID(u) for u in user_ids]
+    deadline = time.monotonic() + timeout
+    while True:
+        done = await pool.fetchval(
+            "SELECT count(*) FROM users WHERE id = ANY($1::uuid[]) AND synced_at IS NOT NULL", ids
+        )
+        if done == len(ids) or time.monotonic() > deadline:
+            return len(ids) - int(done)
+        await asyncio.sleep(0.25)

