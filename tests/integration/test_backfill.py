@@ -68,7 +68,8 @@ async def test_backfill_of_20000_users_beside_live_syncs(
 
     assert all(outcome.status == "synced" for outcome in live)
     progress = result.progress
-    assert progress.done and progress.total == 20_000
+    # Counted at the start: users a live sync had already written are not candidates.
+    assert progress.done and 20_000 - len(changed) <= progress.total <= 20_000
     # A user a live sync wrote first is no longer a candidate (or is skipped under its lock).
     assert progress.written_users + progress.skipped == progress.scanned
     assert 20_000 - len(changed) <= progress.written_users <= 20_000
