@@ -42,7 +42,7 @@ _NEVER_WRITTEN = "permissions_written_at IS NULL AND created_by_event IS NULL"
 _COUNT = f"SELECT count(*) FROM users WHERE {_NEVER_WRITTEN}"
 _PAGE = f"""
 SELECT id FROM users
-WHERE {_NEVER_WRITTEN} AND ($1::uuid IS NULL OR id > $1)
+WHERE {_NEVER_WRITTEN} AND ($1::uuid IS NULL OR id > $1) AND ($3::uuid IS NULL OR id < $3)
 ORDER BY id LIMIT $2
 """
 # Re-checked under the lock: a live sync that wrote meanwhile has set permissions_written_at.
@@ -94,10 +94,11 @@ class BackfillActivities:
                 relations, say).
         """
         after = uuid.UUID(request.after_user_id) if request.after_user_id else None
+        before = uuid.UUID(request.before_user_id) if request.before_user_id else None
         size = min(request.batch_size, MAX_BATCH)
         try:
             async with self._pool.acquire() as conn:
-                ids = [r["id"] for r in await conn.fetch(_PAGE, after, size)]
+                ids = [r["id"] for r in await conn.fetch(_PAGE, after, size, before)]
                 async with conn.transaction():
                     rows = await conn.fetch(_LOCK, ids)
                     token = await self._write(rows, request.request_id) if rows else None

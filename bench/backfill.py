@@ -117,7 +117,7 @@ async def run_backfill_bench(
         await _wait_ready(ctx, PipelineSystem())
         began = time.perf_counter()
         handle = await start_backfill(
-            BackfillInput(),
+            BackfillInput(lanes=2),
             client=ctx.client,
             task_queue=ctx.task_queue,
             workflow_id=f"bench-backfill-{run}",

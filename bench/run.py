@@ -49,7 +49,7 @@ from spicesync.temporal import connect_temporal, workers_polling
 
 __all__ = ["BenchOptions", "run_bench"]
 
-DRAIN_SECONDS = 60.0
+DRAIN_SECONDS = 45.0
 
 
 class System(Protocol):

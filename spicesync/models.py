@@ -422,6 +422,9 @@ class BackfillInput(_Model):
     batch_size: int = 500
     # Users per second at most (0: as fast as it goes); a durable timer paces the batches.
     max_rate: float = 0.0
+    # Disjoint ranges of the id space written side by side: one lane's PostgreSQL work overlaps
+    # another's SpiceDB write.
+    lanes: int = Field(default=1, ge=1, le=16)
     batches_per_run: int = 200
     progress: BackfillProgress | None = None
 
@@ -430,6 +433,9 @@ class BackfillProgress(_Tally):
     """Where a backfill is; carried across continue-as-new and shown by its query."""
 
     cursor: str | None = None
+    # Per lane, when there is more than one: where it is, and whether it is finished.
+    lane_cursors: list[str | None] = []
+    lanes_done: list[bool] = []
     total: int = 0
     scanned: int = 0
     written_users: int = 0
@@ -450,6 +456,8 @@ class BackfillPageInput(_Model):
     after_user_id: str | None
     batch_size: int
     request_id: str
+    # The lane's upper bound (exclusive); ``None``: the end of the id space.
+    before_user_id: str | None = None
 
 
 class BackfillPageResult(_Model):

@@ -8,6 +8,8 @@ A rate limit is kept with durable timers between batches. Safe beside live syncs
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from datetime import timedelta
 
 from temporalio import workflow
@@ -32,6 +34,8 @@ class BackfillWorkflow:
 
     def __init__(self) -> None:
         self._progress = BackfillProgress()
+        self._request_id = ""
+        self._batches = 0
 
     @workflow.query
     def progress(self) -> BackfillProgress:
@@ -59,17 +63,53 @@ class BackfillWorkflow:
         else:
             self._progress = request.progress
         p = self._progress
+        lanes = request.lanes
+        if lanes > 1 and not p.lanes_done:
+            # Lane i starts just below i/lanes of the id space (keyset: "id > cursor").
+            p.lane_cursors = [None] + [str(_bound(i, lanes, -1)) for i in range(1, lanes)]
+            p.lanes_done = [False] * lanes
         info = workflow.info()
-        request_id = f"backfill:{info.workflow_id}:{info.first_execution_run_id}"
-        batches = 0
-        while not p.done:
-            if batches >= request.batches_per_run or info.is_continue_as_new_suggested():
-                workflow.continue_as_new(request.model_copy(update={"progress": p}))
+        self._request_id = f"backfill:{info.workflow_id}:{info.first_execution_run_id}"
+        self._batches = 0
+        began = workflow.now()
+        if lanes == 1:
+            await self._lane(request, None)
+        else:
+            await asyncio.gather(*(self._lane(request, i) for i in range(lanes)))
+        p.elapsed_seconds += (workflow.now() - began).total_seconds()
+        p.done = all(p.lanes_done) if lanes > 1 else p.done
+        if not p.done:
+            workflow.continue_as_new(request.model_copy(update={"progress": p}))
+        return BackfillResult(
+            progress=p,
+            rows_scanned_per_second=_rate(p.scanned, p.elapsed_seconds),
+            relationships_written_per_second=_rate(p.relationships_written, p.elapsed_seconds),
+        )
+
+    async def _lane(self, request: BackfillInput, lane: int | None) -> None:
+        """Write one lane's batches until it is done or this run has written its share."""
+        p = self._progress
+        upper = (
+            str(_bound(lane + 1, request.lanes, 0))
+            if lane is not None and lane + 1 < request.lanes
+            else None
+        )
+        rate = request.max_rate / request.lanes
+        while not (p.done if lane is None else p.lanes_done[lane]):
+            if (
+                self._batches >= request.batches_per_run
+                or workflow.info().is_continue_as_new_suggested()
+            ):
+                return  # the run continues as new with every lane's cursor
+            self._batches += 1
             began = workflow.now()
             batch = await workflow.execute_activity_method(
                 BackfillActivities.backfill_batch,
                 BackfillPageInput(
-                    after_user_id=p.cursor, batch_size=request.batch_size, request_id=request_id
+                    after_user_id=p.cursor if lane is None else p.lane_cursors[lane],
+                    before_user_id=upper,
+                    batch_size=request.batch_size,
+                    request_id=self._request_id,
                 ),
                 start_to_close_timeout=timedelta(minutes=2),
                 retry_policy=STEP_RETRY,
@@ -80,21 +120,24 @@ class BackfillWorkflow:
             p.written_users += batch.written_users
             p.skipped += batch.skipped
             p.relationships_written += batch.relationships_written
-            p.cursor = batch.next
-            p.done = batch.next is None
-            batches += 1
-            pause = 0.0
-            if request.max_rate > 0 and not p.done:
+            if lane is None:
+                p.cursor = batch.next
+                p.done = batch.next is None
+                finished = p.done
+            else:
+                p.lane_cursors[lane] = batch.next
+                p.lanes_done[lane] = batch.next is None
+                finished = p.lanes_done[lane]
+            if rate > 0 and not finished:
                 # Pace the batches: this one should have taken at least size / rate seconds.
-                pause = batch.scanned / request.max_rate - busy
+                pause = batch.scanned / rate - busy
                 if pause > 0:
                     await workflow.sleep(timedelta(seconds=pause))
-            p.elapsed_seconds += busy + max(pause, 0.0)
-        return BackfillResult(
-            progress=p,
-            rows_scanned_per_second=_rate(p.scanned, p.elapsed_seconds),
-            relationships_written_per_second=_rate(p.relationships_written, p.elapsed_seconds),
-        )
+
+
+def _bound(index: int, lanes: int, offset: int) -> uuid.UUID:
+    """The id at ``index / lanes`` of the UUID space, plus ``offset``."""
+    return uuid.UUID(int=(index * (1 << 128)) // lanes + offset)
 
 
 def _rate(count: int, seconds: float) -> float:

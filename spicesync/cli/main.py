@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument(
         "--max-rate", type=float, default=0.0, help="users per second at most (default: no limit)"
     )
+    backfill.add_argument(
+        "--lanes", type=int, default=2, help="id ranges written side by side (default 2)"
+    )
     backfill.add_argument("--json", action="store_true", help="print the figures as JSON")
     backfill.set_defaults(func=backfill_command)
 

@@ -131,7 +131,7 @@ def backfill_command(args: argparse.Namespace) -> int:
     async def run() -> int:
         client = await _connect(settings)
         handle = await start_backfill(
-            BackfillInput(batch_size=args.batch_size, max_rate=args.max_rate),
+            BackfillInput(batch_size=args.batch_size, max_rate=args.max_rate, lanes=args.lanes),
             client=client,
             task_queue=settings.task_queue,
         )
@@ -184,7 +184,7 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.quick:
         rates, seconds, backfill_users = [10.0], 4.0, 2_000
     else:
-        rates, seconds, backfill_users = [10.0, 25.0, 50.0, 75.0], 15.0, 100_000
+        rates, seconds, backfill_users = [10.0, 25.0, 50.0, 100.0], 12.0, 100_000
     options = BenchOptions(
         rates=args.rates or rates,
         seconds=args.seconds or seconds,

@@ -45,7 +45,7 @@ async def test_backfill_of_20000_users_beside_live_syncs(
     changed = random.Random(5).sample(users, 50)
 
     handle = await start_backfill(
-        BackfillInput(),
+        BackfillInput(lanes=3),
         client=p.client,
         task_queue=p.task_queue,
         workflow_id=f"backfill-{uuid.uuid4()}",
