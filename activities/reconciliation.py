@@ -54,7 +54,12 @@ from spicesync.models import (
     ScanSpiceDBPageInput,
     UserSyncInput,
 )
-from spicesync.spicedb import SpiceDBClient, check_schema, read_user_snapshot
+from spicesync.spicedb import (
+    MANAGED_RELATIONS,
+    SpiceDBClient,
+    check_schema,
+    read_user_snapshot,
+)
 from workflows.user_sync import UserSyncWorkflow
 
 __all__ = ["ReconcileActivities"]
@@ -232,12 +237,14 @@ class ReconcileActivities:
                 timeout=60,
             ):
                 rel = item.relationship
+                cursor = item.after_result_cursor.token
+                count += 1
+                if rel.relation not in MANAGED_RELATIONS:
+                    continue  # the app's own relation, not spicesync's to judge
                 user_id = rel.subject.object.object_id
                 held.setdefault(user_id, []).append(
                     Membership(user_id=user_id, org_id=rel.resource.object_id, role=rel.relation)
                 )
-                cursor = item.after_result_cursor.token
-                count += 1
         except grpc.aio.AioRpcError as err:
             raise SpiceDBUnavailable(f"SpiceDB {err.code().name} during the scan") from None
         activity.heartbeat()
@@ -323,22 +330,28 @@ class ReconcileActivities:
         )
 
     async def _delete_foreign(self, user_id: str) -> ReconcileUserResult:
-        snapshot_filter = RelationshipFilter(
-            resource_type="organization",
-            optional_subject_filter=SubjectFilter(subject_type="user", optional_subject_id=user_id),
-        )
-        try:
-            response = await self._spicedb.DeleteRelationships(
-                DeleteRelationshipsRequest(relationship_filter=snapshot_filter),
-                timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as err:
-            raise SpiceDBUnavailable(f"SpiceDB {err.code().name} deleting an orphan") from None
-        removed = int(response.relationships_deleted_count)
+        removed = 0
+        token = None
+        for relation in sorted(MANAGED_RELATIONS):
+            try:
+                response = await self._spicedb.DeleteRelationships(
+                    DeleteRelationshipsRequest(
+                        relationship_filter=RelationshipFilter(
+                            resource_type="organization",
+                            optional_relation=relation,
+                            optional_subject_filter=SubjectFilter(
+                                subject_type="user", optional_subject_id=user_id
+                            ),
+                        )
+                    ),
+                    timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
+                )
+            except grpc.aio.AioRpcError as err:
+                raise SpiceDBUnavailable(f"SpiceDB {err.code().name} deleting an orphan") from None
+            removed += int(response.relationships_deleted_count)
+            token = response.deleted_at.token
         return ReconcileUserResult(
-            action="repaired" if removed else "consistent",
-            removed=removed,
-            zed_token=response.deleted_at.token,
+            action="repaired" if removed else "consistent", removed=removed, zed_token=token
         )
 
     @activity.defn

@@ -29,6 +29,7 @@ from spicesync.constants import SPICEDB_CALL_TIMEOUT_SECONDS
 from spicesync.models import Membership, MembershipsSnapshot
 
 __all__ = [
+    "MANAGED_RELATIONS",
     "REQUIRED_RELATIONS",
     "SpiceDBClient",
     "check_schema",
@@ -119,6 +120,8 @@ def membership_relationship(membership: Membership) -> Relationship:
     )
 
 
+# The organization relations spicesync writes for a user; any other relation is the app's own.
+MANAGED_RELATIONS: frozenset[str] = frozenset({"member", "admin"})
 MARKER_RELATION = "sync_version"
 MARKER_TYPE = "spicesync_version"
 
@@ -183,6 +186,9 @@ async def read_user_snapshot(client: SpiceDBClient, user_id: str) -> Memberships
             ),
             timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
         )
+        # Only the relations spicesync manages: an app's own relations on an organization
+        # (an owner, say) are never read as drift, rewritten or rolled back.
+        if r.relationship.relation in MANAGED_RELATIONS
     ]
     markers = [
         int(r.relationship.subject.object.object_id)

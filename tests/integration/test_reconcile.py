@@ -15,6 +15,7 @@ from authzed.api.v1 import (
     DeleteRelationshipsRequest,
     ObjectReference,
     ReadRelationshipsRequest,
+    Relationship,
     RelationshipFilter,
     RelationshipUpdate,
     SubjectFilter,
@@ -23,7 +24,7 @@ from authzed.api.v1 import (
 )
 
 from spicesync.models import Membership, ReconcileInput, ReconcileReport
-from spicesync.spicedb import SpiceDBClient, membership_relationship
+from spicesync.spicedb import SpiceDBClient, load_schema, membership_relationship, write_schema
 from spicesync.stack.processes import stop_pid
 from starters.reconcile import start_reconcile
 from starters.user_events import change_role, create_user
@@ -265,3 +266,52 @@ async def test_a_repair_takes_its_turn_with_the_users_live_events(
     assert await relationships_of(spicedb, user.user_id) == [(user.org_id, "admin")]
     final = await reconcile(p, dry_run=True)
     assert (final.found.missing, final.found.mismatched, final.found.orphan) == (0, 0, 0)
+
+
+async def test_the_apps_own_relations_are_never_touched(
+    own_pipeline: Pipeline, own_stores: OwnStores
+) -> None:
+    p, spicedb = own_pipeline, own_stores.spicedb
+    # The app extends spicesync's schema with a relation of its own on organizations.
+    extended = load_schema().replace(
+        "    relation member: user\n", "    relation member: user\n    relation owner: user\n"
+    )
+    await write_schema(spicedb, extended)
+    user = new_event()
+    await create_user(user, client=p.client, task_queue=p.task_queue)
+    owner = (user.org_id, "owner", user.user_id)
+    foreign_owner = ("legacy-org", "owner", "legacy-7")
+    for org, relation, subject in (owner, foreign_owner):
+        await spicedb.WriteRelationships(
+            WriteRelationshipsRequest(
+                updates=[
+                    RelationshipUpdate(
+                        operation=_TOUCH,
+                        relationship=Relationship(
+                            resource=ObjectReference(object_type="organization", object_id=org),
+                            relation=relation,
+                            subject=SubjectReference(
+                                object=ObjectReference(object_type="user", object_id=subject)
+                            ),
+                        ),
+                    )
+                ]
+            )
+        )
+    await touch(spicedb, Membership(user_id="legacy-7", org_id="legacy-org", role="member"))
+
+    report = await reconcile(p, dry_run=False)
+    assert (report.found.missing, report.found.mismatched, report.found.orphan) == (0, 0, 1)
+    assert report.samples["orphan"] == ["legacy-7"]
+    await change_role(
+        user.user_id,
+        org_id=user.org_id,
+        role="admin",
+        version=2,
+        client=p.client,
+        task_queue=p.task_queue,
+    )
+    state = await everything(spicedb)
+    assert owner in state and foreign_owner in state  # the app's relations survive both
+    assert (user.org_id, "admin", user.user_id) in state
+    assert ("legacy-org", "member", "legacy-7") not in state
