@@ -20,17 +20,12 @@ import asyncpg
 import grpc
 import grpc.aio
 from authzed.api.v1 import (
-    CheckBulkPermissionsRequest,
-    CheckBulkPermissionsRequestItem,
-    CheckPermissionResponse,
     Consistency,
     Cursor,
     DeleteRelationshipsRequest,
-    ObjectReference,
     ReadRelationshipsRequest,
     RelationshipFilter,
     SubjectFilter,
-    SubjectReference,
 )
 from temporalio import activity
 from temporalio.client import Client, WithStartWorkflowOperation
@@ -58,6 +53,7 @@ from spicesync.spicedb import (
     MANAGED_RELATIONS,
     SpiceDBClient,
     check_schema,
+    holds_memberships,
     read_user_snapshot,
 )
 from workflows.user_sync import UserSyncWorkflow
@@ -155,29 +151,6 @@ class ReconcileActivities:
         snapshots = await asyncio.gather(*(read(u) for u in user_ids))
         return dict(zip(user_ids, snapshots, strict=True))
 
-    async def _holds_role(self, rows: list[AppRow]) -> list[bool]:
-        if not rows:
-            return []
-        response = await self._spicedb.CheckBulkPermissions(
-            CheckBulkPermissionsRequest(
-                consistency=Consistency(fully_consistent=True),
-                items=[
-                    CheckBulkPermissionsRequestItem(
-                        resource=ObjectReference(object_type="organization", object_id=r.org_id),
-                        # A relation can be checked like a permission: "is the user an admin?"
-                        permission=r.role,
-                        subject=SubjectReference(
-                            object=ObjectReference(object_type="user", object_id=r.user_id)
-                        ),
-                    )
-                    for r in rows
-                ],
-            ),
-            timeout=30,
-        )
-        has = CheckPermissionResponse.PERMISSIONSHIP_HAS_PERMISSION
-        return [pair.item.permissionship == has for pair in response.pairs]
-
     @activity.defn
     async def scan_app_db_page(self, request: ScanAppDBPageInput) -> ScanPageResult:
         """Check one keyset page of App DB users against SpiceDB.
@@ -195,7 +168,10 @@ class ReconcileActivities:
         rows = [_app_row(r) for r in records]
         checkable = [r for r in rows if not r.creating]
         try:
-            holds = await self._holds_role(checkable)
+            holds = await holds_memberships(
+                self._spicedb,
+                [Membership(user_id=r.user_id, org_id=r.org_id, role=r.role) for r in checkable],
+            )
             # Holding the role is not enough to be right (an extra membership may remain), but
             # an extra membership is found by the SpiceDB pass; here only the lacking are read.
             lacking = [r for r, ok in zip(checkable, holds, strict=True) if not ok]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 import sys
 import time
 import uuid
@@ -21,7 +20,6 @@ import grpc.aio
 from authzed.api.v1 import RelationshipUpdate, WriteRelationshipsRequest
 from authzed.api.v1.permission_service_pb2 import ImportBulkRelationshipsRequest
 
-from bench.context import BenchContext
 from bench.harness import new_user
 from spicesync.models import BackfillInput, CreateUserInput, Membership
 from spicesync.settings import Settings
@@ -67,7 +65,14 @@ async def run_backfill_bench(
 ) -> dict[str, Any]:
     """Measure both paths for ``count`` users; returns figures and a ``summary`` entry."""
     from bench.pipeline import PipelineSystem
-    from bench.run import _fresh_spicedb, _holding, _wait_ready
+    from bench.run import (
+        _fresh_spicedb,
+        _holding,
+        _wait_ready,
+        cell_context,
+        spawn_worker,
+        stop_worker,
+    )
 
     pool = shared["pool"]
     await pool.execute("TRUNCATE users")
@@ -95,24 +100,10 @@ async def run_backfill_bench(
 
     pid, endpoint, key = await _fresh_spicedb(options.out / "logs")
     spicedb = connect_spicedb(endpoint, key)
-    ctx = BenchContext(
-        settings=settings,
-        client=shared["client"],
-        database_url=shared["database_url"],
-        pool=pool,
-        spicedb_endpoint=endpoint,
-        spicedb_key=key,
-        spicedb=spicedb,
-        task_queue=f"bench-backfill-{run}",
-        nats_url=options.nats_url,
-        run=run,
+    ctx = cell_context(
+        options, settings, shared, endpoint, key, spicedb, run, f"bench-backfill-{run}"
     )
-    worker = await asyncio.create_subprocess_exec(
-        *PipelineSystem().worker_command(),
-        env=ctx.worker_env(),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    worker = await spawn_worker(PipelineSystem().worker_command(), ctx, options.out / "logs")
     try:
         await _wait_ready(ctx, PipelineSystem())
         began = time.perf_counter()
@@ -127,8 +118,7 @@ async def run_backfill_bench(
         sample = random.Random(1).sample(users, min(1000, count))
         held = await _holding(spicedb, sample)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        await worker.wait()
+        await stop_worker(worker)
         await spicedb.close()
         stop_pid(pid)
 

@@ -21,14 +21,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
-from authzed.api.v1 import (
-    CheckBulkPermissionsRequest,
-    CheckBulkPermissionsRequestItem,
-    CheckPermissionResponse,
-    Consistency,
-    ObjectReference,
-    SubjectReference,
-)
 
 from bench.ceiling import EmptyWorkflowSystem
 from bench.context import BenchContext
@@ -39,9 +31,9 @@ from bench.outbox import OutboxSystem
 from bench.pipeline import PipelineSystem
 from bench.report import markdown, plot, write_json
 from spicesync.db import with_database
-from spicesync.models import CreateUserInput
+from spicesync.models import CreateUserInput, Membership
 from spicesync.settings import Settings, load_settings
-from spicesync.spicedb import SpiceDBClient, connect_spicedb
+from spicesync.spicedb import SpiceDBClient, connect_spicedb, holds_memberships
 from spicesync.stack.components import prepare_app_db, prepare_spicedb, start_spicedb
 from spicesync.stack.manager import stack_up
 from spicesync.stack.processes import free_port, spawn, stop_pid, tool_path, wait_for_port
@@ -110,32 +102,10 @@ async def _fresh_spicedb(log_dir: Path) -> tuple[int, str, str]:
 
 async def _holding(spicedb: SpiceDBClient, users: list[CreateUserInput]) -> set[str]:
     """Users whose membership SpiceDB grants, checked independently (fully consistent)."""
-    holding: set[str] = set()
-    for start in range(0, len(users), 500):
-        batch = users[start : start + 500]
-        response = await spicedb.CheckBulkPermissions(
-            CheckBulkPermissionsRequest(
-                consistency=Consistency(fully_consistent=True),
-                items=[
-                    CheckBulkPermissionsRequestItem(
-                        resource=ObjectReference(object_type="organization", object_id=u.org_id),
-                        permission=u.role,
-                        subject=SubjectReference(
-                            object=ObjectReference(object_type="user", object_id=u.user_id)
-                        ),
-                    )
-                    for u in batch
-                ],
-            ),
-            timeout=60,
-        )
-        has = CheckPermissionResponse.PERMISSIONSHIP_HAS_PERMISSION
-        holding.update(
-            u.user_id
-            for u, pair in zip(batch, response.pairs, strict=True)
-            if pair.item.permissionship == has
-        )
-    return holding
+    answers = await holds_memberships(
+        spicedb, [Membership(user_id=u.user_id, org_id=u.org_id, role=u.role) for u in users]
+    )
+    return {u.user_id for u, held in zip(users, answers, strict=True) if held}
 
 
 async def _wait_ready(ctx: BenchContext, system: System) -> None:
@@ -147,6 +117,53 @@ async def _wait_ready(ctx: BenchContext, system: System) -> None:
             await asyncio.sleep(0.2)
     else:
         await asyncio.sleep(1.5)  # the consumer or relay connects and subscribes
+
+
+def cell_context(
+    options: BenchOptions,
+    settings: Settings,
+    shared: dict[str, Any],
+    endpoint: str,
+    key: str,
+    spicedb: SpiceDBClient,
+    run: str,
+    task_queue: str,
+) -> BenchContext:
+    """The context of one measurement: the shared engines plus this cell's SpiceDB."""
+    return BenchContext(
+        settings=settings,
+        client=shared["client"],
+        database_url=shared["database_url"],
+        pool=shared["pool"],
+        spicedb_endpoint=endpoint,
+        spicedb_key=key,
+        spicedb=spicedb,
+        task_queue=task_queue,
+        nats_url=options.nats_url,
+        run=run,
+    )
+
+
+async def spawn_worker(
+    command: list[str], ctx: BenchContext, log_dir: Path
+) -> asyncio.subprocess.Process:
+    """Start a system's worker process on the cell's engines, its output in ``log_dir``."""
+    with open(log_dir / f"worker-{ctx.run}.log", "wb") as log:  # noqa: ASYNC230
+        return await asyncio.create_subprocess_exec(
+            *command, env=ctx.worker_env(), stdout=asyncio.subprocess.DEVNULL, stderr=log
+        )
+
+
+async def stop_worker(worker: asyncio.subprocess.Process) -> None:
+    """SIGTERM (the worker drains), SIGKILL after 15 s."""
+    if worker.returncode is not None:
+        return
+    worker.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(worker.wait(), 15)
+    except TimeoutError:
+        worker.kill()
+        await worker.wait()
 
 
 async def run_cell(
@@ -163,30 +180,12 @@ async def run_cell(
     pool: asyncpg.Pool = shared["pool"]
     await pool.execute("TRUNCATE users")
     spicedb = connect_spicedb(endpoint, key)
-    ctx = BenchContext(
-        settings=settings,
-        client=shared["client"],
-        database_url=shared["database_url"],
-        pool=pool,
-        spicedb_endpoint=endpoint,
-        spicedb_key=key,
-        spicedb=spicedb,
-        task_queue=f"bench-{run}",
-        nats_url=options.nats_url,
-        run=run,
-    )
+    ctx = cell_context(options, settings, shared, endpoint, key, spicedb, run, f"bench-{run}")
     prepare = getattr(system, "prepare", None)
     if prepare is not None:
         await prepare(ctx)
-    worker = None
     command = system.worker_command()
-    if command:
-        worker = await asyncio.create_subprocess_exec(
-            *command,
-            env=ctx.worker_env(),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=open(log_dir / f"worker-{run}.log", "wb"),  # noqa: ASYNC230, SIM115
-        )
+    worker = await spawn_worker(command, ctx, log_dir) if command else None
     result = CellResult(system=system.name, offered_rate=rate, seconds=options.seconds)
     try:
         await _wait_ready(ctx, system)
@@ -222,13 +221,8 @@ async def run_cell(
         else:
             result.lost = len(accepted) - failures - len(done)
     finally:
-        if worker is not None and worker.returncode is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(worker.wait(), 15)
-            except TimeoutError:
-                worker.kill()
-                await worker.wait()
+        if worker is not None:
+            await stop_worker(worker)
         close = getattr(system, "close", None)
         if close is not None:
             with contextlib.suppress(Exception):

@@ -10,6 +10,8 @@ import grpc
 import grpc.aio
 from authzed.api.v1 import (
     AsyncClient,
+    CheckBulkPermissionsRequest,
+    CheckBulkPermissionsRequestItem,
     CheckPermissionRequest,
     CheckPermissionResponse,
     Consistency,
@@ -35,6 +37,7 @@ __all__ = [
     "check_schema",
     "connect_spicedb",
     "has_org_permission",
+    "holds_memberships",
     "load_schema",
     "marker_filter",
     "marker_relationship",
@@ -258,6 +261,44 @@ async def has_org_permission(
         timeout=5,
     )
     return bool(response.permissionship == CheckPermissionResponse.PERMISSIONSHIP_HAS_PERMISSION)
+
+
+async def holds_memberships(
+    client: SpiceDBClient, memberships: list[Membership], *, batch: int = 500
+) -> list[bool]:
+    """Ask SpiceDB (CheckBulkPermissions, fully consistent) whether each user holds its relation.
+
+    Args:
+        client: A connected client.
+        memberships: What to check; a relation is checked like a permission ("is the user an
+            admin of the organization?").
+        batch: Items per call.
+
+    Returns:
+        One answer per membership, in order.
+    """
+    has = CheckPermissionResponse.PERMISSIONSHIP_HAS_PERMISSION
+    answers: list[bool] = []
+    for start in range(0, len(memberships), batch):
+        chunk = memberships[start : start + batch]
+        response = await client.CheckBulkPermissions(
+            CheckBulkPermissionsRequest(
+                consistency=Consistency(fully_consistent=True),
+                items=[
+                    CheckBulkPermissionsRequestItem(
+                        resource=ObjectReference(object_type="organization", object_id=m.org_id),
+                        permission=m.role,
+                        subject=SubjectReference(
+                            object=ObjectReference(object_type="user", object_id=m.user_id)
+                        ),
+                    )
+                    for m in chunk
+                ],
+            ),
+            timeout=60,
+        )
+        answers.extend(pair.item.permissionship == has for pair in response.pairs)
+    return answers
 
 
 # What the workflows write: (definition, relation), with the relation's subject type.

@@ -8,9 +8,6 @@ import uuid
 
 import asyncpg
 from authzed.api.v1 import (
-    CheckBulkPermissionsRequest,
-    CheckBulkPermissionsRequestItem,
-    CheckPermissionResponse,
     Consistency,
     DeleteRelationshipsRequest,
     ObjectReference,
@@ -24,7 +21,13 @@ from authzed.api.v1 import (
 )
 
 from spicesync.models import Membership, ReconcileInput, ReconcileReport
-from spicesync.spicedb import SpiceDBClient, load_schema, membership_relationship, write_schema
+from spicesync.spicedb import (
+    SpiceDBClient,
+    holds_memberships,
+    load_schema,
+    membership_relationship,
+    write_schema,
+)
 from spicesync.stack.processes import stop_pid
 from starters.reconcile import start_reconcile
 from starters.user_events import change_role, create_user
@@ -106,23 +109,9 @@ async def insert_unsynced(pool: asyncpg.Pool, count: int, org_id: str) -> list[s
 
 async def holds_role(spicedb: SpiceDBClient, users: list[tuple[str, str, str]]) -> list[bool]:
     """CheckBulkPermissions: does each (user, org, role) hold, fully consistently?"""
-    response = await spicedb.CheckBulkPermissions(
-        CheckBulkPermissionsRequest(
-            consistency=Consistency(fully_consistent=True),
-            items=[
-                CheckBulkPermissionsRequestItem(
-                    resource=ObjectReference(object_type="organization", object_id=org),
-                    permission=role,
-                    subject=SubjectReference(
-                        object=ObjectReference(object_type="user", object_id=u)
-                    ),
-                )
-                for u, org, role in users
-            ],
-        )
+    return await holds_memberships(
+        spicedb, [Membership(user_id=u, org_id=o, role=r) for u, o, r in users]
     )
-    has = CheckPermissionResponse.PERMISSIONSHIP_HAS_PERMISSION
-    return [p.item.permissionship == has for p in response.pairs]
 
 
 async def test_each_kind_of_drift_is_found_and_repaired_and_a_dry_run_changes_nothing(
