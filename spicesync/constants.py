@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_TASK_QUEUE",
     "EVENTS_PER_RUN",
     "HELD_CHANGE_GRACE",
+    "LOCAL_STEP_START_TO_CLOSE",
     "MAX_IN_FLIGHT_UPDATES",
     "RECONCILE_SCHEDULE_ID",
     "RECONCILE_WORKFLOW_ID",
@@ -77,6 +78,11 @@ ACTIVE_STAGES: Final = (
 
 # One attempt of an activity; retries are the RetryPolicy's job, so keep each try short.
 ACTIVITY_START_TO_CLOSE: Final = 15.0
+
+# A forward step's single try as a local activity. Healthy steps take milliseconds; past this
+# the step carries on as a normal, visible activity. Short, because the workflow task (and so a
+# caller waiting for its event's acceptance) stays open while a local activity runs.
+LOCAL_STEP_START_TO_CLOSE: Final = 3.0
 
 # A SpiceDB call that has not answered in this time is treated as DEADLINE_EXCEEDED (transient).
 SPICEDB_CALL_TIMEOUT_SECONDS: Final = 5.0

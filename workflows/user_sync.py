@@ -15,20 +15,28 @@ cancellation) restores exactly the prior state.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    FailureError,
+    is_cancelled_exception,
+)
 from temporalio.types import MethodAsyncSingleParam, ParamType, ReturnType
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.memberships import MembershipActivities
     from activities.user_rows import UserRowActivities
-    from spicesync.constants import ACTIVITY_START_TO_CLOSE, HELD_CHANGE_GRACE
+    from spicesync.constants import (
+        ACTIVITY_START_TO_CLOSE,
+        HELD_CHANGE_GRACE,
+        LOCAL_STEP_START_TO_CLOSE,
+    )
     from spicesync.errors import NON_RETRYABLE_ERROR_TYPES, InvalidUserInput
     from spicesync.ledger import EventLedger
     from spicesync.models import (
@@ -52,11 +60,12 @@ with workflow.unsafe.imports_passed_through():
         UserSyncInput,
         WriteMembershipsInput,
     )
-    from spicesync.retries import COMPENSATION_RETRY, STEP_RETRY
+    from spicesync.retries import COMPENSATION_RETRY, LOCAL_STEP_RETRY, STEP_RETRY
     from spicesync.validation import validate_event
 
 __all__ = [
     "LAST_ERROR",
+    "LOCAL_STEPS_PATCH",
     "ORG_ID",
     "STAGE",
     "STAGE_SINCE",
@@ -71,6 +80,10 @@ USER_ID = SearchAttributeKey.for_keyword("SpicesyncUserId")
 ORG_ID = SearchAttributeKey.for_keyword("SpicesyncOrgId")
 
 _TIMEOUT = timedelta(seconds=ACTIVITY_START_TO_CLOSE)
+_LOCAL_TIMEOUT = timedelta(seconds=LOCAL_STEP_START_TO_CLOSE)
+
+# Runs recorded before the forward steps were tried as local activities replay without them.
+LOCAL_STEPS_PATCH = "local-activity-steps"
 
 
 @workflow.defn
@@ -487,18 +500,62 @@ class UserSyncWorkflow:
         workflow.upsert_search_attributes(updates)
 
 
-def _step(
+async def _step(
     activity: MethodAsyncSingleParam[Any, ParamType, ReturnType], arg: ParamType
-) -> Awaitable[ReturnType]:
-    """Run a forward step of the saga with its retry policy."""
+) -> ReturnType:
+    """Run a forward step of the saga: once as a local activity, then as a retried activity.
+
+    A local activity skips the activity task's round trip through the server, which is most of
+    a healthy sync's latency. It gets one attempt only: whatever fails it (an outage, a slow
+    store) continues at once as a normal activity with the step's retry policy, so a stuck sync
+    is always a pending, retrying activity that the UI, ``spicesync stuck`` and the repair
+    commands see, never retries hidden inside a workflow task. Every step is idempotent, so
+    running it again after an attempt that did land is harmless.
+    """
+    if workflow.patched(LOCAL_STEPS_PATCH):
+        try:
+            return await workflow.execute_local_activity_method(
+                activity,
+                arg,
+                start_to_close_timeout=_LOCAL_TIMEOUT,
+                retry_policy=LOCAL_STEP_RETRY,
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            )
+        except FailureError as err:
+            if is_cancelled_exception(err):
+                raise
+            refusal = _application_failure(err)
+            if refusal is not None and refusal.type in NON_RETRYABLE_ERROR_TYPES:
+                # A local activity's failure reaches the workflow unwrapped; wrap it as a
+                # normal activity's is, so the saga handles a refusal the same either way.
+                raise _as_activity_error(activity, refusal) from refusal
     # WAIT_CANCELLATION_COMPLETED: on cancel, compensation must start only after an in-flight
     # write has really stopped, or the write could land after its undo.
-    return workflow.execute_activity_method(
+    return await workflow.execute_activity_method(
         activity,
         arg,
         start_to_close_timeout=_TIMEOUT,
         retry_policy=STEP_RETRY,
         cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+    )
+
+
+def _application_failure(err: FailureError) -> ApplicationError | None:
+    if isinstance(err, ApplicationError):
+        return err
+    return err.cause if isinstance(err.cause, ApplicationError) else None
+
+
+def _as_activity_error(activity: object, refusal: ApplicationError) -> ActivityError:
+    name = getattr(activity, "__name__", "step")
+    return ActivityError(
+        f"local activity {name} refused: {refusal.message}",
+        scheduled_event_id=0,
+        started_event_id=0,
+        identity="",
+        activity_type=name,
+        activity_id="",
+        retry_state=None,
     )
 
 

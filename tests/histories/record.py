@@ -4,11 +4,15 @@ Runs against the local stack's Temporal and PostgreSQL (``spicesync stack up``),
 and a SpiceDB engine of its own (so a reconcile sees only what this script made), with a worker
 of its own and no payload encryption (the replay test has no key). Histories:
 
-* ``user_sync_lifecycle``: a user created, changing role, moving, deleted;
-* ``user_sync_compensated``: a creation refused (duplicate email) and compensated;
+* ``user_sync_local_lifecycle``: a user created, changing role, moving, deleted;
+* ``user_sync_local_compensated``: a creation refused (duplicate email) and compensated;
 * ``user_sync_repaired``: a user whose membership SpiceDB lost, repaired by a reconcile;
 * ``reconcile_apply``: the reconcile that repaired it (scans, repairs, report);
 * ``backfill_paced``: a backfill of 30 users in batches of 10, paced by timers.
+
+``user_sync_lifecycle`` and ``user_sync_compensated`` are the same two runs recorded before the
+forward steps became local activities (patch ``local-activity-steps``); they are kept, not
+re-recorded, so workflows started by older workers keep replaying.
 
 Re-record one when a workflow change is meant to be incompatible, and say so in the commit.
 """
@@ -39,8 +43,8 @@ from workers.worker import build_worker, open_resources
 
 HERE = Path(__file__).parent
 ALL = (
-    "user_sync_lifecycle",
-    "user_sync_compensated",
+    "user_sync_local_lifecycle",
+    "user_sync_local_compensated",
     "user_sync_repaired",
     "reconcile_apply",
     "backfill_paced",
@@ -85,11 +89,12 @@ async def _run(settings: Settings, names: list[str]) -> None:
         org_id=org,
         role="admin",
     )
-    refused = synced.model_copy(
-        update={"user_id": str(uuid.uuid4()), "email": synced.email.upper()}
-    )
     repaired = synced.model_copy(
         update={"user_id": str(uuid.uuid4()), "email": f"fix-{org}@example.com"}
+    )
+    # The repaired user keeps its row, so the same email in another case is refused.
+    refused = repaired.model_copy(
+        update={"user_id": str(uuid.uuid4()), "email": repaired.email.upper()}
     )
     queue = {"client": client, "task_queue": task_queue}
     histories: dict[str, str] = {}
@@ -102,9 +107,9 @@ async def _run(settings: Settings, names: list[str]) -> None:
         await change_role(uid, org_id=org, role="member", version=2, **queue)  # type: ignore[arg-type]
         await move_user(uid, org_id=f"{org}-b", role="member", version=3, **queue)  # type: ignore[arg-type]
         await delete_user(uid, version=4, **queue)  # type: ignore[arg-type]
+        await create_user(repaired, **queue)  # type: ignore[arg-type]
         with contextlib.suppress(UserSyncFailed):
             await create_user(refused, **queue)  # type: ignore[arg-type]
-        await create_user(repaired, **queue)  # type: ignore[arg-type]
         endpoint, key = settings.require_spicedb()
         spicedb = connect_spicedb(endpoint, key)
         await revoke_all(spicedb, repaired.user_id)
@@ -128,8 +133,8 @@ async def _run(settings: Settings, names: list[str]) -> None:
         await backfill.result()
         histories["backfill_paced"] = (await backfill.fetch_history()).to_json()
     for name, user in (
-        ("user_sync_lifecycle", synced),
-        ("user_sync_compensated", refused),
+        ("user_sync_local_lifecycle", synced),
+        ("user_sync_local_compensated", refused),
         ("user_sync_repaired", repaired),
     ):
         handle = client.get_workflow_handle(user_workflow_id(user.user_id))

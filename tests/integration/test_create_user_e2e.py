@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import grpc
 import grpc.aio
 import pytest
 from authzed.api.v1 import ReadSchemaRequest
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 from temporalio.service import RPCError
 
 from spicesync.constants import user_workflow_id
@@ -54,6 +56,35 @@ async def test_happy_path_writes_row_then_permissions(pipeline: Pipeline) -> Non
         assert event.email not in str(described.typed_search_attributes)
 
 
+async def test_a_healthy_sync_runs_each_step_once_as_a_local_activity(pipeline: Pipeline) -> None:
+    event = new_event()
+    outcome = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
+    await assert_synced(pipeline, event, outcome.zed_token or "")
+    history = await pipeline.client.get_workflow_handle(outcome.workflow_id).fetch_history()
+    assert local_steps(history) == [
+        "read_user_state",
+        "insert_created_row",
+        "read_memberships",
+        "write_memberships",
+        "apply_row",
+    ]
+    # No round trip through an activity task queue while everything is healthy.
+    assert not any(
+        e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED for e in history.events
+    )
+
+
+def local_steps(history: WorkflowHistory) -> list[str]:
+    """The activity types of the local activities recorded in ``history``, in order."""
+    steps = []
+    for e in history.events:
+        marker = e.marker_recorded_event_attributes
+        if marker.marker_name == "core_local_activity":
+            data = marker.details["data"].payloads[0].data
+            steps.append(json.loads(data)["activity_type"])
+    return steps
+
+
 async def test_wait_for_row_returns_before_permissions(pipeline: Pipeline) -> None:
     event = new_event()
     outcome = await create_user(
@@ -64,6 +95,15 @@ async def test_wait_for_row_returns_before_permissions(pipeline: Pipeline) -> No
     # Delivering the same event again waits for its outcome: duplicates are no-ops.
     result = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
     await assert_synced(pipeline, event, result.zed_token)
+    # The step first failed as a local activity, then went on as a normal, visible activity.
+    history = await pipeline.client.get_workflow_handle(result.workflow_id).fetch_history()
+    assert "read_memberships" in local_steps(history)
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    assert scheduled[0] == "read_memberships"
 
 
 async def test_wait_for_start_returns_at_once(pipeline: Pipeline) -> None:
@@ -75,6 +115,15 @@ async def test_wait_for_start_returns_at_once(pipeline: Pipeline) -> None:
     # Delivering the same event again waits for its outcome: duplicates are no-ops.
     result = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
     await assert_synced(pipeline, event, result.zed_token)
+    # The step first failed as a local activity, then went on as a normal, visible activity.
+    history = await pipeline.client.get_workflow_handle(result.workflow_id).fetch_history()
+    assert "read_memberships" in local_steps(history)
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    assert scheduled[0] == "read_memberships"
 
 
 async def test_duplicate_events_are_no_ops(pipeline: Pipeline) -> None:
@@ -140,6 +189,15 @@ async def test_spicedb_outage_waits_then_completes(
     # Delivering the same event again waits for its outcome: duplicates are no-ops.
     result = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
     await assert_synced(pipeline, event, result.zed_token)
+    # The step first failed as a local activity, then went on as a normal, visible activity.
+    history = await pipeline.client.get_workflow_handle(result.workflow_id).fetch_history()
+    assert "read_memberships" in local_steps(history)
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    assert scheduled[0] == "read_memberships"
 
 
 async def test_cancel_during_outage_compensates_to_neither(

@@ -21,6 +21,8 @@ HISTORIES = Path(__file__).parent.parent / "histories"
     [
         "user_sync_lifecycle",
         "user_sync_compensated",
+        "user_sync_local_lifecycle",
+        "user_sync_local_compensated",
         "user_sync_repaired",
         "reconcile_apply",
         "backfill_paced",
@@ -43,6 +45,13 @@ def test_histories_cover_every_workflow_and_path() -> None:
     assert lifecycle.count('"name": "apply_row"') == 4  # created, role_changed, moved, deleted
     assert "EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED" in lifecycle
     assert '"name": "insert_created_row"' in read("user_sync_compensated")
+    # The same runs with the forward steps as local activities (markers, no activity tasks).
+    for name in ("user_sync_local_lifecycle", "user_sync_local_compensated"):
+        local = read(name)
+        assert '"markerName": "core_local_activity"' in local
+        assert "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED" not in local
+    for name in ("user_sync_compensated", "user_sync_local_compensated"):
+        assert "DuplicateEmail" in read(name)
     assert '"name": "record_repair"' in read("user_sync_repaired")
     reconcile = read("reconcile_apply")
     for step in ("check_schema_ready", "scan_app_db_page", "scan_spicedb_page", "repair_users"):
