@@ -33,7 +33,7 @@ __all__ = ["UserRowActivities"]
 _EMAIL_INDEX = "users_email_lower_key"
 
 _READ_STATE = """
-SELECT u.version, u.org_id, u.role, t.version AS tombstone
+SELECT u.version, u.org_id, u.role, u.sync_status, t.version AS tombstone
 FROM (SELECT $1::uuid AS id) k
 LEFT JOIN users u ON u.id = k.id
 LEFT JOIN user_tombstones t ON t.id = k.id
@@ -94,7 +94,8 @@ class UserRowActivities:
     async def read_user_state(self, request: ReadUserStateInput) -> UserState:
         """Read the version applied to the user and where the user belongs.
 
-        A deleted user reads as not existing, at the version of its deletion.
+        A deleted user reads as not existing, at the version of its deletion; a user whose
+        creation is still pending reads as not existing yet.
 
         Raises:
             AppDBUnavailable: A transient PostgreSQL error; retried.
@@ -104,7 +105,10 @@ class UserRowActivities:
         except _DB_ERRORS as err:
             raise _translate(err, request.user_id) from None
         assert row is not None
-        if row["version"] is not None:
+        # A pending row is a creation whose row committed but whose sync never finished (its
+        # worker died before the workflow recorded the insert, say): not applied, so the
+        # creation, delivered again or replayed, is applied rather than judged stale.
+        if row["version"] is not None and row["sync_status"] != "pending":
             return UserState(
                 exists=True, version=row["version"], org_id=row["org_id"], role=row["role"]
             )

@@ -17,7 +17,10 @@ class FailureKind(enum.StrEnum):
 
 
 # Codes where SpiceDB has looked at the request and said no: sending it again gives the same
-# answer. UNAUTHENTICATED and PERMISSION_DENIED are configuration errors an operator must fix.
+# answer. UNAUTHENTICATED and PERMISSION_DENIED are not here: they say the worker's key is wrong,
+# not the event, so rolling the event back would throw away a valid user because of a deployment
+# mistake. They retry (a visible stuck activity) until a worker with the right key takes over,
+# and a worker refuses to start with a key SpiceDB rejects.
 _PERMANENT_GRPC: frozenset[grpc.StatusCode] = frozenset(
     {
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -26,8 +29,6 @@ _PERMANENT_GRPC: frozenset[grpc.StatusCode] = frozenset(
         grpc.StatusCode.NOT_FOUND,
         grpc.StatusCode.OUT_OF_RANGE,
         grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
     }
 )
 

@@ -50,8 +50,9 @@ def _name_problem(name: str) -> str | None:
         return "name: must not be empty"
     if len(name) > MAX_NAME_LENGTH:
         return f"name: must be at most {MAX_NAME_LENGTH} characters"
-    if any(unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co", "Cn"} for ch in name):
-        return "name: must not contain control, format or unassigned characters"
+    # Zl/Zp (U+2028, U+2029) are line breaks that ``Cc`` does not cover.
+    if any(unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"} for ch in name):
+        return "name: must not contain control, format, line-break or unassigned characters"
     return None
 
 

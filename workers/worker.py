@@ -32,9 +32,15 @@ from workflows.backfill import BackfillWorkflow
 from workflows.reconcile import ReconcileWorkflow
 from workflows.user_sync import UserSyncWorkflow
 
-__all__ = ["WorkerResources", "build_worker", "open_resources", "run_worker"]
+__all__ = ["SpiceDBKeyRefused", "WorkerResources", "build_worker", "open_resources", "run_worker"]
 
 log = logging.getLogger("spicesync.worker")
+
+_REFUSED_KEY = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+class SpiceDBKeyRefused(RuntimeError):
+    """SpiceDB rejected the worker's preshared key at start-up; the worker does not start."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,9 @@ async def run_worker(
         settings: Connection settings.
         stop: Set it to shut down; by default the process signals set it.
         client: An injected Temporal client; connected from the settings otherwise.
+
+    Raises:
+        SpiceDBKeyRefused: SpiceDB rejected the preshared key; nothing was polled.
     """
     if stop is None:
         stop = asyncio.Event()
@@ -129,6 +138,13 @@ async def run_worker(
         try:
             missing = await check_schema(resources.spicedb)
         except grpc.aio.AioRpcError as err:
+            if err.code() in _REFUSED_KEY:
+                # Serving with a key SpiceDB rejects would only hold every sync: refuse to start,
+                # so the deployment fails where the operator looks; events wait in Temporal.
+                raise SpiceDBKeyRefused(
+                    f"SpiceDB at {settings.spicedb_endpoint} refused the preshared key"
+                    f" ({err.code().name}); fix SPICEDB_PRESHARED_KEY"
+                ) from err
             # SpiceDB being down must not keep the worker from starting: syncs wait for it.
             log.warning("could not check SpiceDB's schema now: %s", err.code().name)
             missing = []

@@ -444,7 +444,12 @@ class UserSyncWorkflow:
                 "spicesync_compensations", "Events rolled back to their prior state"
             ).add(1, {"kind": event.kind})
             undo = asyncio.ensure_future(
-                self._compensate(event, target, snapshot if write_started else None, row_created)
+                self._compensate(
+                    event,
+                    target,
+                    _state_before(event, snapshot, prior) if write_started else None,
+                    row_created,
+                )
             )
             await _shielded(undo)
             if cancelled:
@@ -556,6 +561,27 @@ def _as_activity_error(activity: object, refusal: ApplicationError) -> ActivityE
         activity_type=name,
         activity_id="",
         retry_state=None,
+    )
+
+
+def _state_before(
+    event: UserEvent, snapshot: MembershipsSnapshot | None, prior: UserState
+) -> MembershipsSnapshot | None:
+    """What a rollback of ``event`` restores in SpiceDB.
+
+    Normally the snapshot read before the write. But if the snapshot already carries this
+    event's own marker, an earlier attempt's write landed and the record of its steps was lost
+    (a worker killed while the steps ran as local activities, which then run again): the
+    snapshot shows the event, not what preceded it. Then what preceded it is what the App DB
+    had applied before the event.
+    """
+    if snapshot is None or snapshot.marker != event.version:
+        return snapshot
+    return MembershipsSnapshot(
+        memberships=[Membership(user_id=event.user_id, org_id=prior.org_id, role=prior.role)]
+        if prior.exists
+        else [],
+        marker=prior.version or None,
     )
 
 

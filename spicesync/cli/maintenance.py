@@ -211,3 +211,33 @@ def bench_command(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"spicesync bench: {problem}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def chaos_command(args: argparse.Namespace) -> int:
+    """Run ``spicesync chaos``; exit 1 if any scenario lost, half-wrote or duplicated a user."""
+    from pathlib import Path
+
+    from chaos.run import ChaosOptions, run_chaos
+    from chaos.scenarios import SCENARIOS
+
+    unknown = [name for name in args.scenario or [] if name not in SCENARIOS]
+    if unknown:
+        print(
+            f"spicesync chaos: unknown scenario {', '.join(unknown)};"
+            f" choose from {', '.join(SCENARIOS)}",
+            file=sys.stderr,
+        )
+        return 2
+    options = ChaosOptions(
+        users=args.users,
+        outage_seconds=args.outage_seconds,
+        out=Path(args.out),
+        scenarios=args.scenario or list(SCENARIOS),
+    )
+    results = asyncio.run(run_chaos(options))
+    print((options.out / "chaos.md").read_text())
+    print(f"outputs: {options.out}/chaos.md, chaos.json")
+    failed = [r["scenario"] for r in results if not r["passed"]]
+    if failed:
+        print(f"spicesync chaos: failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 from temporalio.client import Client
 
+from chaos.faults import FAULTS_DDL
 from spicesync.db import with_database
 from spicesync.models import CreateUserInput
 from spicesync.settings import Settings
@@ -119,35 +120,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float = 3
         await asyncio.sleep(0.1)
 
 
-_FAULTS_DDL = """
-CREATE TABLE IF NOT EXISTS test_faults (
-    user_id  uuid NOT NULL,
-    op       text NOT NULL,
-    sqlstate text NOT NULL
-);
-CREATE OR REPLACE FUNCTION test_inject_fault() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    state text;
-BEGIN
-    SELECT f.sqlstate INTO state FROM test_faults f
-    WHERE f.user_id = (CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END) AND f.op = TG_OP;
-    -- 'UPDATE' faults target recording an event on the row (apply_row), not the claim a
-    -- SpiceDB write takes on the row (which changes only permissions_written_at).
-    IF TG_OP = 'UPDATE' AND NEW.version = OLD.version
-       AND NEW.zed_token IS NOT DISTINCT FROM OLD.zed_token THEN
-        state := NULL;
-    END IF;
-    IF state IS NOT NULL THEN
-        RAISE EXCEPTION 'injected fault' USING ERRCODE = state;
-    END IF;
-    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
-END $$;
-DROP TRIGGER IF EXISTS test_inject_fault ON users;
-CREATE TRIGGER test_inject_fault BEFORE INSERT OR UPDATE OR DELETE ON users
-    FOR EACH ROW EXECUTE FUNCTION test_inject_fault();
-"""
-
-
 @dataclass
 class Faults:
     """Make PostgreSQL fail one statement kind for one user, with a chosen SQLSTATE."""
@@ -156,20 +128,22 @@ class Faults:
 
     async def inject(self, user_id: str, op: str, sqlstate: str) -> None:
         await self.pool.execute(
-            "INSERT INTO test_faults VALUES ($1, $2, $3)", uuid.UUID(user_id), op, sqlstate
+            "INSERT INTO injected_faults VALUES ($1, $2, $3)", uuid.UUID(user_id), op, sqlstate
         )
 
     async def clear(self, user_id: str) -> None:
-        await self.pool.execute("DELETE FROM test_faults WHERE user_id = $1", uuid.UUID(user_id))
+        await self.pool.execute(
+            "DELETE FROM injected_faults WHERE user_id = $1", uuid.UUID(user_id)
+        )
 
 
 @pytest.fixture
 async def faults(app_db: asyncpg.Pool) -> AsyncIterator[Faults]:
     """Fault injection into the real PostgreSQL (a trigger on ``users``, this test's ids only)."""
-    await app_db.execute(_FAULTS_DDL)
+    await app_db.execute(FAULTS_DDL)
     injector = Faults(app_db)
     yield injector
-    await app_db.execute("DELETE FROM test_faults")
+    await app_db.execute("DELETE FROM injected_faults")
 
 
 async def retrying(client: Client, workflow_id: str, attempts: int = 2) -> bool:

@@ -21,8 +21,9 @@ T, P = FailureKind.TRANSIENT, FailureKind.PERMANENT
         (grpc.StatusCode.FAILED_PRECONDITION, P),
         (grpc.StatusCode.ALREADY_EXISTS, P),
         (grpc.StatusCode.NOT_FOUND, P),
-        (grpc.StatusCode.UNAUTHENTICATED, P),
-        (grpc.StatusCode.PERMISSION_DENIED, P),
+        # A wrong key is the deployment's fault, not the event's: retry, never compensate.
+        (grpc.StatusCode.UNAUTHENTICATED, T),
+        (grpc.StatusCode.PERMISSION_DENIED, T),
         (grpc.StatusCode.UNIMPLEMENTED, P),
     ],
 )

@@ -42,6 +42,8 @@ def test_valid_event_has_no_problems() -> None:
         ({"name": "x" * 201}, "name"),
         ({"name": "bell\x07"}, "name"),
         ({"name": "rtl\u202eoverride"}, "name"),
+        ({"name": "line\u2028separator"}, "name"),
+        ({"name": "paragraph\u2029separator"}, "name"),
         ({"org_id": ""}, "org_id"),
         ({"org_id": "acme corp"}, "org_id"),
         ({"org_id": "a" * 129}, "org_id"),

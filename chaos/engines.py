@@ -1,0 +1,177 @@
+"""The real processes a chaos run starts, kills and restarts.
+
+A run has a Temporal dev server of its own (file-backed, so it can be killed and restarted like a
+real cluster node); every scenario has a SpiceDB engine and an App DB database of its own on the
+stack's PostgreSQL, and its own spicesync worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spicesync.settings import Settings
+from spicesync.stack.components import prepare_spicedb, start_spicedb, start_temporal
+from spicesync.stack.processes import free_port, wait_for_port
+
+__all__ = ["SpiceDBEngine", "TemporalServer", "WorkerProcesses", "kill_hard"]
+
+
+def kill_hard(pid: int) -> None:
+    """SIGKILL ``pid`` (a crash: no shutdown code runs) and reap it if it is our child."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, 0)
+
+
+@dataclass
+class TemporalServer:
+    """The run's own Temporal dev server, on a SQLite file that outlives a kill."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    pid: int = 0
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for clients and workers."""
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        """Start (or restart, on the same file and port) and wait until it accepts calls."""
+        log = self.directory / "temporal.log"
+        self.pid = start_temporal(
+            port=self.port,
+            ui_port=None,
+            db_file=self.directory / "temporal.db",
+            log=log,
+            codec_endpoint=None,
+        )
+        await asyncio.to_thread(
+            wait_for_port, "127.0.0.1", self.port, pid=self.pid, timeout=60, log=log
+        )
+
+    def kill(self) -> None:
+        """Crash it."""
+        kill_hard(self.pid)
+
+
+@dataclass
+class SpiceDBEngine:
+    """A SpiceDB engine (memory datastore) of one scenario's own."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    key: str = field(default_factory=lambda: os.urandom(12).hex())
+    pid: int = 0
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` for the authzed client."""
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        """Start on this engine's port and write spicesync's schema (what ``stack up`` does)."""
+        log = self.directory / f"spicedb-{self.port}.log"
+        self.pid, _ = await asyncio.to_thread(
+            start_spicedb, port=self.port, preshared_key=self.key, log=log
+        )
+        await asyncio.to_thread(
+            wait_for_port, "127.0.0.1", self.port, pid=self.pid, timeout=60, log=log
+        )
+        await prepare_spicedb(self.endpoint, self.key)
+
+    def kill(self) -> None:
+        """Crash it: the memory datastore, and every relationship in it, is gone."""
+        kill_hard(self.pid)
+
+
+@dataclass
+class WorkerProcesses:
+    """``spicesync worker`` processes of one scenario, started, crashed and replaced at will."""
+
+    settings: Settings
+    task_queue: str
+    database_url: str
+    spicedb_endpoint: str
+    spicedb_key: str
+    log: Path
+    processes: list[asyncio.subprocess.Process] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        """The worker's whole configuration, as an operator would set it."""
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("TEMPORAL_", "SPICEDB_", "DATABASE_URL", "SPICESYNC_"))
+        }
+        env = base | {
+            "TEMPORAL_ADDRESS": self.settings.temporal_address,
+            "TEMPORAL_NAMESPACE": self.settings.temporal_namespace,
+            "DATABASE_URL": self.database_url,
+            "SPICEDB_ENDPOINT": self.spicedb_endpoint,
+            "SPICEDB_PRESHARED_KEY": self.spicedb_key,
+            "SPICESYNC_TASK_QUEUE": self.task_queue,
+            "SPICESYNC_METRICS_ADDRESS": "",
+            "SPICESYNC_STATE_DIR": "/nonexistent-chaos-state",
+        }
+        if self.settings.encryption_keys is not None:
+            env["SPICESYNC_ENCRYPTION_KEYS"] = self.settings.encryption_keys.get_secret_value()
+        if self.settings.encryption_key_id:
+            env["SPICESYNC_ENCRYPTION_KEY_ID"] = self.settings.encryption_key_id
+        return env
+
+    async def start(self, *, code_dir: Path | None = None) -> asyncio.subprocess.Process:
+        """Start one worker.
+
+        Args:
+            code_dir: Run with the ``workflows`` package found here first (another release of
+                the workflow code); this checkout's code otherwise.
+        """
+        env = self.env()
+        if code_dir is not None:
+            # `python -m` puts the working directory first on sys.path, ahead of this checkout.
+            env["PYTHONPATH"] = os.pathsep.join([str(code_dir), os.getcwd()])
+        with open(self.log, "ab") as out:  # noqa: ASYNC230 - a log file opened once per process
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "spicesync",
+                "worker",
+                env=env,
+                cwd=str(code_dir) if code_dir is not None else None,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=out,
+            )
+        self.processes.append(process)
+        return process
+
+    async def crash_all(self) -> int:
+        """SIGKILL every worker (no graceful shutdown); returns how many were killed."""
+        killed = 0
+        for process in self.processes:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+                killed += 1
+        self.processes = []
+        return killed
+
+    async def stop_all(self) -> None:
+        """SIGTERM (the worker drains), SIGKILL after 15 s."""
+        for process in self.processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        self.processes = []

@@ -1,0 +1,432 @@
+"""The fault scenarios. Each drives real load through real workers while it breaks something.
+
+Every scenario fills its :class:`~chaos.verdict.ScenarioResult` through
+:meth:`chaos.scene.Scene.finish`, which waits for every accepted user's outcome and judges the
+stores independently. Faults are timed by what the stores report (a commit, an acknowledged
+SpiceDB write), never by hooks inside spicesync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+from authzed.api.v1 import RelationshipUpdate
+from temporalio.api.enums.v1 import EventType
+
+from chaos.faults import inject_fault, on_commits, on_spicedb_writes
+from chaos.load import Delivery, collect_outcomes, offer, user_batch
+from chaos.poison import case_variants, poison_cases
+from chaos.proxy import FaultProxy
+from chaos.scene import Scene
+from spicesync.constants import user_workflow_id
+from spicesync.models import CreateUserInput, Membership, ReconcileInput
+from spicesync.spicedb import holds_memberships
+from starters.reconcile import start_reconcile
+
+__all__ = ["PREVIOUS_RELEASE", "SCENARIOS"]
+
+# The last commit whose user-sync workflow ran every step as a normal activity: scenario
+# `code_change_deployed` starts workflows on that code and finishes them on this checkout's.
+PREVIOUS_RELEASE = "fd7928a8e6b18f1e331f89620d7d46a192b00755"
+
+
+async def _crash_and_replace(scene: Scene, times: list[float], label: str) -> None:
+    """SIGKILL the worker and start a new one; ``times`` gets when the new one was started."""
+    killed = await scene.workers.crash_all()
+    await scene.workers.start()
+    times.append(time.monotonic())
+    scene.result.notes.append(f"{label}: {killed} worker(s) killed")
+
+
+async def worker_killed_after_pg_commit(scene: Scene) -> None:
+    """SIGKILL the worker the moment a creation's row commits, three times under load."""
+    users = user_batch(scene.task_queue, scene.run.users, org_id=scene.org_id)
+    marks = {len(users) // 4, len(users) // 2, 3 * len(users) // 4}
+    inserts, restarted = 0, list[float]()
+    lock = asyncio.Lock()
+
+    async def committed(op: str) -> None:
+        nonlocal inserts
+        if op != "INSERT":
+            return
+        async with lock:
+            inserts += 1
+            if inserts in marks:
+                await _crash_and_replace(scene, restarted, f"after commit #{inserts}")
+
+    await scene.workers.start()
+    await scene.wait_for_workers()
+    async with on_commits(scene.database_url, committed):
+        delivery = await offer(scene.client, scene.task_queue, users)
+        outcomes = await collect_outcomes(
+            scene.client, scene.task_queue, _accepted(users, delivery)
+        )
+    await _finish(scene, users, delivery, restarted, outcomes)
+
+
+async def worker_killed_after_spicedb_ack(scene: Scene) -> None:
+    """SIGKILL the worker the moment SpiceDB acknowledges a write, three times under load."""
+    users = user_batch(scene.task_queue, scene.run.users, org_id=scene.org_id)
+    marks = {len(users) // 4, len(users) // 2, 3 * len(users) // 4}
+    writes, restarted = 0, list[float]()
+    lock = asyncio.Lock()
+
+    async def acknowledged(updates: list[RelationshipUpdate]) -> None:
+        nonlocal writes
+        async with lock:
+            writes += 1
+            if writes in marks:
+                await _crash_and_replace(scene, restarted, f"after SpiceDB write #{writes}")
+
+    await scene.workers.start()
+    await scene.wait_for_workers()
+    async with on_spicedb_writes(scene.spicedb, acknowledged):
+        delivery = await offer(scene.client, scene.task_queue, users)
+        outcomes = await collect_outcomes(
+            scene.client, scene.task_queue, _accepted(users, delivery)
+        )
+    await _finish(scene, users, delivery, restarted, outcomes)
+
+
+async def temporal_restarted(scene: Scene) -> None:
+    """Crash the Temporal server (file-backed) with a third of the load accepted; restart it."""
+    users = user_batch(scene.task_queue, scene.run.users, org_id=scene.org_id)
+    healed: list[float] = []
+
+    async def fault() -> None:
+        scene.run.temporal.kill()
+        await asyncio.sleep(3)
+        await scene.run.temporal.start()
+        healed.append(time.monotonic())
+        scene.result.notes.append("Temporal server SIGKILLed, restarted after 3 s")
+
+    delivery = await _offer_with_fault(scene, users, len(users) // 3, fault)
+    await _finish(scene, users, delivery, healed)
+
+
+async def spicedb_data_lost(scene: Scene) -> None:
+    """Crash SpiceDB mid-load and bring it back empty; a reconcile must restore what was lost."""
+    users = user_batch(scene.task_queue, scene.run.users, org_id=scene.org_id)
+    healed: list[float] = []
+
+    async def fault() -> None:
+        scene.engine.kill()
+        await scene.engine.start()  # same port and key, empty datastore, schema written
+        healed.append(time.monotonic())
+
+    delivery = await _offer_with_fault(scene, users, len(users) // 2, fault)
+    accepted = _accepted(users, delivery)
+    outcomes = await collect_outcomes(scene.client, scene.task_queue, accepted)
+
+    held = await holds_memberships(
+        scene.spicedb,
+        [Membership(user_id=u.user_id, org_id=u.org_id, role=u.role) for u in accepted],
+    )
+    missing = sum(1 for h in held if not h)
+    handle = await start_reconcile(
+        ReconcileInput(dry_run=False),
+        client=scene.client,
+        task_queue=scene.task_queue,
+        workflow_id=f"chaos-reconcile-{uuid.uuid4().hex[:8]}",
+    )
+    report = await handle.result()
+    scene.result.notes.append(
+        f"{missing} synced users lost their relationships with the datastore;"
+        f" reconcile repaired {report.repairs.repaired}"
+    )
+    await scene.finish(accepted, healed_at=_last(healed), outcomes=outcomes)
+    _count_rejections(scene, users, delivery)
+
+
+async def postgres_unreachable(scene: Scene) -> None:
+    """PostgreSQL refuses connections for the outage, mid-load (existing ones reset)."""
+    target, rewrite = _postgres_route(scene.database_url)
+    async with FaultProxy(target) as proxy:
+        scene.workers.database_url = rewrite(proxy.port)
+        await _outage(scene, proxy, "PostgreSQL")
+
+
+async def spicedb_unreachable(scene: Scene) -> None:
+    """SpiceDB refuses connections for the outage, mid-load (existing ones reset)."""
+    async with FaultProxy(("127.0.0.1", scene.engine.port)) as proxy:
+        scene.workers.spicedb_endpoint = proxy.address
+        await _outage(scene, proxy, "SpiceDB")
+
+
+async def wrong_preshared_key(scene: Scene) -> None:
+    """A worker deployed with a wrong SpiceDB key refuses to start; events wait, then sync."""
+    users = user_batch(scene.task_queue, scene.run.users, org_id=scene.org_id)
+    right = scene.workers.spicedb_key
+    scene.workers.spicedb_key = "not-the-key"
+    bad = await scene.workers.start()
+    code = await asyncio.wait_for(bad.wait(), 60)
+    scene.workers.processes.clear()
+    scene.result.notes.append(f"the worker with the wrong key exited with status {code}")
+    if code != 2:
+        scene.result.problems.append(f"a worker with a wrong key exited with {code}, not 2")
+    # The app's calls wait (no worker can accept them) while the operator fixes the key.
+    offering = asyncio.create_task(offer(scene.client, scene.task_queue, users))
+    await asyncio.sleep(5)
+    rows = await scene.pool.fetchval("SELECT count(*) FROM users")
+    if rows:
+        scene.result.problems.append(f"{rows} rows written while no worker could reach SpiceDB")
+    scene.workers.spicedb_key = right
+    await scene.workers.start()
+    healed = time.monotonic()
+    delivery = await offering
+    await _finish(scene, users, delivery, [healed])
+
+
+async def duplicate_delivery(scene: Scene) -> None:
+    """Every event delivered twice at the same time (two calls in flight for each user)."""
+    users = user_batch(scene.task_queue, scene.run.users, org_id=scene.org_id)
+    await scene.workers.start()
+    await scene.wait_for_workers()
+    twice = [u for u in users for _ in range(2)]
+    delivery = await offer(scene.client, scene.task_queue, twice)
+    accepted = _accepted(users, delivery)
+    first, second = await asyncio.gather(
+        collect_outcomes(scene.client, scene.task_queue, accepted),
+        collect_outcomes(scene.client, scene.task_queue, accepted),
+    )
+    if first != second:
+        differing = sum(1 for u in first if first[u] != second.get(u))
+        scene.result.problems.append(f"{differing} users got different outcomes for one event")
+    await scene.finish(accepted, healed_at=None, outcomes=first)
+    _count_rejections(scene, users, delivery)
+
+
+async def poison_inputs(scene: Scene) -> None:
+    """Malformed events among healthy ones; emails that differ only in case race each other."""
+    healthy = user_batch(scene.task_queue, scene.run.users, org_id=scene.org_id)
+    poison = poison_cases(max(200, scene.run.users // 5), org_id=scene.org_id, seed=7)
+    pairs = case_variants(scene.org_id, seed=7)
+    variants = [u for pair in pairs for u in pair]
+    await scene.workers.start()
+    await scene.wait_for_workers()
+    mixed: list[CreateUserInput] = [*healthy, *variants]
+    for i, case in enumerate(poison):
+        mixed.insert((i * 7) % len(mixed), case.user)
+    delivery = await offer(scene.client, scene.task_queue, mixed)
+    for case in poison:
+        reason = delivery.rejected.get(case.user.user_id, "")
+        if not reason.startswith("InvalidUserInput") or case.field not in reason:
+            scene.result.problems.append(f"poison {case.label!r} not rejected clearly: {reason!r}")
+    accepted = _accepted([*healthy, *variants], delivery)
+    outcomes = await collect_outcomes(scene.client, scene.task_queue, accepted)
+    expect_failed = {}
+    for a, b in pairs:
+        loser = b if outcomes.get(a.user_id) == "synced" else a
+        expect_failed[loser.user_id] = "DuplicateEmail"
+    started = (await scene.client.count_workflows(f"TaskQueue = '{scene.task_queue}'")).count
+    if started != len(accepted):
+        scene.result.problems.append(f"{started} workflows for {len(accepted)} accepted events")
+    await scene.finish(accepted, healed_at=None, expect_failed=expect_failed, outcomes=outcomes)
+    scene.result.users = len(mixed)
+    scene.result.rejected = sum(1 for c in poison if c.user.user_id in delivery.rejected)
+    scene.result.notes.append(
+        f"{len(poison)} poison events in {len({c.label for c in poison})} kinds;"
+        f" {len(pairs)} email pairs differing only in case"
+    )
+
+
+async def worker_killed_during_compensation(scene: Scene) -> None:
+    """A fifth of the users fail for good at the last step; the worker is killed mid-rollback."""
+    users = user_batch(scene.task_queue, scene.run.users, org_id=scene.org_id)
+    doomed = [u.user_id for u in users[::5]]
+    # 23514 (check violation) is permanent: recording the row fails, so the event compensates.
+    await inject_fault(scene.pool, doomed, "UPDATE", "23514")
+    kills, restarted = 0, list[float]()
+    lock = asyncio.Lock()
+
+    async def acknowledged(updates: list[RelationshipUpdate]) -> None:
+        nonlocal kills
+        # A membership deleted is a rollback's SpiceDB half; its row's removal comes next.
+        if not any(u.operation == RelationshipUpdate.OPERATION_DELETE for u in updates):
+            return
+        async with lock:
+            if kills < 3:
+                kills += 1
+                await _crash_and_replace(scene, restarted, f"during rollback #{kills}")
+
+    await scene.workers.start()
+    await scene.wait_for_workers()
+    async with on_spicedb_writes(scene.spicedb, acknowledged):
+        delivery = await offer(scene.client, scene.task_queue, users)
+        accepted = _accepted(users, delivery)
+        outcomes = await collect_outcomes(scene.client, scene.task_queue, accepted)
+    if kills == 0:
+        scene.result.problems.append("no rollback was seen, so no worker was killed during one")
+    await scene.finish(
+        accepted,
+        healed_at=_last(restarted),
+        expect_failed={u: "AppDBRejected" for u in doomed},
+        outcomes=outcomes,
+    )
+    _count_rejections(scene, users, delivery)
+
+
+async def code_change_deployed(scene: Scene) -> None:
+    """Syncs started on the previous release, held mid-saga, then finished by this code."""
+    previous = await asyncio.to_thread(_previous_release, scene.run.directory)
+    half = scene.run.users // 2
+    old_users = user_batch(f"old-{scene.task_queue}", half, org_id=scene.org_id)
+    new_users = user_batch(f"new-{scene.task_queue}", scene.run.users - half, org_id=scene.org_id)
+    await scene.workers.start(code_dir=previous)
+    await scene.wait_for_workers()
+    # SpiceDB answers nothing (SIGSTOP): the previous release's syncs stop mid-saga.
+    os.kill(scene.engine.pid, signal.SIGSTOP)
+    try:
+        delivery = await offer(scene.client, scene.task_queue, old_users)
+        await asyncio.sleep(3)
+        await scene.workers.stop_all()
+    finally:
+        os.kill(scene.engine.pid, signal.SIGCONT)
+    await scene.workers.start()
+    healed = time.monotonic()
+    await offer(scene.client, scene.task_queue, new_users, delivery=delivery)
+    users = [*old_users, *new_users]
+    accepted = _accepted(users, delivery)
+    outcomes = await collect_outcomes(scene.client, scene.task_queue, accepted)
+    failed_tasks = 0
+    for user in old_users[:25]:
+        history = await scene.client.get_workflow_handle(
+            user_workflow_id(user.user_id)
+        ).fetch_history()
+        failed_tasks += sum(
+            1 for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED
+        )
+    if failed_tasks:
+        scene.result.problems.append(f"{failed_tasks} workflow task failures (non-determinism?)")
+    scene.result.notes.append(
+        f"{len(old_users)} syncs started on {PREVIOUS_RELEASE[:8]} and held mid-saga;"
+        f" {len(new_users)} new ones in a burst on this code; 25 histories checked"
+    )
+    await scene.finish(accepted, healed_at=healed, outcomes=outcomes)
+    _count_rejections(scene, users, delivery)
+
+
+def _previous_release(directory: Path) -> Path:
+    """The ``workflows`` package of :data:`PREVIOUS_RELEASE`, extracted from git."""
+    target = directory / "previous-release"
+    if not (target / "workflows").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "archive", PREVIOUS_RELEASE, "workflows"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+async def _outage(scene: Scene, proxy: FaultProxy, store: str) -> None:
+    users = user_batch(scene.task_queue, scene.run.users, org_id=scene.org_id)
+    healed: list[float] = []
+
+    async def fault() -> None:
+        await proxy.refuse()
+        await asyncio.sleep(scene.run.outage_seconds)
+        await proxy.restore()
+        healed.append(time.monotonic())
+        scene.result.notes.append(
+            f"{store} refused connections for {scene.run.outage_seconds:g} s;"
+            f" {proxy.connections_aborted} open connections reset"
+        )
+
+    delivery = await _offer_with_fault(scene, users, len(users) // 3, fault)
+    await _finish(scene, users, delivery, healed)
+
+
+async def _offer_with_fault(
+    scene: Scene,
+    users: list[CreateUserInput],
+    at: int,
+    fault: Callable[[], Coroutine[Any, Any, None]],
+) -> Delivery:
+    """Offer ``users``; start ``fault`` (in the background) once ``at`` are accepted."""
+    await scene.workers.start()
+    await scene.wait_for_workers()
+    running: list[asyncio.Task[None]] = []
+
+    async def accepted_so_far(count: int) -> None:
+        if count >= at and not running:
+            running.append(asyncio.create_task(fault()))
+
+    delivery = await offer(scene.client, scene.task_queue, users, on_accept=accepted_so_far)
+    if running:
+        await running[0]
+    else:
+        scene.result.problems.append("the fault was never injected")
+    return delivery
+
+
+async def _finish(
+    scene: Scene,
+    users: list[CreateUserInput],
+    delivery: Delivery,
+    healed: list[float],
+    outcomes: dict[str, str] | None = None,
+) -> None:
+    await scene.finish(_accepted(users, delivery), healed_at=_last(healed), outcomes=outcomes)
+    _count_rejections(scene, users, delivery)
+
+
+def _accepted(users: list[CreateUserInput], delivery: Delivery) -> list[CreateUserInput]:
+    return [u for u in users if u.user_id in delivery.accepted]
+
+
+def _count_rejections(scene: Scene, users: list[CreateUserInput], delivery: Delivery) -> None:
+    scene.result.users = len(users)
+    scene.result.rejected = len(delivery.rejected)
+    if delivery.failed_calls:
+        scene.result.problems.append(f"{delivery.failed_calls} events never accepted")
+    if delivery.retried_calls:
+        scene.result.notes.append(f"{delivery.retried_calls} start calls retried by the app")
+
+
+def _last(times: list[float]) -> float | None:
+    return times[-1] if times else None
+
+
+def _postgres_route(url: str) -> tuple[str | tuple[str, int], Callable[[int], str]]:
+    """Where PostgreSQL really listens, and the URL of the same database through a proxy."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    port = int(query.get("port", [parts.port or 5432])[0])
+    socket_dir = query.get("host", [None])[0]
+    target: str | tuple[str, int] = (
+        f"{socket_dir}/.s.PGSQL.{port}"
+        if socket_dir and socket_dir.startswith("/")
+        else (parts.hostname or "127.0.0.1", port)
+    )
+    user = parts.username or "postgres"
+
+    def rewrite(proxy_port: int) -> str:
+        return urlunsplit(("postgresql", f"{user}@127.0.0.1:{proxy_port}", parts.path, "", ""))
+
+    return target, rewrite
+
+
+SCENARIOS: dict[str, Callable[[Scene], Awaitable[None]]] = {
+    "worker_killed_after_pg_commit": worker_killed_after_pg_commit,
+    "worker_killed_after_spicedb_ack": worker_killed_after_spicedb_ack,
+    "temporal_restarted": temporal_restarted,
+    "spicedb_data_lost": spicedb_data_lost,
+    "postgres_unreachable": postgres_unreachable,
+    "spicedb_unreachable": spicedb_unreachable,
+    "wrong_preshared_key": wrong_preshared_key,
+    "duplicate_delivery": duplicate_delivery,
+    "poison_inputs": poison_inputs,
+    "worker_killed_during_compensation": worker_killed_during_compensation,
+    "code_change_deployed": code_change_deployed,
+}

@@ -1,0 +1,181 @@
+"""The invariants, judged from independent reads of PostgreSQL, SpiceDB and Temporal.
+
+Nothing here trusts spicesync's own bookkeeping: the App DB is read with plain SQL, SpiceDB with
+``ReadRelationships`` at full consistency, Temporal through its visibility API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import asyncpg
+from authzed.api.v1 import Consistency, ReadRelationshipsRequest, RelationshipFilter
+from temporalio.client import Client
+
+from spicesync.models import CreateUserInput
+from spicesync.spicedb import MANAGED_RELATIONS, SpiceDBClient
+
+__all__ = ["ScenarioResult", "judge", "unsettled_workflows"]
+
+_SETTLED_STAGES = ("idle", "failed", "closed_idle")
+
+
+@dataclass
+class ScenarioResult:
+    """One scenario's row in the report."""
+
+    scenario: str
+    users: int = 0
+    accepted: int = 0
+    synced: int = 0
+    compensated: int = 0
+    rejected: int = 0
+    lost: int = 0
+    half_written: int = 0
+    orphans: int = 0
+    duplicates: int = 0
+    unsettled: int = 0
+    reported_stale: int = 0
+    recovery_seconds: float | None = None
+    passed: bool = False
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+async def _memberships(spicedb: SpiceDBClient) -> dict[str, list[tuple[str, str]]]:
+    """Every user's organization relationships spicesync manages, read fully consistently."""
+    held: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    stream = spicedb.ReadRelationships(
+        ReadRelationshipsRequest(
+            consistency=Consistency(fully_consistent=True),
+            relationship_filter=RelationshipFilter(resource_type="organization"),
+        ),
+        timeout=60,
+    )
+    async for item in stream:
+        rel = item.relationship
+        if rel.relation in MANAGED_RELATIONS and rel.subject.object.object_type == "user":
+            held[rel.subject.object.object_id].append((rel.resource.object_id, rel.relation))
+    return held
+
+
+async def unsettled_workflows(client: Client, task_queue: str) -> int:
+    """Running user syncs on ``task_queue`` with an event still in flight (visibility API)."""
+    stages = ", ".join(f"'{s}'" for s in _SETTLED_STAGES)
+    query = (
+        f"TaskQueue = '{task_queue}' AND ExecutionStatus = 'Running'"
+        f" AND WorkflowType = 'UserSyncWorkflow' AND SpicesyncStage NOT IN ({stages})"
+    )
+    return (await client.count_workflows(query)).count
+
+
+async def judge(
+    result: ScenarioResult,
+    *,
+    pool: asyncpg.Pool,
+    spicedb: SpiceDBClient,
+    client: Client,
+    task_queue: str,
+    accepted: list[CreateUserInput],
+    outcomes: dict[str, str],
+    expect_failed: dict[str, str] | None = None,
+    settle_seconds: float = 30.0,
+) -> ScenarioResult:
+    """Fill ``result`` from the stores' own state and decide whether the scenario passed.
+
+    Args:
+        result: The row to fill.
+        pool: The scenario's App DB (read directly, not through any proxy).
+        spicedb: The scenario's SpiceDB (read directly).
+        client: Temporal.
+        task_queue: The scenario's queue.
+        accepted: Every user whose event was accepted.
+        outcomes: Each accepted user's final outcome (see :func:`chaos.load.collect_outcomes`).
+        expect_failed: Users that must end failed, with the error type they must fail with.
+        settle_seconds: How long visibility may lag behind the workflows' last stage update.
+    """
+    expect_failed = expect_failed or {}
+    rows = {
+        str(r["id"]): r
+        for r in await pool.fetch("SELECT id, org_id, role, sync_status, zed_token FROM users")
+    }
+    held = await _memberships(spicedb)
+    known = {u.user_id for u in accepted}
+    for user in accepted:
+        row, grants = rows.get(user.user_id), held.get(user.user_id, [])
+        outcome = outcomes.get(user.user_id, "unfinished")
+        synced = (
+            row is not None
+            and row["sync_status"] == "synced"
+            and (row["org_id"], row["role"]) == (user.org_id, user.role)
+            and grants == [(user.org_id, user.role)]
+        )
+        neither = row is None and not grants
+        if synced:
+            result.synced += 1
+        elif neither:
+            result.compensated += 1
+        else:
+            result.half_written += 1
+            result.problems.append(
+                f"{user.user_id}: row={None if row is None else row['sync_status']}"
+                f" grants={grants} outcome={outcome}"
+            )
+        if outcome == "stale":
+            # The event had applied before its workflow task was lost (a crash while the steps
+            # ran as local activities); the replay finds it applied. Right if the stores agree.
+            result.reported_stale += 1
+        if outcome == "unfinished" or (outcome in ("synced", "stale") and not synced):
+            result.lost += 1
+            result.problems.append(f"{user.user_id}: outcome {outcome}, synced={synced}")
+        elif outcome.startswith("failed:") and not neither:
+            result.problems.append(f"{user.user_id}: {outcome} but not rolled back")
+        wanted = expect_failed.get(user.user_id)
+        if wanted is not None and outcome != f"failed:{wanted}":
+            result.problems.append(f"{user.user_id}: expected failed:{wanted}, got {outcome}")
+        if wanted is None and outcome not in ("synced", "stale"):
+            result.problems.append(f"{user.user_id}: expected synced, got {outcome}")
+    for user_id, grants in held.items():
+        if len(grants) > 1:
+            result.duplicates += 1
+            result.problems.append(f"{user_id}: {len(grants)} memberships {grants}")
+        row = rows.get(user_id)
+        if row is None or row["sync_status"] != "synced":
+            result.orphans += 1
+            if user_id not in known:
+                result.problems.append(f"{user_id}: relationship of a user never accepted")
+    duplicate_emails = await pool.fetchval(
+        "SELECT count(*) FROM (SELECT lower(email) FROM users GROUP BY 1 HAVING count(*) > 1) d"
+    )
+    result.duplicates += int(duplicate_emails)
+    strays = set(rows) - known
+    if strays:
+        result.half_written += len(strays)
+        result.problems.append(f"{len(strays)} rows of users never accepted")
+    # Visibility lags behind the workflows' last stage update by up to a few seconds.
+    deadline = time.monotonic() + settle_seconds
+    unsettled = await unsettled_workflows(client, task_queue)
+    while unsettled and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+        unsettled = await unsettled_workflows(client, task_queue)
+    result.unsettled = unsettled
+    if unsettled:
+        result.problems.append(f"{unsettled} workflows still have an event in flight")
+    result.accepted = len(accepted)
+    result.passed = not (
+        result.lost
+        or result.half_written
+        or result.orphans
+        or result.duplicates
+        or result.unsettled
+        or result.problems
+    )
+    return result

@@ -1,0 +1,56 @@
+"""``spicesync chaos`` short run: every scenario, ~100 users each, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chaos.scenarios import SCENARIOS
+from tests.integration.test_cli_stack import run, stack_env  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.timeout(900)
+def test_short_chaos_run_loses_half_writes_and_duplicates_nothing(
+    stack_env: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "chaos"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spicesync",
+            "chaos",
+            "--users",
+            "100",
+            "--outage-seconds",
+            "5",
+            "--out",
+            str(out),
+        ],
+        env=stack_env,
+        capture_output=True,
+        text=True,
+        timeout=860,
+        check=False,
+    )
+    report = (out / "chaos.md").read_text() if (out / "chaos.md").exists() else ""
+    assert done.returncode == 0, report + done.stderr[-3000:]
+    payload = json.loads((out / "chaos.json").read_text())
+    results = {r["scenario"]: r for r in payload["scenarios"]}
+    assert set(results) == set(SCENARIOS)
+    for name, r in results.items():
+        assert r["passed"], (name, r["problems"][:5])
+        assert r["lost"] == r["half_written"] == r["orphans"] == r["duplicates"] == 0, r
+        assert r["accepted"] > 0 and r["synced"] > 0, r
+    # The scenarios that expect failures saw them, rolled back completely.
+    assert results["worker_killed_during_compensation"]["compensated"] == 20
+    assert results["poison_inputs"]["rejected"] >= 200
+    assert results["poison_inputs"]["compensated"] == 20  # one of each same-email pair
+    _ = run
