@@ -33,7 +33,9 @@ __all__ = ["UserRowActivities"]
 _EMAIL_INDEX = "users_email_lower_key"
 
 _READ_STATE = """
-SELECT u.version, u.org_id, u.role, u.sync_status, t.version AS tombstone
+SELECT u.version, u.org_id, u.role, u.applied_event, u.zed_token,
+       (u.sync_status = 'pending' AND u.created_by_event IS NOT NULL) AS creating,
+       t.version AS tombstone, t.deleted_by_event
 FROM (SELECT $1::uuid AS id) k
 LEFT JOIN users u ON u.id = k.id
 LEFT JOIN user_tombstones t ON t.id = k.id
@@ -48,15 +50,19 @@ RETURNING id
 _EXISTING = "SELECT version, created_by_event FROM users WHERE id = $1"
 _RECORD = """
 UPDATE users
-SET org_id = $2, role = $3, version = $4, zed_token = $5,
+SET org_id = $2, role = $3, version = $4, zed_token = $5, applied_event = $6,
     sync_status = 'synced', synced_at = now(), updated_at = now(), permissions_written_at = now()
 WHERE id = $1 AND version <= $4
 RETURNING id
 """
 _DELETE = "DELETE FROM users WHERE id = $1 AND version < $2 RETURNING id"
 _TOMBSTONE = """
-INSERT INTO user_tombstones (id, version) VALUES ($1, $2)
+INSERT INTO user_tombstones (id, version, deleted_by_event) VALUES ($1, $2, $3)
 ON CONFLICT (id) DO UPDATE SET version = GREATEST(user_tombstones.version, EXCLUDED.version),
+                               deleted_by_event = CASE
+                                   WHEN EXCLUDED.version >= user_tombstones.version
+                                   THEN EXCLUDED.deleted_by_event
+                                   ELSE user_tombstones.deleted_by_event END,
                                deleted_at = now()
 """
 _RECORD_REPAIR = """
@@ -105,14 +111,22 @@ class UserRowActivities:
         except _DB_ERRORS as err:
             raise _translate(err, request.user_id) from None
         assert row is not None
-        # A pending row is a creation whose row committed but whose sync never finished (its
-        # worker died before the workflow recorded the insert, say): not applied, so the
-        # creation, delivered again or replayed, is applied rather than judged stale.
-        if row["version"] is not None and row["sync_status"] != "pending":
+        # A row spicesync inserted for a creation that never finished (its worker died before
+        # the workflow recorded the insert, say) is not applied: the creation, delivered again
+        # or replayed, is applied rather than judged stale. (A row the app wrote itself, never
+        # synced, is a user that exists: the backfill's business.)
+        if row["version"] is not None and not row["creating"]:
             return UserState(
-                exists=True, version=row["version"], org_id=row["org_id"], role=row["role"]
+                exists=True,
+                version=row["version"],
+                org_id=row["org_id"],
+                role=row["role"],
+                applied_event=row["applied_event"],
+                zed_token=row["zed_token"],
             )
-        return UserState(exists=False, version=row["tombstone"] or 0)
+        return UserState(
+            exists=False, version=row["tombstone"] or 0, applied_event=row["deleted_by_event"]
+        )
 
     @activity.defn
     async def insert_created_row(self, request: InsertCreatedRowInput) -> InsertCreatedRowResult:
@@ -168,10 +182,10 @@ class UserRowActivities:
                     if await conn.fetchval(_NEWER_ROW, user_id, e.version):
                         return ApplyRowResult(applied=False)
                     await conn.execute(_DELETE, user_id, e.version)
-                    await conn.execute(_TOMBSTONE, user_id, e.version)
+                    await conn.execute(_TOMBSTONE, user_id, e.version, e.event_id)
                     return ApplyRowResult(applied=True)
                 updated = await conn.fetchval(
-                    _RECORD, user_id, e.org_id, e.role, e.version, request.zed_token
+                    _RECORD, user_id, e.org_id, e.role, e.version, request.zed_token, e.event_id
                 )
                 if updated is not None:
                     return ApplyRowResult(applied=True)

@@ -54,8 +54,18 @@ _PERMANENT_SQLSTATE_CLASSES: frozenset[str] = frozenset(
     {
         "22",  # data exception (value too long, invalid text representation, ...)
         "23",  # integrity constraint violation (unique, check, not null, foreign key)
-        "42",  # syntax error or access rule violation (undefined table/column)
+        "42",  # syntax error or access rule violation
         "44",  # WITH CHECK OPTION violation
+    }
+)
+# Except an App DB whose schema is behind the code (workers deployed before the migration ran):
+# retrying helps once an operator migrates, and failing would roll back valid users. The sync
+# waits, visibly stuck, instead. Found by `spicesync chaos` when workers met an older database.
+_SCHEMA_BEHIND: frozenset[str] = frozenset(
+    {
+        "42703",  # undefined_column
+        "42P01",  # undefined_table
+        "42883",  # undefined_function
     }
 )
 
@@ -64,9 +74,10 @@ def classify_sqlstate(sqlstate: str | None) -> FailureKind:
     """Classify a PostgreSQL error by its SQLSTATE.
 
     Connection exceptions (class 08), resource shortages (53), server shutdowns (57P0x),
-    serialization failures and deadlocks are transient. Data, integrity and syntax errors are
-    permanent. A missing SQLSTATE (the connection broke before the server answered) is
-    transient.
+    serialization failures and deadlocks are transient, and so is a schema behind the code
+    (undefined table, column or function: it waits for the migration). Data, integrity and
+    syntax errors are permanent. A missing SQLSTATE (the connection broke before the server
+    answered) is transient.
 
     Args:
         sqlstate: The five-character SQLSTATE, or ``None`` if there was none.
@@ -74,6 +85,8 @@ def classify_sqlstate(sqlstate: str | None) -> FailureKind:
     Returns:
         The failure kind.
     """
+    if sqlstate in _SCHEMA_BEHIND:
+        return FailureKind.TRANSIENT
     if sqlstate is not None and sqlstate[:2] in _PERMANENT_SQLSTATE_CLASSES:
         return FailureKind.PERMANENT
     return FailureKind.TRANSIENT

@@ -48,6 +48,17 @@ class EventLedger:
             return known
         if event.event_id in self._pending:
             return None
+        if event.event_id == self.state.applied_event and event.version == self.state.version:
+            # This very event is what the App DB records as applied (delivered again after the
+            # workflow closed, or replayed after a worker died mid-task): answer as it was.
+            return self._record(
+                EventOutcome(
+                    event_id=event.event_id,
+                    version=event.version,
+                    status="applied",
+                    zed_token=self.state.zed_token,
+                )
+            )
         if event.version <= self._high_water:
             return self._record(
                 EventOutcome(event_id=event.event_id, version=event.version, status="stale")

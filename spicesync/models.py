@@ -144,6 +144,9 @@ class UserState(_Model):
     version: int
     org_id: str = ""
     role: str = ""
+    # The event that applied ``version`` and its ZedToken, when the App DB recorded them.
+    applied_event: str | None = None
+    zed_token: str | None = None
 
 
 class CarriedState(_Model):

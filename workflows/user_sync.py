@@ -421,12 +421,13 @@ class UserSyncWorkflow:
                     f"user {event.user_id}: the App DB already holds a newer version",
                     type="SupersededWrite",
                 )
-            state = (
-                UserState(exists=False, version=event.version)
-                if target is None
-                else UserState(
-                    exists=True, version=event.version, org_id=target.org_id, role=target.role
-                )
+            state = UserState(
+                exists=target is not None,
+                version=event.version,
+                org_id=target.org_id if target is not None else "",
+                role=target.role if target is not None else "",
+                applied_event=event.event_id,
+                zed_token=None if target is None else written.zed_token,
             )
             return (
                 EventOutcome(

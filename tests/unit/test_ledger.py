@@ -53,6 +53,21 @@ def test_stale_event_is_a_recorded_no_op() -> None:
     assert ledger.next_ready() is None
 
 
+def test_the_event_the_app_db_records_as_applied_is_answered_applied_not_stale() -> None:
+    # A new run (a replay after a worker died, or a delivery after the workflow closed) finds
+    # the App DB already recording this very event: its outcome is "applied", with the token.
+    state = UserState(
+        exists=True, version=5, org_id="o", role="member", applied_event="e5", zed_token="zt"
+    )
+    ledger = EventLedger(state)
+    outcome = ledger.offer(event(5))
+    assert outcome is not None and (outcome.status, outcome.zed_token) == ("applied", "zt")
+    # Another event at the same version is not this one: stale.
+    other = ledger.offer(event(5, event_id="another-e5"))
+    assert other is not None and other.status == "stale"
+    assert ledger.next_ready() is None
+
+
 def test_changes_wait_for_the_creation() -> None:
     ledger = EventLedger(NOBODY)
     ledger.offer(event(3))
