@@ -49,47 +49,50 @@ async def _crash_and_replace(scene: Scene, times: list[float], label: str) -> No
 
 async def worker_killed_after_pg_commit(scene: Scene) -> None:
     """SIGKILL the worker the moment a creation's row commits, three times under load."""
-    users = user_batch(scene.task_queue, scene.run.users, org_id=scene.org_id)
-    marks = {len(users) // 4, len(users) // 2, 3 * len(users) // 4}
-    inserts, restarted = 0, list[float]()
-    lock = asyncio.Lock()
 
-    async def committed(op: str) -> None:
-        nonlocal inserts
-        if op != "INSERT":
-            return
-        async with lock:
-            inserts += 1
-            if inserts in marks:
-                await _crash_and_replace(scene, restarted, f"after commit #{inserts}")
+    def trigger(hit: Callable[[], Coroutine[Any, Any, None]]) -> Any:
+        async def committed(op: str) -> None:
+            if op == "INSERT":
+                await hit()
 
-    await scene.workers.start()
-    await scene.wait_for_workers()
-    async with on_commits(scene.database_url, committed):
-        delivery = await offer(scene.client, scene.task_queue, users)
-        outcomes = await collect_outcomes(
-            scene.client, scene.task_queue, _accepted(users, delivery)
-        )
-    await _finish(scene, users, delivery, restarted, outcomes)
+        return on_commits(scene.database_url, committed)
+
+    await _kill_on(scene, trigger, "after commit")
 
 
 async def worker_killed_after_spicedb_ack(scene: Scene) -> None:
     """SIGKILL the worker the moment SpiceDB acknowledges a write, three times under load."""
+
+    def trigger(hit: Callable[[], Coroutine[Any, Any, None]]) -> Any:
+        async def acknowledged(_updates: list[RelationshipUpdate]) -> None:
+            await hit()
+
+        return on_spicedb_writes(scene.spicedb, acknowledged)
+
+    await _kill_on(scene, trigger, "after SpiceDB write")
+
+
+async def _kill_on(
+    scene: Scene,
+    trigger: Callable[[Callable[[], Coroutine[Any, Any, None]]], Any],
+    label: str,
+) -> None:
+    """Crash and replace the worker at the ¼, ½ and ¾ marks of what ``trigger`` reports."""
     users = user_batch(scene.task_queue, scene.run.users, org_id=scene.org_id)
     marks = {len(users) // 4, len(users) // 2, 3 * len(users) // 4}
-    writes, restarted = 0, list[float]()
+    seen, restarted = 0, list[float]()
     lock = asyncio.Lock()
 
-    async def acknowledged(updates: list[RelationshipUpdate]) -> None:
-        nonlocal writes
+    async def hit() -> None:
+        nonlocal seen
         async with lock:
-            writes += 1
-            if writes in marks:
-                await _crash_and_replace(scene, restarted, f"after SpiceDB write #{writes}")
+            seen += 1
+            if seen in marks:
+                await _crash_and_replace(scene, restarted, f"{label} #{seen}")
 
     await scene.workers.start()
     await scene.wait_for_workers()
-    async with on_spicedb_writes(scene.spicedb, acknowledged):
+    async with trigger(hit):
         delivery = await offer(scene.client, scene.task_queue, users)
         outcomes = await collect_outcomes(
             scene.client, scene.task_queue, _accepted(users, delivery)

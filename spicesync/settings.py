@@ -123,6 +123,36 @@ class Settings(BaseSettings):
             )
         return self.spicedb_endpoint, self.spicedb_preshared_key.get_secret_value()
 
+    def worker_environment(
+        self, *, task_queue: str, database_url: str, spicedb_endpoint: str, spicedb_key: str
+    ) -> dict[str, str]:
+        """The environment of a ``spicesync worker`` process on these (or the given) engines.
+
+        The caller's own spicesync, Temporal and store variables are dropped, so the child sees
+        exactly this configuration; Temporal and encryption come from these settings. Used to
+        start worker processes the benchmark and the fault suite control.
+        """
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("TEMPORAL_", "SPICEDB_", "DATABASE_URL", "SPICESYNC_"))
+        }
+        env = base | {
+            "TEMPORAL_ADDRESS": self.temporal_address,
+            "TEMPORAL_NAMESPACE": self.temporal_namespace,
+            "DATABASE_URL": database_url,
+            "SPICEDB_ENDPOINT": spicedb_endpoint,
+            "SPICEDB_PRESHARED_KEY": spicedb_key,
+            "SPICESYNC_TASK_QUEUE": task_queue,
+            "SPICESYNC_METRICS_ADDRESS": "",
+            "SPICESYNC_STATE_DIR": "/nonexistent-worker-state",
+        }
+        if self.encryption_keys is not None:
+            env["SPICESYNC_ENCRYPTION_KEYS"] = self.encryption_keys.get_secret_value()
+        if self.encryption_key_id:
+            env["SPICESYNC_ENCRYPTION_KEY_ID"] = self.encryption_key_id
+        return env
+
     def trace_path(self) -> Path:
         """Where spans go when no OTLP endpoint is configured."""
         return self.trace_file or self.state_dir / "logs" / "traces.jsonl"
