@@ -83,6 +83,20 @@ class Settings(BaseSettings):
         default=1000, ge=0, validation_alias="SPICESYNC_RECONCILE_PRUNE_CAP"
     )
 
+    # Worker tuning; unset means the SDK's default. `spicesync bench` measures the effect.
+    worker_max_cached_workflows: int | None = Field(
+        default=None, ge=0, validation_alias="SPICESYNC_WORKER_MAX_CACHED_WORKFLOWS"
+    )
+    worker_max_concurrent_workflow_tasks: int | None = Field(
+        default=None, ge=1, validation_alias="SPICESYNC_WORKER_MAX_CONCURRENT_WORKFLOW_TASKS"
+    )
+    worker_max_concurrent_activities: int | None = Field(
+        default=None, ge=1, validation_alias="SPICESYNC_WORKER_MAX_CONCURRENT_ACTIVITIES"
+    )
+    worker_workflow_task_pollers: int | None = Field(
+        default=None, ge=2, validation_alias="SPICESYNC_WORKER_WORKFLOW_TASK_POLLERS"
+    )
+
     # Ports of the local stack (``spicesync stack up``); unused when pointing at real services.
     stack_temporal_port: int = Field(default=7233, validation_alias="SPICESYNC_TEMPORAL_PORT")
     stack_temporal_ui_port: int = Field(default=8233, validation_alias="SPICESYNC_TEMPORAL_UI_PORT")
@@ -132,10 +146,12 @@ class Settings(BaseSettings):
         exactly this configuration; Temporal and encryption come from these settings. Used to
         start worker processes the benchmark and the fault suite control.
         """
+        # Worker tuning (SPICESYNC_WORKER_*) passes through, so a benchmark can vary it.
         base = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith(("TEMPORAL_", "SPICEDB_", "DATABASE_URL", "SPICESYNC_"))
+            if k.startswith("SPICESYNC_WORKER_")
+            or not k.startswith(("TEMPORAL_", "SPICEDB_", "DATABASE_URL", "SPICESYNC_"))
         }
         env = base | {
             "TEMPORAL_ADDRESS": self.temporal_address,

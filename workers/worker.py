@@ -75,13 +75,20 @@ async def open_resources(settings: Settings) -> AsyncIterator[WorkerResources]:
         await pool.close()
 
 
-def build_worker(client: Client, resources: WorkerResources, *, task_queue: str) -> Worker:
+def build_worker(
+    client: Client,
+    resources: WorkerResources,
+    *,
+    task_queue: str,
+    settings: Settings | None = None,
+) -> Worker:
     """Register the workflows (user sync, reconcile, backfill) and their activities.
 
     Args:
         client: A client built with ``pydantic_data_converter``.
         resources: The shared pool and SpiceDB client.
         task_queue: The queue to poll.
+        settings: Worker tuning (cache size, slots, pollers); the SDK's defaults without it.
 
     Returns:
         The (not yet running) worker.
@@ -90,9 +97,21 @@ def build_worker(client: Client, resources: WorkerResources, *, task_queue: str)
     memberships = MembershipActivities(resources.spicedb, resources.pool)
     reconcile = ReconcileActivities(resources.pool, resources.spicedb, client, task_queue)
     backfill = BackfillActivities(resources.pool, resources.spicedb)
+    tuning: dict[str, int] = {}
+    if settings is not None:
+        for option, value in (
+            ("max_cached_workflows", settings.worker_max_cached_workflows),
+            ("max_concurrent_workflow_tasks", settings.worker_max_concurrent_workflow_tasks),
+            ("max_concurrent_activities", settings.worker_max_concurrent_activities),
+            ("max_concurrent_local_activities", settings.worker_max_concurrent_activities),
+            ("max_concurrent_workflow_task_polls", settings.worker_workflow_task_pollers),
+        ):
+            if value is not None:
+                tuning[option] = value
     return Worker(
         client,
         task_queue=task_queue,
+        **tuning,  # type: ignore[arg-type]
         workflows=[UserSyncWorkflow, ReconcileWorkflow, BackfillWorkflow],
         activities=[
             rows.read_user_state,
@@ -152,7 +171,7 @@ async def run_worker(
             # Syncs that need these park (visible in `spicesync stuck` and the UI) until the
             # schema is fixed and they are resumed; the worker still serves everything else.
             log.error("SpiceDB schema is missing what spicesync writes: %s", "; ".join(missing))
-        worker = build_worker(client, resources, task_queue=settings.task_queue)
+        worker = build_worker(client, resources, task_queue=settings.task_queue, settings=settings)
         async with worker:
             log.info("worker polling task queue %s", settings.task_queue)
             await stop.wait()

@@ -334,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backfill-users", type=int, help="users in the backfill comparison")
     bench.add_argument("--out", default=".spicesync/bench", help="output folder")
     bench.add_argument(
+        "--systems", nargs="+", metavar="NAME", help="only these systems (by name, e.g. spicesync)"
+    )
+    bench.add_argument(
         "--nats-url", help="an existing NATS with JetStream (default: start one of its own)"
     )
     bench.set_defaults(func=bench_command)

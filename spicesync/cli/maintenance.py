@@ -191,6 +191,7 @@ def bench_command(args: argparse.Namespace) -> int:
         out=Path(args.out),
         backfill_users=args.backfill_users or backfill_users,
         nats_url=args.nats_url,
+        systems=args.systems,
     )
     payload = asyncio.run(run_bench(options))
     print((options.out / "bench.md").read_text())
