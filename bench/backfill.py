@@ -24,7 +24,7 @@ from bench.harness import new_user
 from spicesync.models import BackfillInput, CreateUserInput, Membership
 from spicesync.settings import Settings
 from spicesync.spicedb import SpiceDBClient, connect_spicedb, membership_relationship
-from spicesync.stack.processes import stop_pid
+from spicesync.stack.processes import stop_pid, stop_process
 from starters.backfill import start_backfill
 
 __all__ = ["run_backfill_bench"]
@@ -71,7 +71,6 @@ async def run_backfill_bench(
         _wait_ready,
         cell_context,
         spawn_worker,
-        stop_worker,
     )
 
     pool = shared["pool"]
@@ -118,7 +117,7 @@ async def run_backfill_bench(
         sample = random.Random(1).sample(users, min(1000, count))
         held = await _holding(spicedb, sample)
     finally:
-        await stop_worker(worker)
+        await stop_process(worker)
         await spicedb.close()
         stop_pid(pid)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 import time
 import uuid
@@ -36,7 +35,14 @@ from spicesync.settings import Settings, load_settings
 from spicesync.spicedb import SpiceDBClient, connect_spicedb, holds_memberships
 from spicesync.stack.components import prepare_app_db, prepare_spicedb, start_spicedb
 from spicesync.stack.manager import stack_up
-from spicesync.stack.processes import free_port, spawn, stop_pid, tool_path, wait_for_port
+from spicesync.stack.processes import (
+    free_port,
+    spawn,
+    stop_pid,
+    stop_process,
+    tool_path,
+    wait_for_port,
+)
 from spicesync.temporal import connect_temporal, workers_polling
 
 __all__ = ["BenchOptions", "run_bench"]
@@ -154,18 +160,6 @@ async def spawn_worker(
         )
 
 
-async def stop_worker(worker: asyncio.subprocess.Process) -> None:
-    """SIGTERM (the worker drains), SIGKILL after 15 s."""
-    if worker.returncode is not None:
-        return
-    worker.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(worker.wait(), 15)
-    except TimeoutError:
-        worker.kill()
-        await worker.wait()
-
-
 async def run_cell(
     system: System,
     rate: float,
@@ -222,7 +216,7 @@ async def run_cell(
             result.lost = len(accepted) - failures - len(done)
     finally:
         if worker is not None:
-            await stop_worker(worker)
+            await stop_process(worker)
         close = getattr(system, "close", None)
         if close is not None:
             with contextlib.suppress(Exception):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from spicesync.settings import Settings
 from spicesync.stack.components import prepare_spicedb, start_spicedb, start_temporal
-from spicesync.stack.processes import free_port, wait_for_port
+from spicesync.stack.processes import free_port, stop_process, wait_for_port
 
 __all__ = ["SpiceDBEngine", "TemporalServer", "WorkerProcesses", "kill_hard"]
 
@@ -150,14 +150,6 @@ class WorkerProcesses:
         return killed
 
     async def stop_all(self) -> None:
-        """SIGTERM (the worker drains), SIGKILL after 15 s."""
-        for process in self.processes:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                await asyncio.wait_for(process.wait(), 15)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        """SIGTERM (each worker drains), SIGKILL after 15 s."""
+        await asyncio.gather(*(stop_process(p) for p in self.processes))
         self.processes = []

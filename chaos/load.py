@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -27,8 +28,6 @@ _RETRY_PAUSE = 0.5
 
 def user_batch(run: str, count: int, *, org_id: str) -> list[CreateUserInput]:
     """``count`` valid, distinct users of one organization."""
-    import uuid
-
     return [
         CreateUserInput(
             user_id=str(uuid.uuid4()),

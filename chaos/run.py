@@ -51,11 +51,6 @@ def markdown(results: list[dict[str, Any]]) -> str:
         )
     lines.append("")
     for r in results:
-        if r["reported_stale"]:
-            lines.append(
-                f"- {r['scenario']}: {r['reported_stale']} creations reported `stale` (applied"
-                " before a crash lost the workflow task; both stores hold them)"
-            )
         for note in r["notes"]:
             lines.append(f"- {r['scenario']}: {note}")
         for problem in r["problems"][:10]:

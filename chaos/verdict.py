@@ -39,7 +39,6 @@ class ScenarioResult:
     orphans: int = 0
     duplicates: int = 0
     unsettled: int = 0
-    reported_stale: int = 0
     recovery_seconds: float | None = None
     passed: bool = False
     notes: list[str] = field(default_factory=list)
@@ -129,11 +128,7 @@ async def judge(
                 f"{user.user_id}: row={None if row is None else row['sync_status']}"
                 f" grants={grants} outcome={outcome}"
             )
-        if outcome == "stale":
-            # The event had applied before its workflow task was lost (a crash while the steps
-            # ran as local activities); the replay finds it applied. Right if the stores agree.
-            result.reported_stale += 1
-        if outcome == "unfinished" or (outcome in ("synced", "stale") and not synced):
+        if outcome == "unfinished" or (outcome == "synced" and not synced):
             result.lost += 1
             result.problems.append(f"{user.user_id}: outcome {outcome}, synced={synced}")
         elif outcome.startswith("failed:") and not neither:
@@ -141,7 +136,7 @@ async def judge(
         wanted = expect_failed.get(user.user_id)
         if wanted is not None and outcome != f"failed:{wanted}":
             result.problems.append(f"{user.user_id}: expected failed:{wanted}, got {outcome}")
-        if wanted is None and outcome not in ("synced", "stale"):
+        if wanted is None and outcome != "synced":
             result.problems.append(f"{user.user_id}: expected synced, got {outcome}")
     for user_id, grants in held.items():
         if len(grants) > 1:

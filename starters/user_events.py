@@ -39,6 +39,7 @@ __all__ = [
     "WaitFor",
     "change_role",
     "create_user",
+    "creation_event",
     "delete_user",
     "move_user",
     "submit_event",
@@ -161,7 +162,24 @@ async def create_user(
     task_queue: str | None = None,
 ) -> SyncOutcome:
     """Deliver a ``created`` event (see :func:`submit_event`)."""
-    event = UserEvent(
+    event = creation_event(user, version=version, event_id=event_id)
+    return await submit_event(event, wait=wait, client=client, task_queue=task_queue)
+
+
+def creation_event(
+    user: CreateUserInput, *, version: int = 1, event_id: str | None = None
+) -> UserEvent:
+    """The ``created`` event :func:`create_user` delivers for ``user``.
+
+    Args:
+        user: The user to create.
+        version: The user's version after the creation.
+        event_id: The event's id; derived from the user id and version by default.
+
+    Returns:
+        The event.
+    """
+    return UserEvent(
         event_id=event_id or _event_id(user.user_id, "created", version),
         user_id=user.user_id,
         version=version,
@@ -171,7 +189,6 @@ async def create_user(
         email=user.email,
         name=user.name,
     )
-    return await submit_event(event, wait=wait, client=client, task_queue=task_queue)
 
 
 async def _membership_change(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -18,6 +19,7 @@ __all__ = [
     "port_open",
     "spawn",
     "stop_pid",
+    "stop_process",
     "tool_path",
     "wait_for_port",
 ]
@@ -48,6 +50,18 @@ def spawn(cmd: list[str], *, log: Path, env: dict[str, str] | None = None) -> in
             start_new_session=True,
         )
     return proc.pid
+
+
+async def stop_process(process: asyncio.subprocess.Process, *, timeout: float = 15.0) -> None:
+    """SIGTERM an asyncio child (it drains), SIGKILL after ``timeout`` seconds; wait for it."""
+    if process.returncode is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
 
 
 def pid_alive(pid: int | None) -> bool:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_cli_stack import run, stack_env  # noqa: F401 - fixture
+from tests.integration.test_cli_stack import run, stack_env  # noqa: F401 - stack_env is a fixture
 
 pytestmark = pytest.mark.integration
 
@@ -20,14 +18,7 @@ def test_quick_bench_measures_every_system_and_loses_nothing(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "bench"
-    done = subprocess.run(
-        [sys.executable, "-m", "spicesync", "bench", "--quick", "--out", str(out)],
-        env=stack_env,
-        capture_output=True,
-        text=True,
-        timeout=360,
-        check=False,
-    )
+    done = run(["bench", "--quick", "--out", str(out)], stack_env, timeout=360)
     assert done.returncode == 0, done.stderr[-3000:]
     payload = json.loads((out / "bench.json").read_text())
     systems = {c["system"] for c in payload["cells"]}
@@ -47,4 +38,3 @@ def test_quick_bench_measures_every_system_and_loses_nothing(
     assert backfill["sample_holding"] == backfill["sample_checked"]
     assert (out / "bench.png").stat().st_size > 10_000
     assert "| spicesync |" in (out / "bench.md").read_text()
-    _ = run

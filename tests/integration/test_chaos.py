@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from chaos.scenarios import SCENARIOS
-from tests.integration.test_cli_stack import run, stack_env  # noqa: F401 - fixture
+from tests.integration.test_cli_stack import run, stack_env  # noqa: F401 - stack_env is a fixture
 
 pytestmark = pytest.mark.integration
 
@@ -21,24 +19,10 @@ def test_short_chaos_run_loses_half_writes_and_duplicates_nothing(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "chaos"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "spicesync",
-            "chaos",
-            "--users",
-            "100",
-            "--outage-seconds",
-            "5",
-            "--out",
-            str(out),
-        ],
-        env=stack_env,
-        capture_output=True,
-        text=True,
+    done = run(
+        ["chaos", "--users", "100", "--outage-seconds", "5", "--out", str(out)],
+        stack_env,
         timeout=860,
-        check=False,
     )
     report = (out / "chaos.md").read_text() if (out / "chaos.md").exists() else ""
     assert done.returncode == 0, report + done.stderr[-3000:]
@@ -53,4 +37,3 @@ def test_short_chaos_run_loses_half_writes_and_duplicates_nothing(
     assert results["worker_killed_during_compensation"]["compensated"] == 20
     assert results["poison_inputs"]["rejected"] >= 200
     assert results["poison_inputs"]["compensated"] == 20  # one of each same-email pair
-    _ = run

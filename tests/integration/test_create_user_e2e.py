@@ -23,16 +23,14 @@ from spicesync.constants import user_workflow_id
 from spicesync.errors import InvalidUserInput
 from spicesync.models import (
     ApplyRowInput,
-    CreateUserInput,
     InsertCreatedRowInput,
     Membership,
-    UserEvent,
     WriteMembershipsInput,
 )
 from spicesync.spicedb import connect_spicedb
 from spicesync.stack.components import prepare_spicedb, start_spicedb
 from spicesync.stack.processes import free_port, stop_pid, wait_for_port
-from starters.user_events import UserSyncFailed, WaitFor, create_user
+from starters.user_events import UserSyncFailed, WaitFor, create_user, creation_event
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import (
     Pipeline,
@@ -103,7 +101,7 @@ async def test_a_creation_whose_row_committed_unrecorded_still_completes(
     replayed (or re-delivered) creation finds a pending row and must finish it, not call the
     event stale. Found by `spicesync chaos` (worker_killed_after_pg_commit)."""
     event = new_event()
-    user = created_event(event)
+    user = creation_event(event)
     rows = UserRowActivities(pipeline.pool)
     await ActivityEnvironment().run(rows.insert_created_row, InsertCreatedRowInput(event=user))
     outcome = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
@@ -117,7 +115,7 @@ async def test_a_creation_applied_but_unrecorded_is_answered_synced_with_its_tok
     """Every step done, the worker killed before the workflow recorded any: the replayed (or
     re-delivered) creation is answered as applied, with the write's ZedToken, not "stale"."""
     event = new_event()
-    user = created_event(event)
+    user = creation_event(event)
     env, rows = ActivityEnvironment(), UserRowActivities(pipeline.pool)
     memberships = MembershipActivities(pipeline.spicedb, pipeline.pool)
     await env.run(rows.insert_created_row, InsertCreatedRowInput(event=user))
@@ -137,20 +135,6 @@ async def test_a_creation_applied_but_unrecorded_is_answered_synced_with_its_tok
     outcome = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
     assert (outcome.status, outcome.zed_token) == ("synced", written.zed_token)
     await assert_synced(pipeline, event, written.zed_token or "")
-
-
-def created_event(event: CreateUserInput) -> UserEvent:
-    """The ``created`` event ``create_user`` delivers for ``event``."""
-    return UserEvent(
-        event_id=f"{event.user_id}:created:v1",
-        user_id=event.user_id,
-        version=1,
-        kind="created",
-        email=event.email,
-        name=event.name,
-        org_id=event.org_id,
-        role=event.role,
-    )
 
 
 async def test_wait_for_row_returns_before_permissions(pipeline: Pipeline) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -14,11 +13,13 @@ from datetime import timedelta
 from pathlib import Path
 
 from authzed.api.v1 import WatchRequest
+from pydantic import SecretStr
 from temporalio.client import Client, ScheduleOverlapPolicy
 from temporalio.testing import WorkflowEnvironment
 
 from spicesync.constants import user_workflow_id
 from spicesync.models import ReconcileInput, ReconcileReport
+from spicesync.settings import Settings
 from starters.reconcile import ensure_reconcile_schedule, start_reconcile
 from tests.integration.conftest import OwnStores, Pipeline, eventually
 from tests.integration.test_reconcile import holds_role, insert_unsynced
@@ -28,23 +29,20 @@ from workflows.reconcile import ReconcileWorkflow
 def worker_env(
     env: WorkflowEnvironment, stores: OwnStores, keys: str, task_queue: str, state: Path
 ) -> dict[str, str]:
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("TEMPORAL_", "SPICEDB_", "DATABASE_URL", "SPICESYNC_"))
-    }
-    return base | {
-        "TEMPORAL_ADDRESS": env.client.service_client.config.target_host,
-        "TEMPORAL_NAMESPACE": env.client.namespace,
-        "SPICESYNC_ENCRYPTION_KEYS": keys,
-        "DATABASE_URL": stores.database_url,
-        "SPICEDB_ENDPOINT": stores.server.endpoint,
-        "SPICEDB_PRESHARED_KEY": stores.server.preshared_key,
-        "SPICESYNC_TASK_QUEUE": task_queue,
-        "SPICESYNC_METRICS_ADDRESS": "",
-        # Not the repository's .spicesync: this worker must use only what is set here.
-        "SPICESYNC_STATE_DIR": str(state),
-    }
+    settings = Settings(
+        temporal_address=env.client.service_client.config.target_host,
+        temporal_namespace=env.client.namespace,
+        encryption_keys=SecretStr(keys),
+        _env_file=None,
+    )
+    environment = settings.worker_environment(
+        task_queue=task_queue,
+        database_url=stores.database_url,
+        spicedb_endpoint=stores.server.endpoint,
+        spicedb_key=stores.server.preshared_key,
+    )
+    # Not the repository's .spicesync: this worker must use only what is set here.
+    return environment | {"SPICESYNC_STATE_DIR": str(state)}
 
 
 async def test_a_reconcile_killed_mid_scan_resumes_without_repeating_repairs(
