@@ -7,6 +7,7 @@ attempt that was given up on can never land after a newer one.
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import asyncpg
@@ -48,8 +49,11 @@ from spicesync.spicedb import (
 __all__ = ["MembershipActivities"]
 
 _PRECONDITION_FAILED = "unable to satisfy write precondition"
-# A failed precondition and a schema mismatch share FAILED_PRECONDITION; the text tells them apart.
-_SCHEMA_MISMATCH = "not found under definition"
+# A failed precondition and a schema mismatch share FAILED_PRECONDITION; the text tells them apart:
+# a missing relation ("relation `admin` not found under definition `organization`") or a missing
+# definition altogether ("object definition `organization` not found": an empty schema, as after
+# SpiceDB restarts with its data lost and before the schema is written again).
+_SCHEMA_MISMATCH = re.compile(r"not found under definition|object definition `[^`]*` not found")
 
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
@@ -60,7 +64,7 @@ _DELETE = RelationshipUpdate.Operation.OPERATION_DELETE
 def _translate(err: grpc.aio.AioRpcError, user_id: str) -> Exception:
     code = err.code()
     text = f"user {user_id}: SpiceDB {code.name}: {err.details()}"
-    if code == grpc.StatusCode.FAILED_PRECONDITION and _SCHEMA_MISMATCH in (err.details() or ""):
+    if code == grpc.StatusCode.FAILED_PRECONDITION and _SCHEMA_MISMATCH.search(err.details() or ""):
         return SchemaMismatch(text)
     if classify_grpc_status(code) is FailureKind.PERMANENT:
         return SpiceDBRejected(text)

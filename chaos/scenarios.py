@@ -118,12 +118,23 @@ async def temporal_restarted(scene: Scene) -> None:
 
 async def spicedb_data_lost(scene: Scene) -> None:
     """Crash SpiceDB mid-load and bring it back empty; a reconcile must restore what was lost."""
+    # Workers reach SpiceDB through a proxy that refuses connections while the engine is down
+    # and until its schema is written again, as a deployment bootstraps the schema before it
+    # serves (an empty schema alone parks syncs as a schema mismatch, for an operator to resume).
+    async with FaultProxy(("127.0.0.1", scene.engine.port)) as proxy:
+        scene.workers.spicedb_endpoint = proxy.address
+        await _restore_after_data_loss(scene, proxy)
+
+
+async def _restore_after_data_loss(scene: Scene, proxy: FaultProxy) -> None:
     users = user_batch(scene.task_queue, scene.run.users, org_id=scene.org_id)
     healed: list[float] = []
 
     async def fault() -> None:
+        await proxy.refuse()
         scene.engine.kill()
         await scene.engine.start()  # same port and key, empty datastore, schema written
+        await proxy.restore()
         healed.append(time.monotonic())
 
     delivery = await _offer_with_fault(scene, users, len(users) // 2, fault)
