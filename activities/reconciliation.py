@@ -56,23 +56,22 @@ from spicesync.spicedb import (
     holds_memberships,
     read_user_snapshot,
 )
+from spicesync.stuck import sync_is_active
 from workflows.user_sync import UserSyncWorkflow
 
 __all__ = ["ReconcileActivities"]
 
-_PAGE = """
+# ``overdue``: a creation's pending row older than the grace the reconcile gives it.
+_COLUMNS = """
 SELECT id, org_id, role, version,
-       (sync_status = 'pending' AND created_by_event IS NOT NULL) AS creating
+       (sync_status = 'pending' AND created_by_event IS NOT NULL) AS creating,
+       (sync_status = 'pending' AND created_by_event IS NOT NULL
+        AND created_at < now() - make_interval(secs => $1)) AS overdue,
+       (permissions_written_at IS NULL AND created_by_event IS NULL) AS never_synced
 FROM users
-WHERE $1::uuid IS NULL OR id > $1
-ORDER BY id
-LIMIT $2
 """
-_ROWS = """
-SELECT id, org_id, role, version,
-       (sync_status = 'pending' AND created_by_event IS NOT NULL) AS creating
-FROM users WHERE id = ANY($1::uuid[])
-"""
+_PAGE = _COLUMNS + "WHERE $2::uuid IS NULL OR id > $2 ORDER BY id LIMIT $3"
+_ROWS = _COLUMNS + "WHERE id = ANY($2::uuid[])"
 # Reads of a page's suspicious users, and repairs, run this many at a time.
 _CONCURRENCY = 16
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
@@ -86,13 +85,16 @@ def _uuid_or_none(value: str) -> uuid.UUID | None:
     return parsed if str(parsed) == value else None
 
 
-def _app_row(record: asyncpg.Record) -> AppRow:
+def _app_row(record: asyncpg.Record, active: set[str]) -> AppRow:
+    user_id = str(record["id"])
     return AppRow(
-        user_id=str(record["id"]),
+        user_id=user_id,
         org_id=record["org_id"],
         role=record["role"],
         version=record["version"],
         creating=record["creating"],
+        unfinished=record["overdue"] and user_id not in active,
+        never_synced=record["never_synced"],
     )
 
 
@@ -139,6 +141,18 @@ class ReconcileActivities:
                 "SpiceDB's schema lacks " + "; ".join(missing) + " (write spicesync's schema.zed)"
             )
 
+    async def _rows(self, records: list[asyncpg.Record]) -> list[AppRow]:
+        """The App DB rows, each overdue creation judged by whether its user's sync is active.
+
+        An overdue creation whose workflow is working on a store (retrying through an outage,
+        parked) is a live sync that ``spicesync stuck`` reports; one whose workflow is idle,
+        closed or absent has nothing in flight that will ever finish it.
+        """
+        overdue = [str(r["id"]) for r in records if r["overdue"]]
+        active = await asyncio.gather(*(sync_is_active(self._client, u) for u in overdue))
+        busy = {u for u, is_active in zip(overdue, active, strict=True) if is_active}
+        return [_app_row(r, busy) for r in records]
+
     async def _snapshots(self, user_ids: list[str]) -> dict[str, MembershipsSnapshot]:
         gate = asyncio.Semaphore(_CONCURRENCY)
 
@@ -161,11 +175,14 @@ class ReconcileActivities:
         """
         after = uuid.UUID(request.after_user_id) if request.after_user_id else None
         try:
-            records = await self._pool.fetch(_PAGE, after, request.page_size)
+            records = await self._pool.fetch(
+                _PAGE, request.unfinished_after_seconds, after, request.page_size
+            )
         except _DB_ERRORS as err:
             raise AppDBUnavailable(f"PostgreSQL unavailable: {type(err).__name__}") from None
         activity.heartbeat()
-        rows = [_app_row(r) for r in records]
+        rows = await self._rows(records)
+        unfinished = [r for r in rows if r.unfinished]
         checkable = [r for r in rows if not r.creating]
         try:
             holds = await holds_memberships(
@@ -175,11 +192,11 @@ class ReconcileActivities:
             # Holding the role is not enough to be right (an extra membership may remain), but
             # an extra membership is found by the SpiceDB pass; here only the lacking are read.
             lacking = [r for r, ok in zip(checkable, holds, strict=True) if not ok]
-            snapshots = await self._snapshots([r.user_id for r in lacking])
+            snapshots = await self._snapshots([r.user_id for r in [*lacking, *unfinished]])
         except grpc.aio.AioRpcError as err:
             raise SpiceDBUnavailable(f"SpiceDB {err.code().name} during the scan") from None
-        drift, in_flight = _classify_all(lacking, snapshots)
-        in_flight += len(rows) - len(checkable)
+        drift, in_flight = _classify_all([*lacking, *unfinished], snapshots)
+        in_flight += len(rows) - len(checkable) - len(unfinished)
         activity.heartbeat()
         return ScanPageResult(
             drift=drift,
@@ -226,17 +243,19 @@ class ReconcileActivities:
         activity.heartbeat()
         ids = {u: parsed for u in held if (parsed := _uuid_or_none(u)) is not None}
         try:
-            records = await self._pool.fetch(_ROWS, list(ids.values()))
+            records = await self._pool.fetch(
+                _ROWS, request.unfinished_after_seconds, list(ids.values())
+            )
         except _DB_ERRORS as err:
             raise AppDBUnavailable(f"PostgreSQL unavailable: {type(err).__name__}") from None
-        rows = {str(r["id"]): _app_row(r) for r in records}
+        rows = {row.user_id: row for row in await self._rows(records)}
         drift: list[Drift] = []
         suspicious: list[AppRow] = []
         for user_id, memberships in held.items():
             row = rows.get(user_id)
             if row is None:
                 drift.append(Drift(user_id=user_id, kind="orphan", deletions=len(memberships)))
-            elif any(
+            elif row.unfinished or any(
                 m != Membership(user_id=user_id, org_id=row.org_id, role=row.role)
                 for m in memberships
             ):
@@ -284,6 +303,7 @@ class ReconcileActivities:
         ]
         return RepairUsersResult(
             repaired=sum(r.action == "repaired" for r in results),
+            removed_unfinished=sum(r.action == "removed_unfinished" for r in results),
             consistent=sum(r.action == "consistent" for r in results),
             failed=len(failed),
             relationships_written=sum(r.removed + r.added for r in results),

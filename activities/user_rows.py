@@ -33,7 +33,7 @@ __all__ = ["UserRowActivities"]
 _EMAIL_INDEX = "users_email_lower_key"
 
 _READ_STATE = """
-SELECT u.version, u.org_id, u.role, u.applied_event, u.zed_token,
+SELECT u.version, u.org_id, u.role, u.applied_event, u.zed_token, u.created_by_event,
        (u.sync_status = 'pending' AND u.created_by_event IS NOT NULL) AS creating,
        t.version AS tombstone, t.deleted_by_event
 FROM (SELECT $1::uuid AS id) k
@@ -125,7 +125,10 @@ class UserRowActivities:
                 zed_token=row["zed_token"],
             )
         return UserState(
-            exists=False, version=row["tombstone"] or 0, applied_event=row["deleted_by_event"]
+            exists=False,
+            version=row["tombstone"] or 0,
+            applied_event=row["deleted_by_event"],
+            unfinished_creation=row["created_by_event"] if row["creating"] else None,
         )
 
     @activity.defn

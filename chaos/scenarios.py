@@ -15,6 +15,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -30,7 +31,9 @@ from chaos.scene import Scene
 from spicesync.constants import user_workflow_id
 from spicesync.models import CreateUserInput, Membership, ReconcileInput
 from spicesync.spicedb import holds_memberships
+from spicesync.stuck import find_stuck, find_unfinished
 from starters.reconcile import start_reconcile
+from starters.user_events import EventNotAccepted, WaitFor, create_user
 
 __all__ = ["PREVIOUS_RELEASE", "SCENARIOS"]
 
@@ -98,6 +101,96 @@ async def _kill_on(
             scene.client, scene.task_queue, _accepted(users, delivery)
         )
     await _finish(scene, users, delivery, restarted, outcomes)
+
+
+# The app's offered rate in the overload scenario: well above what this box syncs per second,
+# so a backlog builds behind the workers and workflow tasks wait longer than their timeout.
+OVERLOAD_RATE = 50.0
+# How long the app lets the starter retry a refused call before it gives up on the event.
+_OVERLOAD_ACCEPT_WITHIN = timedelta(seconds=20)
+
+
+async def worker_killed_under_overload(scene: Scene) -> None:
+    """Creations offered open-loop above the box's peak; the worker SIGKILLed three times.
+
+    The app gives up on a call the starter could not get accepted within its deadline and
+    never sends that event again, so nothing but spicesync itself can finish what it started:
+    every user must end synced or with nothing in either store, and ``stuck`` and a reconcile
+    must agree that nothing is left half-written.
+    """
+    users = user_batch(scene.task_queue, scene.run.users, org_id=scene.org_id)
+    restarted: list[float] = []
+    accepted: dict[str, float] = {}
+    gave_up: dict[str, str] = {}
+    await scene.workers.start()
+    await scene.wait_for_workers()
+
+    async def create(user: CreateUserInput) -> None:
+        try:
+            await create_user(
+                user,
+                wait=WaitFor.START,
+                client=scene.client,
+                task_queue=scene.task_queue,
+                accept_within=_OVERLOAD_ACCEPT_WITHIN,
+            )
+        except EventNotAccepted as err:
+            gave_up[user.user_id] = err.last_error
+            return
+        accepted[user.user_id] = time.monotonic()
+
+    offering = len(users) / OVERLOAD_RATE
+    calls: list[asyncio.Task[None]] = []
+
+    async def crashes() -> None:
+        for mark in (0.25, 0.5, 0.75):
+            await asyncio.sleep(offering / 4)
+            await _crash_and_replace(scene, restarted, f"under overload at {mark:.0%} offered")
+
+    crashing = asyncio.create_task(crashes())
+    for user in users:
+        calls.append(asyncio.create_task(create(user)))
+        await asyncio.sleep(1 / OVERLOAD_RATE)
+    await asyncio.gather(*calls)
+    await crashing
+    settled = [u for u in users if u.user_id in accepted]
+    outcomes = await collect_outcomes(scene.client, scene.task_queue, settled)
+    await scene.finish(
+        settled,
+        healed_at=_last(restarted),
+        outcomes=outcomes,
+        unaccepted=[u for u in users if u.user_id not in accepted],
+    )
+    scene.result.users = len(users)
+    scene.result.notes.append(
+        f"{len(users)} creations offered at {OVERLOAD_RATE:g}/s; {len(gave_up)} calls given up"
+        f" after {_OVERLOAD_ACCEPT_WITHIN.total_seconds():g} s of retries"
+    )
+    await _stuck_and_reconcile_agree(scene, {u.user_id for u in users})
+
+
+async def _stuck_and_reconcile_agree(scene: Scene, user_ids: set[str]) -> None:
+    """Neither ``spicesync stuck`` nor a reconcile may find anything left half-written."""
+    stuck = await find_stuck(scene.client, older_than=timedelta(0))
+    unfinished = await find_unfinished(scene.client, scene.pool, older_than=timedelta(0))
+    ours = [s for s in stuck if s.user_id in user_ids]
+    if ours or unfinished:
+        scene.result.problems.append(
+            f"stuck lists {len(ours)} syncs and {len(unfinished)} unfinished creations"
+        )
+    handle = await start_reconcile(
+        ReconcileInput(dry_run=True, unfinished_after_seconds=0),
+        client=scene.client,
+        task_queue=scene.task_queue,
+        workflow_id=f"chaos-reconcile-{uuid.uuid4().hex[:8]}",
+    )
+    report = await handle.result()
+    if report.found.total() or report.in_flight_skipped:
+        scene.result.problems.append(
+            f"reconcile (dry run) found {report.found.total()} drifted users and skipped"
+            f" {report.in_flight_skipped} live syncs: {report.message}"
+        )
+    scene.result.notes.append(f"stuck: nothing; reconcile (dry run): {report.message}")
 
 
 async def temporal_restarted(scene: Scene) -> None:
@@ -442,5 +535,6 @@ SCENARIOS: dict[str, Callable[[Scene], Awaitable[None]]] = {
     "duplicate_delivery": duplicate_delivery,
     "poison_inputs": poison_inputs,
     "worker_killed_during_compensation": worker_killed_during_compensation,
+    "worker_killed_under_overload": worker_killed_under_overload,
     "code_change_deployed": code_change_deployed,
 }

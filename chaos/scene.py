@@ -72,6 +72,7 @@ class Scene:
         healed_at: float | None,
         expect_failed: dict[str, str] | None = None,
         outcomes: dict[str, str] | None = None,
+        unaccepted: list[CreateUserInput] | None = None,
     ) -> dict[str, str]:
         """Wait for every accepted user's outcome, then judge the stores.
 
@@ -80,6 +81,7 @@ class Scene:
             healed_at: ``time.monotonic()`` when the fault ended; recovery is measured from it.
             expect_failed: Users that must fail, with their error type.
             outcomes: Outcomes already collected (the caller had to, e.g. to repair first).
+            unaccepted: Users whose call the app gave up on (see :func:`chaos.verdict.judge`).
 
         Returns:
             The outcomes.
@@ -97,6 +99,7 @@ class Scene:
             accepted=accepted,
             outcomes=outcomes,
             expect_failed=expect_failed,
+            unaccepted=unaccepted,
         )
         return outcomes
 

@@ -86,6 +86,7 @@ async def judge(
     accepted: list[CreateUserInput],
     outcomes: dict[str, str],
     expect_failed: dict[str, str] | None = None,
+    unaccepted: list[CreateUserInput] | None = None,
     settle_seconds: float = 30.0,
 ) -> ScenarioResult:
     """Fill ``result`` from the stores' own state and decide whether the scenario passed.
@@ -99,6 +100,8 @@ async def judge(
         accepted: Every user whose event was accepted.
         outcomes: Each accepted user's final outcome (see :func:`chaos.load.collect_outcomes`).
         expect_failed: Users that must end failed, with the error type they must fail with.
+        unaccepted: Users offered whose call the app gave up on: each must end synced (the
+            event was accepted after all) or with nothing in either store, never in between.
         settle_seconds: How long visibility may lag behind the workflows' last stage update.
     """
     expect_failed = expect_failed or {}
@@ -111,23 +114,8 @@ async def judge(
     for user in accepted:
         row, grants = rows.get(user.user_id), held.get(user.user_id, [])
         outcome = outcomes.get(user.user_id, "unfinished")
-        synced = (
-            row is not None
-            and row["sync_status"] == "synced"
-            and (row["org_id"], row["role"]) == (user.org_id, user.role)
-            and grants == [(user.org_id, user.role)]
-        )
+        synced = _count_state(result, user, row, grants, f"outcome={outcome}")
         neither = row is None and not grants
-        if synced:
-            result.synced += 1
-        elif neither:
-            result.compensated += 1
-        else:
-            result.half_written += 1
-            result.problems.append(
-                f"{user.user_id}: row={None if row is None else row['sync_status']}"
-                f" grants={grants} outcome={outcome}"
-            )
         if outcome == "unfinished" or (outcome == "synced" and not synced):
             result.lost += 1
             result.problems.append(f"{user.user_id}: outcome {outcome}, synced={synced}")
@@ -151,6 +139,11 @@ async def judge(
         "SELECT count(*) FROM (SELECT lower(email) FROM users GROUP BY 1 HAVING count(*) > 1) d"
     )
     result.duplicates += int(duplicate_emails)
+    for user in unaccepted or []:
+        known.add(user.user_id)
+        _count_state(
+            result, user, rows.get(user.user_id), held.get(user.user_id, []), "call given up"
+        )
     strays = set(rows) - known
     if strays:
         result.half_written += len(strays)
@@ -174,3 +167,30 @@ async def judge(
         or result.problems
     )
     return result
+
+
+def _count_state(
+    result: ScenarioResult,
+    user: CreateUserInput,
+    row: asyncpg.Record | None,
+    grants: list[tuple[str, str]],
+    note: str,
+) -> bool:
+    """Count ``user`` as synced, as in neither store, or as half-written; True if synced."""
+    synced = (
+        row is not None
+        and row["sync_status"] == "synced"
+        and (row["org_id"], row["role"]) == (user.org_id, user.role)
+        and grants == [(user.org_id, user.role)]
+    )
+    if synced:
+        result.synced += 1
+    elif row is None and not grants:
+        result.compensated += 1
+    else:
+        result.half_written += 1
+        result.problems.append(
+            f"{user.user_id}: row={None if row is None else row['sync_status']}"
+            f" grants={grants} {note}"
+        )
+    return synced

@@ -13,7 +13,7 @@ __all__ = [
     "DEFAULT_TASK_QUEUE",
     "EVENTS_PER_RUN",
     "HELD_CHANGE_GRACE",
-    "LOCAL_STEP_START_TO_CLOSE",
+    "LOCAL_STEP_TIMEOUT",
     "MAX_IN_FLIGHT_UPDATES",
     "RECONCILE_SCHEDULE_ID",
     "RECONCILE_WORKFLOW_ID",
@@ -50,6 +50,9 @@ def dev_server_dynamic_config() -> list[str]:
     """``--dynamic-config-value`` arguments for the Temporal dev server (stack and tests)."""
     values = {
         "system.enableEagerWorkflowStart": "true",
+        # The first write of every event is a normal activity (workflows/steps.py explains why):
+        # eager dispatch hands it back to the worker that scheduled it, without a poll.
+        "system.enableActivityEagerExecution": "true",
         "history.maxInFlightUpdates": str(MAX_IN_FLIGHT_UPDATES),
     }
     return [
@@ -79,10 +82,12 @@ ACTIVE_STAGES: Final = (
 # One attempt of an activity; retries are the RetryPolicy's job, so keep each try short.
 ACTIVITY_START_TO_CLOSE: Final = 15.0
 
-# A forward step's single try as a local activity. Healthy steps take milliseconds; past this
-# the step carries on as a normal, visible activity. Short, because the workflow task (and so a
-# caller waiting for its event's acceptance) stays open while a local activity runs.
-LOCAL_STEP_START_TO_CLOSE: Final = 3.0
+# A forward step's single try as a local activity, from being scheduled (a busy worker's queue
+# for local-activity slots included) to its result. Healthy steps take milliseconds; past this
+# the step carries on as a normal, visible activity. Short, because a local activity stretches
+# the workflow task it runs in: a few of these in a row must stay far below the workflow task
+# timeout (10 s), and below the SDK's 5 s warning, even on a busy box.
+LOCAL_STEP_TIMEOUT: Final = 1.0
 
 # A SpiceDB call that has not answered in this time is treated as DEADLINE_EXCEEDED (transient).
 SPICEDB_CALL_TIMEOUT_SECONDS: Final = 5.0

@@ -73,7 +73,7 @@ class DemoReport:
         if self.repair.prune_cap_exceeded or self.repair.repairs.failed:
             return -1
         found = self.reconcile.found
-        return found.missing + found.mismatched + found.orphan
+        return found.total()
 
     @property
     def ok(self) -> bool:
@@ -228,7 +228,7 @@ def summary(report: DemoReport, ui_url: str | None) -> str:
     )
     if report.repair is not None:
         r = report.repair
-        found = r.found.missing + r.found.mismatched + r.found.orphan
+        found = r.found.total()
         lines.append(
             f"  reconcile (apply)        : {found} drifted users from earlier runs,"
             f" {r.repairs.repaired} repaired, {r.repairs.failed} failed"

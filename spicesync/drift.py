@@ -20,8 +20,13 @@ class AppRow:
     org_id: str
     role: str
     version: int
-    # A live creation inserted the row and has not written SpiceDB yet.
+    # A creation inserted the row and has not finished its sync yet.
     creating: bool = False
+    # ``creating``, and for longer than the reconcile waits, with no sync of the user's in an
+    # active stage: the creation never finished (see :func:`classify`).
+    unfinished: bool = False
+    # Nothing spicesync wrote: neither a creation of its own nor any permissions write.
+    never_synced: bool = False
 
 
 def classify(
@@ -43,6 +48,9 @@ def classify(
         if not memberships:
             return None
         return Drift(user_id=memberships[0].user_id, kind="orphan", deletions=len(memberships))
+    if row.unfinished:
+        # Not a live sync: nothing will ever finish it, so the repair removes it.
+        return Drift(user_id=row.user_id, kind="unfinished", deletions=len(memberships))
     if row.creating or (snapshot.marker is not None and snapshot.marker > row.version):
         return IN_FLIGHT
     target = Membership(user_id=row.user_id, org_id=row.org_id, role=row.role)
@@ -50,5 +58,5 @@ def classify(
     if extra:
         return Drift(user_id=row.user_id, kind="mismatched", deletions=len(extra))
     if target not in memberships:
-        return Drift(user_id=row.user_id, kind="missing")
+        return Drift(user_id=row.user_id, kind="unsynced" if row.never_synced else "missing")
     return None

@@ -147,6 +147,8 @@ class UserState(_Model):
     # The event that applied ``version`` and its ZedToken, when the App DB recorded them.
     applied_event: str | None = None
     zed_token: str | None = None
+    # The event whose creation inserted a row that is still pending (never finished).
+    unfinished_creation: str | None = None
 
 
 class CarriedState(_Model):
@@ -263,7 +265,9 @@ class ReconcileUserInput(_Model):
 class ReconcileUserResult(_Model):
     """What the repair did: ``consistent`` means nothing needed writing."""
 
-    action: Literal["repaired", "consistent", "failed"]
+    # ``removed_unfinished``: a row left by a creation that never finished was removed, with
+    # whatever SpiceDB held for the user.
+    action: Literal["repaired", "consistent", "failed", "removed_unfinished"]
     removed: int = 0
     added: int = 0
     zed_token: str | None = None
@@ -280,7 +284,7 @@ class RecordRepairInput(_Model):
 
 # --- Reconciliation: the scan ----------------------------------------------------------------
 
-DriftKind = Literal["missing", "mismatched", "orphan"]
+DriftKind = Literal["missing", "mismatched", "orphan", "unfinished", "unsynced"]
 
 
 class Drift(_Model):
@@ -288,8 +292,11 @@ class Drift(_Model):
 
     ``missing``: the user's membership is absent and nothing else is there; ``mismatched``: the
     user holds a membership the App DB does not give (wrong role or organization); ``orphan``:
-    relationships of a user the App DB does not have (deleted, or never existed).
-    ``deletions`` is the number of relationships a repair removes.
+    relationships of a user the App DB does not have (deleted, or never existed);
+    ``unfinished``: a row spicesync inserted for a creation that never finished, with no event
+    of the user's in flight (the repair removes it); ``unsynced``: a row spicesync never wrote
+    (inserted by the app or by hand) whose membership is absent: ``spicesync backfill`` is the
+    tool for many of those. ``deletions`` is the number of relationships a repair removes.
     """
 
     user_id: str
@@ -306,6 +313,9 @@ class ScanAppDBPageInput(_Model):
 
     after_user_id: str | None
     page_size: int
+    # A pending creation row older than this, whose user has no sync in an active stage, is
+    # drift (``unfinished``), not a live sync.
+    unfinished_after_seconds: float = 60.0
 
 
 class ScanSpiceDBPageInput(_Model):
@@ -313,6 +323,8 @@ class ScanSpiceDBPageInput(_Model):
 
     cursor: str | None
     page_size: int
+    # As in :class:`ScanAppDBPageInput`.
+    unfinished_after_seconds: float = 60.0
 
 
 class ScanPageResult(_Model):
@@ -341,6 +353,8 @@ class RepairUsersResult(_Tally):
     repaired: int = 0
     consistent: int = 0
     failed: int = 0
+    # Rows of creations that never finished, removed (with anything SpiceDB held for them).
+    removed_unfinished: int = 0
     relationships_written: int = 0
     failed_samples: list[str] = []
 
@@ -351,6 +365,12 @@ class DriftCounts(_Tally):
     missing: int = 0
     mismatched: int = 0
     orphan: int = 0
+    unfinished: int = 0
+    unsynced: int = 0
+
+    def total(self) -> int:
+        """Drifted users of every kind."""
+        return self.missing + self.mismatched + self.orphan + self.unfinished + self.unsynced
 
 
 class ReconcileInput(_Model):
@@ -361,6 +381,8 @@ class ReconcileInput(_Model):
     # none and says so.
     prune_cap: int = 1000
     page_size: int = Field(default=1000, ge=1, le=1000)
+    # How long a creation's pending row may wait for its sync before it counts as unfinished.
+    unfinished_after_seconds: float = Field(default=60.0, ge=0)
     # Pages one run scans before it continues as new with a fresh history.
     pages_per_run: int = 40
     progress: ReconcileProgress | None = None

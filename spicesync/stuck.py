@@ -2,20 +2,45 @@
 
 A sync is stuck when its user's workflow has been in an active stage (working on PostgreSQL or
 SpiceDB) for longer than a threshold: typically an activity retrying through an outage, which
-Temporal shows only as "Running". Nothing here keeps state of its own; it asks Temporal.
+Temporal shows only as "Running". Nothing here keeps state of its own; it asks Temporal, and,
+for creations that never finished, the App DB: a row spicesync inserted that is still pending
+after the threshold while no sync of its user is in an active stage has nothing in flight that
+will finish it (``spicesync reconcile --apply`` removes it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 from pydantic import BaseModel
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
 
-from spicesync.constants import ACTIVE_STAGES
+from spicesync.constants import ACTIVE_STAGES, user_workflow_id
 
-__all__ = ["StuckSync", "find_stuck", "parse_duration", "stuck_query"]
+__all__ = [
+    "UNFINISHED_STAGE",
+    "StuckSync",
+    "find_stuck",
+    "find_unfinished",
+    "parse_duration",
+    "stuck_query",
+    "sync_is_active",
+]
+
+# The stage ``spicesync stuck`` shows for a creation's pending row that nothing will finish.
+UNFINISHED_STAGE = "unfinished_creation"
+
+_UNFINISHED = """
+SELECT id, created_at FROM users
+WHERE sync_status = 'pending' AND created_by_event IS NOT NULL AND created_at < $1
+ORDER BY created_at
+LIMIT $2
+"""
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -94,3 +119,63 @@ async def find_stuck(client: Client, *, older_than: timedelta) -> list[StuckSync
             )
         )
     return sorted(found, key=lambda s: s.since)
+
+
+async def sync_is_active(client: Client, user_id: str | uuid.UUID) -> bool:
+    """Whether the user's workflow is running and working on a store (an active stage).
+
+    Args:
+        client: A Temporal client.
+        user_id: The user.
+
+    Returns:
+        False when the workflow does not exist, has closed, or is idle.
+    """
+    handle = client.get_workflow_handle(user_workflow_id(user_id))
+    try:
+        description = await handle.describe()
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        return False
+    stage = {k.name: v for k, v in description.typed_search_attributes}.get("SpicesyncStage")
+    return stage in ACTIVE_STAGES
+
+
+async def find_unfinished(
+    client: Client, pool: asyncpg.Pool, *, older_than: timedelta, limit: int = 1000
+) -> list[StuckSync]:
+    """List creations whose row has been pending for longer than ``older_than`` with no sync.
+
+    Such a row was inserted for an event that Temporal never accepted (by code before the
+    event's acceptance had to be durable first) or whose sync an operator terminated; a sync
+    still working on it (an outage, a schema mismatch) is listed by :func:`find_stuck` instead.
+
+    Args:
+        client: A Temporal client.
+        pool: The App DB.
+        older_than: The threshold.
+        limit: At most this many rows are looked at.
+
+    Returns:
+        The unfinished creations, oldest first.
+    """
+    now = datetime.now(UTC)
+    rows = await pool.fetch(_UNFINISHED, now - older_than, limit)
+    active = await asyncio.gather(*(sync_is_active(client, r["id"]) for r in rows))
+    return [
+        StuckSync(
+            user_id=str(r["id"]),
+            workflow_id=user_workflow_id(r["id"]),
+            stage=UNFINISHED_STAGE,
+            since=r["created_at"],
+            age_seconds=(now - r["created_at"]).total_seconds(),
+            activity=None,
+            attempt=0,
+            last_error="pending row, no sync in flight: `spicesync reconcile --apply` removes it",
+        )
+        for r, is_active in zip(rows, active, strict=True)
+        if not is_active
+    ]

@@ -1,6 +1,7 @@
 """What application code calls to deliver user events."""
 
 from starters.user_events import (
+    EventNotAccepted,
     SyncOutcome,
     UserSyncFailed,
     WaitFor,
@@ -12,6 +13,7 @@ from starters.user_events import (
 )
 
 __all__ = [
+    "EventNotAccepted",
     "SyncOutcome",
     "UserSyncFailed",
     "WaitFor",

@@ -9,16 +9,34 @@ delivery's outcome. Three ways to wait, for three kinds of caller:
   "201 Created" moment, before SpiceDB is written);
 * ``WaitFor.PERMISSIONS``: return once SpiceDB reflects it too, with the ZedToken, so the
   caller's next permission check can ask for ``at_least_as_fresh`` that token.
+
+A call that Temporal refuses for a passing reason (the server or the connection is down or
+overloaded, the user's workflow task is being retried, the workflow closed in the instant the
+event arrived) is retried here, with backoff, until ``accept_within`` has passed; then
+:class:`EventNotAccepted` is raised. Retrying is safe because delivering an event again is a
+no-op, and nothing of an event is written before Temporal has durably accepted it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from typing import Literal
+import random
+import time
+from datetime import timedelta
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict
-from temporalio.client import Client, WithStartWorkflowOperation, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateHandle,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+    WorkflowUpdateStage,
+)
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError, RPCStatusCode
 
 from spicesync.constants import user_workflow_id
 from spicesync.models import (
@@ -34,6 +52,8 @@ from spicesync.validation import validate_event
 from workflows.user_sync import UserSyncWorkflow
 
 __all__ = [
+    "DEFAULT_ACCEPT_WITHIN",
+    "EventNotAccepted",
     "SyncOutcome",
     "UserSyncFailed",
     "WaitFor",
@@ -80,6 +100,54 @@ class SyncOutcome(BaseModel):
     zed_token: str | None = None
 
 
+# How long a starter keeps retrying a call Temporal refused for a passing reason.
+DEFAULT_ACCEPT_WITHIN: Final = timedelta(seconds=60)
+
+_TRANSIENT_CODES: Final = frozenset(
+    {
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.ABORTED,
+        RPCStatusCode.CANCELLED,
+        # The client's transport reports a refused or reset connection as UNKNOWN.
+        RPCStatusCode.UNKNOWN,
+    }
+)
+# FAILED_PRECONDITION and NOT_FOUND are permanent in general, but these mean "not now": the
+# workflow task is being retried (a worker died, or its task timed out behind a backlog), or the
+# workflow closed as the event arrived (the next try starts a new run).
+_PASSING_REFUSALS: Final = (
+    "workflow task in failed state",
+    "could not be executed",
+    "workflow execution already completed",
+    "workflow is busy",
+)
+_FIRST_PAUSE = 0.1
+_MAX_PAUSE = 2.0
+
+
+class EventNotAccepted(Exception):
+    """Temporal did not confirm the event's acceptance before the caller's deadline.
+
+    Every try was refused for a passing reason (Temporal or the connection to it down or
+    overloaded, the user's workflow recovering from a crashed worker), or the last one was cut
+    short by the deadline. The event may still have been accepted by that last try (its
+    answer was not received); deliver it again later: a duplicate is a no-op. Nothing of an
+    event is written before its acceptance is durable.
+    """
+
+    def __init__(self, workflow_id: str, event_id: str, attempts: int, last_error: str) -> None:
+        super().__init__(
+            f"event {event_id} not accepted by {workflow_id} after {attempts} attempts:"
+            f" {last_error}"
+        )
+        self.workflow_id = workflow_id
+        self.event_id = event_id
+        self.attempts = attempts
+        self.last_error = last_error
+
+
 class UserSyncFailed(Exception):
     """The event failed for good and was compensated: the user is as before the event."""
 
@@ -97,6 +165,7 @@ async def submit_event(
     wait: WaitFor = WaitFor.PERMISSIONS,
     client: Client | None = None,
     task_queue: str | None = None,
+    accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
 ) -> SyncOutcome:
     """Deliver ``event`` to its user's workflow, starting the workflow if needed.
 
@@ -106,6 +175,7 @@ async def submit_event(
         client: An injected Temporal client (built with ``pydantic_data_converter``); connected
             from the settings when omitted.
         task_queue: The workers' task queue; the settings' by default.
+        accept_within: How long to keep retrying calls refused for a passing reason.
 
     Returns:
         The outcome at the point the caller asked to wait for.
@@ -113,23 +183,15 @@ async def submit_event(
     Raises:
         InvalidUserInput: The event is malformed; nothing was started or written.
         UserSyncFailed: The event failed for good (e.g. ``DuplicateEmail``) and was compensated.
+        EventNotAccepted: Temporal kept refusing the call for passing reasons until
+            ``accept_within`` had passed; nothing of the event was written.
     """
     validate_event(event)
     client, task_queue = await client_and_queue(client, task_queue)
     workflow_id = user_workflow_id(event.user_id)
     try:
-        outcome: EventOutcome = await client.execute_update_with_start_workflow(
-            UserSyncWorkflow.submit,
-            SubmitEventInput(event=event, wait=_STAGE[wait]),
-            start_workflow_operation=WithStartWorkflowOperation(
-                UserSyncWorkflow.run,
-                UserSyncInput(user_id=event.user_id),
-                id=workflow_id,
-                task_queue=task_queue,
-                # The user's workflow runs for as long as the user has events: join it.
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            ),
-        )
+        handle = await _accepted(client, task_queue, workflow_id, event, wait, accept_within)
+        outcome = await _outcome(handle)
     except WorkflowUpdateFailedError as err:
         cause = err.cause
         raise UserSyncFailed(workflow_id, event.event_id, type(cause).__name__, str(cause)) from err
@@ -147,6 +209,106 @@ async def submit_event(
     )
 
 
+async def _accepted(
+    client: Client,
+    task_queue: str,
+    workflow_id: str,
+    event: UserEvent,
+    wait: WaitFor,
+    accept_within: timedelta,
+) -> WorkflowUpdateHandle[EventOutcome]:
+    """Deliver the event until Temporal has durably accepted it, or the deadline has passed."""
+    deadline = time.monotonic() + accept_within.total_seconds()
+    attempts = 0
+    while True:
+        attempts += 1
+        start = WithStartWorkflowOperation(
+            UserSyncWorkflow.run,
+            UserSyncInput(user_id=event.user_id),
+            id=workflow_id,
+            task_queue=task_queue,
+            # The user's workflow runs for as long as the user has events: join it.
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+        try:
+            # Bounded: the client's own retries of a refused connection must not outlast the
+            # caller's deadline (none when the caller gave none to spare: one plain try).
+            left = deadline - time.monotonic()
+            return await asyncio.wait_for(
+                client.start_update_with_start_workflow(
+                    UserSyncWorkflow.submit,
+                    SubmitEventInput(event=event, wait=_STAGE[wait]),
+                    start_workflow_operation=start,
+                    wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                ),
+                timeout=left if left > 0 else None,
+            )
+        except (RPCError, WorkflowUpdateRPCTimeoutOrCancelledError, TimeoutError) as err:
+            if not _passing(err):
+                raise
+            pause = min(_MAX_PAUSE, _FIRST_PAUSE * 2 ** (attempts - 1)) * random.uniform(0.5, 1)
+            if time.monotonic() + pause > deadline:
+                raise EventNotAccepted(
+                    workflow_id, event.event_id, attempts, _describe(err)
+                ) from err
+            await asyncio.sleep(pause)
+        finally:
+            _collect_start_error(start)
+
+
+async def _outcome(handle: WorkflowUpdateHandle[EventOutcome]) -> EventOutcome:
+    """Wait for an accepted event's outcome; it is durable, so a refused poll is polled again."""
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return await handle.result()
+        except (RPCError, WorkflowUpdateRPCTimeoutOrCancelledError) as err:
+            if not _passing(err):
+                raise
+            await asyncio.sleep(min(_MAX_PAUSE, _FIRST_PAUSE * 2 ** (attempts - 1)))
+
+
+def _collect_start_error(start: WithStartWorkflowOperation[Any, Any]) -> None:
+    # When the call fails, the SDK also fails the operation's workflow-handle future, which
+    # nobody awaits here; reading its exception keeps asyncio from reporting it at exit.
+    handle = start._workflow_handle
+    if handle.done() and not handle.cancelled():
+        handle.exception()
+
+
+def _passing(err: BaseException) -> bool:
+    """Whether a refused call may succeed if tried again (never the caller's own cancel)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return False
+    if isinstance(err, TimeoutError | WorkflowUpdateRPCTimeoutOrCancelledError):
+        # The attempt timed out, or was cut short by the caller's deadline (a cancel of the
+        # caller's own task is excluded above).
+        return True
+    if not isinstance(err, RPCError):
+        return False
+    if err.status in _TRANSIENT_CODES:
+        return True
+    message = err.message.lower()
+    return err.status in (RPCStatusCode.FAILED_PRECONDITION, RPCStatusCode.NOT_FOUND) and any(
+        passing in message for passing in _PASSING_REFUSALS
+    )
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, TimeoutError | WorkflowUpdateRPCTimeoutOrCancelledError) and not isinstance(
+        err.__cause__, RPCError
+    ):
+        return "no answer from Temporal before the deadline"
+    if isinstance(err, RPCError):
+        return f"{err.status.name}: {err.message}"
+    cause = err.__cause__
+    if isinstance(cause, RPCError):
+        return f"{cause.status.name}: {cause.message}"
+    return type(err).__name__
+
+
 def _event_id(user_id: str, kind: str, version: int) -> str:
     # Derived from the business key, so the app re-sending the same change is a duplicate.
     return f"{user_id}:{kind}:v{version}"
@@ -160,10 +322,13 @@ async def create_user(
     wait: WaitFor = WaitFor.PERMISSIONS,
     client: Client | None = None,
     task_queue: str | None = None,
+    accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
 ) -> SyncOutcome:
     """Deliver a ``created`` event (see :func:`submit_event`)."""
     event = creation_event(user, version=version, event_id=event_id)
-    return await submit_event(event, wait=wait, client=client, task_queue=task_queue)
+    return await submit_event(
+        event, wait=wait, client=client, task_queue=task_queue, accept_within=accept_within
+    )
 
 
 def creation_event(
@@ -202,6 +367,7 @@ async def _membership_change(
     wait: WaitFor,
     client: Client | None,
     task_queue: str | None,
+    accept_within: timedelta,
 ) -> SyncOutcome:
     event = UserEvent(
         event_id=event_id or _event_id(user_id, kind, version),
@@ -211,7 +377,9 @@ async def _membership_change(
         org_id=org_id,
         role=role,
     )
-    return await submit_event(event, wait=wait, client=client, task_queue=task_queue)
+    return await submit_event(
+        event, wait=wait, client=client, task_queue=task_queue, accept_within=accept_within
+    )
 
 
 async def change_role(
@@ -224,6 +392,7 @@ async def change_role(
     wait: WaitFor = WaitFor.PERMISSIONS,
     client: Client | None = None,
     task_queue: str | None = None,
+    accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
 ) -> SyncOutcome:
     """Deliver a ``role_changed`` event: ``role`` in ``org_id`` from ``version`` on."""
     return await _membership_change(
@@ -236,6 +405,7 @@ async def change_role(
         wait=wait,
         client=client,
         task_queue=task_queue,
+        accept_within=accept_within,
     )
 
 
@@ -249,6 +419,7 @@ async def move_user(
     wait: WaitFor = WaitFor.PERMISSIONS,
     client: Client | None = None,
     task_queue: str | None = None,
+    accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
 ) -> SyncOutcome:
     """Deliver a ``moved`` event: the user belongs to ``org_id`` (as ``role``) from ``version``."""
     return await _membership_change(
@@ -261,6 +432,7 @@ async def move_user(
         wait=wait,
         client=client,
         task_queue=task_queue,
+        accept_within=accept_within,
     )
 
 
@@ -272,6 +444,7 @@ async def delete_user(
     wait: WaitFor = WaitFor.PERMISSIONS,
     client: Client | None = None,
     task_queue: str | None = None,
+    accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
 ) -> SyncOutcome:
     """Deliver a ``deleted`` event: permissions are revoked first, then the row is deleted."""
     event = UserEvent(
@@ -280,4 +453,6 @@ async def delete_user(
         version=version,
         kind="deleted",
     )
-    return await submit_event(event, wait=wait, client=client, task_queue=task_queue)
+    return await submit_event(
+        event, wait=wait, client=client, task_queue=task_queue, accept_within=accept_within
+    )

@@ -84,7 +84,11 @@ class ReconcileWorkflow:
             if p.phase == "app_db":
                 page = await workflow.execute_activity_method(
                     ReconcileActivities.scan_app_db_page,
-                    ScanAppDBPageInput(after_user_id=p.app_cursor, page_size=request.page_size),
+                    ScanAppDBPageInput(
+                        after_user_id=p.app_cursor,
+                        page_size=request.page_size,
+                        unfinished_after_seconds=request.unfinished_after_seconds,
+                    ),
                     start_to_close_timeout=_SCAN_TIMEOUT,
                     # A page takes seconds; a dead worker's page is noticed and scanned again soon.
                     heartbeat_timeout=_SCAN_HEARTBEAT,
@@ -98,7 +102,11 @@ class ReconcileWorkflow:
             else:
                 page = await workflow.execute_activity_method(
                     ReconcileActivities.scan_spicedb_page,
-                    ScanSpiceDBPageInput(cursor=p.spicedb_cursor, page_size=request.page_size),
+                    ScanSpiceDBPageInput(
+                        cursor=p.spicedb_cursor,
+                        page_size=request.page_size,
+                        unfinished_after_seconds=request.unfinished_after_seconds,
+                    ),
                     start_to_close_timeout=_SCAN_TIMEOUT,
                     # A page takes seconds; a dead worker's page is noticed and scanned again soon.
                     heartbeat_timeout=_SCAN_HEARTBEAT,
@@ -171,6 +179,7 @@ class ReconcileWorkflow:
             r.repaired += done.repaired
             r.consistent += done.consistent
             r.failed += done.failed
+            r.removed_unfinished += done.removed_unfinished
             r.relationships_written += done.relationships_written
             r.failed_samples = (r.failed_samples + done.failed_samples)[:10]
         p.repair_seconds += _seconds(workflow.now() - began)
@@ -178,7 +187,7 @@ class ReconcileWorkflow:
     def _report(self, request: ReconcileInput, cap_exceeded: bool) -> ReconcileReport:
         p = self._progress
         seconds = _seconds(workflow.now() - datetime.fromisoformat(p.started_at))
-        total = p.found.missing + p.found.mismatched + p.found.orphan
+        total = p.found.total()
         if cap_exceeded:
             message = (
                 f"prune cap exceeded: the run would delete {p.deletions_planned} relationships,"
@@ -188,12 +197,18 @@ class ReconcileWorkflow:
         elif total == 0:
             message = "SpiceDB matches the App DB"
         elif request.dry_run:
-            message = f"dry run: {total} drifted users found, nothing changed"
+            message = f"{total} drifted users found, nothing changed"
         else:
             message = (
                 f"{total} drifted users found; {p.repairs.repaired} repaired,"
+                f" {p.repairs.removed_unfinished} unfinished creations removed,"
                 f" {p.repairs.consistent} already consistent when their turn came,"
                 f" {p.repairs.failed} failed"
+            )
+        if p.found.unsynced:
+            message += (
+                f". {p.found.unsynced} rows spicesync never wrote (inserted outside it):"
+                " `spicesync backfill` writes such rows in bulk"
             )
         return ReconcileReport(
             dry_run=request.dry_run,

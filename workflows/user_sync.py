@@ -20,23 +20,12 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
-from temporalio.exceptions import (
-    ActivityError,
-    ApplicationError,
-    FailureError,
-    is_cancelled_exception,
-)
-from temporalio.types import MethodAsyncSingleParam, ParamType, ReturnType
-from temporalio.workflow import ActivityCancellationType
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.memberships import MembershipActivities
     from activities.user_rows import UserRowActivities
-    from spicesync.constants import (
-        ACTIVITY_START_TO_CLOSE,
-        HELD_CHANGE_GRACE,
-        LOCAL_STEP_START_TO_CLOSE,
-    )
+    from spicesync.constants import ACTIVITY_START_TO_CLOSE, HELD_CHANGE_GRACE
     from spicesync.errors import NON_RETRYABLE_ERROR_TYPES, InvalidUserInput
     from spicesync.ledger import EventLedger
     from spicesync.models import (
@@ -60,12 +49,12 @@ with workflow.unsafe.imports_passed_through():
         UserSyncInput,
         WriteMembershipsInput,
     )
-    from spicesync.retries import COMPENSATION_RETRY, LOCAL_STEP_RETRY, STEP_RETRY
+    from spicesync.retries import COMPENSATION_RETRY
     from spicesync.validation import validate_event
+    from workflows.steps import StepRunner
 
 __all__ = [
     "LAST_ERROR",
-    "LOCAL_STEPS_PATCH",
     "ORG_ID",
     "STAGE",
     "STAGE_SINCE",
@@ -80,10 +69,6 @@ USER_ID = SearchAttributeKey.for_keyword("SpicesyncUserId")
 ORG_ID = SearchAttributeKey.for_keyword("SpicesyncOrgId")
 
 _TIMEOUT = timedelta(seconds=ACTIVITY_START_TO_CLOSE)
-_LOCAL_TIMEOUT = timedelta(seconds=LOCAL_STEP_START_TO_CLOSE)
-
-# Runs recorded before the forward steps were tried as local activities replay without them.
-LOCAL_STEPS_PATCH = "local-activity-steps"
 
 
 @workflow.defn
@@ -121,7 +106,7 @@ class UserSyncWorkflow:
         else:
             # A new run learns what is already applied from the App DB itself, so an event that
             # arrives after an earlier run ended is still judged stale or not correctly.
-            state = await _step(
+            state = await StepRunner().read(
                 UserRowActivities.read_user_state, ReadUserStateInput(user_id=request.user_id)
             )
             recent = []
@@ -271,27 +256,37 @@ class UserSyncWorkflow:
         return self._repairs_asked > self._repairs_done
 
     async def _repair(self, ledger: EventLedger) -> ReconcileUserResult:
-        """Rewrite the user's relationships to what the App DB says, if they differ."""
+        """Rewrite the user's relationships to what the App DB says, if they differ.
+
+        A row spicesync inserted for a creation that never finished is removed with whatever
+        SpiceDB holds for the user: repairs run between events, so no accepted event of this
+        user is in flight, and every accepted creation is finished or rolled back by the event
+        itself. Such a row stands for an event Temporal never accepted (its caller was told the
+        call failed), or for a sync an operator terminated.
+        """
         self._stage("reconciling")
-        state = await _step(
+        steps = StepRunner()
+        state = await steps.read(
             UserRowActivities.read_user_state, ReadUserStateInput(user_id=self._user_id)
         )
         ledger.refresh(state)
+        unfinished = state.unfinished_creation
         target = (
             Membership(user_id=self._user_id, org_id=state.org_id, role=state.role)
             if state.exists
             else None
         )
         while True:
-            snapshot = await _step(
+            snapshot = await steps.read(
                 MembershipActivities.read_memberships, ReadMembershipsInput(user_id=self._user_id)
             )
             remove = [m for m in snapshot.memberships if m != target]
             add = [target] if target is not None and target not in snapshot.memberships else []
             if not remove and not add:
-                return ReconcileUserResult(action="consistent")
+                written = None
+                break
             try:
-                written = await _step(
+                written = await steps.write(
                     MembershipActivities.write_memberships,
                     WriteMembershipsInput(
                         user_id=self._user_id,
@@ -315,8 +310,21 @@ class UserSyncWorkflow:
                 # A refused write landed nothing (SpiceDB writes are atomic): nothing to undo.
                 return ReconcileUserResult(action="failed", error_type=cause or "ActivityError")
             break
+        token = written.zed_token if written is not None else None
+        if unfinished is not None:
+            # SpiceDB first, then the row: a crash in between leaves a row the next repair
+            # finds again, never a relationship without its row.
+            await steps.write(
+                UserRowActivities.undo_created_row,
+                UndoCreatedRowInput(user_id=self._user_id, event_id=unfinished),
+            )
+            return ReconcileUserResult(
+                action="removed_unfinished", removed=len(remove), zed_token=token
+            )
+        if written is None:
+            return ReconcileUserResult(action="consistent")
         if state.exists:
-            await _step(
+            await steps.write(
                 UserRowActivities.record_repair,
                 RecordRepairInput(
                     user_id=self._user_id, version=state.version, zed_token=written.zed_token
@@ -363,10 +371,11 @@ class UserSyncWorkflow:
         row_created = False
         snapshot: MembershipsSnapshot | None = None
         write_started = False
+        steps = StepRunner()
         try:
             if event.kind == "created":
                 self._stage("inserting_row")
-                inserted = await _step(
+                inserted = await steps.write(
                     UserRowActivities.insert_created_row, InsertCreatedRowInput(event=event)
                 )
                 if inserted.stale:
@@ -379,13 +388,13 @@ class UserSyncWorkflow:
             while True:
                 try:
                     self._stage("reading_permissions")
-                    snapshot = await _step(
+                    snapshot = await steps.read(
                         MembershipActivities.read_memberships,
                         ReadMembershipsInput(user_id=event.user_id),
                     )
                     self._stage("writing_permissions")
                     write_started = True
-                    written = await _step(
+                    written = await steps.write(
                         MembershipActivities.write_memberships,
                         WriteMembershipsInput(
                             user_id=event.user_id,
@@ -412,7 +421,7 @@ class UserSyncWorkflow:
                     await self._park(err)
 
             self._stage("recording_row")
-            recorded = await _step(
+            recorded = await steps.write(
                 UserRowActivities.apply_row, ApplyRowInput(event=event, zed_token=written.zed_token)
             )
             self._rows_committed.add(event.event_id)
@@ -504,65 +513,6 @@ class UserSyncWorkflow:
         if error is not None:
             updates.append(LAST_ERROR.value_set(error))
         workflow.upsert_search_attributes(updates)
-
-
-async def _step(
-    activity: MethodAsyncSingleParam[Any, ParamType, ReturnType], arg: ParamType
-) -> ReturnType:
-    """Run a forward step of the saga: once as a local activity, then as a retried activity.
-
-    A local activity skips the activity task's round trip through the server, which is most of
-    a healthy sync's latency. It gets one attempt only: whatever fails it (an outage, a slow
-    store) continues at once as a normal activity with the step's retry policy, so a stuck sync
-    is always a pending, retrying activity that the UI, ``spicesync stuck`` and the repair
-    commands see, never retries hidden inside a workflow task. Every step is idempotent, so
-    running it again after an attempt that did land is harmless.
-    """
-    if workflow.patched(LOCAL_STEPS_PATCH):
-        try:
-            return await workflow.execute_local_activity_method(
-                activity,
-                arg,
-                start_to_close_timeout=_LOCAL_TIMEOUT,
-                retry_policy=LOCAL_STEP_RETRY,
-                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            )
-        except FailureError as err:
-            if is_cancelled_exception(err):
-                raise
-            refusal = _application_failure(err)
-            if refusal is not None and refusal.type in NON_RETRYABLE_ERROR_TYPES:
-                # A local activity's failure reaches the workflow unwrapped; wrap it as a
-                # normal activity's is, so the saga handles a refusal the same either way.
-                raise _as_activity_error(activity, refusal) from refusal
-    # WAIT_CANCELLATION_COMPLETED: on cancel, compensation must start only after an in-flight
-    # write has really stopped, or the write could land after its undo.
-    return await workflow.execute_activity_method(
-        activity,
-        arg,
-        start_to_close_timeout=_TIMEOUT,
-        retry_policy=STEP_RETRY,
-        cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-    )
-
-
-def _application_failure(err: FailureError) -> ApplicationError | None:
-    if isinstance(err, ApplicationError):
-        return err
-    return err.cause if isinstance(err.cause, ApplicationError) else None
-
-
-def _as_activity_error(activity: object, refusal: ApplicationError) -> ActivityError:
-    name = getattr(activity, "__name__", "step")
-    return ActivityError(
-        f"local activity {name} refused: {refusal.message}",
-        scheduled_event_id=0,
-        started_event_id=0,
-        identity="",
-        activity_type=name,
-        activity_id="",
-        retry_state=None,
-    )
 
 
 def _state_before(

@@ -61,6 +61,7 @@ def _worker(_args: argparse.Namespace) -> int:
 
 def _users(args: argparse.Namespace) -> int:
     from starters.user_events import (
+        EventNotAccepted,
         UserSyncFailed,
         WaitFor,
         change_role,
@@ -106,17 +107,37 @@ def _users(args: argparse.Namespace) -> int:
         }
         print(json.dumps(failure))
         return 1
+    except EventNotAccepted as err:
+        refused = {
+            "workflow_id": err.workflow_id,
+            "event_id": err.event_id,
+            "status": "not_accepted",
+            "error": "EventNotAccepted",
+            "message": err.last_error,
+        }
+        print(json.dumps(refused))
+        return 1
     print(outcome.model_dump_json())
     return 0
 
 
 def _stuck(args: argparse.Namespace) -> int:
-    from spicesync.stuck import StuckSync, find_stuck, parse_duration
+    from spicesync.db import create_pool
+    from spicesync.stuck import StuckSync, find_stuck, find_unfinished, parse_duration
     from spicesync.temporal import connect_temporal
 
     async def run() -> list[StuckSync]:
-        client = await connect_temporal(load_settings())
-        return await find_stuck(client, older_than=parse_duration(args.older_than))
+        settings = load_settings()
+        older_than = parse_duration(args.older_than)
+        client = await connect_temporal(settings)
+        stuck = await find_stuck(client, older_than=older_than)
+        if settings.database_url is None:
+            return stuck
+        pool = await create_pool(settings.database_url, min_size=1, max_size=4)
+        try:
+            return stuck + await find_unfinished(client, pool, older_than=older_than)
+        finally:
+            await pool.close()
 
     stuck = asyncio.run(run())
     if args.json:

@@ -76,8 +76,7 @@ def reconcile_command(args: argparse.Namespace) -> int:
             p = await handle.query(ReconcileWorkflow.progress)
             _show(
                 f"reconcile {p.phase}: {p.rows_scanned} rows, {p.relationships_scanned}"
-                f" relationships scanned; drift {p.found.missing}/{p.found.mismatched}/"
-                f"{p.found.orphan} (missing/mismatched/orphan)"
+                f" relationships scanned; {p.found.total()} drifted users so far"
             )
         print(file=sys.stderr)
         return result.result()
@@ -106,12 +105,13 @@ def _reconcile_summary(r: ReconcileReport) -> str:
         f"{r.relationships_scanned} SpiceDB relationships "
         f"({r.relationships_scanned_per_second:g}/s); {r.in_flight_skipped} live syncs skipped",
         f"  drift        missing {r.found.missing}, mismatched {r.found.mismatched}, "
-        f"orphan {r.found.orphan}; {r.deletions_planned} relationships to delete "
-        f"(cap {r.prune_cap})",
+        f"orphan {r.found.orphan}, unfinished {r.found.unfinished}, unsynced {r.found.unsynced};"
+        f" {r.deletions_planned} relationships to delete (cap {r.prune_cap})",
     ]
     if not r.dry_run:
         lines.append(
-            f"  repairs      {r.repairs.repaired} repaired, {r.repairs.consistent} consistent by "
+            f"  repairs      {r.repairs.repaired} repaired, {r.repairs.removed_unfinished}"
+            f" unfinished creations removed, {r.repairs.consistent} consistent by "
             f"their turn, {r.repairs.failed} failed; {r.repairs.relationships_written} "
             f"relationships written ({r.relationships_written_per_second:g}/s)"
         )

@@ -4,15 +4,20 @@ Runs against the local stack's Temporal and PostgreSQL (``spicesync stack up``),
 and a SpiceDB engine of its own (so a reconcile sees only what this script made), with a worker
 of its own and no payload encryption (the replay test has no key). Histories:
 
-* ``user_sync_local_lifecycle``: a user created, changing role, moving, deleted;
-* ``user_sync_local_compensated``: a creation refused (duplicate email) and compensated;
-* ``user_sync_repaired``: a user whose membership SpiceDB lost, repaired by a reconcile;
-* ``reconcile_apply``: the reconcile that repaired it (scans, repairs, report);
-* ``backfill_paced``: a backfill of 30 users in batches of 10, paced by timers.
+* ``user_sync_durable_lifecycle``: a user created, changing role, moving, deleted;
+* ``user_sync_durable_compensated``: a creation refused (duplicate email) and compensated;
+* ``user_sync_durable_repaired``: a user whose membership SpiceDB lost, repaired by a reconcile;
+* ``user_sync_unfinished_removed``: a creation's row left pending with no sync (as a lost
+  acceptance left it before the fix), removed by a reconcile;
+* ``reconcile_unfinished``: the reconcile that removed the unfinished creation;
+* ``reconcile_apply`` and ``backfill_paced`` (recorded by name only): a reconcile that repaired
+  the user; a backfill of 30 users in batches of 10, paced by timers.
 
-``user_sync_lifecycle`` and ``user_sync_compensated`` are the same two runs recorded before the
-forward steps became local activities (patch ``local-activity-steps``); they are kept, not
-re-recorded, so workflows started by older workers keep replaying.
+Older recordings are kept, not re-recorded, so workflows started by older workers keep
+replaying: ``user_sync_lifecycle`` and ``user_sync_compensated`` (every step a normal activity),
+``user_sync_local_lifecycle``, ``user_sync_local_compensated`` and ``user_sync_repaired`` (every
+step local, patch ``local-activity-steps``, before writes waited for the event's durable
+acceptance, patch ``writes-after-durable-acceptance``).
 
 Re-record one when a workflow change is meant to be incompatible, and say so in the commit.
 """
@@ -26,10 +31,12 @@ import uuid
 from pathlib import Path
 
 import asyncpg
+from temporalio.testing import ActivityEnvironment
 
+from activities.user_rows import UserRowActivities
 from spicesync.constants import user_workflow_id
 from spicesync.db import with_database
-from spicesync.models import BackfillInput, CreateUserInput, ReconcileInput
+from spicesync.models import BackfillInput, CreateUserInput, InsertCreatedRowInput, ReconcileInput
 from spicesync.settings import Settings, load_settings
 from spicesync.spicedb import connect_spicedb
 from spicesync.stack.components import prepare_app_db, prepare_spicedb, start_spicedb
@@ -37,17 +44,24 @@ from spicesync.stack.processes import free_port, stop_pid, wait_for_port
 from spicesync.temporal import connect_temporal
 from starters.backfill import start_backfill
 from starters.reconcile import start_reconcile
-from starters.user_events import UserSyncFailed, change_role, create_user, delete_user, move_user
+from starters.user_events import (
+    UserSyncFailed,
+    change_role,
+    create_user,
+    creation_event,
+    delete_user,
+    move_user,
+)
 from tests.integration.test_reconcile import insert_unsynced, revoke_all
 from workers.worker import build_worker, open_resources
 
 HERE = Path(__file__).parent
 ALL = (
-    "user_sync_local_lifecycle",
-    "user_sync_local_compensated",
-    "user_sync_repaired",
-    "reconcile_apply",
-    "backfill_paced",
+    "user_sync_durable_lifecycle",
+    "user_sync_durable_compensated",
+    "user_sync_durable_repaired",
+    "user_sync_unfinished_removed",
+    "reconcile_unfinished",
 )
 
 
@@ -96,6 +110,9 @@ async def _run(settings: Settings, names: list[str]) -> None:
     refused = repaired.model_copy(
         update={"user_id": str(uuid.uuid4()), "email": repaired.email.upper()}
     )
+    unfinished = synced.model_copy(
+        update={"user_id": str(uuid.uuid4()), "email": f"left-{org}@example.com"}
+    )
     queue = {"client": client, "task_queue": task_queue}
     histories: dict[str, str] = {}
     async with (
@@ -123,6 +140,21 @@ async def _run(settings: Settings, names: list[str]) -> None:
         histories["reconcile_apply"] = (await reconcile.fetch_history()).to_json()
         pool = await asyncpg.create_pool(settings.require_database_url(), min_size=1, max_size=2)
         assert pool is not None
+        await ActivityEnvironment().run(
+            UserRowActivities(pool).insert_created_row,
+            InsertCreatedRowInput(event=creation_event(unfinished)),
+        )
+        await pool.execute(
+            "UPDATE users SET created_at = now() - interval '10 minutes' WHERE id = $1",
+            uuid.UUID(unfinished.user_id),
+        )
+        cleanup = await start_reconcile(
+            ReconcileInput(dry_run=False, page_size=2),
+            **queue,
+            workflow_id="record-reconcile-unfinished",  # type: ignore[arg-type]
+        )
+        await cleanup.result()
+        histories["reconcile_unfinished"] = (await cleanup.fetch_history()).to_json()
         await insert_unsynced(pool, 30, "backfilled-org")
         await pool.close()
         backfill = await start_backfill(
@@ -133,9 +165,10 @@ async def _run(settings: Settings, names: list[str]) -> None:
         await backfill.result()
         histories["backfill_paced"] = (await backfill.fetch_history()).to_json()
     for name, user in (
-        ("user_sync_local_lifecycle", synced),
-        ("user_sync_local_compensated", refused),
-        ("user_sync_repaired", repaired),
+        ("user_sync_durable_lifecycle", synced),
+        ("user_sync_durable_compensated", refused),
+        ("user_sync_durable_repaired", repaired),
+        ("user_sync_unfinished_removed", unfinished),
     ):
         handle = client.get_workflow_handle(user_workflow_id(user.user_id))
         histories[name] = (await handle.fetch_history()).to_json()

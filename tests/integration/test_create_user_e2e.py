@@ -65,32 +65,58 @@ async def test_happy_path_writes_row_then_permissions(pipeline: Pipeline) -> Non
         assert event.email not in str(described.typed_search_attributes)
 
 
-async def test_a_healthy_sync_runs_each_step_once_as_a_local_activity(pipeline: Pipeline) -> None:
+async def test_a_healthy_sync_writes_nothing_before_its_event_is_durably_accepted(
+    pipeline: Pipeline,
+) -> None:
+    """Reads run as local activities in the task that accepts the event; the first write is a
+    normal activity, scheduled by the completion that records the acceptance (issue 18)."""
     event = new_event()
     outcome = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
     await assert_synced(pipeline, event, outcome.zed_token or "")
     history = await pipeline.client.get_workflow_handle(outcome.workflow_id).fetch_history()
     assert local_steps(history) == [
         "read_user_state",
-        "insert_created_row",
         "read_memberships",
         "write_memberships",
         "apply_row",
     ]
-    # No round trip through an activity task queue while everything is healthy.
-    assert not any(
-        e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED for e in history.events
+    scheduled = [
+        e for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    assert [e.activity_task_scheduled_event_attributes.activity_type.name for e in scheduled] == [
+        "insert_created_row"
+    ]
+    accepted = next(
+        e.event_id
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED
     )
+    # Accepted and first write recorded by one workflow task completion: no task in between.
+    between = [e for e in history.events if accepted < e.event_id < scheduled[0].event_id]
+    assert not any(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED for e in between)
+    # Every local write comes after the insert completed, in a later workflow task.
+    completed = next(
+        e.event_id
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+    )
+    writes = [i for i, step in local_step_events(history) if step != "read_user_state"]
+    assert writes and all(i > completed for i in writes)
 
 
 def local_steps(history: WorkflowHistory) -> list[str]:
     """The activity types of the local activities recorded in ``history``, in order."""
+    return [step for _, step in local_step_events(history)]
+
+
+def local_step_events(history: WorkflowHistory) -> list[tuple[int, str]]:
+    """(event id, activity type) of each local activity recorded in ``history``."""
     steps = []
     for e in history.events:
         marker = e.marker_recorded_event_attributes
         if marker.marker_name == "core_local_activity":
             data = marker.details["data"].payloads[0].data
-            steps.append(json.loads(data)["activity_type"])
+            steps.append((e.event_id, json.loads(data)["activity_type"]))
     return steps
 
 
@@ -223,15 +249,16 @@ async def test_spicedb_outage_waits_then_completes(
     # Delivering the same event again waits for its outcome: duplicates are no-ops.
     result = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
     await assert_synced(pipeline, event, result.zed_token)
-    # The step first failed as a local activity, then went on as a normal, visible activity.
+    # The step first failed as a local activity, then went on as a normal, visible activity,
+    # and so did the rest of the event: no more local tries to stretch workflow tasks.
     history = await pipeline.client.get_workflow_handle(result.workflow_id).fetch_history()
-    assert "read_memberships" in local_steps(history)
+    assert local_steps(history) == ["read_user_state", "read_memberships"]
     scheduled = [
         e.activity_task_scheduled_event_attributes.activity_type.name
         for e in history.events
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     ]
-    assert scheduled[0] == "read_memberships"
+    assert scheduled == ["insert_created_row", "read_memberships", "write_memberships", "apply_row"]
 
 
 async def test_cancel_during_outage_compensates_to_neither(

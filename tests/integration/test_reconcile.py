@@ -137,15 +137,17 @@ async def test_each_kind_of_drift_is_found_and_repaired_and_a_dry_run_changes_no
         Membership(user_id=ghost, org_id="ghost-org", role="member"),
         Membership(user_id="legacy-42", org_id="ghost-org", role="admin"),
     )
-    # missing: a row the app had before spicesync existed
+    # unsynced: a row the app had before spicesync existed (the backfill's business)
     [unsynced] = await insert_unsynced(pool, 1, "old-org")
 
     before = (await everything(spicedb), await rows(pool))
     dry = await reconcile(p, dry_run=True)
     assert (await everything(spicedb), await rows(pool)) == before
     assert dry.dry_run and dry.repairs.repaired == 0
-    assert (dry.found.missing, dry.found.mismatched, dry.found.orphan) == (2, 2, 3)
-    assert set(dry.samples["missing"]) == {lost.user_id, unsynced}
+    assert (dry.found.missing, dry.found.mismatched, dry.found.orphan) == (1, 2, 3)
+    assert dry.found.unsynced == 1 and dry.found.total() == 7
+    assert dry.samples["missing"] == [lost.user_id] and dry.samples["unsynced"] == [unsynced]
+    assert "spicesync backfill" in dry.message and "dry run" not in dry.message
     assert set(dry.samples["mismatched"]) == {role_fixed.user_id, extra_org.user_id}
     assert set(dry.samples["orphan"]) == {deleted_by_hand.user_id, ghost, "legacy-42"}
     assert dry.rows_scanned == 6 and dry.relationships_scanned > 0
@@ -153,7 +155,8 @@ async def test_each_kind_of_drift_is_found_and_repaired_and_a_dry_run_changes_no
     assert stored == 1
 
     applied = await reconcile(p, dry_run=False)
-    assert (applied.found.missing, applied.found.mismatched, applied.found.orphan) == (2, 2, 3)
+    assert (applied.found.missing, applied.found.mismatched, applied.found.orphan) == (1, 2, 3)
+    assert applied.found.unsynced == 1
     assert applied.repairs.repaired == 7 and applied.repairs.failed == 0
     assert not applied.prune_cap_exceeded
     assert await relationships_of(spicedb, lost.user_id) == [(lost.org_id, lost.role)]
@@ -171,7 +174,7 @@ async def test_each_kind_of_drift_is_found_and_repaired_and_a_dry_run_changes_no
     assert row["sync_status"] == "synced" and row["zed_token"]
 
     again = await reconcile(p, dry_run=True)
-    assert (again.found.missing, again.found.mismatched, again.found.orphan) == (0, 0, 0)
+    assert again.found.total() == 0
     assert again.message == "SpiceDB matches the App DB"
 
 

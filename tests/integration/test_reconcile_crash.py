@@ -99,7 +99,7 @@ async def test_a_reconcile_killed_mid_scan_resumes_without_repeating_repairs(
             if process is not None and process.returncode is None:
                 process.kill()
                 await process.wait()
-    assert report.found.missing == 300 and report.repairs.failed == 0
+    assert report.found.unsynced == 300 and report.repairs.failed == 0
     assert all(await holds_role(own_stores.spicedb, [(u, "crash-org", "member") for u in users]))
     # Each user's relationships were written by the reconcile exactly once.
     assert {user_workflow_id(u) for u in users} == set(writes)

@@ -45,3 +45,21 @@ def test_a_live_sync_between_its_writes_is_left_alone() -> None:
     assert classify(ROW, snap(("acme", "admin"), marker=4)) == IN_FLIGHT
     creating = AppRow(user_id=U, org_id="acme", role="member", version=1, creating=True)
     assert classify(creating, snap(marker=None)) == IN_FLIGHT
+
+
+def test_a_creation_that_never_finished_is_drift_not_a_live_sync() -> None:
+    creating = AppRow(user_id=U, org_id="acme", role="member", version=1, creating=True)
+    assert classify(creating, snap(marker=None)) == IN_FLIGHT
+    unfinished = AppRow(
+        user_id=U, org_id="acme", role="member", version=1, creating=True, unfinished=True
+    )
+    assert classify(unfinished, snap(marker=None)) == Drift(user_id=U, kind="unfinished")
+    assert classify(unfinished, snap(("acme", "member"), marker=1)) == Drift(
+        user_id=U, kind="unfinished", deletions=1
+    )
+
+
+def test_a_row_spicesync_never_wrote_is_unsynced_not_missing() -> None:
+    by_hand = AppRow(user_id=U, org_id="acme", role="member", version=1, never_synced=True)
+    assert classify(by_hand, snap(marker=None)) == Drift(user_id=U, kind="unsynced")
+    assert classify(by_hand, snap(("acme", "member"), marker=None)) is None

@@ -24,7 +24,12 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "user_sync_local_lifecycle",
         "user_sync_local_compensated",
         "user_sync_repaired",
+        "user_sync_durable_lifecycle",
+        "user_sync_durable_compensated",
+        "user_sync_durable_repaired",
+        "user_sync_unfinished_removed",
         "reconcile_apply",
+        "reconcile_unfinished",
         "backfill_paced",
     ],
 )
@@ -50,9 +55,22 @@ def test_histories_cover_every_workflow_and_path() -> None:
         local = read(name)
         assert '"markerName": "core_local_activity"' in local
         assert "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED" not in local
-    for name in ("user_sync_compensated", "user_sync_local_compensated"):
+    for name in (
+        "user_sync_compensated",
+        "user_sync_local_compensated",
+        "user_sync_durable_compensated",
+    ):
         assert "DuplicateEmail" in read(name)
     assert '"name": "record_repair"' in read("user_sync_repaired")
+    # Writes after the event's durable acceptance: the first write of each event is a normal
+    # activity (a creation's insert, a change's SpiceDB write), the rest local.
+    durable = read("user_sync_durable_lifecycle")
+    assert durable.count("EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") == 4
+    assert durable.count('"name": "insert_created_row"') == 1
+    assert durable.count('"name": "write_memberships"') == 3
+    assert '"name": "write_memberships"' in read("user_sync_durable_repaired")
+    assert '"name": "undo_created_row"' in read("user_sync_unfinished_removed")
+    assert '"name": "repair_users"' in read("reconcile_unfinished")
     reconcile = read("reconcile_apply")
     for step in ("check_schema_ready", "scan_app_db_page", "scan_spicedb_page", "repair_users"):
         assert f'"name": "{step}"' in reconcile

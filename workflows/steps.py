@@ -1,0 +1,137 @@
+"""How the per-user saga runs its forward steps: locally while that is safe, otherwise visibly.
+
+A local activity skips the activity task's round trip through the server, which is most of a
+healthy sync's latency. But it runs *inside* the workflow task, and two things follow:
+
+* **Nothing is durable until that workflow task completes.** The event's acceptance (the update
+  that delivered it) is recorded only then. A write made by a local step of the same workflow
+  task is a side effect of an event Temporal may still lose: if the worker dies, or the task
+  times out behind a backlog, the update is never accepted, the caller is told it failed, and the
+  write stays behind with nothing to finish or undo it. So the first write of every event runs
+  as a normal activity: scheduling it completes the workflow task, which records the acceptance
+  and the schedule together. Reads may run locally at any time (a lost read changes nothing),
+  and once the first write has been scheduled the event is durable and later writes may run
+  locally again.
+* **A slow local step stretches the workflow task** (and a caller waiting for acceptance). Each
+  local try is bounded, including its wait for a free local-activity slot; after one fails or
+  times out, the rest of the event's steps run as normal activities, so a busy box turns slow
+  steps into visible, retried activities instead of workflow tasks near their timeout.
+
+Whatever fails a local try (an outage, a slow store) continues at once as a normal activity with
+the step's retry policy, so a stuck sync is always a pending, retrying activity that the UI,
+``spicesync stuck`` and the repair commands see, never retries hidden inside a workflow task.
+Every step is idempotent, so running it again after an attempt that did land is harmless.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    FailureError,
+    is_cancelled_exception,
+)
+from temporalio.types import MethodAsyncSingleParam, ParamType, ReturnType
+from temporalio.workflow import ActivityCancellationType
+
+with workflow.unsafe.imports_passed_through():
+    from spicesync.constants import ACTIVITY_START_TO_CLOSE, LOCAL_STEP_TIMEOUT
+    from spicesync.errors import NON_RETRYABLE_ERROR_TYPES
+    from spicesync.retries import LOCAL_STEP_RETRY, STEP_RETRY
+
+__all__ = ["DURABLE_ACCEPTANCE_PATCH", "LOCAL_STEPS_PATCH", "StepRunner"]
+
+# Runs recorded before the forward steps were tried as local activities replay without them.
+LOCAL_STEPS_PATCH = "local-activity-steps"
+# Runs recorded before writes waited for the event's durable acceptance (and before a failed
+# local try sent the rest of the event to normal activities) replay as they ran.
+DURABLE_ACCEPTANCE_PATCH = "writes-after-durable-acceptance"
+
+_TIMEOUT = timedelta(seconds=ACTIVITY_START_TO_CLOSE)
+_LOCAL_TIMEOUT = timedelta(seconds=LOCAL_STEP_TIMEOUT)
+
+
+class StepRunner:
+    """Runs the forward steps of one event (or one repair), in order."""
+
+    def __init__(self) -> None:
+        self._durable = False
+        self._local = True
+
+    async def read(
+        self, activity: MethodAsyncSingleParam[Any, ParamType, ReturnType], arg: ParamType
+    ) -> ReturnType:
+        """Run a step that writes nothing: locally if the event's steps are healthy so far."""
+        return await self._run(activity, arg, local=self._local)
+
+    async def write(
+        self, activity: MethodAsyncSingleParam[Any, ParamType, ReturnType], arg: ParamType
+    ) -> ReturnType:
+        """Run a step that writes: never locally before the event's acceptance is durable."""
+        local = self._local and (self._durable or not workflow.patched(DURABLE_ACCEPTANCE_PATCH))
+        # Scheduling a normal activity completes the workflow task: from here on the event is
+        # recorded in history, whatever happens to this attempt.
+        self._durable = True
+        return await self._run(activity, arg, local=local)
+
+    async def _run(
+        self,
+        activity: MethodAsyncSingleParam[Any, ParamType, ReturnType],
+        arg: ParamType,
+        *,
+        local: bool,
+    ) -> ReturnType:
+        if local and workflow.patched(LOCAL_STEPS_PATCH):
+            try:
+                return await workflow.execute_local_activity_method(
+                    activity,
+                    arg,
+                    # Bounds the wait for a local-activity slot too, not only the run.
+                    schedule_to_close_timeout=_LOCAL_TIMEOUT,
+                    retry_policy=LOCAL_STEP_RETRY,
+                    cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                )
+            except FailureError as err:
+                if is_cancelled_exception(err):
+                    raise
+                refusal = _application_failure(err)
+                if refusal is not None and refusal.type in NON_RETRYABLE_ERROR_TYPES:
+                    # A local activity's failure reaches the workflow unwrapped; wrap it as a
+                    # normal activity's is, so the saga handles a refusal the same either way.
+                    raise _as_activity_error(activity, refusal) from refusal
+                if workflow.patched(DURABLE_ACCEPTANCE_PATCH):
+                    # The store is slow or down: the event's next steps would only stretch
+                    # workflow tasks too, so they go straight to normal activities.
+                    self._local = False
+        # WAIT_CANCELLATION_COMPLETED: on cancel, compensation must start only after an in-flight
+        # write has really stopped, or the write could land after its undo.
+        return await workflow.execute_activity_method(
+            activity,
+            arg,
+            start_to_close_timeout=_TIMEOUT,
+            retry_policy=STEP_RETRY,
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
+
+
+def _application_failure(err: FailureError) -> ApplicationError | None:
+    if isinstance(err, ApplicationError):
+        return err
+    return err.cause if isinstance(err.cause, ApplicationError) else None
+
+
+def _as_activity_error(activity: object, refusal: ApplicationError) -> ActivityError:
+    name = getattr(activity, "__name__", "step")
+    return ActivityError(
+        f"local activity {name} refused: {refusal.message}",
+        scheduled_event_id=0,
+        started_event_id=0,
+        identity="",
+        activity_type=name,
+        activity_id="",
+        retry_state=None,
+    )
