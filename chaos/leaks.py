@@ -49,17 +49,21 @@ def _strings(node: Any) -> Iterator[str]:
 
 
 def searchable(text: str) -> str:
-    """``text`` case-folded, with each JSON line replaced by the strings in it, decoded."""
-    pieces: list[str] = []
+    """``text`` case-folded, with each JSON line replaced by the strings in it, decoded.
+
+    Each distinct string is kept once: spans repeat the same statements and resource
+    attributes thousands of times, and a run's whole trace file is searched for every user.
+    """
+    pieces: dict[str, None] = {}
     for line in text.splitlines():
         stripped = line.strip()
         if stripped.startswith(("{", "[")):
             try:
-                pieces.extend(_strings(json.loads(stripped)))
+                pieces.update(dict.fromkeys(_strings(json.loads(stripped))))
                 continue
             except ValueError:
                 pass
-        pieces.append(line)
+        pieces[line] = None
     return "\n".join(pieces).casefold()
 
 

@@ -26,6 +26,7 @@ from chaos.load import Delivery, collect_outcomes, offer, user_batch
 from chaos.poison import case_variants, poison_cases
 from chaos.proxy import FaultProxy, postgres_route
 from chaos.scene import Scene
+from chaos.verdict import judge_leaks
 from spicesync.constants import user_workflow_id
 from spicesync.models import CreateUserInput, Membership, ReconcileInput
 from spicesync.spicedb import holds_memberships
@@ -250,6 +251,9 @@ async def poison_inputs(scene: Scene) -> None:
         f"{len(poison)} poison events in {len({c.label for c in poison})} kinds;"
         f" {len(pairs)} email pairs differing only in case"
     )
+    # No email or name of any event, refused or not, may reach a span or a log line.
+    await scene.workers.stop_all()  # each worker flushes its last spans as it stops
+    judge_leaks(scene.result, spans=scene.workers.trace_file, logs=[scene.workers.log], users=mixed)
 
 
 async def worker_killed_during_compensation(scene: Scene) -> None:
