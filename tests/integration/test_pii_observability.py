@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -30,7 +29,7 @@ from chaos.proxy import FaultProxy, postgres_route
 from spicesync.constants import user_workflow_id
 from spicesync.models import CreateUserInput, ResumeInput
 from spicesync.spicedb import load_schema, write_schema
-from spicesync.stack.processes import free_port
+from spicesync.stack.processes import free_port, stop_process
 from spicesync.temporal import workers_polling
 from tests.integration.conftest import OwnStores, eventually, new_event, retrying
 from tests.integration.test_reconcile_crash import worker_env
@@ -170,9 +169,8 @@ async def test_refusals_and_an_outage_leave_no_email_or_name_in_spans_logs_or_me
 
             page = await asyncio.to_thread(_scrape, f"http://{metrics}/metrics")
         finally:
-            if worker.returncode is None:
-                worker.send_signal(signal.SIGTERM)  # drains, then flushes its last spans
-                await asyncio.wait_for(worker.wait(), timeout=60)
+            # SIGTERM: the worker drains, then flushes its last spans (SIGKILL if it hangs).
+            await stop_process(worker, timeout=60)
     assert worker.returncode == 0
     assert "spicesync_time_to_permission" in page
 
