@@ -102,16 +102,24 @@ class WorkerProcesses:
     spicedb_endpoint: str
     spicedb_key: str
     log: Path
+    trace_file: Path
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
 
     def env(self) -> dict[str, str]:
-        """The worker's whole configuration, as an operator would set it."""
-        return self.settings.worker_environment(
+        """The worker's whole configuration, as an operator would set it.
+
+        Spans go to :attr:`trace_file` (never to an OTLP collector the caller may have
+        configured), so the run can read what its workers exported.
+        """
+        env = self.settings.worker_environment(
             task_queue=self.task_queue,
             database_url=self.database_url,
             spicedb_endpoint=self.spicedb_endpoint,
             spicedb_key=self.spicedb_key,
         )
+        for otlp in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            env.pop(otlp, None)
+        return env | {"SPICESYNC_TRACE_FILE": str(self.trace_file)}
 
     async def start(self, *, code_dir: Path | None = None) -> asyncio.subprocess.Process:
         """Start one worker.

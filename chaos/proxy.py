@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import Callable
 from types import TracebackType
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-__all__ = ["FaultProxy"]
+__all__ = ["FaultProxy", "postgres_route"]
 
 _HOST = "127.0.0.1"
 # One read per 64 KiB keeps bulk transfers (COPY, large result sets) cheap without letting a
@@ -247,3 +249,29 @@ class FaultProxy:
         except OSError:
             # One side failed mid-stream; the other must not keep a dead conversation open.
             link.abort()
+
+
+def postgres_route(url: str) -> tuple[str | tuple[str, int], Callable[[int], str]]:
+    """Where PostgreSQL really listens, and the URL of the same database through a proxy.
+
+    Args:
+        url: The database's URL (TCP, or a Unix socket directory in ``?host=``).
+
+    Returns:
+        The proxy's target, and a function giving the URL through a proxy on a given port.
+    """
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    port = int(query.get("port", [parts.port or 5432])[0])
+    socket_dir = query.get("host", [None])[0]
+    target: str | tuple[str, int] = (
+        f"{socket_dir}/.s.PGSQL.{port}"
+        if socket_dir and socket_dir.startswith("/")
+        else (parts.hostname or "127.0.0.1", port)
+    )
+    user = parts.username or "postgres"
+
+    def rewrite(proxy_port: int) -> str:
+        return urlunsplit(("postgresql", f"{user}@127.0.0.1:{proxy_port}", parts.path, "", ""))
+
+    return target, rewrite

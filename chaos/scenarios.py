@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from authzed.api.v1 import RelationshipUpdate
 from temporalio.api.enums.v1 import EventType
@@ -26,8 +25,9 @@ from temporalio.api.enums.v1 import EventType
 from chaos.faults import inject_fault, on_commits, on_spicedb_writes
 from chaos.load import Delivery, collect_outcomes, offer, user_batch
 from chaos.poison import case_variants, poison_cases
-from chaos.proxy import FaultProxy
+from chaos.proxy import FaultProxy, postgres_route
 from chaos.scene import Scene
+from chaos.verdict import judge_leaks
 from spicesync.constants import user_workflow_id
 from spicesync.models import CreateUserInput, Membership, ReconcileInput
 from spicesync.spicedb import holds_memberships
@@ -256,7 +256,7 @@ async def _restore_after_data_loss(scene: Scene, proxy: FaultProxy) -> None:
 
 async def postgres_unreachable(scene: Scene) -> None:
     """PostgreSQL refuses connections for the outage, mid-load (existing ones reset)."""
-    target, rewrite = _postgres_route(scene.database_url)
+    target, rewrite = postgres_route(scene.database_url)
     async with FaultProxy(target) as proxy:
         scene.workers.database_url = rewrite(proxy.port)
         await _outage(scene, proxy, "PostgreSQL")
@@ -344,6 +344,9 @@ async def poison_inputs(scene: Scene) -> None:
         f"{len(poison)} poison events in {len({c.label for c in poison})} kinds;"
         f" {len(pairs)} email pairs differing only in case"
     )
+    # No email or name of any event, refused or not, may reach a span or a log line.
+    await scene.workers.stop_all()  # each worker flushes its last spans as it stops
+    judge_leaks(scene.result, spans=scene.workers.trace_file, logs=[scene.workers.log], users=mixed)
 
 
 async def worker_killed_during_compensation(scene: Scene) -> None:
@@ -503,25 +506,6 @@ def _count_rejections(scene: Scene, users: list[CreateUserInput], delivery: Deli
 
 def _last(times: list[float]) -> float | None:
     return times[-1] if times else None
-
-
-def _postgres_route(url: str) -> tuple[str | tuple[str, int], Callable[[int], str]]:
-    """Where PostgreSQL really listens, and the URL of the same database through a proxy."""
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    port = int(query.get("port", [parts.port or 5432])[0])
-    socket_dir = query.get("host", [None])[0]
-    target: str | tuple[str, int] = (
-        f"{socket_dir}/.s.PGSQL.{port}"
-        if socket_dir and socket_dir.startswith("/")
-        else (parts.hostname or "127.0.0.1", port)
-    )
-    user = parts.username or "postgres"
-
-    def rewrite(proxy_port: int) -> str:
-        return urlunsplit(("postgresql", f"{user}@127.0.0.1:{proxy_port}", parts.path, "", ""))
-
-    return target, rewrite
 
 
 SCENARIOS: dict[str, Callable[[Scene], Awaitable[None]]] = {

@@ -130,6 +130,7 @@ async def new_scene(run: ChaosRun, name: str) -> AsyncIterator[Scene]:
             spicedb_endpoint=engine.endpoint,
             spicedb_key=engine.key,
             log=run.directory / f"worker-{name}.log",
+            trace_file=run.directory / f"traces-{name}.jsonl",
         )
         yield Scene(
             run=run,

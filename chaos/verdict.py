@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 from authzed.api.v1 import Consistency, ReadRelationshipsRequest, RelationshipFilter
 from temporalio.client import Client
 
+from chaos.leaks import find_leaks
 from spicesync.models import CreateUserInput
 from spicesync.spicedb import MANAGED_RELATIONS, SpiceDBClient
 
-__all__ = ["ScenarioResult", "judge", "unsettled_workflows"]
+__all__ = ["ScenarioResult", "judge", "judge_leaks", "unsettled_workflows"]
 
 _SETTLED_STAGES = ("idle", "failed", "closed_idle")
 
@@ -194,3 +197,38 @@ def _count_state(
             f" grants={grants} {note}"
         )
     return synced
+
+
+def judge_leaks(
+    result: ScenarioResult, *, spans: Path, logs: list[Path], users: Iterable[CreateUserInput]
+) -> ScenarioResult:
+    """Look for every user's email and name in what the workers exported and printed.
+
+    Read after the workers stopped gracefully (a worker flushes its spans as it stops). A
+    leak is a problem and fails the scenario; so does a trace file without spans, since a scan
+    of nothing proves nothing.
+
+    Args:
+        result: The row to fill.
+        spans: The workers' trace file (JSON lines).
+        logs: The workers' logs.
+        users: Whose emails and names must appear nowhere, accepted or refused.
+    """
+    exported = spans.read_text(errors="replace") if spans.is_file() else ""
+    span_count = sum(1 for line in exported.splitlines() if line.strip())
+    if not span_count:
+        result.problems.append(f"no spans in {spans.name} to scan for emails and names")
+    printed = {log.name: log.read_text(errors="replace") for log in logs if log.is_file()}
+    log_lines = sum(len(text.splitlines()) for text in printed.values())
+    users = list(users)
+    leaks = find_leaks({spans.name: exported, **printed}, users)
+    for leak in leaks[:20]:
+        result.problems.append(f"{leak.user_id}: its {leak.field} is in {leak.where}")
+    if len(leaks) > 20:
+        result.problems.append(f"{len(leaks)} emails or names found in spans or logs in all")
+    result.notes.append(
+        f"{span_count} spans and {log_lines} log lines scanned for the emails and names of"
+        f" {len(users)} users: {len(leaks)} found"
+    )
+    result.passed = result.passed and not result.problems
+    return result

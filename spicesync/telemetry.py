@@ -22,6 +22,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
+from spicesync.span_scrubbing import ScrubbingSpanExporter
+
 __all__ = ["configure_tracing", "instrument_libraries", "metrics_runtime"]
 
 _instrumented = False
@@ -31,7 +33,8 @@ def instrument_libraries() -> None:
     """Trace every asyncpg query and every gRPC (SpiceDB) call made from now on (idempotent)."""
     global _instrumented
     if not _instrumented:
-        AsyncPGInstrumentor().instrument()  # type: ignore[no-untyped-call]
+        # Never the statements' parameters: they are the rows' values (emails, names).
+        AsyncPGInstrumentor(capture_parameters=False).instrument()  # type: ignore[no-untyped-call]
         GrpcAioInstrumentorClient().instrument()  # type: ignore[no-untyped-call]
         _instrumented = True
 
@@ -40,7 +43,8 @@ def configure_tracing(service_name: str, trace_file: Path) -> TracerProvider:
     """Install the global tracer provider and instrument the libraries.
 
     Spans go to OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces-specific variable) is
-    set, and to ``trace_file`` as JSON lines otherwise.
+    set, and to ``trace_file`` as JSON lines otherwise. Either way every span is scrubbed first
+    (:class:`~spicesync.span_scrubbing.ScrubbingSpanExporter`): no row value is exported.
 
     Args:
         service_name: The ``service.name`` resource attribute.
@@ -63,7 +67,7 @@ def configure_tracing(service_name: str, trace_file: Path) -> TracerProvider:
         exporter = ConsoleSpanExporter(
             out=out, formatter=lambda span: span.to_json(indent=None) + "\n"
         )
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    provider.add_span_processor(BatchSpanProcessor(ScrubbingSpanExporter(exporter)))
     trace.set_tracer_provider(provider)
     instrument_libraries()
     return provider
