@@ -11,7 +11,9 @@ The ledger decides which event to apply next and remembers what became of each e
   or failed): decisions are taken in strictly increasing version order;
 * a change to a user that does not exist (not yet created, or deleted) is held until a
   ``created`` or ``deleted`` event can be applied before it; the workflow gives a held change a
-  grace period (a durable timer), then :meth:`EventLedger.expire_held` fails it.
+  grace period (a durable timer), then :meth:`EventLedger.expire_held` fails it. A change whose
+  version comes right after the last decided one, to a user that is gone (deleted, or whose
+  creation failed), fails at once: no creation can come between.
 
 The ledger keeps a digest of each decided event's content, never the content itself, so what it
 remembers (carried across continue-as-new) holds no email or name; see :func:`content_digest`.
@@ -78,9 +80,9 @@ class EventLedger:
 
         Returns:
             The event's final outcome if it is already decided (a duplicate of a finished event,
-            or a stale one), or an ``EventIdConflict`` failure (not recorded: the first event's
-            outcome stands) if the id was used for other content; ``None`` if it is queued (or a
-            duplicate of a queued one).
+            a stale one, or a change to a user that is gone), or an ``EventIdConflict`` failure
+            (not recorded: the first event's outcome stands) if the id was used for other content;
+            ``None`` if it is queued (or a duplicate of a queued one).
         """
         digest = content_digest(event)
         if (known := self._outcomes.get(event.event_id)) is not None:
@@ -111,7 +113,8 @@ class EventLedger:
                 event,
             )
         self._pending[event.event_id] = event
-        return None
+        self._fail_hopeless()
+        return self._outcomes.get(event.event_id)
 
     def next_ready(self) -> UserEvent | None:
         """The event to apply now, or ``None`` if nothing can be applied yet (pure)."""
@@ -125,20 +128,11 @@ class EventLedger:
     def finish(self, event: UserEvent, outcome: EventOutcome, state: UserState) -> None:
         """Record the outcome of an applied (or failed) event and the user's new state.
 
-        Pending events the new state has overtaken become stale here.
+        Pending events the new state has overtaken become stale here; a held change that can
+        no longer find its user fails (see :meth:`offer`).
         """
-        self._pending.pop(event.event_id, None)
-        self.state = state
-        self._high_water = max(self._high_water, event.version)
-        self._record(outcome, event)
-        for overtaken in [e for e in self._pending.values() if e.version <= self._high_water]:
-            del self._pending[overtaken.event_id]
-            self._record(
-                EventOutcome(
-                    event_id=overtaken.event_id, version=overtaken.version, status="stale"
-                ),
-                overtaken,
-            )
+        self._decide(event, outcome, state)
+        self._fail_hopeless()
 
     def refresh(self, state: UserState) -> None:
         """Adopt the user's state as read afresh from the App DB (by a repair).
@@ -148,19 +142,14 @@ class EventLedger:
         """
         self.state = state
         self._high_water = max(self._high_water, state.version)
+        self._fail_hopeless()
 
     def expire_held(self) -> EventOutcome | None:
         """Fail the lowest held change (its grace period ran out); ``None`` if none is held."""
         if self.next_ready() is not None or not self._pending:
             return None
         held = min(self._pending.values(), key=lambda e: (e.version, e.event_id))
-        outcome = EventOutcome(
-            event_id=held.event_id,
-            version=held.version,
-            status="failed",
-            error_type="UserNotFound",
-            message=f"user {held.user_id} does not exist at version {held.version}",
-        )
+        outcome = _not_found(held)
         self.finish(held, outcome, self.state)
         return outcome
 
@@ -195,6 +184,35 @@ class EventLedger:
         """The remembered outcomes, oldest first (carried across continue-as-new)."""
         return list(self._outcomes.values())
 
+    def _decide(self, event: UserEvent, outcome: EventOutcome, state: UserState) -> None:
+        self._pending.pop(event.event_id, None)
+        self.state = state
+        self._high_water = max(self._high_water, event.version)
+        self._record(outcome, event)
+        for overtaken in [e for e in self._pending.values() if e.version <= self._high_water]:
+            del self._pending[overtaken.event_id]
+            self._record(
+                EventOutcome(
+                    event_id=overtaken.event_id, version=overtaken.version, status="stale"
+                ),
+                overtaken,
+            )
+
+    def _fail_hopeless(self) -> None:
+        """Fail, without a grace period, each held change that can never find its user.
+
+        The user is gone (deleted, or its creation failed: something was decided, and it does
+        not exist), and the lowest pending event is a change whose version comes right after
+        the last decided one: no ``created`` event can come between, so waiting is pointless.
+        With a gap in the versions a re-creation may still be on its way, so the change keeps
+        its grace; so does a change to a user of whom nothing was decided yet (never created).
+        """
+        while not self.state.exists and self._high_water > 0 and self._pending:
+            lowest = min(self._pending.values(), key=lambda e: (e.version, e.event_id))
+            if lowest.kind in _ENTRY_KINDS or lowest.version != self._high_water + 1:
+                return
+            self._decide(lowest, _not_found(lowest), self.state)
+
     def _record(self, outcome: EventOutcome, event: UserEvent) -> EventOutcome:
         outcome = outcome.model_copy(update={"content_digest": content_digest(event)})
         self._outcomes[outcome.event_id] = outcome
@@ -223,4 +241,14 @@ def _conflict(event: UserEvent) -> EventOutcome:
             f"event id {event.event_id} was already used for an event with different content;"
             " this delivery was not applied"
         ),
+    )
+
+
+def _not_found(event: UserEvent) -> EventOutcome:
+    return EventOutcome(
+        event_id=event.event_id,
+        version=event.version,
+        status="failed",
+        error_type="UserNotFound",
+        message=f"user {event.user_id} does not exist at version {event.version}",
     )

@@ -1,4 +1,4 @@
-"""Events delivered again, on the real engines: reused event ids.
+"""Events delivered again, on the real engines: reused event ids, changes to deleted users.
 
 A user's workflow remembers what became of each event id while it runs (and across
 continue-as-new); once it has closed idle, a new run knows only what the App DB records.
@@ -22,14 +22,17 @@ from spicesync.errors import EventIdConflict
 from spicesync.models import UserSyncInput
 from spicesync.settings import Settings
 from starters.user_events import (
+    UserSyncFailed,
     WaitFor,
     change_role,
     create_user,
+    delete_user,
     move_user,
 )
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import (
     Pipeline,
+    assert_neither,
     assert_synced,
     eventually,
     new_event,
@@ -38,6 +41,10 @@ from tests.integration.conftest import (
 from workflows.user_sync import UserSyncWorkflow
 
 pytestmark = pytest.mark.integration
+
+# Generous: a decision taken at once arrives in well under a second; the old behaviour was a
+# five-minute wait (HELD_CHANGE_GRACE).
+PROMPT = 60.0
 
 
 def queue(p: Pipeline) -> dict[str, Any]:
@@ -235,3 +242,41 @@ async def test_the_cli_exits_non_zero_with_one_json_line_on_a_conflict(
     assert (printed["error"], printed["event_id"]) == ("EventIdConflict", "evt-dup-42")
     row = await user_row(pipeline.pool, user.user_id)
     assert row is not None and (row["version"], row["role"]) == (3, "admin")
+
+
+# --- Issue 15 #2: a change to a deleted user is answered at once -----------------------------
+
+
+async def test_a_change_to_a_deleted_user_fails_at_once(pipeline: Pipeline) -> None:
+    user = new_event()
+    await create_user(user, **queue(pipeline))
+    await delete_user(user.user_id, version=2, **queue(pipeline))
+    with pytest.raises(UserSyncFailed) as caught:
+        await asyncio.wait_for(
+            change_role(
+                user.user_id, org_id=user.org_id, role="admin", version=3, **queue(pipeline)
+            ),
+            PROMPT,
+        )
+    assert caught.value.error_type == "UserNotFound"
+    await assert_neither(pipeline, user)
+
+
+async def test_a_change_to_a_user_deleted_before_the_workflow_closed_fails_at_once(
+    pipeline: Pipeline,
+) -> None:
+    """The issue's case: a new run learns from the App DB's tombstone that the user is gone."""
+    user = new_event()
+    await start_short_lived(pipeline, user.user_id, idle_seconds=5)
+    await create_user(user, **queue(pipeline))
+    await delete_user(user.user_id, version=2, **queue(pipeline))
+    await wait_closed_idle(pipeline, user.user_id)
+    with pytest.raises(UserSyncFailed) as caught:
+        await asyncio.wait_for(
+            move_user(
+                user.user_id, org_id=f"{user.org_id}-b", role="member", version=3, **queue(pipeline)
+            ),
+            PROMPT,
+        )
+    assert caught.value.error_type == "UserNotFound"
+    await assert_neither(pipeline, user)

@@ -115,8 +115,10 @@ def test_a_repair_adopts_the_app_dbs_state_but_versions_never_go_back() -> None:
     # The App DB was restored from an older backup: the repair adopts what it says...
     ledger.refresh(UserState(exists=False, version=0))
     assert not ledger.state.exists
-    assert ledger.next_ready() is None and ledger.offer(event(6)) is None
-    assert ledger.is_holding()  # a change to a user that no longer exists waits for a creation
+    # A change to a user that no longer exists waits for a creation (one at v6 may be on its
+    # way; see the tests of changes to a deleted user for v6 itself).
+    assert ledger.next_ready() is None and ledger.offer(event(7)) is None
+    assert ledger.is_holding()
     # ...but an event not newer than one already decided is still stale.
     late = ledger.offer(event(4, "created"))
     assert late is not None and late.status == "stale"
@@ -221,6 +223,72 @@ def test_the_event_the_app_db_records_is_compared_with_the_row() -> None:
     assert conflicts(EventLedger(tombstone).offer(event(5, "moved")))
 
 
+# --- A change to a deleted user fails at once (issue 15 #2) ---------------------------------
+
+
+def deleted_at(version: int) -> EventLedger:
+    """A ledger as a new run starts it for a user the App DB has a tombstone for."""
+    return EventLedger(UserState(exists=False, version=version, applied_event=f"e{version}"))
+
+
+def not_found(outcome: EventOutcome | None) -> bool:
+    return outcome is not None and (outcome.status, outcome.error_type) == (
+        "failed",
+        "UserNotFound",
+    )
+
+
+def test_a_change_to_a_deleted_user_fails_at_once() -> None:
+    for kind in ("role_changed", "moved"):
+        ledger = deleted_at(2)
+        assert not_found(ledger.offer(event(3, kind)))
+        assert not ledger.has_pending() and not ledger.is_holding()
+
+
+def test_a_change_held_for_a_deleted_user_fails_once_its_version_is_next() -> None:
+    # v4 after a deletion at v2: a re-creation at v3 may still come, so v4 is held...
+    ledger = deleted_at(2)
+    assert ledger.offer(event(4)) is None and ledger.is_holding()
+    # ...until v3 turns out to be a change too: both fail, at once, in version order.
+    assert not_found(ledger.offer(event(3)))
+    assert not_found(ledger.outcome("e4")) and not ledger.has_pending()
+
+
+def test_a_change_to_a_deleted_user_waits_for_a_recreation_that_comes_first() -> None:
+    ledger = deleted_at(2)
+    recreated = event(3, "created")
+    ledger.offer(recreated)
+    assert ledger.offer(event(4)) is None  # the re-creation comes first: not failed
+    apply(ledger, ledger.next_ready())  # type: ignore[arg-type]
+    assert ledger.next_ready() == event(4)
+
+
+def test_a_change_queued_behind_a_deletion_fails_once_the_deletion_is_applied() -> None:
+    ledger = EventLedger(UserState(exists=True, version=1, org_id="org1", role="member"))
+    ledger.offer(event(3))
+    ledger.offer(event(2, "deleted"))
+    apply(ledger, ledger.next_ready())  # type: ignore[arg-type]
+    assert not_found(ledger.outcome("e3")) and not ledger.has_pending()
+
+
+def test_a_change_to_a_user_never_created_keeps_its_grace() -> None:
+    ledger = EventLedger(NOBODY)
+    assert ledger.offer(event(1)) is None and ledger.offer(event(2)) is None
+    assert ledger.is_holding()  # the creation may be on its way
+
+
+def test_a_change_after_a_failed_creation_fails_at_once() -> None:
+    ledger = EventLedger(NOBODY)
+    creation = event(1, "created")
+    ledger.offer(creation)
+    ledger.finish(
+        creation,
+        EventOutcome(event_id="e1", version=1, status="failed", error_type="DuplicateEmail"),
+        NOBODY,
+    )
+    assert not_found(ledger.offer(event(2)))
+
+
 def reuse_of(e: UserEvent, change: str) -> UserEvent:
     """``e``'s id on other content: an app bug (or a reused id) the ledger must refuse."""
     if change == "version":
@@ -293,3 +361,52 @@ def test_ledger_matches_the_model(
         outcome = ledger.outcome(e.event_id)
         assert outcome is not None
         assert outcome.status == ("applied" if e in decided else "stale")
+
+
+@st.composite
+def after_a_deletion(draw: st.DrawFn) -> tuple[int, list[UserEvent], int | None]:
+    """Changes an app sends for a user deleted at ``deleted``, maybe around a re-creation.
+
+    Returns the deletion's version, the events after it (consecutive versions, shuffled) and
+    the version of the re-creation among them, if any.
+    """
+    deleted = draw(st.integers(2, 10))
+    count = draw(st.integers(1, 8))
+    recreated = draw(st.none() | st.integers(deleted + 1, deleted + count))
+    tail = [
+        event(v, "created" if v == recreated else draw(st.sampled_from(["role_changed", "moved"])))
+        for v in range(deleted + 1, deleted + count + 1)
+    ]
+    return deleted, draw(st.permutations(tail)), recreated
+
+
+@settings(max_examples=300, deadline=None)
+@given(after_a_deletion(), st.data())
+def test_changes_to_a_deleted_user_never_wait_out_the_grace(
+    case: tuple[int, list[UserEvent], int | None], data: st.DataObject
+) -> None:
+    deleted, deliveries, recreated = case
+    ledger = deleted_at(deleted)
+    for delivered in deliveries:
+        ledger.offer(delivered)
+        while data.draw(st.booleans()) and (ready := ledger.next_ready()) is not None:
+            apply(ledger, ready)
+    while (ready := ledger.next_ready()) is not None:
+        apply(ledger, ready)
+    # Once every event is in, none is left for the grace timer: each was decided at once.
+    assert not ledger.has_pending()
+    for e in deliveries:
+        outcome = ledger.outcome(e.event_id)
+        assert outcome is not None
+        if recreated is not None and e.version >= recreated:
+            # The re-created user takes its later changes (or a newer one overtook them).
+            assert outcome.status in ("applied", "stale")
+        else:
+            # Before the re-creation (or with none) the user is gone: not found, or overtaken
+            # by the re-creation if that was applied first.
+            assert not_found(outcome) or (recreated is not None and outcome.status == "stale")
+    assert ledger.state.exists == (recreated is not None)
+    if recreated is not None:
+        highest = max(deliveries, key=lambda e: e.version)
+        assert ledger.outcome(highest.event_id).status == "applied"  # type: ignore[union-attr]
+        assert (ledger.state.version, ledger.state.org_id) == (highest.version, highest.org_id)
