@@ -1,4 +1,4 @@
-"""Events delivered again, on the real engines: reused event ids, changes to deleted users.
+"""Events delivered again, on the real engines: reused ids, deleted users, rolled-back events.
 
 A user's workflow remembers what became of each event id while it runs (and across
 continue-as-new); once it has closed idle, a new run knows only what the App DB records.
@@ -36,6 +36,7 @@ from tests.integration.conftest import (
     assert_synced,
     eventually,
     new_event,
+    relationships_of,
     user_row,
 )
 from workflows.user_sync import UserSyncWorkflow
@@ -280,3 +281,34 @@ async def test_a_change_to_a_user_deleted_before_the_workflow_closed_fails_at_on
         )
     assert caught.value.error_type == "UserNotFound"
     await assert_neither(pipeline, user)
+
+
+# --- Issue 15 #8: a rolled-back event delivered again ----------------------------------------
+
+
+async def test_a_failed_event_redelivered_gets_its_outcome_until_the_workflow_closes(
+    pipeline: Pipeline,
+) -> None:
+    """A failed event left nothing behind. While the user's workflow remembers it, a duplicate
+    gets the same failure; once the workflow closed idle, a redelivery is tried afresh (how an
+    app retries after fixing the cause)."""
+    owner = new_event()
+    await create_user(owner, **queue(pipeline))
+    second = new_event(email=owner.email)
+    run_id = await start_short_lived(pipeline, second.user_id, idle_seconds=10)
+    with pytest.raises(UserSyncFailed) as first:
+        await create_user(second, **queue(pipeline))
+    assert first.value.error_type == "DuplicateEmail"
+    # The cause goes away (the other user is deleted) while the workflow still remembers.
+    await delete_user(owner.user_id, version=2, **queue(pipeline))
+    with pytest.raises(UserSyncFailed) as again:
+        await create_user(second, **queue(pipeline))
+    assert again.value.error_type == "DuplicateEmail"
+    assert (await current_run(pipeline, second.user_id))[0] == run_id  # the same run answered
+    await assert_neither(pipeline, second)
+    # Closed idle, the workflow no longer remembers: the redelivery is applied.
+    await wait_closed_idle(pipeline, second.user_id)
+    applied = await create_user(second, **queue(pipeline))
+    assert applied.status == "synced"
+    await assert_synced(pipeline, second, applied.zed_token or "")
+    assert await relationships_of(pipeline.spicedb, owner.user_id) == []
