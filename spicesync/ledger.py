@@ -62,12 +62,23 @@ def content_digest(event: UserEvent) -> str:
 
 
 class EventLedger:
-    """Which events of one user are pending, and what became of the others."""
+    """Which events of one user are pending, and what became of the others.
+
+    ``legacy`` keeps the rules of runs recorded before reused event ids were refused and changes
+    to a user that is gone failed at once, so that their histories replay: the new rules could
+    have answered, waited and applied differently there (other workflow commands).
+    """
 
     def __init__(
-        self, state: UserState, recent: list[EventOutcome] | None = None, *, remember: int = 1000
+        self,
+        state: UserState,
+        recent: list[EventOutcome] | None = None,
+        *,
+        remember: int = 1000,
+        legacy: bool = False,
     ) -> None:
         self.state = state
+        self._legacy = legacy
         self._pending: dict[str, UserEvent] = {}
         self._outcomes: OrderedDict[str, EventOutcome] = OrderedDict(
             (o.event_id, o) for o in (recent or [])
@@ -87,17 +98,21 @@ class EventLedger:
         digest = content_digest(event)
         if (known := self._outcomes.get(event.event_id)) is not None:
             # Outcomes carried over from a run before digests were kept have none: a duplicate.
-            if known.content_digest not in (None, digest):
+            if known.content_digest not in (None, digest) and not self._legacy:
                 return _conflict(event)
             return known
         if (queued := self._pending.get(event.event_id)) is not None:
-            return None if content_digest(queued) == digest else _conflict(event)
-        if event.event_id == self.state.applied_event:
+            same = self._legacy or content_digest(queued) == digest
+            return None if same else _conflict(event)
+        if event.event_id == self.state.applied_event and not (
+            self._legacy or _records(self.state, event)
+        ):
+            return _conflict(event)
+        if event.event_id == self.state.applied_event and event.version == self.state.version:
             # This event id is what the App DB records as applied (delivered again after the
             # workflow closed, or replayed after a worker died mid-task). The row keeps no copy
-            # of the event, so compare what it does keep: version, and membership or deletion.
-            if not _records(self.state, event):
-                return _conflict(event)
+            # of the event, so it was compared above with what it does keep: version, and
+            # membership or deletion.
             return self._record(
                 EventOutcome(
                     event_id=event.event_id,
@@ -207,6 +222,8 @@ class EventLedger:
         With a gap in the versions a re-creation may still be on its way, so the change keeps
         its grace; so does a change to a user of whom nothing was decided yet (never created).
         """
+        if self._legacy:
+            return
         while not self.state.exists and self._high_water > 0 and self._pending:
             lowest = min(self._pending.values(), key=lambda e: (e.version, e.event_id))
             if lowest.kind in _ENTRY_KINDS or lowest.version != self._high_water + 1:

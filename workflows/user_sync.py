@@ -65,6 +65,7 @@ with workflow.unsafe.imports_passed_through():
 
 __all__ = [
     "LAST_ERROR",
+    "LEDGER_RULES_PATCH",
     "LOCAL_STEPS_PATCH",
     "ORG_ID",
     "STAGE",
@@ -84,6 +85,9 @@ _LOCAL_TIMEOUT = timedelta(seconds=LOCAL_STEP_START_TO_CLOSE)
 
 # Runs recorded before the forward steps were tried as local activities replay without them.
 LOCAL_STEPS_PATCH = "local-activity-steps"
+# Runs recorded before the ledger refused reused event ids and failed changes to a user that is
+# gone at once replay with the ledger's old rules (EventLedger's ``legacy``).
+LEDGER_RULES_PATCH = "ledger-event-id-conflicts"
 
 
 @workflow.defn
@@ -125,7 +129,8 @@ class UserSyncWorkflow:
                 UserRowActivities.read_user_state, ReadUserStateInput(user_id=request.user_id)
             )
             recent = []
-        ledger = self._ledger = EventLedger(state, recent)
+        legacy = not workflow.patched(LEDGER_RULES_PATCH)
+        ledger = self._ledger = EventLedger(state, recent, legacy=legacy)
         self._stage("idle")
         self._applied_this_run = 0
         try:

@@ -289,6 +289,23 @@ def test_a_change_after_a_failed_creation_fails_at_once() -> None:
     assert not_found(ledger.offer(event(2)))
 
 
+def test_runs_recorded_before_these_rules_replay_with_the_old_ones() -> None:
+    # A workflow history from before must replay to the same commands: reused ids are answered
+    # as duplicates, a change to a deleted user is held for its grace.
+    ledger = EventLedger(
+        UserState(exists=True, version=3, org_id="org3", role="admin"), legacy=True
+    )
+    first = event(4)
+    assert ledger.offer(first) is None
+    assert ledger.offer(first.model_copy(update={"role": "admin"})) is None
+    apply(ledger, first)
+    assert ledger.offer(first.model_copy(update={"role": "admin"})) == ledger.outcome("e4")
+    applied_row = UserState(exists=True, version=5, org_id="o", role="member", applied_event="e5")
+    assert EventLedger(applied_row, legacy=True).offer(event(6, event_id="e5")) is None
+    gone = EventLedger(UserState(exists=False, version=2, applied_event="e2"), legacy=True)
+    assert gone.offer(event(3)) is None and gone.is_holding()
+
+
 def reuse_of(e: UserEvent, change: str) -> UserEvent:
     """``e``'s id on other content: an app bug (or a reused id) the ledger must refuse."""
     if change == "version":
