@@ -20,6 +20,7 @@ __all__ = [
     "AppDBRejected",
     "AppDBUnavailable",
     "DuplicateEmail",
+    "EventIdConflict",
     "InvalidUserInput",
     "MarkerMoved",
     "PermanentSyncError",
@@ -61,6 +62,25 @@ class DuplicateEmail(PermanentSyncError):
     """Another user id already owns this email (compared case-insensitively)."""
 
     benign = True
+
+
+class EventIdConflict(PermanentSyncError):
+    """The event id was already used for an event with different content.
+
+    An event id is the idempotency key of one event of one user: the same id with the same
+    content is a duplicate (it gets the first delivery's outcome), the same id with anything
+    different (kind, version, organization, role, email, name) is refused with this error.
+    Nothing of this delivery was applied; the first event's outcome stands. Raised to the
+    caller by the starters (the user's workflow answers the delivery with this error type), not
+    by an activity.
+    """
+
+    benign = True
+
+    def __init__(self, message: str, *, user_id: str = "", event_id: str = "") -> None:
+        super().__init__(message)
+        self.user_id = user_id
+        self.event_id = event_id
 
 
 class AppDBRejected(PermanentSyncError):

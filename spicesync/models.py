@@ -127,7 +127,13 @@ class SubmitEventInput(_Model):
 
 
 class EventOutcome(_Model):
-    """What became of one event (opaque ids and error codes only)."""
+    """What became of one event (opaque ids and error codes only).
+
+    ``content_digest`` is the ledger's keyed digest of the event's content
+    (:func:`spicesync.ledger.content_digest`), kept so that a later delivery of the same event
+    id can be told apart as a duplicate or a conflict; ``None`` in outcomes recorded before
+    digests were kept.
+    """
 
     event_id: str
     version: int
@@ -135,6 +141,7 @@ class EventOutcome(_Model):
     zed_token: str | None = None
     error_type: str | None = None
     message: str | None = None
+    content_digest: str | None = None
 
 
 class UserState(_Model):

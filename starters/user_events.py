@@ -39,6 +39,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from spicesync.constants import user_workflow_id
+from spicesync.errors import EventIdConflict
 from spicesync.models import (
     CreateUserInput,
     EventOutcome,
@@ -182,6 +183,8 @@ async def submit_event(
 
     Raises:
         InvalidUserInput: The event is malformed; nothing was started or written.
+        EventIdConflict: The event id was already used for an event with different content;
+            this delivery was not applied and the first event's outcome stands.
         UserSyncFailed: The event failed for good (e.g. ``DuplicateEmail``) and was compensated.
         EventNotAccepted: Temporal kept refusing the call for passing reasons until
             ``accept_within`` had passed; nothing of the event was written.
@@ -195,6 +198,8 @@ async def submit_event(
     except WorkflowUpdateFailedError as err:
         cause = err.cause
         raise UserSyncFailed(workflow_id, event.event_id, type(cause).__name__, str(cause)) from err
+    if outcome.status == "failed" and outcome.error_type == EventIdConflict.__name__:
+        raise EventIdConflict(outcome.message or "", user_id=event.user_id, event_id=event.event_id)
     if outcome.status == "failed":
         raise UserSyncFailed(
             workflow_id, event.event_id, outcome.error_type or "Failed", outcome.message or ""

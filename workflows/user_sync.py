@@ -55,6 +55,7 @@ with workflow.unsafe.imports_passed_through():
 
 __all__ = [
     "LAST_ERROR",
+    "LEDGER_RULES_PATCH",
     "ORG_ID",
     "STAGE",
     "STAGE_SINCE",
@@ -69,6 +70,9 @@ USER_ID = SearchAttributeKey.for_keyword("SpicesyncUserId")
 ORG_ID = SearchAttributeKey.for_keyword("SpicesyncOrgId")
 
 _TIMEOUT = timedelta(seconds=ACTIVITY_START_TO_CLOSE)
+# Runs recorded before the ledger refused reused event ids and failed changes to a user that is
+# gone at once replay with the ledger's old rules (EventLedger's ``legacy``).
+LEDGER_RULES_PATCH = "ledger-event-id-conflicts"
 
 
 @workflow.defn
@@ -110,7 +114,8 @@ class UserSyncWorkflow:
                 UserRowActivities.read_user_state, ReadUserStateInput(user_id=request.user_id)
             )
             recent = []
-        ledger = self._ledger = EventLedger(state, recent)
+        legacy = not workflow.patched(LEDGER_RULES_PATCH)
+        ledger = self._ledger = EventLedger(state, recent, legacy=legacy)
         self._stage("idle")
         self._applied_this_run = 0
         try:

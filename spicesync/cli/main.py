@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from spicesync.errors import InvalidUserInput
+from spicesync.errors import EventIdConflict, InvalidUserInput
 from spicesync.models import CreateUserInput
 from spicesync.settings import MissingSetting, load_settings
 
@@ -97,6 +97,16 @@ def _users(args: argparse.Namespace) -> int:
         message = err.message if isinstance(err, InvalidUserInput) else str(err)
         print(json.dumps({"status": "rejected", "error": "InvalidUserInput", "message": message}))
         return 2
+    except EventIdConflict as err:
+        conflict = {
+            "user_id": err.user_id,
+            "event_id": err.event_id,
+            "status": "conflict",
+            "error": "EventIdConflict",
+            "message": err.message,
+        }
+        print(json.dumps(conflict))
+        return 1
     except UserSyncFailed as err:
         failure = {
             "workflow_id": err.workflow_id,

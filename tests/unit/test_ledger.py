@@ -7,7 +7,7 @@ import uuid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spicesync.ledger import EventLedger
+from spicesync.ledger import EventLedger, content_digest
 from spicesync.models import EventOutcome, UserEvent, UserState
 
 USER = str(uuid.uuid4())
@@ -57,7 +57,7 @@ def test_the_event_the_app_db_records_as_applied_is_answered_applied_not_stale()
     # A new run (a replay after a worker died, or a delivery after the workflow closed) finds
     # the App DB already recording this very event: its outcome is "applied", with the token.
     state = UserState(
-        exists=True, version=5, org_id="o", role="member", applied_event="e5", zed_token="zt"
+        exists=True, version=5, org_id="org5", role="member", applied_event="e5", zed_token="zt"
     )
     ledger = EventLedger(state)
     outcome = ledger.offer(event(5))
@@ -115,8 +115,10 @@ def test_a_repair_adopts_the_app_dbs_state_but_versions_never_go_back() -> None:
     # The App DB was restored from an older backup: the repair adopts what it says...
     ledger.refresh(UserState(exists=False, version=0))
     assert not ledger.state.exists
-    assert ledger.next_ready() is None and ledger.offer(event(6)) is None
-    assert ledger.is_holding()  # a change to a user that no longer exists waits for a creation
+    # A change to a user that no longer exists waits for a creation (one at v6 may be on its
+    # way; see the tests of changes to a deleted user for v6 itself).
+    assert ledger.next_ready() is None and ledger.offer(event(7)) is None
+    assert ledger.is_holding()
     # ...but an event not newer than one already decided is still stale.
     late = ledger.offer(event(4, "created"))
     assert late is not None and late.status == "stale"
@@ -131,12 +133,195 @@ def test_memory_is_bounded() -> None:
     assert [o.event_id for o in ledger.recent()] == ["e7", "e8", "e9"]
 
 
+# --- The same event id with other content is a conflict, not a duplicate (issue 15 #1) -------
+
+
+def conflicts(outcome: EventOutcome | None) -> bool:
+    return outcome is not None and (outcome.status, outcome.error_type) == (
+        "failed",
+        "EventIdConflict",
+    )
+
+
+def test_a_reused_event_id_with_other_content_is_a_conflict_while_queued() -> None:
+    ledger = EventLedger(UserState(exists=True, version=3, org_id="org3", role="admin"))
+    first = event(4)
+    assert ledger.offer(first) is None
+    assert ledger.offer(first) is None  # the same content: a duplicate, waiting
+    for other in (
+        first.model_copy(update={"role": "admin"}),
+        first.model_copy(update={"org_id": "elsewhere"}),
+        first.model_copy(update={"version": 5}),
+        first.model_copy(update={"kind": "moved"}),
+    ):
+        assert conflicts(ledger.offer(other))
+    # The conflicts were not queued and did not replace the first event.
+    assert ledger.next_ready() == first
+    apply(ledger, first)
+    assert ledger.outcome(first.event_id) is not None
+    assert ledger.outcome(first.event_id).status == "applied"  # type: ignore[union-attr]
+
+
+def test_a_reused_event_id_with_other_content_is_a_conflict_once_decided() -> None:
+    ledger = EventLedger(NOBODY)
+    created = event(1, "created").model_copy(update={"email": "ada@example.com", "name": "Ada"})
+    ledger.offer(created)
+    apply(ledger, created)
+    first = ledger.outcome(created.event_id)
+    assert first is not None and first.status == "applied"
+    assert ledger.offer(created) == first  # a duplicate: the first outcome
+    for other in (
+        created.model_copy(update={"email": "bob@example.com"}),
+        created.model_copy(update={"name": "Bob"}),
+        created.model_copy(update={"role": "admin"}),
+    ):
+        assert conflicts(ledger.offer(other))
+    assert ledger.outcome(created.event_id) == first  # the first outcome stands
+    # A stale event's id is taken too.
+    stale = event(1, event_id="old")
+    assert ledger.offer(stale) is not None
+    assert conflicts(ledger.offer(stale.model_copy(update={"role": "admin"})))
+
+
+def test_remembered_outcomes_keep_a_digest_not_the_content() -> None:
+    ledger = EventLedger(NOBODY)
+    created = event(1, "created").model_copy(update={"email": "ada@example.com", "name": "Ada"})
+    ledger.offer(created)
+    apply(ledger, created)
+    carried = ledger.recent()
+    assert carried[0].content_digest == content_digest(created)
+    dumped = str([o.model_dump() for o in carried])
+    assert "ada@example.com" not in dumped and "Ada" not in dumped
+    # The digest is keyed by the event's ids: the same content under another id differs.
+    assert content_digest(created) != content_digest(created.model_copy(update={"event_id": "x"}))
+    # A new run (continue-as-new) carries the digests, and still tells the two apart.
+    again = EventLedger(ledger.state, carried)
+    assert again.offer(created) == carried[0]
+    assert conflicts(again.offer(created.model_copy(update={"email": "bob@example.com"})))
+    # Outcomes carried by a run from before digests were kept have none: a duplicate then.
+    old = EventLedger(ledger.state, [carried[0].model_copy(update={"content_digest": None})])
+    assert old.offer(created.model_copy(update={"role": "admin"})) is not None
+    assert not conflicts(old.offer(created.model_copy(update={"role": "admin"})))
+
+
+def test_the_event_the_app_db_records_is_compared_with_the_row() -> None:
+    # A new run after the workflow closed knows only what the App DB row (or tombstone) says:
+    # the id of the event it applies, its version and its membership.
+    row = UserState(
+        exists=True, version=5, org_id="org5", role="member", applied_event="e5", zed_token="zt"
+    )
+    assert not conflicts(EventLedger(row).offer(event(5)))
+    assert conflicts(EventLedger(row).offer(event(5).model_copy(update={"role": "admin"})))
+    assert conflicts(EventLedger(row).offer(event(5).model_copy(update={"org_id": "other"})))
+    # Before, the same id at a newer version was queued and applied as a new event.
+    assert conflicts(EventLedger(row).offer(event(6, event_id="e5")))
+    assert conflicts(EventLedger(row).offer(event(4, event_id="e5")))
+    assert conflicts(EventLedger(row).offer(event(5, "deleted")))
+    tombstone = UserState(exists=False, version=5, applied_event="e5")
+    deleted = EventLedger(tombstone).offer(event(5, "deleted"))
+    assert deleted is not None and deleted.status == "applied"
+    assert conflicts(EventLedger(tombstone).offer(event(5, "moved")))
+
+
+# --- A change to a deleted user fails at once (issue 15 #2) ---------------------------------
+
+
+def deleted_at(version: int) -> EventLedger:
+    """A ledger as a new run starts it for a user the App DB has a tombstone for."""
+    return EventLedger(UserState(exists=False, version=version, applied_event=f"e{version}"))
+
+
+def not_found(outcome: EventOutcome | None) -> bool:
+    return outcome is not None and (outcome.status, outcome.error_type) == (
+        "failed",
+        "UserNotFound",
+    )
+
+
+def test_a_change_to_a_deleted_user_fails_at_once() -> None:
+    for kind in ("role_changed", "moved"):
+        ledger = deleted_at(2)
+        assert not_found(ledger.offer(event(3, kind)))
+        assert not ledger.has_pending() and not ledger.is_holding()
+
+
+def test_a_change_held_for_a_deleted_user_fails_once_its_version_is_next() -> None:
+    # v4 after a deletion at v2: a re-creation at v3 may still come, so v4 is held...
+    ledger = deleted_at(2)
+    assert ledger.offer(event(4)) is None and ledger.is_holding()
+    # ...until v3 turns out to be a change too: both fail, at once, in version order.
+    assert not_found(ledger.offer(event(3)))
+    assert not_found(ledger.outcome("e4")) and not ledger.has_pending()
+
+
+def test_a_change_to_a_deleted_user_waits_for_a_recreation_that_comes_first() -> None:
+    ledger = deleted_at(2)
+    recreated = event(3, "created")
+    ledger.offer(recreated)
+    assert ledger.offer(event(4)) is None  # the re-creation comes first: not failed
+    apply(ledger, ledger.next_ready())  # type: ignore[arg-type]
+    assert ledger.next_ready() == event(4)
+
+
+def test_a_change_queued_behind_a_deletion_fails_once_the_deletion_is_applied() -> None:
+    ledger = EventLedger(UserState(exists=True, version=1, org_id="org1", role="member"))
+    ledger.offer(event(3))
+    ledger.offer(event(2, "deleted"))
+    apply(ledger, ledger.next_ready())  # type: ignore[arg-type]
+    assert not_found(ledger.outcome("e3")) and not ledger.has_pending()
+
+
+def test_a_change_to_a_user_never_created_keeps_its_grace() -> None:
+    ledger = EventLedger(NOBODY)
+    assert ledger.offer(event(1)) is None and ledger.offer(event(2)) is None
+    assert ledger.is_holding()  # the creation may be on its way
+
+
+def test_a_change_after_a_failed_creation_fails_at_once() -> None:
+    ledger = EventLedger(NOBODY)
+    creation = event(1, "created")
+    ledger.offer(creation)
+    ledger.finish(
+        creation,
+        EventOutcome(event_id="e1", version=1, status="failed", error_type="DuplicateEmail"),
+        NOBODY,
+    )
+    assert not_found(ledger.offer(event(2)))
+
+
+def test_runs_recorded_before_these_rules_replay_with_the_old_ones() -> None:
+    # A workflow history from before must replay to the same commands: reused ids are answered
+    # as duplicates, a change to a deleted user is held for its grace.
+    ledger = EventLedger(
+        UserState(exists=True, version=3, org_id="org3", role="admin"), legacy=True
+    )
+    first = event(4)
+    assert ledger.offer(first) is None
+    assert ledger.offer(first.model_copy(update={"role": "admin"})) is None
+    apply(ledger, first)
+    assert ledger.offer(first.model_copy(update={"role": "admin"})) == ledger.outcome("e4")
+    applied_row = UserState(exists=True, version=5, org_id="o", role="member", applied_event="e5")
+    assert EventLedger(applied_row, legacy=True).offer(event(6, event_id="e5")) is None
+    gone = EventLedger(UserState(exists=False, version=2, applied_event="e2"), legacy=True)
+    assert gone.offer(event(3)) is None and gone.is_holding()
+
+
+def reuse_of(e: UserEvent, change: str) -> UserEvent:
+    """``e``'s id on other content: an app bug (or a reused id) the ledger must refuse."""
+    if change == "version":
+        return e.model_copy(update={"version": e.version + 100})
+    if change == "kind":
+        return e.model_copy(update={"kind": "moved" if e.kind != "moved" else "role_changed"})
+    return e.model_copy(update={"role": "admin", "org_id": "elsewhere"})
+
+
 @st.composite
 def histories(draw: st.DrawFn) -> tuple[list[UserEvent], list[UserEvent]]:
     """A realistic life of one user and a delivery order with duplicates, shuffled.
 
     Realistic: versions come from the App DB row, so a user is created before it changes, and
-    after a deletion the next event (if any) is a re-creation.
+    after a deletion the next event (if any) is a re-creation. Some event ids are delivered
+    again later with other content (after their first delivery: the first one is the event).
     """
     count = draw(st.integers(1, 30))
     events, exists = [], False
@@ -145,7 +330,14 @@ def histories(draw: st.DrawFn) -> tuple[list[UserEvent], list[UserEvent]]:
         events.append(event(version, kind))
         exists = kind != "deleted"
     deliveries = events + draw(st.lists(st.sampled_from(events), max_size=15))
-    return events, draw(st.permutations(deliveries))
+    deliveries = draw(st.permutations(deliveries))
+    for _ in range(draw(st.integers(0, 5))):
+        original = draw(st.sampled_from(events))
+        first = next(i for i, d in enumerate(deliveries) if d.event_id == original.event_id)
+        at = draw(st.integers(first + 1, len(deliveries)))
+        change = draw(st.sampled_from(["version", "kind", "membership"]))
+        deliveries.insert(at, reuse_of(original, change))
+    return events, deliveries
 
 
 @settings(max_examples=400, deadline=None)
@@ -157,7 +349,10 @@ def test_ledger_matches_the_model(
     ledger = EventLedger(NOBODY)
     decided: list[UserEvent] = []
     for delivered in deliveries:
-        ledger.offer(delivered)
+        outcome = ledger.offer(delivered)
+        # The model: a delivery whose id names another event's content is refused, whenever it
+        # comes (queued, running or decided), and changes nothing.
+        assert conflicts(outcome) == (delivered not in events)
         # The workflow may get to apply between any two deliveries, or not.
         while data.draw(st.booleans()) and (ready := ledger.next_ready()) is not None:
             apply(ledger, ready)
@@ -183,3 +378,52 @@ def test_ledger_matches_the_model(
         outcome = ledger.outcome(e.event_id)
         assert outcome is not None
         assert outcome.status == ("applied" if e in decided else "stale")
+
+
+@st.composite
+def after_a_deletion(draw: st.DrawFn) -> tuple[int, list[UserEvent], int | None]:
+    """Changes an app sends for a user deleted at ``deleted``, maybe around a re-creation.
+
+    Returns the deletion's version, the events after it (consecutive versions, shuffled) and
+    the version of the re-creation among them, if any.
+    """
+    deleted = draw(st.integers(2, 10))
+    count = draw(st.integers(1, 8))
+    recreated = draw(st.none() | st.integers(deleted + 1, deleted + count))
+    tail = [
+        event(v, "created" if v == recreated else draw(st.sampled_from(["role_changed", "moved"])))
+        for v in range(deleted + 1, deleted + count + 1)
+    ]
+    return deleted, draw(st.permutations(tail)), recreated
+
+
+@settings(max_examples=300, deadline=None)
+@given(after_a_deletion(), st.data())
+def test_changes_to_a_deleted_user_never_wait_out_the_grace(
+    case: tuple[int, list[UserEvent], int | None], data: st.DataObject
+) -> None:
+    deleted, deliveries, recreated = case
+    ledger = deleted_at(deleted)
+    for delivered in deliveries:
+        ledger.offer(delivered)
+        while data.draw(st.booleans()) and (ready := ledger.next_ready()) is not None:
+            apply(ledger, ready)
+    while (ready := ledger.next_ready()) is not None:
+        apply(ledger, ready)
+    # Once every event is in, none is left for the grace timer: each was decided at once.
+    assert not ledger.has_pending()
+    for e in deliveries:
+        outcome = ledger.outcome(e.event_id)
+        assert outcome is not None
+        if recreated is not None and e.version >= recreated:
+            # The re-created user takes its later changes (or a newer one overtook them).
+            assert outcome.status in ("applied", "stale")
+        else:
+            # Before the re-creation (or with none) the user is gone: not found, or overtaken
+            # by the re-creation if that was applied first.
+            assert not_found(outcome) or (recreated is not None and outcome.status == "stale")
+    assert ledger.state.exists == (recreated is not None)
+    if recreated is not None:
+        highest = max(deliveries, key=lambda e: e.version)
+        assert ledger.outcome(highest.event_id).status == "applied"  # type: ignore[union-attr]
+        assert (ledger.state.version, ledger.state.org_id) == (highest.version, highest.org_id)

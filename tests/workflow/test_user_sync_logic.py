@@ -17,11 +17,12 @@ from temporalio.client import (
 )
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
+from temporalio.worker import Replayer, Worker
 
 from spicesync.constants import HELD_CHANGE_GRACE, user_workflow_id
 from spicesync.errors import (
     DuplicateEmail,
+    EventIdConflict,
     MarkerMoved,
     SpiceDBRejected,
     SpiceDBUnavailable,
@@ -451,3 +452,35 @@ async def test_a_repair_waits_for_the_event_in_flight_then_reads_both_stores_afr
     # is answered from memory without reading again.
     assert result.action == "consistent" and again == result
     assert steps.calls[-3:] == ["apply_row", "read_user_state", "read_memberships"]
+
+
+async def test_reused_ids_and_changes_to_a_deleted_user_are_answered_at_once_and_replay(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    steps = FakeSteps()
+    first = created()
+    gone = change_of(first, event_id="gone", kind="deleted", version=2, org_id="", role="")
+    late = change_of(first, event_id="late", kind="role_changed", version=3, role="admin")
+    async for h in running(time_skipping_env, task_queue, steps):
+        await h.submit(first)
+        with pytest.raises(EventIdConflict):
+            await h.submit(first.model_copy(update={"role": "admin"}))
+        await h.submit(gone)
+        with pytest.raises(UserSyncFailed) as caught:
+            await h.submit(late)  # the test server's clock moves only while a caller waits
+        assert caught.value.error_type == "UserNotFound"
+        history = await h.env.client.get_workflow_handle(
+            user_workflow_id(first.user_id)
+        ).fetch_history()
+    assert steps.attempts["write_memberships"] == 2  # the creation and the deletion only
+    # No grace timer was started for the change, and the history replays on this code.
+    timers = [
+        e.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta()
+        for e in history.events
+        if e.HasField("timer_started_event_attributes")
+    ]
+    assert timers and HELD_CHANGE_GRACE not in timers  # only idle timers
+    replayed = await Replayer(
+        workflows=[UserSyncWorkflow], data_converter=time_skipping_env.client.data_converter
+    ).replay_workflow(history, raise_on_replay_failure=True)
+    assert replayed.replay_failure is None
