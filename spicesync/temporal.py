@@ -21,6 +21,7 @@ from spicesync.codec import encrypted_data_converter
 from spicesync.settings import Settings, load_settings
 
 __all__ = [
+    "TemporalUnreachable",
     "client_and_queue",
     "connect_temporal",
     "execute_update_with_start",
@@ -32,6 +33,10 @@ ArgT = TypeVar("ArgT")
 ResultT = TypeVar("ResultT")
 
 
+class TemporalUnreachable(RuntimeError):
+    """No Temporal server answered at the configured address."""
+
+
 async def connect_temporal(settings: Settings, *, runtime: Runtime | None = None) -> Client:
     """Connect to Temporal the SDK's env-config way, with the pydantic converter and encryption.
 
@@ -41,16 +46,30 @@ async def connect_temporal(settings: Settings, *, runtime: Runtime | None = None
 
     Returns:
         A connected client.
+
+    Raises:
+        TemporalUnreachable: Nothing answered at the address (the SDK's connection error,
+            named with the address and what to do).
     """
     config = settings.temporal_connect_config()
-    return await Client.connect(
-        **config,
-        data_converter=encrypted_data_converter(settings.codec()),
-        # Trace context crosses from the starter into the workflow and its activities (the
-        # worker shares its client's interceptors).
-        interceptors=[TracingInterceptor()],
-        runtime=runtime,
-    )
+    try:
+        return await Client.connect(
+            **config,
+            data_converter=encrypted_data_converter(settings.codec()),
+            # Trace context crosses from the starter into the workflow and its activities (the
+            # worker shares its client's interceptors).
+            interceptors=[TracingInterceptor()],
+            runtime=runtime,
+        )
+    except RuntimeError as err:
+        # The SDK reports a failed connection as a bare RuntimeError("Failed client connect...").
+        if "connect" not in str(err).lower():
+            raise
+        address = config.get("target_host", settings.temporal_address)
+        raise TemporalUnreachable(
+            f"cannot reach Temporal at {address}: start the local stack with `spicesync stack"
+            " up`, or set TEMPORAL_ADDRESS"
+        ) from err
 
 
 async def workers_polling(client: Client, task_queue: str) -> int:

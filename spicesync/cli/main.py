@@ -79,12 +79,13 @@ def _stack(args: argparse.Namespace) -> int:
 
 def _worker(_args: argparse.Namespace) -> int:
     from spicesync.logs import configure_logging
+    from spicesync.temporal import TemporalUnreachable
     from workers.worker import SpiceDBKeyRefused, WorkerNotStarted, run_worker
 
     configure_logging()
     try:
         asyncio.run(run_worker(load_settings()))
-    except (SpiceDBKeyRefused, WorkerNotStarted) as err:
+    except (SpiceDBKeyRefused, WorkerNotStarted, TemporalUnreachable) as err:
         logging.getLogger("spicesync.worker").error("not starting: %s", err)
         return 2
     return 0
@@ -506,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from spicesync.settings import MissingSetting
+    from spicesync.temporal import TemporalUnreachable
 
     provider = None
     try:
@@ -514,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             provider = configure_tracing(f"spicesync-{args.command}", load_settings().trace_path())
         return int(args.func(args))
-    except MissingSetting as err:
+    except (MissingSetting, TemporalUnreachable) as err:
         print(f"spicesync: {err}", file=sys.stderr)
         return 2
     except ValidationError as err:

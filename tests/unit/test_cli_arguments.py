@@ -131,3 +131,45 @@ def test_invalid_user_event_is_a_json_rejection(
     assert outcome["status"] == "rejected" and outcome["error"] == "InvalidUserInput"
     assert field in outcome["message"]
     assert {"user_id", "event_id", "workflow_id", "version", "zed_token"} <= outcome.keys()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["users", "create", *CREATE],
+        ["users", "delete", "--user-id", USER, "--version", "2"],
+        ["stuck"],
+        ["repair", "resume", "--user-id", USER],
+        ["reconcile", "--apply"],
+        ["reconcile", "--schedule-every", "60"],
+        ["backfill"],
+    ],
+    ids=" ".join,
+)
+def test_no_temporal_is_one_line_saying_so(
+    args: list[str], env: dict[str, str], tmp_path: Path
+) -> None:
+    done = run(args, env, tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert "cannot reach Temporal at " + env["TEMPORAL_ADDRESS"] in line
+    assert done.stdout == ""
+
+
+def test_a_worker_without_temporal_says_so_in_its_json_log(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    done = run(
+        ["worker"],
+        env
+        | {
+            "DATABASE_URL": "postgresql:///x",
+            "SPICEDB_ENDPOINT": "x:1",
+            "SPICEDB_PRESHARED_KEY": "k",
+        },
+        tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    record = json.loads(line)
+    assert record["level"] == "ERROR" and "cannot reach Temporal" in record["message"]
