@@ -2,7 +2,8 @@
 
 The CLI is the one part of the shared package that reaches up into ``workers``, ``starters``,
 ``bench`` and ``chaos``, and it does so inside the command that needs them: parsing (and
-``--help``) loads nothing but the standard library, so every command starts at once.
+``--help``) loads only the standard library and a few small modules, so every command starts
+at once.
 """
 
 from __future__ import annotations
