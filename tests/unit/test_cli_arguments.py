@@ -74,7 +74,11 @@ BAD = [
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """No stack: an empty state dir, Temporal on a closed port, keys for the codec server."""
+    """No stack: an empty state dir, Temporal on a closed port, keys for the codec server.
+
+    The stack's ports are free ones too: a regression that got as far as `stack up` must not
+    collide with a stack on the default ports.
+    """
     clean = {
         k: v
         for k, v in os.environ.items()
@@ -86,6 +90,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
         "SPICESYNC_ENCRYPTION_KEYS": f"k1:{generate_key()}",
         "SPICESYNC_METRICS_ADDRESS": "",
+        "SPICESYNC_TEMPORAL_PORT": str(free_port()),
+        "SPICESYNC_TEMPORAL_UI_PORT": str(free_port()),
+        "SPICESYNC_SPICEDB_PORT": str(free_port()),
+        "SPICESYNC_CODEC_PORT": str(free_port()),
     }
 
 
