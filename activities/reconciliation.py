@@ -57,6 +57,7 @@ from spicesync.spicedb import (
     read_user_snapshot,
 )
 from spicesync.stuck import sync_is_active
+from spicesync.temporal import execute_update_with_start
 from workflows.user_sync import UserSyncWorkflow
 
 __all__ = ["ReconcileActivities"]
@@ -313,7 +314,8 @@ class ReconcileActivities:
     async def _repair_through_workflow(
         self, request: RepairUsersInput, user_id: str
     ) -> ReconcileUserResult:
-        return await self._client.execute_update_with_start_workflow(
+        return await execute_update_with_start(
+            self._client,
             UserSyncWorkflow.reconcile,
             ReconcileUserInput(request_id=request.request_id),
             start_workflow_operation=WithStartWorkflowOperation(

@@ -20,7 +20,16 @@ import asyncpg
 
 from spicesync.models import CreateUserInput
 
-__all__ = ["CellResult", "Percentiles", "new_user", "percentiles", "run_open_loop", "wait_done"]
+__all__ = [
+    "Accounting",
+    "CellResult",
+    "Percentiles",
+    "account",
+    "new_user",
+    "percentiles",
+    "run_open_loop",
+    "wait_done",
+]
 
 
 def new_user(run: str, i: int) -> CreateUserInput:
@@ -95,31 +104,74 @@ class CellResult:
         }
 
 
+@dataclass(frozen=True)
+class Accounting:
+    """Where each offered user ended; every count is a number of distinct users.
+
+    ``completed``: the system finished the user (a call that raised may still have been
+    accepted and finished: it counts here). ``not_done``: the call was accepted, the user is not
+    finished. ``lost``: accepted, and not finished or (for systems that keep rows) not granted
+    in SpiceDB. A user whose call raised and who never finished is in none of these: the app was
+    told it failed.
+    """
+
+    submitted: int
+    failed_calls: int
+    completed: int
+    not_done: int
+    lost: int
+
+
+def account(
+    offered: list[str], *, failed: set[str], done: set[str], holding: set[str] | None
+) -> Accounting:
+    """Sort the offered users into the counts of :class:`Accounting`.
+
+    Args:
+        offered: Every user id offered to the system.
+        failed: The users whose start call raised.
+        done: The users the system finished (read from the stores).
+        holding: The users SpiceDB grants, for systems that keep rows; ``None`` otherwise.
+    """
+    accepted = [u for u in offered if u not in failed]
+    unfinished = [u for u in accepted if u not in done]
+    if holding is None:
+        lost = len(unfinished)
+    else:
+        lost = sum(1 for u in accepted if u not in done or u not in holding)
+    return Accounting(
+        submitted=len(offered),
+        failed_calls=len(failed),
+        completed=sum(1 for u in offered if u in done),
+        not_done=len(unfinished),
+        lost=lost,
+    )
+
+
 async def run_open_loop(
     submit: Callable[[CreateUserInput], Awaitable[None]],
     users: list[CreateUserInput],
     rate: float,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[dict[str, float], list[float], int]:
+) -> tuple[dict[str, float], list[float], set[str]]:
     """Offer ``users`` at ``rate`` per second.
 
     Returns:
         When each user's call was sent (epoch seconds, by user id), the start-call latencies in
-        milliseconds, and how many calls raised.
+        milliseconds, and the users whose call raised.
     """
     sent: dict[str, float] = {}
     latencies: list[float] = []
-    failures = 0
+    failed: set[str] = set()
     began = time.monotonic()
 
     async def one(user: CreateUserInput) -> None:
-        nonlocal failures
         sent[user.user_id] = time.time()
         t = time.perf_counter()
         try:
             await submit(user)
         except Exception:
-            failures += 1
+            failed.add(user.user_id)
             return
         latencies.append((time.perf_counter() - t) * 1000)
 
@@ -133,7 +185,7 @@ async def run_open_loop(
         if progress is not None and i % max(1, int(rate)) == 0:
             progress(i, len(users))
     await asyncio.gather(*tasks)
-    return sent, latencies, failures
+    return sent, latencies, failed
 
 
 async def wait_done(pool: asyncpg.Pool, user_ids: list[str], timeout: float) -> int:

@@ -21,10 +21,11 @@ from typing import Any, Protocol
 
 import asyncpg
 
+from bench import children
 from bench.ceiling import EmptyWorkflowSystem
 from bench.context import BenchContext
 from bench.dual_write import DualWriteSystem
-from bench.harness import CellResult, new_user, percentiles, run_open_loop, wait_done
+from bench.harness import CellResult, account, new_user, percentiles, run_open_loop, wait_done
 from bench.nats_sync import NatsSyncSystem
 from bench.outbox import OutboxSystem
 from bench.pipeline import PipelineSystem
@@ -100,7 +101,12 @@ def _progress(label: str) -> Any:
 async def _fresh_spicedb(log_dir: Path) -> tuple[int, str, str]:
     port, key = free_port(), uuid.uuid4().hex
     log = log_dir / f"spicedb-{port}.log"
-    pid, _ = await asyncio.to_thread(start_spicedb, port=port, preshared_key=key, log=log)
+
+    def start() -> int:
+        # Recorded in the thread that starts it: a cancelled run still knows to stop it.
+        return children.record(start_spicedb(port=port, preshared_key=key, log=log)[0])
+
+    pid = await asyncio.to_thread(start)
     await asyncio.to_thread(wait_for_port, "127.0.0.1", port, pid=pid, timeout=60, log=log)
     await prepare_spicedb(f"127.0.0.1:{port}", key)
     return pid, f"127.0.0.1:{port}", key
@@ -155,9 +161,11 @@ async def spawn_worker(
 ) -> asyncio.subprocess.Process:
     """Start a system's worker process on the cell's engines, its output in ``log_dir``."""
     with open(log_dir / f"worker-{ctx.run}.log", "wb") as log:  # noqa: ASYNC230
-        return await asyncio.create_subprocess_exec(
+        process = await asyncio.create_subprocess_exec(
             *command, env=ctx.worker_env(), stdout=asyncio.subprocess.DEVNULL, stderr=log
         )
+    children.record(process.pid)
+    return process
 
 
 async def run_cell(
@@ -184,36 +192,33 @@ async def run_cell(
     try:
         await _wait_ready(ctx, system)
         users = [new_user(run, i) for i in range(max(1, int(rate * options.seconds)))]
-        sent, latencies, failures = await run_open_loop(
+        sent, latencies, failed = await run_open_loop(
             lambda u: system.submit(ctx, u), users, rate, _progress(f"{system.name} @ {rate:g}/s")
         )
-        accepted = [u for u in users if u.user_id in sent]
+        accepted = [u for u in users if u.user_id not in failed]
         if system.has_rows:
             await wait_done(pool, [u.user_id for u in accepted], DRAIN_SECONDS)
-        done = await system.completions(ctx, [u.user_id for u in accepted])
+        # Every offered user: a call that raised (a timeout, say) may still have been accepted.
+        done = await system.completions(ctx, [u.user_id for u in users])
         row_ms, perm_ms, finished = [], [], []
         for user_id, (row_at, perm_at) in done.items():
             if row_at is not None:
                 row_ms.append((row_at.timestamp() - sent[user_id]) * 1000)
             perm_ms.append((perm_at.timestamp() - sent[user_id]) * 1000)
             finished.append(perm_at.timestamp())
-        result.submitted = len(users)
-        result.failed_calls = failures
-        result.completed = len(done)
-        result.not_done = len(users) - failures - len(done)
+        holding = await _holding(spicedb, accepted) if system.has_rows else None
+        counts = account([u.user_id for u in users], failed=failed, done=set(done), holding=holding)
+        result.submitted = counts.submitted
+        result.failed_calls = counts.failed_calls
+        result.completed = counts.completed
+        result.not_done = counts.not_done
+        result.lost = counts.lost
         if finished:
             span = max(finished) - min(sent.values())
             result.completed_per_second = round(len(done) / span, 1) if span > 0 else 0.0
         result.start_call = percentiles(latencies)
         result.time_to_row = percentiles(row_ms)
         result.time_to_permission = percentiles(perm_ms)
-        if system.has_rows:
-            holding = await _holding(spicedb, accepted)
-            result.lost = sum(
-                1 for u in accepted if u.user_id not in holding or u.user_id not in done
-            )
-        else:
-            result.lost = len(accepted) - failures - len(done)
     finally:
         if worker is not None:
             await stop_process(worker)
@@ -280,7 +285,9 @@ async def _start_nats(out: Path) -> tuple[int, str]:
     port = free_port()
     store = out / "nats"
     log = out / "logs" / "nats.log"
-    pid = spawn([binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)], log=log)
+    pid = children.record(
+        spawn([binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)], log=log)
+    )
     await asyncio.to_thread(wait_for_port, "127.0.0.1", port, pid=pid, timeout=30, log=log)
     return pid, f"nats://127.0.0.1:{port}"
 

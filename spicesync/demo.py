@@ -11,12 +11,15 @@ import asyncio
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
 from temporalio.client import Client
+from temporalio.runtime import Runtime, TelemetryConfig
 
 from spicesync.errors import InvalidUserInput
+from spicesync.logs import sdk_core_logging
 from spicesync.models import CreateUserInput, ReconcileInput, ReconcileReport
 from spicesync.settings import Settings, load_settings
 from spicesync.spicedb import (
@@ -34,6 +37,8 @@ from workers.worker import build_worker, open_resources
 __all__ = ["DemoCase", "DemoReport", "run_demo"]
 
 _IN_FLIGHT = 50
+# How often the demo says how far it is while users are being created.
+_PROGRESS_EVERY = 2.0
 
 
 @dataclass
@@ -159,27 +164,55 @@ async def _verify(case: DemoCase, pool: asyncpg.Pool, spicedb: SpiceDBClient) ->
     case.problems = problems
 
 
-async def run_demo(users: int, *, settings: Settings | None = None) -> DemoReport:
+async def run_demo(
+    users: int,
+    *,
+    settings: Settings | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> DemoReport:
     """Run the demo and return its report.
 
     Args:
         users: How many valid users to create (five malformed ones are added).
         settings: Settings; loaded (after ``stack up``) when omitted.
+        progress: Told, in a line, what the demo is doing and how far it is.
 
     Returns:
         The report.
     """
+    say = progress or (lambda _line: None)
+    say("demo: bringing the local stack up (Temporal, PostgreSQL, SpiceDB)")
     await stack_up(settings or load_settings())
     settings = load_settings()  # now with the stack's connection settings
-    client = await connect_temporal(settings)
+    # The SDK core's warnings go through logging (plain lines), not raw to the terminal.
+    runtime = Runtime(telemetry=TelemetryConfig(logging=sdk_core_logging()))
+    client = await connect_temporal(settings, runtime=runtime)
     cases = _cases(users)
     async with open_resources(settings) as resources:
         worker = build_worker(client, resources, task_queue=settings.task_queue)
         async with worker:
             gate = asyncio.Semaphore(_IN_FLIGHT)
+            say(
+                f"demo: creating {len(cases)} users ({users} valid, {len(cases) - users}"
+                f" malformed), {_IN_FLIGHT} at a time"
+            )
             started = time.perf_counter()
-            await asyncio.gather(*(_submit(c, client, settings.task_queue, gate) for c in cases))
+            # The duplicate email must meet the user it copies already there: with few users
+            # all in flight at once, it could win the race and the original be refused instead.
+            for wave in (
+                [c for c in cases if c.expect != "DuplicateEmail"],
+                [c for c in cases if c.expect == "DuplicateEmail"],
+            ):
+                submitting = asyncio.gather(
+                    *(_submit(c, client, settings.task_queue, gate) for c in wave)
+                )
+                while not submitting.done():
+                    await asyncio.wait({submitting}, timeout=_PROGRESS_EVERY)
+                    answered = sum(1 for c in cases if c.outcome)
+                    say(f"demo: {answered}/{len(cases)} users answered")
+                await submitting
             wall = time.perf_counter() - started
+            say("demo: checking every user in PostgreSQL and SpiceDB")
             spicedb = connect_spicedb(
                 *settings.require_spicedb(), insecure=settings.spicedb_insecure
             )
@@ -188,6 +221,7 @@ async def run_demo(users: int, *, settings: Settings | None = None) -> DemoRepor
             finally:
                 await spicedb.close()
             # Then prove it for the whole of both stores, not only for this run's users.
+            say("demo: reconciling both stores (repair what earlier runs left, then a dry run)")
             repair = await _reconcile(client, settings.task_queue, dry_run=False)
             reconcile = await _reconcile(client, settings.task_queue, dry_run=True)
     return DemoReport(cases=cases, wall_seconds=wall, repair=repair, reconcile=reconcile)

@@ -2,7 +2,8 @@
 
 Each line carries the Temporal context the SDK attaches (workflow id, run id, activity type,
 attempt) and so the user id (it is in the workflow id); never an email or a name, since no log
-call and no error message of spicesync's carries one.
+call and no error message of spicesync's carries one. The SDK's core (its Rust part) logs
+through the same handler once its runtime is built with :func:`sdk_core_logging`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ import json
 import logging
 from datetime import UTC, datetime
 
-__all__ = ["JsonFormatter", "configure_logging"]
+from temporalio.runtime import LogForwardingConfig, LoggingConfig, TelemetryFilter
+
+__all__ = ["SDK_CORE_LOGGER", "JsonFormatter", "configure_logging", "sdk_core_logging"]
 
 # Context dicts the Temporal SDK puts on its log records.
 _CONTEXT_KEYS = ("temporal_workflow", "temporal_activity")
+
+# The logger the SDK core's own lines are forwarded to.
+SDK_CORE_LOGGER = "temporalio.sdk_core"
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,9 +38,25 @@ class JsonFormatter(logging.Formatter):
             context = getattr(record, key, None)
             if isinstance(context, dict):
                 entry.update({k: v for k, v in context.items() if isinstance(v, str | int | float)})
+        core = getattr(record, "temporal_log", None)
+        if core is not None:
+            for key, value in _core_fields(core).items():
+                entry.setdefault(key, value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+def _core_fields(core: object) -> dict[str, object]:
+    # What the core attaches to a line (workflow type, run id, durations...): ids and numbers.
+    fields: dict[str, object] = {"target": getattr(core, "target", "")}
+    try:
+        extra = dict(getattr(core, "fields", {}))
+    except Exception:  # the SDK documents this conversion as fallible
+        extra = {}
+    for key, value in sorted(extra.items()):
+        fields[key] = value if isinstance(value, str | int | float | bool) else str(value)
+    return fields
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -42,3 +64,21 @@ def configure_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def sdk_core_logging() -> LoggingConfig:
+    """Logging for a Temporal runtime: the core's lines go to Python's logging, not to stderr.
+
+    Left to itself the core writes its warnings (slow workflow tasks, poll errors) straight to
+    stderr as ANSI-coloured text. Forwarded, they become records of :data:`SDK_CORE_LOGGER`,
+    formatted like every other line; the target and the core's fields become JSON keys.
+    """
+    return LoggingConfig(
+        filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
+        forwarding=LogForwardingConfig(
+            logger=logging.getLogger(SDK_CORE_LOGGER),
+            append_target_to_name=False,
+            prepend_target_on_message=False,
+            append_log_fields_to_message=False,
+        ),
+    )

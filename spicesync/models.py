@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from spicesync.constants import EVENTS_PER_RUN
+from spicesync.limits import BACKFILL_BATCH_SIZE_MAX, BACKFILL_LANES_MAX, RECONCILE_PAGE_SIZE_MAX
 
 __all__ = [
     "ApplyRowInput",
@@ -386,8 +387,8 @@ class ReconcileInput(_Model):
     dry_run: bool = True
     # At most this many relationships deleted per run; a run that would delete more deletes
     # none and says so.
-    prune_cap: int = 1000
-    page_size: int = Field(default=1000, ge=1, le=1000)
+    prune_cap: int = Field(default=1000, ge=0)
+    page_size: int = Field(default=1000, ge=1, le=RECONCILE_PAGE_SIZE_MAX)
     # How long a creation's pending row may wait for its sync before it counts as unfinished.
     unfinished_after_seconds: float = Field(default=60.0, ge=0)
     # Pages one run scans before it continues as new with a fresh history.
@@ -451,12 +452,12 @@ class SaveReportInput(_Model):
 class BackfillInput(_Model):
     """Input of the backfill workflow; ``progress`` is set when it continues as new."""
 
-    batch_size: int = 500
+    batch_size: int = Field(default=BACKFILL_BATCH_SIZE_MAX, ge=1, le=BACKFILL_BATCH_SIZE_MAX)
     # Users per second at most (0: as fast as it goes); a durable timer paces the batches.
-    max_rate: float = 0.0
+    max_rate: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     # Disjoint ranges of the id space written side by side: one lane's PostgreSQL work overlaps
     # another's SpiceDB write.
-    lanes: int = Field(default=1, ge=1, le=16)
+    lanes: int = Field(default=1, ge=1, le=BACKFILL_LANES_MAX)
     batches_per_run: int = 200
     progress: BackfillProgress | None = None
 

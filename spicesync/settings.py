@@ -20,6 +20,7 @@ from temporalio.envconfig import ClientConfig, ClientConnectConfig
 
 from spicesync.codec import EncryptionCodec, parse_keys
 from spicesync.constants import DEFAULT_TASK_QUEUE
+from spicesync.limits import SCHEDULE_INTERVAL_SECONDS_MAX, SCHEDULE_INTERVAL_SECONDS_MIN
 
 __all__ = ["STACK_ENV_FILE", "MissingSetting", "Settings", "load_settings", "read_env_file"]
 
@@ -76,7 +77,10 @@ class Settings(BaseSettings):
     # Reconciliation: how often the schedule runs, whether it repairs, and how much one run may
     # delete at most (a run that would delete more deletes nothing and says so).
     reconcile_interval_seconds: float = Field(
-        default=3600.0, gt=0, validation_alias="SPICESYNC_RECONCILE_INTERVAL_SECONDS"
+        default=3600.0,
+        ge=SCHEDULE_INTERVAL_SECONDS_MIN,
+        le=SCHEDULE_INTERVAL_SECONDS_MAX,
+        validation_alias="SPICESYNC_RECONCILE_INTERVAL_SECONDS",
     )
     reconcile_apply: bool = Field(default=True, validation_alias="SPICESYNC_RECONCILE_APPLY")
     reconcile_prune_cap: int = Field(

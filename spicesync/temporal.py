@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any, TypeVar
+
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.runtime import Runtime
+from temporalio.workflow import UpdateMethodMultiParam
 
 from spicesync.codec import encrypted_data_converter
 from spicesync.settings import Settings, load_settings
 
-__all__ = ["client_and_queue", "connect_temporal", "workers_polling"]
+__all__ = [
+    "TemporalUnreachable",
+    "client_and_queue",
+    "connect_temporal",
+    "execute_update_with_start",
+    "workers_polling",
+]
+
+SelfT = TypeVar("SelfT")
+ArgT = TypeVar("ArgT")
+ResultT = TypeVar("ResultT")
+
+
+class TemporalUnreachable(RuntimeError):
+    """No Temporal server answered at the configured address."""
 
 
 async def connect_temporal(settings: Settings, *, runtime: Runtime | None = None) -> Client:
@@ -24,16 +46,30 @@ async def connect_temporal(settings: Settings, *, runtime: Runtime | None = None
 
     Returns:
         A connected client.
+
+    Raises:
+        TemporalUnreachable: Nothing answered at the address (the SDK's connection error,
+            named with the address and what to do).
     """
     config = settings.temporal_connect_config()
-    return await Client.connect(
-        **config,
-        data_converter=encrypted_data_converter(settings.codec()),
-        # Trace context crosses from the starter into the workflow and its activities (the
-        # worker shares its client's interceptors).
-        interceptors=[TracingInterceptor()],
-        runtime=runtime,
-    )
+    try:
+        return await Client.connect(
+            **config,
+            data_converter=encrypted_data_converter(settings.codec()),
+            # Trace context crosses from the starter into the workflow and its activities (the
+            # worker shares its client's interceptors).
+            interceptors=[TracingInterceptor()],
+            runtime=runtime,
+        )
+    except RuntimeError as err:
+        # The SDK reports a failed connection as a bare RuntimeError("Failed client connect...").
+        if "connect" not in str(err).lower():
+            raise
+        address = config.get("target_host", settings.temporal_address)
+        raise TemporalUnreachable(
+            f"cannot reach Temporal at {address}: start the local stack with `spicesync stack"
+            " up`, or set TEMPORAL_ADDRESS"
+        ) from err
 
 
 async def workers_polling(client: Client, task_queue: str) -> int:
@@ -70,3 +106,45 @@ async def client_and_queue(client: Client | None, task_queue: str | None) -> tup
         return client, task_queue
     settings = load_settings()
     return client or await connect_temporal(settings), task_queue or settings.task_queue
+
+
+async def execute_update_with_start(
+    client: Client,
+    update: UpdateMethodMultiParam[[SelfT, ArgT], ResultT],
+    arg: ArgT,
+    *,
+    start_workflow_operation: WithStartWorkflowOperation[SelfT, Any],
+) -> ResultT:
+    """``Client.execute_update_with_start_workflow``, leaving a cancelled caller cancelled.
+
+    The SDK (1.35) turns the cancellation of the calling task into
+    ``WorkflowUpdateRPCTimeoutOrCancelledError`` and parks the ``CancelledError`` in the start
+    operation, where nothing reads it: asyncio later prints it, with a traceback, as "Future
+    exception was never retrieved". An activity cancelled at worker shutdown would so log two
+    tracebacks and end as failed rather than cancelled. Here the parked outcome is collected and
+    a cancellation stays an ``asyncio.CancelledError``.
+
+    Args:
+        client: A connected client.
+        update: The workflow's update method.
+        arg: The update's argument.
+        start_workflow_operation: Starts the workflow if it is not running.
+
+    Returns:
+        The update's result.
+    """
+    try:
+        return await client.execute_update_with_start_workflow(
+            update, arg, start_workflow_operation=start_workflow_operation
+        )
+    except WorkflowUpdateRPCTimeoutOrCancelledError as err:
+        task = asyncio.current_task()
+        if isinstance(err.__cause__, asyncio.CancelledError) or (task and task.cancelling()):
+            raise asyncio.CancelledError(*getattr(err.__cause__, "args", ())) from None
+        raise
+    finally:
+        # The SDK's future of the start's outcome (private; checked defensively): reading a
+        # parked exception marks it retrieved, and leaves it there for anyone who asks.
+        parked = getattr(start_workflow_operation, "_workflow_handle", None)
+        if isinstance(parked, asyncio.Future) and parked.done() and not parked.cancelled():
+            parked.exception()

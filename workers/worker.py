@@ -17,6 +17,7 @@ import asyncpg
 import grpc
 import grpc.aio
 from temporalio.client import Client
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from activities.backfill import BackfillActivities
@@ -24,15 +25,23 @@ from activities.memberships import MembershipActivities
 from activities.reconciliation import ReconcileActivities
 from activities.user_rows import UserRowActivities
 from spicesync.db import create_pool
+from spicesync.logs import sdk_core_logging
 from spicesync.settings import Settings
 from spicesync.spicedb import SpiceDBClient, check_schema, connect_spicedb
-from spicesync.telemetry import metrics_runtime
 from spicesync.temporal import connect_temporal
 from workflows.backfill import BackfillWorkflow
 from workflows.reconcile import ReconcileWorkflow
 from workflows.user_sync import UserSyncWorkflow
 
-__all__ = ["SpiceDBKeyRefused", "WorkerResources", "build_worker", "open_resources", "run_worker"]
+__all__ = [
+    "SpiceDBKeyRefused",
+    "WorkerNotStarted",
+    "WorkerResources",
+    "build_worker",
+    "open_resources",
+    "run_worker",
+    "worker_runtime",
+]
 
 log = logging.getLogger("spicesync.worker")
 
@@ -41,6 +50,29 @@ _REFUSED_KEY = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENI
 
 class SpiceDBKeyRefused(RuntimeError):
     """SpiceDB rejected the worker's preshared key at start-up; the worker does not start."""
+
+
+class WorkerNotStarted(RuntimeError):
+    """The worker's process could not be set up as configured (e.g. its metrics address)."""
+
+
+def worker_runtime(metrics_address: str | None) -> Runtime:
+    """The worker's Temporal runtime: the SDK core's logs in the process's log, metrics served.
+
+    Args:
+        metrics_address: ``host:port`` of the Prometheus ``/metrics`` endpoint; none if empty.
+
+    Raises:
+        WorkerNotStarted: The metrics endpoint cannot listen there (in use, say).
+    """
+    metrics = PrometheusConfig(bind_address=metrics_address) if metrics_address else None
+    try:
+        return Runtime(telemetry=TelemetryConfig(logging=sdk_core_logging(), metrics=metrics))
+    except ValueError as err:  # the SDK's "Failed starting Prometheus exporter: ..."
+        raise WorkerNotStarted(
+            f"cannot serve metrics on {metrics_address} ({err}); set SPICESYNC_METRICS_ADDRESS"
+            " to a free host:port, or to nothing for no metrics"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -140,10 +172,12 @@ async def run_worker(
     Args:
         settings: Connection settings.
         stop: Set it to shut down; by default the process signals set it.
-        client: An injected Temporal client; connected from the settings otherwise.
+        client: An injected Temporal client; connected from the settings otherwise, on the
+            runtime of :func:`worker_runtime`.
 
     Raises:
         SpiceDBKeyRefused: SpiceDB rejected the preshared key; nothing was polled.
+        WorkerNotStarted: The process could not be set up as configured.
     """
     if stop is None:
         stop = asyncio.Event()
@@ -151,8 +185,7 @@ async def run_worker(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
     if client is None:
-        runtime = metrics_runtime(settings.metrics_address) if settings.metrics_address else None
-        client = await connect_temporal(settings, runtime=runtime)
+        client = await connect_temporal(settings, runtime=worker_runtime(settings.metrics_address))
     async with open_resources(settings) as resources:
         try:
             missing = await check_schema(resources.spicedb)

@@ -1,4 +1,10 @@
-"""``spicesync``: run the stack, the worker, the demo, and start syncs by hand."""
+"""``spicesync``: run the stack, the worker, the demo, and start syncs by hand.
+
+The CLI is the one part of the shared package that reaches up into ``workers``, ``starters``,
+``bench`` and ``chaos``, and it does so inside the command that needs them: parsing (and
+``--help``) loads only the standard library and a few small modules, so every command starts
+at once.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +16,40 @@ import os
 import sys
 import uuid
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from chaos.catalogue import SCENARIO_SUMMARIES
+from spicesync import __version__
+from spicesync.cli import arguments
+from spicesync.cli.maintenance import (
+    backfill_command,
+    bench_command,
+    chaos_command,
+    reconcile_command,
+)
+from spicesync.cli.progress import note, waiting
+from spicesync.limits import (
+    BACKFILL_BATCH_SIZE_MAX,
+    BACKFILL_LANES_MAX,
+    RECONCILE_PAGE_SIZE_MAX,
+    SCHEDULE_INTERVAL_SECONDS_MAX,
+    SCHEDULE_INTERVAL_SECONDS_MIN,
+)
 
-from spicesync.errors import EventIdConflict, InvalidUserInput
-from spicesync.models import CreateUserInput
-from spicesync.settings import MissingSetting, load_settings
+if TYPE_CHECKING:
+    from spicesync.settings import Settings
 
 __all__ = ["build_parser", "entry", "main"]
+
+
+def load_settings() -> Settings:
+    """The settings, from the environment and the local stack's ``stack.env``.
+
+    Imported when a command runs, not at start: the settings module loads the Temporal SDK.
+    """
+    from spicesync.settings import load_settings as load
+
+    return load()
 
 
 def _stack(args: argparse.Namespace) -> int:
@@ -48,18 +80,45 @@ def _stack(args: argparse.Namespace) -> int:
 
 def _worker(_args: argparse.Namespace) -> int:
     from spicesync.logs import configure_logging
-    from workers.worker import SpiceDBKeyRefused, run_worker
+    from spicesync.temporal import TemporalUnreachable
+    from workers.worker import SpiceDBKeyRefused, WorkerNotStarted, run_worker
 
     configure_logging()
     try:
         asyncio.run(run_worker(load_settings()))
-    except SpiceDBKeyRefused as err:
+    except (SpiceDBKeyRefused, WorkerNotStarted, TemporalUnreachable) as err:
         logging.getLogger("spicesync.worker").error("not starting: %s", err)
         return 2
     return 0
 
 
+# Every line `spicesync users` prints has these keys, whatever became of the event.
+_USERS_FIELDS = (
+    "user_id",
+    "workflow_id",
+    "event_id",
+    "version",
+    "status",
+    "zed_token",
+    "error",
+    "message",
+)
+_WAITING_FOR = {
+    "start": "Temporal to accept the event",
+    "row": "the App DB row",
+    "permissions": "the App DB row and SpiceDB's permissions",
+}
+
+
+def _users_line(**fields: object) -> str:
+    return json.dumps({key: fields.get(key) for key in _USERS_FIELDS})
+
+
 def _users(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from spicesync.errors import EventIdConflict, InvalidUserInput
+    from spicesync.models import CreateUserInput
     from starters.user_events import (
         EventNotAccepted,
         UserSyncFailed,
@@ -72,10 +131,11 @@ def _users(args: argparse.Namespace) -> int:
 
     wait = WaitFor(args.wait)
     common = {"event_id": args.event_id, "wait": wait}
+    user_id = args.user_id or str(uuid.uuid4())
     try:
         if args.users_command == "create":
             user = CreateUserInput(
-                user_id=args.user_id or str(uuid.uuid4()),
+                user_id=user_id,
                 email=args.email,
                 name=args.name,
                 org_id=args.org,
@@ -84,50 +144,76 @@ def _users(args: argparse.Namespace) -> int:
             run = create_user(user, version=args.version, **common)
         elif args.users_command == "update":
             run = change_role(
-                args.user_id, org_id=args.org, role=args.role, version=args.version, **common
+                user_id, org_id=args.org, role=args.role, version=args.version, **common
             )
         elif args.users_command == "move":
             run = move_user(
-                args.user_id, org_id=args.org, role=args.role, version=args.version, **common
+                user_id, org_id=args.org, role=args.role, version=args.version, **common
             )
         else:
-            run = delete_user(args.user_id, version=args.version, **common)
-        outcome = asyncio.run(run)
+            run = delete_user(user_id, version=args.version, **common)
+        outcome = asyncio.run(
+            waiting(
+                run,
+                lambda seconds: (
+                    f"spicesync users: waiting for {_WAITING_FOR[args.wait]}"
+                    f" ({seconds:.0f} s; a `spicesync worker` must be running)"
+                ),
+            )
+        )
     except (InvalidUserInput, ValidationError) as err:
         message = err.message if isinstance(err, InvalidUserInput) else str(err)
-        print(json.dumps({"status": "rejected", "error": "InvalidUserInput", "message": message}))
+        print(
+            _users_line(
+                user_id=user_id,
+                # Nothing was started: the event id is known only if the caller chose it.
+                event_id=args.event_id,
+                version=args.version,
+                status="rejected",
+                error="InvalidUserInput",
+                message=message,
+            )
+        )
         return 2
     except EventIdConflict as err:
-        conflict = {
-            "user_id": err.user_id,
-            "event_id": err.event_id,
-            "status": "conflict",
-            "error": "EventIdConflict",
-            "message": err.message,
-        }
-        print(json.dumps(conflict))
+        print(
+            _users_line(
+                user_id=err.user_id,
+                event_id=err.event_id,
+                version=args.version,
+                status="conflict",
+                error="EventIdConflict",
+                message=err.message,
+            )
+        )
         return 1
     except UserSyncFailed as err:
-        failure = {
-            "workflow_id": err.workflow_id,
-            "event_id": err.event_id,
-            "status": "failed",
-            "error": err.error_type,
-            "message": err.message,
-        }
-        print(json.dumps(failure))
+        print(
+            _users_line(
+                user_id=user_id,
+                workflow_id=err.workflow_id,
+                event_id=err.event_id,
+                version=args.version,
+                status="failed",
+                error=err.error_type,
+                message=err.message,
+            )
+        )
         return 1
     except EventNotAccepted as err:
-        refused = {
-            "workflow_id": err.workflow_id,
-            "event_id": err.event_id,
-            "status": "not_accepted",
-            "error": "EventNotAccepted",
-            "message": err.last_error,
-        }
-        print(json.dumps(refused))
+        print(
+            _users_line(
+                user_id=user_id,
+                workflow_id=err.workflow_id,
+                event_id=err.event_id,
+                version=args.version,
+                status="not_accepted",
+                error="EventNotAccepted",
+                message=err.last_error,
+            )
+        )
         return 1
-    print(outcome.model_dump_json())
+    print(_users_line(**outcome.model_dump()))
     return 0
 
 
@@ -186,6 +272,7 @@ def _codec_server(args: argparse.Namespace) -> int:
     import threading
 
     from spicesync.codec_server import CodecServer
+    from spicesync.settings import MissingSetting
 
     settings = load_settings()
     codec = settings.codec()
@@ -198,7 +285,15 @@ def _codec_server(args: argparse.Namespace) -> int:
         f"http://localhost:{settings.stack_temporal_ui_port}",
     ]
     port = settings.stack_codec_port if args.port is None else args.port
-    server = CodecServer(codec, host=args.host, port=port, allowed_origins=origins)
+    try:
+        server = CodecServer(codec, host=args.host, port=port, allowed_origins=origins)
+    except OSError as err:  # an unknown host, a port in use or not ours to take
+        print(
+            f"spicesync codec-server: cannot listen on --host {args.host} --port {port}:"
+            f" {err.strerror or err}",
+            file=sys.stderr,
+        )
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.stop).start())
     print(f"codec server on http://{args.host}:{server.port} for {', '.join(origins)}", flush=True)
     try:
@@ -211,17 +306,18 @@ def _codec_server(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from spicesync.demo import run_demo, summary
 
-    report = asyncio.run(run_demo(args.users))
+    report = asyncio.run(run_demo(args.users, progress=note))
     print(summary(report, load_settings().temporal_ui_url))
     return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command (each has ``--help``)."""
-    parser = argparse.ArgumentParser(
+    parser = arguments.OneLineErrors(
         prog="spicesync",
         description="Keep PostgreSQL users and SpiceDB relationships in sync with Temporal.",
     )
+    parser.add_argument("--version", action="version", version=f"spicesync {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     stack = commands.add_parser("stack", help="run the local Temporal, PostgreSQL and SpiceDB")
@@ -261,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     for sub, default_version in ((create, 1), (update, None), (move, None), (delete, None)):
         sub.add_argument(
             "--version",
-            type=int,
+            type=arguments.integer(1),
             default=default_version,
             required=default_version is None,
             help="the user's version in the App DB after this change (monotonic per user)",
@@ -280,7 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     stuck = commands.add_parser(
         "stuck", help="list syncs stuck in a stage (from Temporal's visibility and describe)"
     )
-    stuck.add_argument("--older-than", default="5m", help="e.g. 30s, 5m, 2h (default 5m)")
+    stuck.add_argument(
+        "--older-than",
+        default="5m",
+        type=arguments.duration,
+        help="e.g. 30s, 5m, 2h, 1d (default 5m)",
+    )
     stuck.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stuck.set_defaults(func=_stuck)
 
@@ -291,27 +392,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="retry: reset the retrying activity's backoff; rollback: cancel and compensate;"
         " resume: continue a sync parked on a schema mismatch",
     )
-    repair_cmd.add_argument("--user-id", required=True)
+    repair_cmd.add_argument("--user-id", required=True, type=arguments.user_id)
     repair_cmd.set_defaults(func=_repair)
 
     codec = commands.add_parser(
         "codec-server", help="decrypt payloads for the Temporal UI (operators only)"
     )
     codec.add_argument("--host", default="127.0.0.1")
-    codec.add_argument("--port", type=int, help="default: SPICESYNC_CODEC_PORT (8081)")
+    codec.add_argument(
+        "--port", type=arguments.port, help="default: SPICESYNC_CODEC_PORT (8081); 0: any free"
+    )
     codec.add_argument(
         "--ui-origin",
         action="append",
+        type=arguments.origin,
         help="an origin allowed to call it (CORS); repeatable; default: the local Temporal UI",
     )
     codec.set_defaults(func=_codec_server)
-
-    from spicesync.cli.maintenance import (
-        backfill_command,
-        bench_command,
-        chaos_command,
-        reconcile_command,
-    )
 
     reconcile = commands.add_parser(
         "reconcile",
@@ -324,17 +421,21 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--apply", action="store_true", help="repair what is found")
     reconcile.add_argument(
         "--prune-cap",
-        type=int,
+        type=arguments.integer(0),
         help="most relationships one run may delete (default SPICESYNC_RECONCILE_PRUNE_CAP, 1000)",
     )
     reconcile.add_argument(
-        "--page-size", type=int, default=1000, help="rows per scanned page (<= 1000)"
+        "--page-size",
+        type=arguments.integer(1, RECONCILE_PAGE_SIZE_MAX),
+        default=RECONCILE_PAGE_SIZE_MAX,
+        help=f"rows per scanned page (1 to {RECONCILE_PAGE_SIZE_MAX}, the default)",
     )
     reconcile.add_argument(
         "--schedule-every",
-        type=float,
+        type=arguments.number(SCHEDULE_INTERVAL_SECONDS_MIN, SCHEDULE_INTERVAL_SECONDS_MAX),
         metavar="SECONDS",
-        help="instead of running now, create or update the Temporal Schedule that runs it",
+        help="instead of running now, create or update the Temporal Schedule that runs it"
+        f" (at least {SCHEDULE_INTERVAL_SECONDS_MIN:g} s)",
     )
     reconcile.add_argument("--json", action="store_true", help="print the report as JSON")
     reconcile.set_defaults(func=reconcile_command)
@@ -342,12 +443,23 @@ def build_parser() -> argparse.ArgumentParser:
     backfill = commands.add_parser(
         "backfill", help="write every App DB user spicesync has never written into SpiceDB"
     )
-    backfill.add_argument("--batch-size", type=int, default=500, help="users per write (<= 500)")
     backfill.add_argument(
-        "--max-rate", type=float, default=0.0, help="users per second at most (default: no limit)"
+        "--batch-size",
+        type=arguments.integer(1, BACKFILL_BATCH_SIZE_MAX),
+        default=BACKFILL_BATCH_SIZE_MAX,
+        help=f"users per write (1 to {BACKFILL_BATCH_SIZE_MAX}, the default)",
     )
     backfill.add_argument(
-        "--lanes", type=int, default=2, help="id ranges written side by side (default 2)"
+        "--max-rate",
+        type=arguments.number(0),
+        default=0.0,
+        help="users per second at most (default 0: no limit)",
+    )
+    backfill.add_argument(
+        "--lanes",
+        type=arguments.integer(1, BACKFILL_LANES_MAX),
+        default=2,
+        help=f"id ranges written side by side (1 to {BACKFILL_LANES_MAX}; default 2)",
     )
     backfill.add_argument("--json", action="store_true", help="print the figures as JSON")
     backfill.set_defaults(func=backfill_command)
@@ -360,15 +472,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--quick", action="store_true", help="one low rate, a few seconds, 2,000-user backfill"
     )
-    bench.add_argument("--rates", type=float, nargs="+", help="offered rates, users/s")
-    bench.add_argument("--seconds", type=float, help="seconds of load per rate")
-    bench.add_argument("--backfill-users", type=int, help="users in the backfill comparison")
+    bench.add_argument(
+        "--rates",
+        type=arguments.number(0, low_included=False),
+        nargs="+",
+        help="offered rates, users/s",
+    )
+    bench.add_argument(
+        "--seconds", type=arguments.number(0, low_included=False), help="seconds of load per rate"
+    )
+    bench.add_argument(
+        "--backfill-users", type=arguments.integer(1), help="users in the backfill comparison"
+    )
     bench.add_argument("--out", default=".spicesync/bench", help="output folder")
     bench.add_argument(
         "--systems", nargs="+", metavar="NAME", help="only these systems (by name, e.g. spicesync)"
     )
     bench.add_argument(
-        "--nats-url", help="an existing NATS with JetStream (default: start one of its own)"
+        "--nats-url",
+        type=arguments.nats_url,
+        help="an existing NATS with JetStream (default: start one of its own)",
     )
     bench.set_defaults(func=bench_command)
 
@@ -376,18 +499,26 @@ def build_parser() -> argparse.ArgumentParser:
         "chaos",
         help="drive load through the real stack while injecting faults, then check that no"
         " user was lost, half-written or duplicated; write a table (markdown, JSON)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="scenarios (all run by default):\n"
+        + "\n".join(f"  {name:<34} {what}" for name, what in SCENARIO_SUMMARIES.items()),
     )
     chaos.add_argument(
-        "--users", type=int, default=1000, help="users per scenario (default 1000; CI runs 100)"
+        "--users",
+        type=arguments.integer(1),
+        default=1000,
+        help="users per scenario (default 1000; CI runs 100)",
     )
     chaos.add_argument(
         "--scenario",
         action="append",
-        help="run only this scenario (repeatable); default: all",
+        choices=list(SCENARIO_SUMMARIES),
+        metavar="NAME",
+        help="run only this scenario (repeatable; listed below); default: all",
     )
     chaos.add_argument(
         "--outage-seconds",
-        type=float,
+        type=arguments.number(0, low_included=False),
         default=30.0,
         help="how long PostgreSQL or SpiceDB stays unreachable (default 30)",
     )
@@ -397,7 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="bring the stack up, create users, verify them in both stores"
     )
-    demo.add_argument("--users", type=int, default=100, help="valid users to create (default 100)")
+    demo.add_argument(
+        "--users",
+        type=arguments.integer(1),
+        default=100,
+        help="valid users to create (default 100)",
+    )
     demo.set_defaults(func=_demo)
     return parser
 
@@ -405,15 +541,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spicesync`` console script."""
     args = build_parser().parse_args(argv)
-    provider = None
-    if args.command in ("worker", "users", "demo"):
-        from spicesync.telemetry import configure_tracing
+    from pydantic import ValidationError
 
-        provider = configure_tracing(f"spicesync-{args.command}", load_settings().trace_path())
+    from spicesync.settings import MissingSetting
+    from spicesync.temporal import TemporalUnreachable
+
+    provider = None
     try:
+        if args.command in ("worker", "users", "demo"):
+            from spicesync.telemetry import configure_tracing
+
+            provider = configure_tracing(f"spicesync-{args.command}", load_settings().trace_path())
         return int(args.func(args))
-    except MissingSetting as err:
+    except (MissingSetting, TemporalUnreachable) as err:
         print(f"spicesync: {err}", file=sys.stderr)
+        return 2
+    except ValidationError as err:
+        if err.title != "Settings":
+            raise  # a bug, not the environment: keep its traceback
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: {e['msg']}"
+            for e in err.errors()
+        )
+        print(f"spicesync: invalid settings: {problems}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,21 +1,32 @@
-"""``spicesync reconcile`` and ``spicesync backfill``: start, show progress, print figures."""
+"""``spicesync reconcile``, ``backfill``, ``bench`` and ``chaos``: run, show progress, report.
+
+What each needs is imported when it runs, so that ``--help`` loads nothing heavy.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import time
+from collections.abc import Coroutine
 from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from temporalio.client import Client
+from spicesync.cli.progress import show as _show
 
-from spicesync.models import BackfillInput, ReconcileInput, ReconcileReport
-from spicesync.settings import Settings, load_settings
-from spicesync.temporal import connect_temporal, workers_polling
+if TYPE_CHECKING:
+    from temporalio.client import Client
 
-__all__ = ["backfill_command", "reconcile_command"]
+    from spicesync.models import ReconcileReport
+    from spicesync.settings import Settings
+
+__all__ = ["backfill_command", "bench_command", "chaos_command", "reconcile_command"]
+
+T = TypeVar("T")
 
 
 class NoWorker(RuntimeError):
@@ -23,6 +34,8 @@ class NoWorker(RuntimeError):
 
 
 async def _connect(settings: Settings) -> Client:
+    from spicesync.temporal import connect_temporal, workers_polling
+
     client = await connect_temporal(settings)
     if not await workers_polling(client, settings.task_queue):
         raise NoWorker(
@@ -37,14 +50,11 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
-def _show(line: str) -> None:
-    # One line rewritten in place on a terminal; a line every update otherwise (logs, CI).
-    end = "\r" if sys.stderr.isatty() else "\n"
-    print(line.ljust(100), end=end, file=sys.stderr, flush=True)
-
-
 def reconcile_command(args: argparse.Namespace) -> int:
     """Run a reconcile now (or set its schedule) and print the report."""
+    from spicesync.models import ReconcileInput
+    from spicesync.settings import load_settings
+    from spicesync.temporal import connect_temporal
     from starters.reconcile import (
         ReconcileAlreadyRunning,
         ensure_reconcile_schedule,
@@ -123,6 +133,8 @@ def _reconcile_summary(r: ReconcileReport) -> str:
 
 def backfill_command(args: argparse.Namespace) -> int:
     """Start (or rejoin) the backfill, show a progress bar, print the figures."""
+    from spicesync.models import BackfillInput
+    from spicesync.settings import load_settings
     from starters.backfill import start_backfill
     from workflows.backfill import BackfillWorkflow
 
@@ -175,12 +187,65 @@ def backfill_command(args: argparse.Namespace) -> int:
         return 2
 
 
+def _usable_folder(command: str, out: str) -> Path | None:
+    """``--out`` as a folder that exists now, or ``None`` after saying why it cannot be."""
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"spicesync {command}: argument --out: {out}: {err.strerror or err}", file=sys.stderr)
+        return None
+    return folder
+
+
+def _stoppable(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, with SIGTERM cancelling it as Ctrl-C does, so its cleanup runs.
+
+    Without this, SIGTERM ends the process on the spot and every child it started (workers,
+    SpiceDB engines, servers) keeps running. A second SIGTERM is ignored: cleanup is under way.
+
+    Raises:
+        asyncio.CancelledError: SIGTERM arrived; ``main``'s cleanup has run.
+    """
+
+    async def guarded() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def cancel() -> None:
+            loop.add_signal_handler(signal.SIGTERM, lambda: None)
+            task.cancel("SIGTERM")
+
+        loop.add_signal_handler(signal.SIGTERM, cancel)
+        try:
+            return await main
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    return asyncio.run(guarded())
+
+
 def bench_command(args: argparse.Namespace) -> int:
-    """Run ``spicesync bench`` and print where the outputs are."""
-    from pathlib import Path
+    """Run ``spicesync bench`` and print where the outputs are.
 
-    from bench.run import BenchOptions, run_bench
+    Every process the run starts stops with it, also when it is stopped by SIGTERM (exit 143).
+    """
+    from bench import children
+    from bench.run import BenchOptions, all_systems, run_bench
 
+    known = [system.name for system in all_systems()]
+    unknown = [name for name in args.systems or [] if name not in known]
+    if unknown:
+        print(
+            f"spicesync bench: argument --systems: unknown {', '.join(map(repr, unknown))};"
+            f" choose from {', '.join(map(repr, known))}",
+            file=sys.stderr,
+        )
+        return 2
+    out = _usable_folder("bench", args.out)
+    if out is None:
+        return 2
     if args.quick:
         rates, seconds, backfill_users = [10.0], 4.0, 2_000
     else:
@@ -188,12 +253,23 @@ def bench_command(args: argparse.Namespace) -> int:
     options = BenchOptions(
         rates=args.rates or rates,
         seconds=args.seconds or seconds,
-        out=Path(args.out),
+        out=out,
         backfill_users=args.backfill_users or backfill_users,
         nats_url=args.nats_url,
         systems=args.systems,
     )
-    payload = asyncio.run(run_bench(options))
+    try:
+        payload = _stoppable(run_bench(options))
+    except asyncio.CancelledError:
+        stopped = children.stop_all()
+        print(
+            "spicesync bench: stopped by SIGTERM; the processes it started are stopped"
+            + (f" (pids {', '.join(map(str, stopped))} by the last sweep)" if stopped else ""),
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
+    finally:
+        children.stop_all()  # Ctrl-C, or a failure between starting a process and using it
     print((options.out / "bench.md").read_text())
     print(f"outputs: {options.out}/bench.md, bench.json, bench.png")
     problems = [
@@ -215,27 +291,27 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def chaos_command(args: argparse.Namespace) -> int:
-    """Run ``spicesync chaos``; exit 1 if any scenario lost, half-wrote or duplicated a user."""
-    from pathlib import Path
+    """Run ``spicesync chaos``; exit 1 if any scenario lost, half-wrote or duplicated a user.
 
+    ``--scenario`` is checked by the parser against :mod:`chaos.catalogue`.
+    """
     from chaos.run import ChaosOptions, run_chaos
     from chaos.scenarios import SCENARIOS
 
-    unknown = [name for name in args.scenario or [] if name not in SCENARIOS]
-    if unknown:
-        print(
-            f"spicesync chaos: unknown scenario {', '.join(unknown)};"
-            f" choose from {', '.join(SCENARIOS)}",
-            file=sys.stderr,
-        )
+    out = _usable_folder("chaos", args.out)
+    if out is None:
         return 2
     options = ChaosOptions(
         users=args.users,
         outage_seconds=args.outage_seconds,
-        out=Path(args.out),
+        out=out,
         scenarios=args.scenario or list(SCENARIOS),
     )
-    results = asyncio.run(run_chaos(options))
+    try:
+        results = _stoppable(run_chaos(options))
+    except asyncio.CancelledError:
+        print("spicesync chaos: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     print((options.out / "chaos.md").read_text())
     print(f"outputs: {options.out}/chaos.md, chaos.json")
     failed = [r["scenario"] for r in results if not r["passed"]]

@@ -163,7 +163,14 @@ class EngineHost:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="spicedb"),
             handlers=[_Router(self)],
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                # Accept the keepalive pings spicesync's client sends on an idle channel (every
+                # 10 s): by default gRPC answers them with GOAWAY "too_many_pings", and the
+                # client's gRPC core writes that to the worker's stderr as raw, non-JSON lines.
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ],
         )
         self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:

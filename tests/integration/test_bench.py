@@ -1,13 +1,21 @@
-"""``spicesync bench --quick``: every system produces figures and nothing is lost."""
+"""``spicesync bench --quick``: every system produces figures, nothing is lost, nothing is left."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_cli_stack import run, stack_env  # noqa: F401 - stack_env is a fixture
+from spicesync.stack.processes import pid_alive, stop_pid
+from tests.integration.test_cli_stack import (  # noqa: F401 - stack_env is a fixture
+    CLI,
+    run,
+    stack_env,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -38,3 +46,71 @@ def test_quick_bench_measures_every_system_and_loses_nothing(
     assert backfill["sample_holding"] == backfill["sample_checked"]
     assert (out / "bench.png").stat().st_size > 10_000
     assert "| spicesync |" in (out / "bench.md").read_text()
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Every live descendant of ``pid`` (from /proc), with its command line."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, its_parent in parents.items():
+            if its_parent == parent and child not in found and pid_alive(child):
+                try:
+                    cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                found[child] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+                frontier.append(child)
+    return found
+
+
+@pytest.mark.timeout(400)
+def test_sigterm_stops_every_process_the_bench_started(
+    stack_env: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # The stack is up first: its processes are the stack's (`stack down` stops them), not the
+    # bench's, exactly as after `make demo`.
+    assert run(["stack", "up"], stack_env).returncode == 0
+    out = tmp_path / "bench"
+    with (tmp_path / "bench.err").open("w") as err:
+        bench = subprocess.Popen(
+            [*CLI, "bench", "--quick", "--systems", "spicesync", "--out", str(out)],
+            env=stack_env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    started: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 240
+        # Wait for the cell: its worker process, its SpiceDB engine, and the bench's NATS.
+        while not any(" worker" in cmd for cmd in started.values()):
+            assert bench.poll() is None, (tmp_path / "bench.err").read_text()
+            assert time.monotonic() < deadline, started
+            time.sleep(0.2)
+            started |= _children(bench.pid)
+        time.sleep(1)
+        started |= _children(bench.pid)
+        assert any("spicedb_host" in cmd for cmd in started.values()), started
+        assert any("nats-server" in cmd for cmd in started.values()), started
+
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=120) == 128 + signal.SIGTERM
+        survivors = {pid: cmd for pid, cmd in started.items() if pid_alive(pid)}
+        assert survivors == {}, survivors
+        assert "stopped by SIGTERM" in (tmp_path / "bench.err").read_text()
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        for pid in started:
+            if pid_alive(pid):
+                stop_pid(pid)

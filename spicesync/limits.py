@@ -1,0 +1,31 @@
+"""Bounds on what an operator asks for: one place for the models' constraints and the CLI's checks.
+
+Importing nothing, so the command line can check its arguments without loading the SDK.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "BACKFILL_BATCH_SIZE_MAX",
+    "BACKFILL_LANES_MAX",
+    "RECONCILE_PAGE_SIZE_MAX",
+    "SCHEDULE_INTERVAL_SECONDS_MAX",
+    "SCHEDULE_INTERVAL_SECONDS_MIN",
+]
+
+# Rows one reconcile page scans (one activity; its CheckBulkPermissions carries one item a row).
+RECONCILE_PAGE_SIZE_MAX: Final = 1000
+
+# A Temporal Schedule's interval: the server refuses one under a second ("interval is too
+# small") and a protobuf Duration over 10,000 years.
+SCHEDULE_INTERVAL_SECONDS_MIN: Final = 1.0
+SCHEDULE_INTERVAL_SECONDS_MAX: Final = 10_000 * 365 * 86_400.0
+
+# Users one backfill batch writes: two relationship updates a user (membership and version
+# marker), and SpiceDB takes at most 1,000 updates in one WriteRelationships by default.
+BACKFILL_BATCH_SIZE_MAX: Final = 500
+
+# Disjoint id ranges a backfill writes side by side.
+BACKFILL_LANES_MAX: Final = 16
