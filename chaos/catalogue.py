@@ -22,4 +22,5 @@ SCENARIO_SUMMARIES: Final[dict[str, str]] = {
     "poison_inputs": "malformed events among healthy ones",
     "worker_killed_during_compensation": "the worker killed while a rollback runs",
     "code_change_deployed": "syncs started on the previous release, finished by this code",
+    "worker_killed_under_overload": "creations offered above the peak, the worker killed 3 times",
 }

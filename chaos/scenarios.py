@@ -519,6 +519,6 @@ SCENARIOS: dict[str, Callable[[Scene], Awaitable[None]]] = {
     "duplicate_delivery": duplicate_delivery,
     "poison_inputs": poison_inputs,
     "worker_killed_during_compensation": worker_killed_during_compensation,
-    "worker_killed_under_overload": worker_killed_under_overload,
     "code_change_deployed": code_change_deployed,
+    "worker_killed_under_overload": worker_killed_under_overload,
 }

@@ -15,6 +15,8 @@ cancellation) restores exactly the prior state.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         ApplyRowInput,
         CarriedState,
         EventOutcome,
+        EventStatus,
         InsertCreatedRowInput,
         Membership,
         MembershipsSnapshot,
@@ -48,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         UserState,
         UserSyncInput,
         WriteMembershipsInput,
+        WriteMembershipsResult,
     )
     from spicesync.retries import COMPENSATION_RETRY
     from spicesync.validation import validate_event
@@ -281,40 +285,34 @@ class UserSyncWorkflow:
             if state.exists
             else None
         )
-        while True:
-            snapshot = await steps.read(
-                MembershipActivities.read_memberships, ReadMembershipsInput(user_id=self._user_id)
-            )
+        remove: list[Membership] = []
+        add: list[Membership] = []
+
+        def plan(snapshot: MembershipsSnapshot) -> WriteMembershipsInput | None:
+            nonlocal remove, add
             remove = [m for m in snapshot.memberships if m != target]
             add = [target] if target is not None and target not in snapshot.memberships else []
             if not remove and not add:
-                written = None
-                break
-            try:
-                written = await steps.write(
-                    MembershipActivities.write_memberships,
-                    WriteMembershipsInput(
-                        user_id=self._user_id,
-                        remove=remove,
-                        add=add,
-                        expected_marker=snapshot.marker,
-                        remove_marker=snapshot.marker,
-                        # A user that never existed keeps no marker; a deleted one keeps its
-                        # deletion's version, as a live delete leaves it.
-                        set_marker=state.version or None,
-                        event_id=self._repair_request_id,
-                    ),
-                )
-            except ActivityError as err:
-                cause = _cause_type(err)
-                if cause == "MarkerMoved":
-                    continue
-                if cause == "SchemaMismatch":
-                    await self._park(err)
-                    continue
-                # A refused write landed nothing (SpiceDB writes are atomic): nothing to undo.
-                return ReconcileUserResult(action="failed", error_type=cause or "ActivityError")
-            break
+                return None
+            return WriteMembershipsInput(
+                user_id=self._user_id,
+                remove=remove,
+                add=add,
+                expected_marker=snapshot.marker,
+                remove_marker=snapshot.marker,
+                # A user that never existed keeps no marker; a deleted one keeps its deletion's
+                # version, as a live delete leaves it.
+                set_marker=state.version or None,
+                event_id=self._repair_request_id,
+            )
+
+        try:
+            written = await self._rewrite_memberships(steps, _MembershipWrite(), plan, staged=False)
+        except ActivityError as err:
+            # A refused write landed nothing (SpiceDB writes are atomic): nothing to undo.
+            return ReconcileUserResult(
+                action="failed", error_type=_cause_type(err) or "ActivityError"
+            )
         token = written.zed_token if written is not None else None
         if unfinished is not None:
             # SpiceDB first, then the row: a crash in between leaves a row the next repair
@@ -368,14 +366,9 @@ class UserSyncWorkflow:
             validate_event(event)
         except InvalidUserInput as err:
             return _failed(event, "InvalidUserInput", err.message), prior
-        target = (
-            None
-            if event.kind == "deleted"
-            else Membership(user_id=event.user_id, org_id=event.org_id, role=event.role)
-        )
+        target = _target(event)
         row_created = False
-        snapshot: MembershipsSnapshot | None = None
-        write_started = False
+        write = _MembershipWrite()
         steps = StepRunner()
         try:
             if event.kind == "created":
@@ -384,47 +377,24 @@ class UserSyncWorkflow:
                     UserRowActivities.insert_created_row, InsertCreatedRowInput(event=event)
                 )
                 if inserted.stale:
-                    return EventOutcome(
-                        event_id=event.event_id, version=event.version, status="stale"
-                    ), prior
+                    return _outcome(event, "stale"), prior
                 row_created = inserted.created
                 self._rows_committed.add(event.event_id)
-
-            while True:
-                try:
-                    self._stage("reading_permissions")
-                    snapshot = await steps.read(
-                        MembershipActivities.read_memberships,
-                        ReadMembershipsInput(user_id=event.user_id),
-                    )
-                    self._stage("writing_permissions")
-                    write_started = True
-                    written = await steps.write(
-                        MembershipActivities.write_memberships,
-                        WriteMembershipsInput(
-                            user_id=event.user_id,
-                            remove=[m for m in snapshot.memberships if m != target],
-                            add=[target] if target is not None else [],
-                            expected_marker=snapshot.marker,
-                            remove_marker=snapshot.marker,
-                            set_marker=event.version,
-                            event_id=event.event_id,
-                        ),
-                    )
-                    break
-                except ActivityError as err:
-                    # SpiceDB applies a write whole or not at all: a refusal landed nothing.
-                    if _refused(err):
-                        write_started = False
-                    if _cause_type(err) == "MarkerMoved":
-                        # A backfill wrote the user's older membership meanwhile: plan again.
-                        continue
-                    if _cause_type(err) != "SchemaMismatch":
-                        raise
-                    # The schema lacks what spicesync writes: only an operator can fix that, so
-                    # park (no compensation, nothing retried blindly) until resumed.
-                    await self._park(err)
-
+            written = await self._rewrite_memberships(
+                steps,
+                write,
+                lambda snapshot: WriteMembershipsInput(
+                    user_id=event.user_id,
+                    remove=[m for m in snapshot.memberships if m != target],
+                    add=[target] if target is not None else [],
+                    expected_marker=snapshot.marker,
+                    remove_marker=snapshot.marker,
+                    set_marker=event.version,
+                    event_id=event.event_id,
+                ),
+                staged=True,
+            )
+            assert written is not None  # an event always writes
             self._stage("recording_row")
             recorded = await steps.write(
                 UserRowActivities.apply_row, ApplyRowInput(event=event, zed_token=written.zed_token)
@@ -435,42 +405,64 @@ class UserSyncWorkflow:
                     f"user {event.user_id}: the App DB already holds a newer version",
                     type="SupersededWrite",
                 )
-            state = UserState(
-                exists=target is not None,
-                version=event.version,
-                org_id=target.org_id if target is not None else "",
-                role=target.role if target is not None else "",
-                applied_event=event.event_id,
-                zed_token=None if target is None else written.zed_token,
-            )
-            return (
-                EventOutcome(
-                    event_id=event.event_id,
-                    version=event.version,
-                    status="applied",
-                    zed_token=written.zed_token,
-                ),
-                state,
-            )
+            return _outcome(event, "applied", written.zed_token), _state_after(event, written)
         except (ActivityError, ApplicationError, asyncio.CancelledError) as err:
             cancelled = is_cancelled_exception(err)
             self._stage("compensating")
             workflow.metric_meter().create_counter(
                 "spicesync_compensations", "Events rolled back to their prior state"
             ).add(1, {"kind": event.kind})
-            undo = asyncio.ensure_future(
-                self._compensate(
-                    event,
-                    target,
-                    _state_before(event, snapshot, prior) if write_started else None,
-                    row_created,
-                )
+            restore = _state_before(event, write.snapshot, prior) if write.may_have_landed else None
+            await _shielded(
+                asyncio.ensure_future(self._compensate(event, target, restore, row_created))
             )
-            await _shielded(undo)
             if cancelled:
                 raise
             error_type, message = _describe(err)
             return _failed(event, error_type, message), prior
+
+    async def _rewrite_memberships(
+        self,
+        steps: StepRunner,
+        write: _MembershipWrite,
+        plan: Callable[[MembershipsSnapshot], WriteMembershipsInput | None],
+        *,
+        staged: bool,
+    ) -> WriteMembershipsResult | None:
+        """Read the user's memberships, then write what ``plan`` makes of them in one call.
+
+        The write is compare-and-set on the version marker read with them: if the marker moved
+        meanwhile (a backfill wrote the user), read and plan again. A schema that lacks what
+        spicesync writes parks the sync (only an operator can fix that) and tries again once
+        resumed. Any other refusal is raised.
+
+        Returns:
+            The write's result; ``None`` if ``plan`` found nothing to write.
+        """
+        while True:
+            if staged:
+                self._stage("reading_permissions")
+            write.snapshot = await steps.read(
+                MembershipActivities.read_memberships, ReadMembershipsInput(user_id=self._user_id)
+            )
+            request = plan(write.snapshot)
+            if request is None:
+                return None
+            if staged:
+                self._stage("writing_permissions")
+            write.may_have_landed = True
+            try:
+                return await steps.write(MembershipActivities.write_memberships, request)
+            except ActivityError as err:
+                if _refused(err):
+                    # SpiceDB applies a write whole or not at all: a refusal landed nothing.
+                    write.may_have_landed = False
+                cause = _cause_type(err)
+                if cause == "MarkerMoved":
+                    continue
+                if cause != "SchemaMismatch":
+                    raise
+                await self._park(err)
 
     async def _compensate(
         self,
@@ -518,6 +510,40 @@ class UserSyncWorkflow:
         if error is not None:
             updates.append(LAST_ERROR.value_set(error))
         workflow.upsert_search_attributes(updates)
+
+
+@dataclass
+class _MembershipWrite:
+    """One event's SpiceDB write, as far as a rollback needs to know it."""
+
+    snapshot: MembershipsSnapshot | None = None
+    # A write was sent and not refused: it may have landed, so a rollback must restore.
+    may_have_landed: bool = False
+
+
+def _target(event: UserEvent) -> Membership | None:
+    """The membership the user has after ``event`` (none after a deletion)."""
+    if event.kind == "deleted":
+        return None
+    return Membership(user_id=event.user_id, org_id=event.org_id, role=event.role)
+
+
+def _state_after(event: UserEvent, written: WriteMembershipsResult) -> UserState:
+    target = _target(event)
+    return UserState(
+        exists=target is not None,
+        version=event.version,
+        org_id=target.org_id if target is not None else "",
+        role=target.role if target is not None else "",
+        applied_event=event.event_id,
+        zed_token=None if target is None else written.zed_token,
+    )
+
+
+def _outcome(event: UserEvent, status: EventStatus, zed_token: str | None = None) -> EventOutcome:
+    return EventOutcome(
+        event_id=event.event_id, version=event.version, status=status, zed_token=zed_token
+    )
 
 
 def _state_before(
