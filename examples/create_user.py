@@ -1,13 +1,17 @@
 """What application code calls: create a user, change the role, move the user, delete the user.
 
-Runs against the local stack, with a worker serving it:
+It needs only the ``spicesync-client`` distribution (docs/packaging.md) and, for the permission
+check, the app's own SpiceDB client (``authzed``). Runs against the local stack, with a worker
+serving it:
 
     .venv/bin/spicesync stack up
     .venv/bin/spicesync worker &
     .venv/bin/python examples/create_user.py
 
 Each event's outcome is printed as one JSON line (opaque ids, status, ZedToken). The test suite
-runs this file as it is (``tests/integration/test_cli_ux.py``), and the README quotes it.
+runs this file as it is (``tests/integration/test_cli_ux.py``, and from a clean virtual
+environment with only the client wheel installed in ``tests/integration/test_client_wheel.py``),
+and the README quotes it.
 """
 
 from __future__ import annotations
@@ -16,11 +20,27 @@ import asyncio
 import json
 import uuid
 
+from authzed.api.v1 import (
+    AsyncClient,
+    CheckPermissionRequest,
+    CheckPermissionResponse,
+    Consistency,
+    ObjectReference,
+    SubjectReference,
+    ZedToken,
+)
+from grpcutil import bearer_token_credentials, insecure_bearer_token_credentials
+
+from spicesync.client import (
+    WaitFor,
+    change_role,
+    connect_temporal,
+    create_user,
+    delete_user,
+    load_settings,
+    move_user,
+)
 from spicesync.models import CreateUserInput
-from spicesync.settings import load_settings
-from spicesync.spicedb import connect_spicedb, has_org_permission
-from spicesync.temporal import connect_temporal
-from starters import WaitFor, change_role, create_user, delete_user, move_user
 
 
 async def main() -> None:
@@ -37,13 +57,20 @@ async def main() -> None:
     print(out.model_dump_json())
 
     # out.zed_token: ask CheckPermission for at_least_as_fresh this token
-    spicedb = connect_spicedb(*settings.require_spicedb(), insecure=settings.spicedb_insecure)
-    try:
-        may_manage = await has_org_permission(
-            spicedb, user_id=user_id, org_id="acme", permission="manage", zed_token=out.zed_token
+    endpoint, key = settings.require_spicedb()
+    credentials = (
+        insecure_bearer_token_credentials if settings.spicedb_insecure else bearer_token_credentials
+    )
+    spicedb = AsyncClient(endpoint, credentials(key))  # the app's own SpiceDB client
+    check = await spicedb.CheckPermission(
+        CheckPermissionRequest(
+            consistency=Consistency(at_least_as_fresh=ZedToken(token=out.zed_token)),
+            resource=ObjectReference(object_type="organization", object_id="acme"),
+            permission="manage",
+            subject=SubjectReference(object=ObjectReference(object_type="user", object_id=user_id)),
         )
-    finally:
-        await spicedb.close()
+    )
+    may_manage = check.permissionship == CheckPermissionResponse.PERMISSIONSHIP_HAS_PERMISSION
     print(json.dumps({"manage_acme_after_role_change": may_manage}))
 
     out = await move_user(

@@ -19,6 +19,8 @@ __all__ = [
     "RECONCILE_WORKFLOW_ID",
     "SEARCH_ATTRIBUTES",
     "SPICEDB_CALL_TIMEOUT_SECONDS",
+    "SUBMIT_EVENT_UPDATE",
+    "USER_SYNC_WORKFLOW",
     "USER_WORKFLOW_ID_PREFIX",
     "dev_server_dynamic_config",
     "user_workflow_id",
@@ -27,6 +29,11 @@ __all__ = [
 DEFAULT_TASK_QUEUE: Final = "spicesync-users"
 
 USER_WORKFLOW_ID_PREFIX: Final = "user-"
+
+# The user's workflow and its event update, by the names Temporal knows them: the client
+# (spicesync.client) addresses them by name so that an application needs no workflow code.
+USER_SYNC_WORKFLOW: Final = "UserSyncWorkflow"
+SUBMIT_EVENT_UPDATE: Final = "submit"
 
 # One on-demand reconcile at a time; the schedule's runs get this id plus their start time.
 RECONCILE_WORKFLOW_ID: Final = "spicesync-reconcile"

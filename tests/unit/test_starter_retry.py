@@ -8,7 +8,7 @@ import pytest
 from temporalio.client import WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
-from starters.user_events import _passing
+from spicesync.client import _passing
 
 
 @pytest.mark.parametrize(

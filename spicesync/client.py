@@ -1,0 +1,474 @@
+"""Deliver user lifecycle events from application code: what an application installs.
+
+This module is the ``spicesync-client`` distribution's API (docs/packaging.md): it reaches the
+user's workflow by its registered names (:data:`~spicesync.constants.USER_SYNC_WORKFLOW` and
+its update :data:`~spicesync.constants.SUBMIT_EVENT_UPDATE`), so it imports no workflow code and
+an application needs none of the worker's dependencies.
+
+Every event goes to its user's workflow (id ``user-<uuid>``) through update-with-start: the
+first event of a user starts the workflow, later ones join it, duplicates get the first
+delivery's outcome. Three ways to wait, for three kinds of caller:
+
+* ``WaitFor.START``: return once Temporal has durably accepted the event;
+* ``WaitFor.ROW``: return once the App DB row reflects it (for a creation: the seed's
+  "201 Created" moment, before SpiceDB is written);
+* ``WaitFor.PERMISSIONS``: return once SpiceDB reflects it too, with the ZedToken, so the
+  caller's next permission check can ask for ``at_least_as_fresh`` that token.
+
+A call that Temporal refuses for a passing reason (the server or the connection is down or
+overloaded, the user's workflow task is being retried, the workflow closed in the instant the
+event arrived) is retried here, with backoff, until ``accept_within`` has passed; then
+:class:`EventNotAccepted` is raised. Retrying is safe because delivering an event again is a
+no-op, and nothing of an event is written before Temporal has durably accepted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+import time
+from datetime import timedelta
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateHandle,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+    WorkflowUpdateStage,
+)
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError, RPCStatusCode
+
+from spicesync.constants import SUBMIT_EVENT_UPDATE, USER_SYNC_WORKFLOW, user_workflow_id
+from spicesync.errors import EventIdConflict, InvalidUserInput
+from spicesync.models import (
+    CreateUserInput,
+    EventOutcome,
+    SubmitEventInput,
+    UserEvent,
+    UserSyncInput,
+    WaitStage,
+)
+from spicesync.settings import Settings, load_settings
+from spicesync.temporal import client_and_queue, connect_temporal
+from spicesync.validation import validate_event
+
+__all__ = [
+    "DEFAULT_ACCEPT_WITHIN",
+    "EventIdConflict",
+    "EventNotAccepted",
+    "InvalidUserInput",
+    "Settings",
+    "SyncOutcome",
+    "UserSyncFailed",
+    "WaitFor",
+    "change_role",
+    "connect_temporal",
+    "create_user",
+    "creation_event",
+    "delete_user",
+    "load_settings",
+    "move_user",
+    "submit_event",
+]
+
+
+class WaitFor(enum.StrEnum):
+    """How long a starter waits."""
+
+    START = "start"
+    ROW = "row"
+    PERMISSIONS = "permissions"
+
+
+_STAGE: dict[WaitFor, WaitStage] = {
+    WaitFor.START: "accepted",
+    WaitFor.ROW: "row",
+    WaitFor.PERMISSIONS: "applied",
+}
+_STATUS: dict[str, Literal["started", "pending", "synced", "stale"]] = {
+    "queued": "started",
+    "row_committed": "pending",
+    "applied": "synced",
+    "stale": "stale",
+}
+
+
+class SyncOutcome(BaseModel):
+    """What the caller learns (opaque ids only)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    user_id: str
+    workflow_id: str
+    event_id: str
+    version: int
+    status: Literal["started", "pending", "synced", "stale"]
+    zed_token: str | None = None
+
+
+# How long a starter keeps retrying a call Temporal refused for a passing reason.
+DEFAULT_ACCEPT_WITHIN: Final = timedelta(seconds=60)
+
+_TRANSIENT_CODES: Final = frozenset(
+    {
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.ABORTED,
+        RPCStatusCode.CANCELLED,
+        # The client's transport reports a refused or reset connection as UNKNOWN.
+        RPCStatusCode.UNKNOWN,
+    }
+)
+# FAILED_PRECONDITION and NOT_FOUND are permanent in general, but these mean "not now": the
+# workflow task is being retried (a worker died, or its task timed out behind a backlog), or the
+# workflow closed as the event arrived (the next try starts a new run).
+_PASSING_REFUSALS: Final = (
+    "workflow task in failed state",
+    "could not be executed",
+    "workflow execution already completed",
+    "workflow is busy",
+)
+_FIRST_PAUSE = 0.1
+_MAX_PAUSE = 2.0
+
+
+class EventNotAccepted(Exception):
+    """Temporal did not confirm the event's acceptance before the caller's deadline.
+
+    Every try was refused for a passing reason (Temporal or the connection to it down or
+    overloaded, the user's workflow recovering from a crashed worker), or the last one was cut
+    short by the deadline. The event may still have been accepted by that last try (its
+    answer was not received); deliver it again later: a duplicate is a no-op. Nothing of an
+    event is written before its acceptance is durable.
+    """
+
+    def __init__(self, workflow_id: str, event_id: str, attempts: int, last_error: str) -> None:
+        super().__init__(
+            f"event {event_id} not accepted by {workflow_id} after {attempts} attempts:"
+            f" {last_error}"
+        )
+        self.workflow_id = workflow_id
+        self.event_id = event_id
+        self.attempts = attempts
+        self.last_error = last_error
+
+
+class UserSyncFailed(Exception):
+    """The event failed for good and was compensated: the user is as before the event."""
+
+    def __init__(self, workflow_id: str, event_id: str, error_type: str, message: str) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.workflow_id = workflow_id
+        self.event_id = event_id
+        self.error_type = error_type
+        self.message = message
+
+
+async def submit_event(
+    event: UserEvent,
+    *,
+    wait: WaitFor = WaitFor.PERMISSIONS,
+    client: Client | None = None,
+    task_queue: str | None = None,
+    accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
+) -> SyncOutcome:
+    """Deliver ``event`` to its user's workflow, starting the workflow if needed.
+
+    Args:
+        event: The lifecycle event.
+        wait: How long to wait; see the module docstring.
+        client: An injected Temporal client (built with ``pydantic_data_converter``); connected
+            from the settings when omitted.
+        task_queue: The workers' task queue; the settings' by default.
+        accept_within: How long to keep retrying calls refused for a passing reason.
+
+    Returns:
+        The outcome at the point the caller asked to wait for.
+
+    Raises:
+        InvalidUserInput: The event is malformed; nothing was started or written.
+        EventIdConflict: The event id was already used for an event with different content;
+            this delivery was not applied and the first event's outcome stands.
+        UserSyncFailed: The event failed for good (e.g. ``DuplicateEmail``) and was compensated.
+        EventNotAccepted: Temporal kept refusing the call for passing reasons until
+            ``accept_within`` had passed; nothing of the event was written.
+    """
+    validate_event(event)
+    client, task_queue = await client_and_queue(client, task_queue)
+    workflow_id = user_workflow_id(event.user_id)
+    try:
+        handle = await _accepted(client, task_queue, workflow_id, event, wait, accept_within)
+        outcome = await _outcome(handle)
+    except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        raise UserSyncFailed(workflow_id, event.event_id, type(cause).__name__, str(cause)) from err
+    if outcome.status == "failed" and outcome.error_type == EventIdConflict.__name__:
+        raise EventIdConflict(outcome.message or "", user_id=event.user_id, event_id=event.event_id)
+    if outcome.status == "failed":
+        raise UserSyncFailed(
+            workflow_id, event.event_id, outcome.error_type or "Failed", outcome.message or ""
+        )
+    return SyncOutcome(
+        user_id=event.user_id,
+        workflow_id=workflow_id,
+        event_id=event.event_id,
+        version=event.version,
+        status=_STATUS[outcome.status],
+        zed_token=outcome.zed_token,
+    )
+
+
+async def _accepted(
+    client: Client,
+    task_queue: str,
+    workflow_id: str,
+    event: UserEvent,
+    wait: WaitFor,
+    accept_within: timedelta,
+) -> WorkflowUpdateHandle[EventOutcome]:
+    """Deliver the event until Temporal has durably accepted it, or the deadline has passed."""
+    deadline = time.monotonic() + accept_within.total_seconds()
+    attempts = 0
+    while True:
+        attempts += 1
+        start: WithStartWorkflowOperation[Any, None] = WithStartWorkflowOperation(
+            USER_SYNC_WORKFLOW,
+            UserSyncInput(user_id=event.user_id),
+            id=workflow_id,
+            task_queue=task_queue,
+            # The user's workflow runs for as long as the user has events: join it.
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+        try:
+            # Bounded: the client's own retries of a refused connection must not outlast the
+            # caller's deadline (none when the caller gave none to spare: one plain try).
+            left = deadline - time.monotonic()
+            return await asyncio.wait_for(
+                client.start_update_with_start_workflow(
+                    SUBMIT_EVENT_UPDATE,
+                    SubmitEventInput(event=event, wait=_STAGE[wait]),
+                    start_workflow_operation=start,
+                    wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                    result_type=EventOutcome,
+                ),
+                timeout=left if left > 0 else None,
+            )
+        except (RPCError, WorkflowUpdateRPCTimeoutOrCancelledError, TimeoutError) as err:
+            if not _passing(err):
+                raise
+            pause = min(_MAX_PAUSE, _FIRST_PAUSE * 2 ** (attempts - 1)) * random.uniform(0.5, 1)
+            if time.monotonic() + pause > deadline:
+                raise EventNotAccepted(
+                    workflow_id, event.event_id, attempts, _describe(err)
+                ) from err
+            await asyncio.sleep(pause)
+        finally:
+            _collect_start_error(start)
+
+
+async def _outcome(handle: WorkflowUpdateHandle[EventOutcome]) -> EventOutcome:
+    """Wait for an accepted event's outcome; it is durable, so a refused poll is polled again."""
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return await handle.result()
+        except (RPCError, WorkflowUpdateRPCTimeoutOrCancelledError) as err:
+            if not _passing(err):
+                raise
+            await asyncio.sleep(min(_MAX_PAUSE, _FIRST_PAUSE * 2 ** (attempts - 1)))
+
+
+def _collect_start_error(start: WithStartWorkflowOperation[Any, Any]) -> None:
+    # When the call fails, the SDK also fails the operation's workflow-handle future, which
+    # nobody awaits here; reading its exception keeps asyncio from reporting it at exit.
+    handle = start._workflow_handle
+    if handle.done() and not handle.cancelled():
+        handle.exception()
+
+
+def _passing(err: BaseException) -> bool:
+    """Whether a refused call may succeed if tried again (never the caller's own cancel)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return False
+    if isinstance(err, TimeoutError | WorkflowUpdateRPCTimeoutOrCancelledError):
+        # The attempt timed out, or was cut short by the caller's deadline (a cancel of the
+        # caller's own task is excluded above).
+        return True
+    if not isinstance(err, RPCError):
+        return False
+    if err.status in _TRANSIENT_CODES:
+        return True
+    message = err.message.lower()
+    return err.status in (RPCStatusCode.FAILED_PRECONDITION, RPCStatusCode.NOT_FOUND) and any(
+        passing in message for passing in _PASSING_REFUSALS
+    )
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, TimeoutError | WorkflowUpdateRPCTimeoutOrCancelledError) and not isinstance(
+        err.__cause__, RPCError
+    ):
+        return "no answer from Temporal before the deadline"
+    if isinstance(err, RPCError):
+        return f"{err.status.name}: {err.message}"
+    cause = err.__cause__
+    if isinstance(cause, RPCError):
+        return f"{cause.status.name}: {cause.message}"
+    return type(err).__name__
+
+
+def _event_id(user_id: str, kind: str, version: int) -> str:
+    # Derived from the business key, so the app re-sending the same change is a duplicate.
+    return f"{user_id}:{kind}:v{version}"
+
+
+async def create_user(
+    user: CreateUserInput,
+    *,
+    version: int = 1,
+    event_id: str | None = None,
+    wait: WaitFor = WaitFor.PERMISSIONS,
+    client: Client | None = None,
+    task_queue: str | None = None,
+    accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
+) -> SyncOutcome:
+    """Deliver a ``created`` event (see :func:`submit_event`)."""
+    event = creation_event(user, version=version, event_id=event_id)
+    return await submit_event(
+        event, wait=wait, client=client, task_queue=task_queue, accept_within=accept_within
+    )
+
+
+def creation_event(
+    user: CreateUserInput, *, version: int = 1, event_id: str | None = None
+) -> UserEvent:
+    """The ``created`` event :func:`create_user` delivers for ``user``.
+
+    Args:
+        user: The user to create.
+        version: The user's version after the creation.
+        event_id: The event's id; derived from the user id and version by default.
+
+    Returns:
+        The event.
+    """
+    return UserEvent(
+        event_id=event_id or _event_id(user.user_id, "created", version),
+        user_id=user.user_id,
+        version=version,
+        kind="created",
+        org_id=user.org_id,
+        role=user.role,
+        email=user.email,
+        name=user.name,
+    )
+
+
+async def _membership_change(
+    kind: str,
+    user_id: str,
+    *,
+    org_id: str,
+    role: str,
+    version: int,
+    event_id: str | None,
+    wait: WaitFor,
+    client: Client | None,
+    task_queue: str | None,
+    accept_within: timedelta,
+) -> SyncOutcome:
+    event = UserEvent(
+        event_id=event_id or _event_id(user_id, kind, version),
+        user_id=user_id,
+        version=version,
+        kind=kind,
+        org_id=org_id,
+        role=role,
+    )
+    return await submit_event(
+        event, wait=wait, client=client, task_queue=task_queue, accept_within=accept_within
+    )
+
+
+async def change_role(
+    user_id: str,
+    *,
+    org_id: str,
+    role: str,
+    version: int,
+    event_id: str | None = None,
+    wait: WaitFor = WaitFor.PERMISSIONS,
+    client: Client | None = None,
+    task_queue: str | None = None,
+    accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
+) -> SyncOutcome:
+    """Deliver a ``role_changed`` event: ``role`` in ``org_id`` from ``version`` on."""
+    return await _membership_change(
+        "role_changed",
+        user_id,
+        org_id=org_id,
+        role=role,
+        version=version,
+        event_id=event_id,
+        wait=wait,
+        client=client,
+        task_queue=task_queue,
+        accept_within=accept_within,
+    )
+
+
+async def move_user(
+    user_id: str,
+    *,
+    org_id: str,
+    role: str,
+    version: int,
+    event_id: str | None = None,
+    wait: WaitFor = WaitFor.PERMISSIONS,
+    client: Client | None = None,
+    task_queue: str | None = None,
+    accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
+) -> SyncOutcome:
+    """Deliver a ``moved`` event: the user belongs to ``org_id`` (as ``role``) from ``version``."""
+    return await _membership_change(
+        "moved",
+        user_id,
+        org_id=org_id,
+        role=role,
+        version=version,
+        event_id=event_id,
+        wait=wait,
+        client=client,
+        task_queue=task_queue,
+        accept_within=accept_within,
+    )
+
+
+async def delete_user(
+    user_id: str,
+    *,
+    version: int,
+    event_id: str | None = None,
+    wait: WaitFor = WaitFor.PERMISSIONS,
+    client: Client | None = None,
+    task_queue: str | None = None,
+    accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
+) -> SyncOutcome:
+    """Deliver a ``deleted`` event: permissions are revoked first, then the row is deleted."""
+    event = UserEvent(
+        event_id=event_id or _event_id(user_id, "deleted", version),
+        user_id=user_id,
+        version=version,
+        kind="deleted",
+    )
+    return await submit_event(
+        event, wait=wait, client=client, task_queue=task_queue, accept_within=accept_within
+    )
