@@ -56,8 +56,7 @@ from spicesync.spicedb import (
     holds_memberships,
     read_user_snapshot,
 )
-from spicesync.stuck import sync_is_active
-from spicesync.temporal import execute_update_with_start
+from spicesync.temporal import execute_update_with_start, sync_is_active
 from workflows.user_sync import UserSyncWorkflow
 
 __all__ = ["ReconcileActivities"]

@@ -31,8 +31,8 @@ from chaos.verdict import judge_leaks
 from spicesync.constants import user_workflow_id
 from spicesync.models import CreateUserInput, Membership, ReconcileInput
 from spicesync.spicedb import holds_memberships
-from spicesync.stuck import find_stuck, find_unfinished
 from starters.reconcile import start_reconcile
+from starters.stuck import find_stuck, find_unfinished
 from starters.user_events import EventNotAccepted, WaitFor, create_user
 
 __all__ = ["PREVIOUS_RELEASE", "SCENARIOS"]

@@ -219,8 +219,8 @@ def _users(args: argparse.Namespace) -> int:
 
 def _stuck(args: argparse.Namespace) -> int:
     from spicesync.db import create_pool
-    from spicesync.stuck import StuckSync, find_stuck, find_unfinished, parse_duration
     from spicesync.temporal import connect_temporal
+    from starters.stuck import StuckSync, find_stuck, find_unfinished, parse_duration
 
     async def run() -> list[StuckSync]:
         settings = load_settings()
@@ -251,8 +251,8 @@ def _stuck(args: argparse.Namespace) -> int:
 
 
 def _repair(args: argparse.Namespace) -> int:
-    from spicesync import repair
     from spicesync.temporal import connect_temporal
+    from starters import repair
 
     async def run() -> dict[str, object]:
         client = await connect_temporal(load_settings())
