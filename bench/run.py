@@ -45,6 +45,7 @@ from spicesync.stack.processes import (
     wait_for_port,
 )
 from spicesync.temporal import connect_temporal, workers_polling
+from starters.reconcile import schedule_as_configured
 
 __all__ = ["BenchOptions", "run_bench"]
 
@@ -295,7 +296,7 @@ async def _start_nats(out: Path) -> tuple[int, str]:
 async def _run_all(options: BenchOptions) -> dict[str, Any]:
     from bench.backfill import run_backfill_bench
 
-    await stack_up(load_settings())
+    await stack_up(load_settings(), on_ready=schedule_as_configured)
     settings = load_settings()
     client = await connect_temporal(settings)
     database = f"spicesync_bench_{uuid.uuid4().hex[:8]}"

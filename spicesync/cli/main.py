@@ -57,7 +57,9 @@ def _stack(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     if args.action == "up":
-        state = asyncio.run(stack_up(settings))
+        from starters.reconcile import schedule_as_configured
+
+        state = asyncio.run(stack_up(settings, on_ready=schedule_as_configured))
         for key, value in state.env.items():
             print(f"{key}={value}")
         return 0
@@ -304,7 +306,7 @@ def _codec_server(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from spicesync.demo import run_demo, summary
+    from spicesync.cli.demo import run_demo, summary
 
     report = asyncio.run(run_demo(args.users, progress=note))
     print(summary(report, load_settings().temporal_ui_url))
