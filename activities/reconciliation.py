@@ -31,8 +31,8 @@ from temporalio import activity
 from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
 
+from activities.drift import IN_FLIGHT, AppRow, classify
 from spicesync.constants import SPICEDB_CALL_TIMEOUT_SECONDS, user_workflow_id
-from spicesync.drift import IN_FLIGHT, AppRow, classify
 from spicesync.errors import AppDBUnavailable, SchemaMismatch, SpiceDBUnavailable
 from spicesync.models import (
     CheckSchemaInput,
