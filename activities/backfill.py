@@ -23,8 +23,13 @@ from authzed.api.v1 import RelationshipUpdate, WriteRelationshipsRequest
 from google.protobuf.struct_pb2 import Struct
 from temporalio import activity
 
-from spicesync.errors import AppDBUnavailable, SpiceDBRejected, SpiceDBUnavailable
-from spicesync.failures import FailureKind, classify_grpc_status
+from spicesync.errors import (
+    AppDBUnavailable,
+    FailureKind,
+    SpiceDBRejected,
+    SpiceDBUnavailable,
+    classify_grpc_status,
+)
 from spicesync.models import (
     BackfillPageInput,
     BackfillPageResult,

@@ -25,13 +25,15 @@ from spicesync.constants import SPICEDB_CALL_TIMEOUT_SECONDS
 from spicesync.errors import (
     AppDBRejected,
     AppDBUnavailable,
+    FailureKind,
     MarkerMoved,
     SchemaMismatch,
     SpiceDBRejected,
     SpiceDBUnavailable,
     SupersededWrite,
+    classify_grpc_status,
+    classify_sqlstate,
 )
-from spicesync.failures import FailureKind, classify_grpc_status, classify_sqlstate
 from spicesync.models import (
     MembershipsSnapshot,
     ReadMembershipsInput,

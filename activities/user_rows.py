@@ -15,8 +15,14 @@ import uuid
 import asyncpg
 from temporalio import activity
 
-from spicesync.errors import AppDBRejected, AppDBUnavailable, DuplicateEmail, UserRowMissing
-from spicesync.failures import FailureKind, classify_sqlstate
+from spicesync.errors import (
+    AppDBRejected,
+    AppDBUnavailable,
+    DuplicateEmail,
+    FailureKind,
+    UserRowMissing,
+    classify_sqlstate,
+)
 from spicesync.models import (
     ApplyRowInput,
     ApplyRowResult,

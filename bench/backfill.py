@@ -20,7 +20,9 @@ import grpc.aio
 from authzed.api.v1 import RelationshipUpdate, WriteRelationshipsRequest
 from authzed.api.v1.permission_service_pb2 import ImportBulkRelationshipsRequest
 
+from bench.cells import cell_context, fresh_spicedb, spawn_worker, users_held, wait_ready
 from bench.harness import new_user
+from bench.pipeline import PipelineSystem
 from spicesync.models import BackfillInput, CreateUserInput, Membership
 from spicesync.settings import Settings
 from spicesync.spicedb import SpiceDBClient, connect_spicedb, membership_relationship
@@ -64,15 +66,6 @@ async def run_backfill_bench(
     count: int, options: Any, settings: Settings, shared: dict[str, Any]
 ) -> dict[str, Any]:
     """Measure both paths for ``count`` users; returns figures and a ``summary`` entry."""
-    from bench.pipeline import PipelineSystem
-    from bench.run import (
-        _fresh_spicedb,
-        _holding,
-        _wait_ready,
-        cell_context,
-        spawn_worker,
-    )
-
     pool = shared["pool"]
     await pool.execute("TRUNCATE users")
     run = uuid.uuid4().hex[:8]
@@ -87,7 +80,7 @@ async def run_backfill_bench(
     )
     copy_seconds = time.perf_counter() - began
 
-    pid, endpoint, key = await _fresh_spicedb(options.out / "logs")
+    pid, endpoint, key = await fresh_spicedb(options.out / "logs")
     raw_client = connect_spicedb(endpoint, key)
     try:
         began = time.perf_counter()
@@ -97,14 +90,14 @@ async def run_backfill_bench(
         await raw_client.close()
         stop_pid(pid)
 
-    pid, endpoint, key = await _fresh_spicedb(options.out / "logs")
+    pid, endpoint, key = await fresh_spicedb(options.out / "logs")
     spicedb = connect_spicedb(endpoint, key)
     ctx = cell_context(
-        options, settings, shared, endpoint, key, spicedb, run, f"bench-backfill-{run}"
+        options.nats_url, settings, shared, endpoint, key, spicedb, run, f"bench-backfill-{run}"
     )
     worker = await spawn_worker(PipelineSystem().worker_command(), ctx, options.out / "logs")
     try:
-        await _wait_ready(ctx, PipelineSystem())
+        await wait_ready(ctx, PipelineSystem())
         began = time.perf_counter()
         handle = await start_backfill(
             BackfillInput(lanes=2),
@@ -115,7 +108,7 @@ async def run_backfill_bench(
         result = await handle.result()
         spicesync_seconds = time.perf_counter() - began
         sample = random.Random(1).sample(users, min(1000, count))
-        held = await _holding(spicedb, sample)
+        held = await users_held(spicedb, sample)
     finally:
         await stop_process(worker)
         await spicedb.close()

@@ -14,6 +14,8 @@ from temporalio.worker import Worker
 from bench.context import BenchContext
 from bench.empty_workflow import EmptyWorkflow
 from spicesync.models import CreateUserInput
+from spicesync.settings import load_settings
+from spicesync.temporal import connect_temporal
 
 __all__ = ["EmptyWorkflowSystem"]
 
@@ -57,9 +59,6 @@ class EmptyWorkflowSystem:
 
 
 async def _main() -> None:
-    from spicesync.settings import load_settings
-    from spicesync.temporal import connect_temporal
-
     settings = load_settings()
     client = await connect_temporal(settings)
     async with Worker(client, task_queue=settings.task_queue, workflows=[EmptyWorkflow]):

@@ -17,6 +17,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import nats
 from nats.js.api import StreamConfig
 from nats.js.client import JetStreamContext
@@ -24,6 +25,7 @@ from nats.js.client import JetStreamContext
 from bench.context import BenchContext
 from bench.rows import INSERT_ROW, mark_synced, row_args, row_completions, write_memberships
 from spicesync.models import CreateUserInput
+from spicesync.spicedb import connect_spicedb
 
 __all__ = ["NatsSyncSystem"]
 
@@ -78,10 +80,6 @@ class NatsSyncSystem:
 
 
 async def _consume() -> None:
-    import asyncpg
-
-    from spicesync.spicedb import connect_spicedb
-
     run = os.environ["BENCH_RUN"]
     stream, subject = _names(run)
     pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=2, max_size=10)

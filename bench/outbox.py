@@ -14,9 +14,12 @@ import sys
 import uuid
 from datetime import datetime
 
+import asyncpg
+
 from bench.context import BenchContext
 from bench.rows import INSERT_ROW, mark_synced, row_args, row_completions, write_memberships
 from spicesync.models import CreateUserInput
+from spicesync.spicedb import connect_spicedb
 
 __all__ = ["OUTBOX_DDL", "OutboxSystem"]
 
@@ -72,10 +75,6 @@ class OutboxSystem:
 
 
 async def _relay() -> None:
-    import asyncpg
-
-    from spicesync.spicedb import connect_spicedb
-
     pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=2, max_size=4)
     assert pool is not None
     await pool.execute(OUTBOX_DDL)

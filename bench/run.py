@@ -12,18 +12,18 @@ import asyncio
 import contextlib
 import os
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 
 from bench import children
+from bench.backfill import run_backfill_bench
 from bench.ceiling import EmptyWorkflowSystem
-from bench.context import BenchContext
+from bench.cells import System, cell_context, fresh_spicedb, spawn_worker, users_held, wait_ready
 from bench.dual_write import DualWriteSystem
 from bench.harness import CellResult, account, new_user, percentiles, run_open_loop, wait_done
 from bench.nats_sync import NatsSyncSystem
@@ -31,10 +31,9 @@ from bench.outbox import OutboxSystem
 from bench.pipeline import PipelineSystem
 from bench.report import markdown, plot, write_json
 from spicesync.db import with_database
-from spicesync.models import CreateUserInput, Membership
 from spicesync.settings import Settings, load_settings
-from spicesync.spicedb import SpiceDBClient, connect_spicedb, holds_memberships
-from spicesync.stack.components import prepare_app_db, prepare_spicedb, start_spicedb
+from spicesync.spicedb import connect_spicedb
+from spicesync.stack.components import prepare_app_db
 from spicesync.stack.manager import stack_up
 from spicesync.stack.processes import (
     free_port,
@@ -44,26 +43,12 @@ from spicesync.stack.processes import (
     tool_path,
     wait_for_port,
 )
-from spicesync.temporal import connect_temporal, workers_polling
+from spicesync.temporal import connect_temporal
+from starters.reconcile import schedule_as_configured
 
 __all__ = ["BenchOptions", "run_bench"]
 
 DRAIN_SECONDS = 45.0
-
-
-class System(Protocol):
-    """What a system under test provides (see the modules of :mod:`bench`)."""
-
-    name: str
-    has_rows: bool
-
-    def worker_command(self) -> list[str] | None: ...
-
-    async def submit(self, ctx: BenchContext, user: CreateUserInput) -> None: ...
-
-    async def completions(
-        self, ctx: BenchContext, user_ids: list[str]
-    ) -> dict[str, tuple[datetime | None, datetime]]: ...
 
 
 @dataclass
@@ -98,76 +83,6 @@ def _progress(label: str) -> Any:
     return show
 
 
-async def _fresh_spicedb(log_dir: Path) -> tuple[int, str, str]:
-    port, key = free_port(), uuid.uuid4().hex
-    log = log_dir / f"spicedb-{port}.log"
-
-    def start() -> int:
-        # Recorded in the thread that starts it: a cancelled run still knows to stop it.
-        return children.record(start_spicedb(port=port, preshared_key=key, log=log)[0])
-
-    pid = await asyncio.to_thread(start)
-    await asyncio.to_thread(wait_for_port, "127.0.0.1", port, pid=pid, timeout=60, log=log)
-    await prepare_spicedb(f"127.0.0.1:{port}", key)
-    return pid, f"127.0.0.1:{port}", key
-
-
-async def _holding(spicedb: SpiceDBClient, users: list[CreateUserInput]) -> set[str]:
-    """Users whose membership SpiceDB grants, checked independently (fully consistent)."""
-    answers = await holds_memberships(
-        spicedb, [Membership(user_id=u.user_id, org_id=u.org_id, role=u.role) for u in users]
-    )
-    return {u.user_id for u, held in zip(users, answers, strict=True) if held}
-
-
-async def _wait_ready(ctx: BenchContext, system: System) -> None:
-    if isinstance(system, EmptyWorkflowSystem | PipelineSystem):
-        deadline = time.monotonic() + 60
-        while not await workers_polling(ctx.client, ctx.task_queue):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{system.name}: no worker polled within 60 s")
-            await asyncio.sleep(0.2)
-    else:
-        await asyncio.sleep(1.5)  # the consumer or relay connects and subscribes
-
-
-def cell_context(
-    options: BenchOptions,
-    settings: Settings,
-    shared: dict[str, Any],
-    endpoint: str,
-    key: str,
-    spicedb: SpiceDBClient,
-    run: str,
-    task_queue: str,
-) -> BenchContext:
-    """The context of one measurement: the shared engines plus this cell's SpiceDB."""
-    return BenchContext(
-        settings=settings,
-        client=shared["client"],
-        database_url=shared["database_url"],
-        pool=shared["pool"],
-        spicedb_endpoint=endpoint,
-        spicedb_key=key,
-        spicedb=spicedb,
-        task_queue=task_queue,
-        nats_url=options.nats_url,
-        run=run,
-    )
-
-
-async def spawn_worker(
-    command: list[str], ctx: BenchContext, log_dir: Path
-) -> asyncio.subprocess.Process:
-    """Start a system's worker process on the cell's engines, its output in ``log_dir``."""
-    with open(log_dir / f"worker-{ctx.run}.log", "wb") as log:  # noqa: ASYNC230
-        process = await asyncio.create_subprocess_exec(
-            *command, env=ctx.worker_env(), stdout=asyncio.subprocess.DEVNULL, stderr=log
-        )
-    children.record(process.pid)
-    return process
-
-
 async def run_cell(
     system: System,
     rate: float,
@@ -178,11 +93,13 @@ async def run_cell(
     """Measure one system at one offered rate on fresh stores."""
     run = uuid.uuid4().hex[:8]
     log_dir = options.out / "logs"
-    pid, endpoint, key = await _fresh_spicedb(log_dir)
+    pid, endpoint, key = await fresh_spicedb(log_dir)
     pool: asyncpg.Pool = shared["pool"]
     await pool.execute("TRUNCATE users")
     spicedb = connect_spicedb(endpoint, key)
-    ctx = cell_context(options, settings, shared, endpoint, key, spicedb, run, f"bench-{run}")
+    ctx = cell_context(
+        options.nats_url, settings, shared, endpoint, key, spicedb, run, f"bench-{run}"
+    )
     prepare = getattr(system, "prepare", None)
     if prepare is not None:
         await prepare(ctx)
@@ -190,7 +107,7 @@ async def run_cell(
     worker = await spawn_worker(command, ctx, log_dir) if command else None
     result = CellResult(system=system.name, offered_rate=rate, seconds=options.seconds)
     try:
-        await _wait_ready(ctx, system)
+        await wait_ready(ctx, system)
         users = [new_user(run, i) for i in range(max(1, int(rate * options.seconds)))]
         sent, latencies, failed = await run_open_loop(
             lambda u: system.submit(ctx, u), users, rate, _progress(f"{system.name} @ {rate:g}/s")
@@ -206,7 +123,7 @@ async def run_cell(
                 row_ms.append((row_at.timestamp() - sent[user_id]) * 1000)
             perm_ms.append((perm_at.timestamp() - sent[user_id]) * 1000)
             finished.append(perm_at.timestamp())
-        holding = await _holding(spicedb, accepted) if system.has_rows else None
+        holding = await users_held(spicedb, accepted) if system.has_rows else None
         counts = account([u.user_id for u in users], failed=failed, done=set(done), holding=holding)
         result.submitted = counts.submitted
         result.failed_calls = counts.failed_calls
@@ -293,9 +210,7 @@ async def _start_nats(out: Path) -> tuple[int, str]:
 
 
 async def _run_all(options: BenchOptions) -> dict[str, Any]:
-    from bench.backfill import run_backfill_bench
-
-    await stack_up(load_settings())
+    await stack_up(load_settings(), on_ready=schedule_as_configured)
     settings = load_settings()
     client = await connect_temporal(settings)
     database = f"spicesync_bench_{uuid.uuid4().hex[:8]}"

@@ -125,13 +125,15 @@ class WorkerProcesses:
         """Start one worker.
 
         Args:
-            code_dir: Run with the ``workflows`` package found here first (another release of
-                the workflow code); this checkout's code otherwise.
+            code_dir: Run the worker of another release, whose packages (``spicesync``,
+                ``workflows``, ``activities``, ``workers``) are all here; this checkout's
+                code otherwise.
         """
         env = self.env()
         if code_dir is not None:
-            # `python -m` puts the working directory first on sys.path, ahead of this checkout.
-            env["PYTHONPATH"] = os.pathsep.join([str(code_dir), os.getcwd()])
+            # `python -m` puts the working directory first on sys.path, ahead of this checkout
+            # (an editable install's path entry comes after it).
+            env["PYTHONPATH"] = str(code_dir)
         with open(self.log, "ab") as out:  # noqa: ASYNC230 - a log file opened once per process
             process = await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -20,6 +20,7 @@ from chaos.verdict import ScenarioResult
 from spicesync.settings import load_settings
 from spicesync.stack.manager import stack_up
 from spicesync.temporal import connect_temporal
+from starters.reconcile import schedule_as_configured
 
 __all__ = ["ChaosOptions", "markdown", "run_chaos"]
 
@@ -65,7 +66,7 @@ async def run_chaos(options: ChaosOptions) -> list[dict[str, Any]]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     # PostgreSQL (and the engine library) come from the local stack; Temporal is the run's own.
-    await stack_up(load_settings())
+    await stack_up(load_settings(), on_ready=schedule_as_configured)
     temporal = TemporalServer(work)
     await temporal.start()
     settings = load_settings(temporal_address=temporal.address)

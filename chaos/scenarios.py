@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -31,8 +32,8 @@ from chaos.verdict import judge_leaks
 from spicesync.constants import user_workflow_id
 from spicesync.models import CreateUserInput, Membership, ReconcileInput
 from spicesync.spicedb import holds_memberships
-from spicesync.stuck import find_stuck, find_unfinished
 from starters.reconcile import start_reconcile
+from starters.stuck import find_stuck, find_unfinished
 from starters.user_events import EventNotAccepted, WaitFor, create_user
 
 __all__ = ["PREVIOUS_RELEASE", "SCENARIOS"]
@@ -425,13 +426,19 @@ async def code_change_deployed(scene: Scene) -> None:
     _count_rejections(scene, users, delivery)
 
 
+# Everything a worker of that release runs: its own shared package, workflows and activities,
+# not this checkout's (modules have moved since, and a deployment ships them together).
+_RELEASE_PACKAGES = ("spicesync", "workflows", "activities", "workers", "starters")
+
+
 def _previous_release(directory: Path) -> Path:
-    """The ``workflows`` package of :data:`PREVIOUS_RELEASE`, extracted from git."""
-    target = directory / "previous-release"
-    if not (target / "workflows").is_dir():
-        target.mkdir(parents=True, exist_ok=True)
+    """The Python packages of :data:`PREVIOUS_RELEASE`, extracted from git."""
+    target = directory / f"previous-release-{PREVIOUS_RELEASE[:8]}"
+    if not all((target / package).is_dir() for package in _RELEASE_PACKAGES):
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
         archive = subprocess.run(
-            ["git", "archive", PREVIOUS_RELEASE, "workflows"],
+            ["git", "archive", PREVIOUS_RELEASE, *_RELEASE_PACKAGES],
             check=True,
             capture_output=True,
         ).stdout

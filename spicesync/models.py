@@ -131,7 +131,7 @@ class EventOutcome(_Model):
     """What became of one event (opaque ids and error codes only).
 
     ``content_digest`` is the ledger's keyed digest of the event's content
-    (:func:`spicesync.ledger.content_digest`), kept so that a later delivery of the same event
+    (:func:`workflows.ledger.content_digest`), kept so that a later delivery of the same event
     id can be told apart as a duplicate or a conflict; ``None`` in outcomes recorded before
     digests were kept.
     """

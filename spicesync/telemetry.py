@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient
 from opentelemetry.sdk.resources import Resource
@@ -58,8 +59,6 @@ def configure_tracing(service_name: str, trace_file: Path) -> TracerProvider:
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     ):
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
         exporter = OTLPSpanExporter()
     else:
         trace_file.parent.mkdir(parents=True, exist_ok=True)

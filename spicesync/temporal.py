@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any, TypeVar
 
 from temporalio.api.enums.v1 import TaskQueueType
@@ -11,13 +12,16 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
+    WorkflowExecutionStatus,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.runtime import Runtime
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.workflow import UpdateMethodMultiParam
 
 from spicesync.codec import encrypted_data_converter
+from spicesync.constants import ACTIVE_STAGES, user_workflow_id
 from spicesync.settings import Settings, load_settings
 
 __all__ = [
@@ -25,6 +29,7 @@ __all__ = [
     "client_and_queue",
     "connect_temporal",
     "execute_update_with_start",
+    "sync_is_active",
     "workers_polling",
 ]
 
@@ -148,3 +153,26 @@ async def execute_update_with_start(
         parked = getattr(start_workflow_operation, "_workflow_handle", None)
         if isinstance(parked, asyncio.Future) and parked.done() and not parked.cancelled():
             parked.exception()
+
+
+async def sync_is_active(client: Client, user_id: str | uuid.UUID) -> bool:
+    """Whether the user's workflow is running and working on a store (an active stage).
+
+    Args:
+        client: A Temporal client.
+        user_id: The user.
+
+    Returns:
+        False when the workflow does not exist, has closed, or is idle.
+    """
+    handle = client.get_workflow_handle(user_workflow_id(user_id))
+    try:
+        description = await handle.describe()
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        return False
+    stage = {k.name: v for k, v in description.typed_search_attributes}.get("SpicesyncStage")
+    return stage in ACTIVE_STAGES

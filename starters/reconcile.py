@@ -27,10 +27,16 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from spicesync.constants import RECONCILE_SCHEDULE_ID, RECONCILE_WORKFLOW_ID
 from spicesync.models import ReconcileInput, ReconcileReport
-from spicesync.temporal import client_and_queue
+from spicesync.settings import Settings
+from spicesync.temporal import client_and_queue, connect_temporal
 from workflows.reconcile import ReconcileWorkflow
 
-__all__ = ["ReconcileAlreadyRunning", "ensure_reconcile_schedule", "start_reconcile"]
+__all__ = [
+    "ReconcileAlreadyRunning",
+    "ensure_reconcile_schedule",
+    "schedule_as_configured",
+    "start_reconcile",
+]
 
 
 class ReconcileAlreadyRunning(Exception):
@@ -118,3 +124,22 @@ async def ensure_reconcile_schedule(
 
         await client.get_schedule_handle(schedule_id).update(replace)
     return schedule_id
+
+
+async def schedule_as_configured(settings: Settings) -> str:
+    """Keep the reconcile schedule as the settings say (created or updated; idempotent).
+
+    Args:
+        settings: The interval, dry run or apply, prune cap, and where Temporal is.
+
+    Returns:
+        The schedule id.
+    """
+    return await ensure_reconcile_schedule(
+        timedelta(seconds=settings.reconcile_interval_seconds),
+        ReconcileInput(
+            dry_run=not settings.reconcile_apply, prune_cap=settings.reconcile_prune_cap
+        ),
+        client=await connect_temporal(settings),
+        task_queue=settings.task_queue,
+    )

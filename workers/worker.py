@@ -22,7 +22,7 @@ from temporalio.worker import Worker
 
 from activities.backfill import BackfillActivities
 from activities.memberships import MembershipActivities
-from activities.reconciliation import ReconcileActivities
+from activities.reconcile import ReconcileActivities
 from activities.user_rows import UserRowActivities
 from spicesync.db import create_pool
 from spicesync.logs import sdk_core_logging

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.reconciliation import ReconcileActivities
+    from activities.reconcile import ReconcileActivities
     from spicesync.models import (
         CheckSchemaInput,
         Drift,

@@ -29,7 +29,6 @@ with workflow.unsafe.imports_passed_through():
     from activities.user_rows import UserRowActivities
     from spicesync.constants import ACTIVITY_START_TO_CLOSE, HELD_CHANGE_GRACE
     from spicesync.errors import NON_RETRYABLE_ERROR_TYPES, InvalidUserInput
-    from spicesync.ledger import EventLedger
     from spicesync.models import (
         ApplyRowInput,
         CarriedState,
@@ -55,6 +54,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from spicesync.retries import COMPENSATION_RETRY
     from spicesync.validation import validate_event
+    from workflows.ledger import EventLedger
     from workflows.steps import StepRunner
 
 __all__ = [

@@ -1,1 +1,1 @@
-"""The ``spicesync`` command line."""
+"""The ``spicesync`` command line: the one part of ``spicesync`` allowed to import upward."""

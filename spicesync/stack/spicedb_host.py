@@ -37,6 +37,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from authzed.api.v1 import (
+    experimental_service_pb2,
+    permission_service_pb2,
+    schema_service_pb2,
+    watch_service_pb2,
+)
+from spicedb_embedded import ffi
 
 __all__ = ["EngineHost", "main", "parse_engine_error"]
 
@@ -103,13 +110,6 @@ class _Method:
 
 
 def _api_methods() -> list[_Method]:
-    from authzed.api.v1 import (
-        experimental_service_pb2,
-        permission_service_pb2,
-        schema_service_pb2,
-        watch_service_pb2,
-    )
-
     methods: list[_Method] = []
     for module in (
         permission_service_pb2,
@@ -136,8 +136,6 @@ def _load_engine() -> Any:
     engine error would surface as ``ArgumentError: wrong type`` and SpiceDB's message would be
     lost.
     """
-    from spicedb_embedded import ffi
-
     ffi._get_lib().spicedb_free.argtypes = [ctypes.c_void_p]
     return ffi
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from temporalio.client import Client
 
 from chaos.faults import FAULTS_DDL
 from spicesync.spicedb import connect_spicedb, user_memberships
+from spicesync.stack.processes import free_port
 from tests.integration.test_cli_stack import (  # noqa: F401 - stack_env is a fixture
     CLI,
     parse_env,
@@ -55,8 +57,6 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    from spicesync.stack.processes import free_port
-
     state = tmp_path_factory.mktemp("ux-stack")
     env = {
         k: v
@@ -109,8 +109,6 @@ def start_worker(env: dict[str, str], log: Path) -> Worker:
 
 def wait_for_line(stream: IO[str], needle: str, timeout: float) -> str:
     """Read ``stream`` until a line containing ``needle`` (fails after ``timeout`` seconds)."""
-    import selectors
-
     selector = selectors.DefaultSelector()
     selector.register(stream, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout

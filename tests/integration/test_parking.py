@@ -15,7 +15,7 @@ from spicesync.models import ResumeInput
 from spicesync.spicedb import check_schema, connect_spicedb, load_schema, write_schema
 from spicesync.stack.components import start_spicedb, wait_for_spicedb
 from spicesync.stack.processes import free_port, stop_pid, wait_for_port
-from spicesync.stuck import find_stuck
+from starters.stuck import find_stuck
 from starters.user_events import WaitFor, create_user
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import (

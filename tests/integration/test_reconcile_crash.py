@@ -20,6 +20,7 @@ from temporalio.testing import WorkflowEnvironment
 from spicesync.constants import user_workflow_id
 from spicesync.models import ReconcileInput, ReconcileReport
 from spicesync.settings import Settings
+from spicesync.temporal import workers_polling
 from starters.reconcile import ensure_reconcile_schedule, start_reconcile
 from tests.integration.conftest import OwnStores, Pipeline, eventually
 from tests.integration.test_reconcile import holds_role, insert_unsynced
@@ -197,6 +198,4 @@ async def test_the_commands_print_figures_and_refuse_without_a_worker(
 
 
 async def _polled(client: Client, task_queue: str) -> bool:
-    from spicesync.temporal import workers_polling
-
     return await workers_polling(client, task_queue) > 0

@@ -12,7 +12,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import WorkflowExecutionStatus
 
-from spicesync import repair
+from starters import repair
 from starters.user_events import change_role, create_user, move_user
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import (

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from spicesync.stuck import find_stuck, parse_duration
+from starters.stuck import find_stuck, parse_duration
 from starters.user_events import WaitFor, create_user
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import Pipeline, assert_synced, eventually, new_event

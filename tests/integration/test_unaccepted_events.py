@@ -23,8 +23,8 @@ from chaos.proxy import FaultProxy
 from spicesync.codec import EncryptionCodec, encrypted_data_converter
 from spicesync.models import InsertCreatedRowInput, ReconcileInput, ReconcileReport
 from spicesync.settings import Settings
-from spicesync.stuck import UNFINISHED_STAGE, find_stuck, find_unfinished
 from starters.reconcile import start_reconcile
+from starters.stuck import UNFINISHED_STAGE, find_stuck, find_unfinished
 from starters.user_events import (
     EventNotAccepted,
     create_user,

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from chaos.catalogue import SCENARIO_SUMMARIES
+from chaos.scenarios import SCENARIOS
 
 CLI = [sys.executable, "-m", "spicesync"]
 
@@ -69,8 +70,6 @@ def test_version_is_the_installed_distribution() -> None:
 
 
 def test_chaos_help_lists_every_scenario() -> None:
-    from chaos.scenarios import SCENARIOS
-
     assert list(SCENARIO_SUMMARIES) == list(SCENARIOS)
     done = subprocess.run(
         [*CLI, "chaos", "--help"], capture_output=True, text=True, timeout=60, check=True

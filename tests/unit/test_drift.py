@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spicesync.drift import IN_FLIGHT, AppRow, classify
+from activities.drift import IN_FLIGHT, AppRow, classify
 from spicesync.models import Drift, Membership, MembershipsSnapshot
 
 U = "5b0e8a58-7d4e-4c1b-9a57-1f1f3c0e2a11"

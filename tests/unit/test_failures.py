@@ -1,7 +1,7 @@
 import grpc
 import pytest
 
-from spicesync.failures import FailureKind, classify_grpc_status, classify_sqlstate
+from spicesync.errors import FailureKind, classify_grpc_status, classify_sqlstate
 from spicesync.stack.spicedb_host import parse_engine_error
 
 T, P = FailureKind.TRANSIENT, FailureKind.PERMANENT

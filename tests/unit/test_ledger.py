@@ -7,8 +7,8 @@ import uuid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spicesync.ledger import EventLedger, content_digest
 from spicesync.models import EventOutcome, UserEvent, UserState
+from workflows.ledger import EventLedger, content_digest
 
 USER = str(uuid.uuid4())
 NOBODY = UserState(exists=False, version=0)

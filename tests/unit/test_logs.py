@@ -1,5 +1,6 @@
 import json
 import logging
+import sys
 
 from spicesync.logs import JsonFormatter
 
@@ -30,7 +31,5 @@ def test_exceptions_are_included() -> None:
     try:
         raise RuntimeError("boom")
     except RuntimeError:
-        import sys
-
         record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
     assert "RuntimeError: boom" in json.loads(JsonFormatter().format(record))["exception"]

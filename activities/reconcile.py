@@ -31,8 +31,8 @@ from temporalio import activity
 from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
 
+from activities.drift import IN_FLIGHT, AppRow, classify
 from spicesync.constants import SPICEDB_CALL_TIMEOUT_SECONDS, user_workflow_id
-from spicesync.drift import IN_FLIGHT, AppRow, classify
 from spicesync.errors import AppDBUnavailable, SchemaMismatch, SpiceDBUnavailable
 from spicesync.models import (
     CheckSchemaInput,
@@ -56,8 +56,7 @@ from spicesync.spicedb import (
     holds_memberships,
     read_user_snapshot,
 )
-from spicesync.stuck import sync_is_active
-from spicesync.temporal import execute_update_with_start
+from spicesync.temporal import execute_update_with_start, sync_is_active
 from workflows.user_sync import UserSyncWorkflow
 
 __all__ = ["ReconcileActivities"]

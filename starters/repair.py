@@ -19,6 +19,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureEr
 
 from spicesync.constants import user_workflow_id
 from spicesync.models import ResumeInput
+from workflows.user_sync import UserSyncWorkflow
 
 __all__ = ["resume", "retry_now", "rollback"]
 
@@ -60,7 +61,5 @@ async def rollback(client: Client, user_id: str) -> WorkflowExecutionStatus | No
 
 async def resume(client: Client, user_id: str) -> bool:
     """Resume a parked sync; ``False`` if it was not parked."""
-    from workflows.user_sync import UserSyncWorkflow
-
     handle = client.get_workflow_handle_for(UserSyncWorkflow.run, user_workflow_id(user_id))
     return (await handle.execute_update(UserSyncWorkflow.resume, ResumeInput())).resumed

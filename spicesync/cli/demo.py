@@ -30,7 +30,7 @@ from spicesync.spicedb import (
 )
 from spicesync.stack.manager import stack_up
 from spicesync.temporal import connect_temporal
-from starters.reconcile import start_reconcile
+from starters.reconcile import schedule_as_configured, start_reconcile
 from starters.user_events import UserSyncFailed, WaitFor, create_user
 from workers.worker import build_worker, open_resources
 
@@ -182,7 +182,7 @@ async def run_demo(
     """
     say = progress or (lambda _line: None)
     say("demo: bringing the local stack up (Temporal, PostgreSQL, SpiceDB)")
-    await stack_up(settings or load_settings())
+    await stack_up(settings or load_settings(), on_ready=schedule_as_configured)
     settings = load_settings()  # now with the stack's connection settings
     # The SDK core's warnings go through logging (plain lines), not raw to the terminal.
     runtime = Runtime(telemetry=TelemetryConfig(logging=sdk_core_logging()))

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from pydantic import BaseModel
-from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.client import Client
 
 from spicesync.constants import ACTIVE_STAGES, user_workflow_id
+from spicesync.temporal import sync_is_active
 
 __all__ = [
     "UNFINISHED_STAGE",
@@ -29,7 +28,6 @@ __all__ = [
     "find_unfinished",
     "parse_duration",
     "stuck_query",
-    "sync_is_active",
 ]
 
 # The stage ``spicesync stuck`` shows for a creation's pending row that nothing will finish.
@@ -119,29 +117,6 @@ async def find_stuck(client: Client, *, older_than: timedelta) -> list[StuckSync
             )
         )
     return sorted(found, key=lambda s: s.since)
-
-
-async def sync_is_active(client: Client, user_id: str | uuid.UUID) -> bool:
-    """Whether the user's workflow is running and working on a store (an active stage).
-
-    Args:
-        client: A Temporal client.
-        user_id: The user.
-
-    Returns:
-        False when the workflow does not exist, has closed, or is idle.
-    """
-    handle = client.get_workflow_handle(user_workflow_id(user_id))
-    try:
-        description = await handle.describe()
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            return False
-        raise
-    if description.status != WorkflowExecutionStatus.RUNNING:
-        return False
-    stage = {k.name: v for k, v in description.typed_search_attributes}.get("SpicesyncStage")
-    return stage in ACTIVE_STAGES
 
 
 async def find_unfinished(
