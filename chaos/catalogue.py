@@ -21,7 +21,6 @@ SCENARIO_SUMMARIES: Final[dict[str, str]] = {
     "duplicate_delivery": "every event delivered twice at once",
     "poison_inputs": "malformed events among healthy ones",
     "worker_killed_during_compensation": "the worker killed while a rollback runs",
-    "worker_killed_under_overload": "load above the peak; the worker SIGKILLed three times",
     "code_change_deployed": "syncs started on the previous release, finished by this code",
     "worker_killed_under_overload": "creations offered above the peak, the worker killed 3 times",
 }
