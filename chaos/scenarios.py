@@ -28,7 +28,7 @@ from chaos.load import Delivery, collect_outcomes, offer, user_batch
 from chaos.poison import case_variants, poison_cases
 from chaos.proxy import FaultProxy, postgres_route
 from chaos.scene import Scene
-from chaos.verdict import judge_leaks
+from chaos.verdict import judge_leaks, unsettled_workflows
 from spicesync.constants import user_workflow_id
 from spicesync.models import CreateUserInput, Membership, ReconcileInput
 from spicesync.spicedb import holds_memberships
@@ -154,6 +154,9 @@ async def worker_killed_under_overload(scene: Scene) -> None:
         await asyncio.sleep(1 / OVERLOAD_RATE)
     await asyncio.gather(*calls)
     await crashing
+    # A call the app gave up on may still have been accepted, and its sync may still be
+    # running: judge the stores only once no sync of this scenario is mid-way.
+    await _until_settled(scene, timeout=600)
     settled = [u for u in users if u.user_id in accepted]
     outcomes = await collect_outcomes(scene.client, scene.task_queue, settled)
     await scene.finish(
@@ -168,6 +171,16 @@ async def worker_killed_under_overload(scene: Scene) -> None:
         f" after {_OVERLOAD_ACCEPT_WITHIN.total_seconds():g} s of retries"
     )
     await _stuck_and_reconcile_agree(scene, {u.user_id for u in users})
+
+
+async def _until_settled(scene: Scene, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    # Twice in a row, seconds apart: visibility lags a stage update by about a second.
+    while quiet < 2 and time.monotonic() < deadline:
+        busy = await unsettled_workflows(scene.client, scene.task_queue)
+        quiet = quiet + 1 if busy == 0 else 0
+        await asyncio.sleep(2)
 
 
 async def _stuck_and_reconcile_agree(scene: Scene, user_ids: set[str]) -> None:
