@@ -90,7 +90,10 @@ async def _consume() -> None:
     subscription = await js.pull_subscribe(subject, durable=f"sync-{run}", stream=stream)
     while True:
         try:
-            messages = await subscription.fetch(_BATCH, timeout=0.05)
+            # A long poll: it returns as soon as messages arrive. A very short one can expire
+            # while messages are on their way, and those wait out the ack timeout (30 s) before
+            # JetStream delivers them again: on a busy box, past the bench's drain.
+            messages = await subscription.fetch(_BATCH, timeout=1.0)
         except nats.errors.TimeoutError:
             continue
         users: list[tuple[str, str, str]] = [tuple(json.loads(m.data)) for m in messages]
