@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payloads
@@ -70,11 +71,16 @@ class CodecServer:
         if origin and origin in self._origins:
             request.send_header("Access-Control-Allow-Origin", origin)
             request.send_header("Access-Control-Allow-Methods", "POST, OPTIONS")
-            request.send_header("Access-Control-Allow-Headers", "Content-Type, X-Namespace")
+            # The UI forwards the operator's token in Authorization when it is configured to.
+            request.send_header(
+                "Access-Control-Allow-Headers", "Authorization, Content-Type, X-Namespace"
+            )
             request.send_header("Access-Control-Allow-Credentials", "true")
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
-        if request.path not in ("/decode", "/encode"):
+        # The UI (2.54) posts to /decode?preserveStorageRefs=true: the route is the path alone.
+        route = urlsplit(request.path).path
+        if route not in ("/decode", "/encode"):
             self._reply(request, 404, {"error": "use POST /decode or POST /encode"})
             return
         length = int(request.headers.get("Content-Length") or 0)
@@ -86,7 +92,7 @@ class CodecServer:
         except (json_format.ParseError, UnicodeDecodeError) as err:
             self._reply(request, 400, {"error": f"not a Payloads JSON body: {err}"})
             return
-        operation = self._codec.decode if request.path == "/decode" else self._codec.encode
+        operation = self._codec.decode if route == "/decode" else self._codec.encode
         try:
             result = asyncio.run(operation(list(payloads.payloads)))
         except CodecKeyError as err:

@@ -80,6 +80,21 @@ def _post(port: int, path: str, body: bytes, origin: str) -> tuple[int, dict[str
         return err.code, json.load(err), err.headers.get("Access-Control-Allow-Origin")
 
 
+def _preflight_allowed_headers(port: int, path: str, origin: str) -> str:
+    """The headers a CORS preflight, as the UI sends it with a token, is allowed to send."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        method="OPTIONS",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type,x-namespace",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return str(answer.headers.get("Access-Control-Allow-Headers", "")).lower()
+
+
 async def test_codec_server_decodes_what_the_worker_encoded(
     pipeline: Pipeline, test_codec: EncryptionCodec
 ) -> None:
@@ -106,6 +121,13 @@ async def test_codec_server_decodes_what_the_worker_encoded(
     try:
         status, decoded, cors = _post(good.port, "/decode", body, ui)
         assert status == 200 and cors == ui
+        # Temporal UI 2.54 adds a query string to the route; it must not change the answer.
+        status, with_query, _ = _post(good.port, "/decode?preserveStorageRefs=true", body, ui)
+        assert status == 200 and with_query == decoded
+        allowed = _preflight_allowed_headers(good.port, "/decode?preserveStorageRefs=true", ui)
+        assert {"authorization", "content-type", "x-namespace"} <= {
+            h.strip() for h in allowed.split(",")
+        }
         payloads = json_format.ParseDict(decoded, Payloads())
         assert user.email.encode() in payloads.payloads[0].data  # the operator sees the event
         _, _, foreign = _post(good.port, "/decode", body, "http://evil.example")
