@@ -12,17 +12,23 @@ __all__ = [
     "BACKFILL_WORKFLOW_ID",
     "DEFAULT_TASK_QUEUE",
     "EVENTS_PER_RUN",
+    "FOLLOWED_USER_WORKFLOW",
+    "FOLLOWED_USER_WORKFLOW_ID_PREFIX",
     "HELD_CHANGE_GRACE",
     "LOCAL_STEP_TIMEOUT",
     "MAX_IN_FLIGHT_UPDATES",
+    "OUTBOX_CHANNEL",
     "RECONCILE_SCHEDULE_ID",
     "RECONCILE_WORKFLOW_ID",
     "SEARCH_ATTRIBUTES",
     "SPICEDB_CALL_TIMEOUT_SECONDS",
     "SUBMIT_EVENT_UPDATE",
+    "SYNC_CHANGE_UPDATE",
+    "USER_CHANGED_SIGNAL",
     "USER_SYNC_WORKFLOW",
     "USER_WORKFLOW_ID_PREFIX",
     "dev_server_dynamic_config",
+    "followed_user_workflow_id",
     "user_workflow_id",
 ]
 
@@ -34,6 +40,17 @@ USER_WORKFLOW_ID_PREFIX: Final = "user-"
 # (spicesync.client) addresses them by name so that an application needs no workflow code.
 USER_SYNC_WORKFLOW: Final = "UserSyncWorkflow"
 SUBMIT_EVENT_UPDATE: Final = "submit"
+
+# Follow mode (docs/follow-mode.md): one workflow per followed user of the application's own table.
+# ``user_changed`` is a signal, so delivering a change (signal-with-start) is durable as soon as
+# the server answers, without waiting for a worker; ``sync_change`` is the update a caller uses
+# to wait until a sync that began after its change has finished.
+FOLLOWED_USER_WORKFLOW: Final = "FollowedUserWorkflow"
+FOLLOWED_USER_WORKFLOW_ID_PREFIX: Final = "followed-user-"
+USER_CHANGED_SIGNAL: Final = "user_changed"
+SYNC_CHANGE_UPDATE: Final = "sync_change"
+# The outbox's insert trigger notifies this channel; relays LISTEN on it (polling is the fallback).
+OUTBOX_CHANNEL: Final = "spicesync_outbox"
 
 # One on-demand reconcile at a time; the schedule's runs get this id plus their start time.
 RECONCILE_WORKFLOW_ID: Final = "spicesync-reconcile"
@@ -113,3 +130,16 @@ def user_workflow_id(user_id: uuid.UUID | str) -> str:
         The workflow id; it carries only the opaque user id.
     """
     return f"{USER_WORKFLOW_ID_PREFIX}{uuid.UUID(str(user_id))}"
+
+
+def followed_user_workflow_id(user_id: str) -> str:
+    """Return the id of the workflow that keeps a followed user's relationships in step.
+
+    Args:
+        user_id: The user's id in the application's table (opaque: a uuid, a number or a
+            SpiceDB-safe text id; see :func:`spicesync.mapping.valid_user_id`).
+
+    Returns:
+        The workflow id; it carries only the opaque user id.
+    """
+    return f"{FOLLOWED_USER_WORKFLOW_ID_PREFIX}{user_id}"

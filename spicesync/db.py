@@ -9,11 +9,22 @@ from dataclasses import dataclass
 
 import asyncpg
 
-__all__ = ["Migration", "apply_migrations", "create_pool", "load_migrations", "with_database"]
+__all__ = [
+    "OWNED_MODE_ONLY",
+    "Migration",
+    "apply_migrations",
+    "create_pool",
+    "load_migrations",
+    "with_database",
+]
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Any fixed number works; it only has to be the same for every process that migrates.
 _MIGRATION_LOCK_KEY = 0x5F1CE5
+# Migrations that create or change spicesync's own ``users`` table: owned mode only. In follow
+# mode the application owns its users table (perhaps named ``users``), so only the
+# ``spicesync_*`` migrations run there.
+OWNED_MODE_ONLY: frozenset[int] = frozenset({1, 2, 3, 4})
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS spicesync_schema_migrations (
     version    integer     PRIMARY KEY,
@@ -32,21 +43,27 @@ class Migration:
     sql: str
 
 
-def load_migrations() -> list[Migration]:
+def load_migrations(*, owned: bool = True) -> list[Migration]:
     """Read the packaged migrations, ordered by version.
 
+    Args:
+        owned: Owned mode (spicesync's own ``users`` table); ``False`` for follow mode, which
+            gets only the migrations of spicesync's ``spicesync_*`` tables.
+
     Returns:
-        Every migration shipped with spicesync.
+        The migrations of that mode shipped with spicesync.
     """
     found: list[Migration] = []
     for entry in importlib.resources.files("spicesync.migrations").iterdir():
         match = _MIGRATION_NAME.match(entry.name)
         if match:
-            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+            version = int(match[1])
+            if owned or version not in OWNED_MODE_ONLY:
+                found.append(Migration(version, match[2], entry.read_text(encoding="utf-8")))
     return sorted(found, key=lambda m: m.version)
 
 
-async def apply_migrations(conn: asyncpg.Connection) -> list[int]:
+async def apply_migrations(conn: asyncpg.Connection, *, owned: bool = True) -> list[int]:
     """Apply every migration not yet applied, each in its own transaction.
 
     Safe to run concurrently from several processes: an advisory lock serialises them, and the
@@ -54,6 +71,7 @@ async def apply_migrations(conn: asyncpg.Connection) -> list[int]:
 
     Args:
         conn: A connection to the App DB.
+        owned: Owned mode; ``False`` applies only follow mode's (see :func:`load_migrations`).
 
     Returns:
         The versions applied by this call.
@@ -66,7 +84,7 @@ async def apply_migrations(conn: asyncpg.Connection) -> list[int]:
             r["version"]
             for r in await conn.fetch("SELECT version FROM spicesync_schema_migrations")
         }
-        for migration in load_migrations():
+        for migration in load_migrations(owned=owned):
             if migration.version in done:
                 continue
             async with conn.transaction():

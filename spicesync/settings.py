@@ -21,10 +21,19 @@ from temporalio.envconfig import ClientConfig, ClientConnectConfig
 from spicesync.codec import EncryptionCodec, parse_keys
 from spicesync.constants import DEFAULT_TASK_QUEUE
 from spicesync.limits import SCHEDULE_INTERVAL_SECONDS_MAX, SCHEDULE_INTERVAL_SECONDS_MIN
+from spicesync.mapping import FollowMapping, load_mapping
 
-__all__ = ["STACK_ENV_FILE", "MissingSetting", "Settings", "load_settings", "read_env_file"]
+__all__ = [
+    "DEFAULT_MAPPING_FILE",
+    "STACK_ENV_FILE",
+    "MissingSetting",
+    "Settings",
+    "load_settings",
+    "read_env_file",
+]
 
 STACK_ENV_FILE = "stack.env"
+DEFAULT_MAPPING_FILE = "spicesync.toml"
 
 
 class MissingSetting(RuntimeError):
@@ -67,6 +76,11 @@ class Settings(BaseSettings):
     encryption_key_id: str | None = Field(
         default=None, validation_alias="SPICESYNC_ENCRYPTION_KEY_ID"
     )
+
+    # Follow mode: the mapping of the application's own users table (docs/follow-mode.md). Unset,
+    # ``spicesync.toml`` in the working directory is used if it exists; without one, spicesync
+    # runs in owned mode (its own ``users`` table).
+    config_path: Path | None = Field(default=None, validation_alias="SPICESYNC_CONFIG")
 
     # Observability: the worker's Prometheus endpoint, and where spans go without OTLP.
     metrics_address: str | None = Field(
@@ -125,6 +139,26 @@ class Settings(BaseSettings):
                     "SPICESYNC_ENV=production needs " + ", ".join(missing) + " to be set"
                 )
         return self
+
+    def mapping_path(self) -> Path | None:
+        """The follow-mode mapping file, or ``None`` in owned mode.
+
+        An explicit ``SPICESYNC_CONFIG`` is returned even if the file is missing, so that
+        loading it fails with a clear error instead of silently falling back to owned mode.
+        """
+        if self.config_path is not None:
+            return self.config_path
+        default = Path(DEFAULT_MAPPING_FILE)
+        return default if default.is_file() else None
+
+    def follow_mapping(self) -> FollowMapping | None:
+        """Load and validate the mapping; ``None`` in owned mode.
+
+        Raises:
+            MappingError: The file is missing or invalid (the message names the key).
+        """
+        path = self.mapping_path()
+        return None if path is None else load_mapping(path)
 
     def require_database_url(self) -> str:
         """Return ``DATABASE_URL`` or raise a clear error naming it."""
