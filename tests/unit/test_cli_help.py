@@ -20,6 +20,8 @@ COMMANDS = [
     [],
     ["stack"],
     ["worker"],
+    ["relay"],
+    ["relay", "outbox"],
     ["users"],
     ["users", "create"],
     ["users", "update"],
