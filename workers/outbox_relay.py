@@ -55,7 +55,7 @@ __all__ = [
     "RelayNotStarted",
     "coalesce",
     "relay_runtime",
-    "run_relay",
+    "run_outbox_relay",
 ]
 
 log = logging.getLogger("spicesync.relay")
@@ -501,7 +501,7 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def run_relay(
+async def run_outbox_relay(
     settings: Settings,
     *,
     stop: asyncio.Event | None = None,
@@ -515,7 +515,9 @@ async def run_relay(
         settings: Where PostgreSQL and Temporal are, and the ``SPICESYNC_OUTBOX_*`` tuning.
         stop: Set it to finish the batch in hand and return; by default the process signals
             set it.
-        client: An injected Temporal client; connected (lazily) from the settings otherwise.
+        client: An injected Temporal client, whose runtime's meter then takes the relay's
+            metrics; otherwise one is connected (lazily) from the settings on
+            :func:`relay_runtime`, serving ``SPICESYNC_OUTBOX_METRICS_ADDRESS``.
 
     Raises:
         RelayNotStarted: The metrics endpoint cannot listen, or ``spicesync_outbox`` does not
@@ -525,12 +527,12 @@ async def run_relay(
     if stop is None:
         stop = _stop_on_signals()
     dsn = settings.require_database_url()
-    runtime = relay_runtime(settings.outbox_metrics_address)
-    metrics = RelayMetrics.on(
-        runtime.metric_meter if settings.outbox_metrics_address else MetricMeter.noop
-    )
     if client is None:
+        runtime = relay_runtime(settings.outbox_metrics_address)
         client = await connect_temporal(settings, runtime=runtime, lazy=True)
+    else:
+        runtime = client.service_client.config.runtime or Runtime.default()
+    metrics = RelayMetrics.on(runtime.metric_meter)
     # No connection at start (min_size=0), so a relay can start while PostgreSQL is down.
     pool = await create_pool(dsn, min_size=0, max_size=3)
     try:
@@ -558,7 +560,7 @@ async def run_relay(
                 _listen(dsn, stop=stop, wake=wake, probe_every=settings.outbox_poll_seconds)
             )
         ]
-        if settings.outbox_metrics_address:
+        if runtime.metric_meter is not MetricMeter.noop:
             helpers.append(asyncio.create_task(_report_backlog(pool, metrics, stop)))
         log.info(
             "outbox relay delivering to task queue %s (batches of %d, %d in flight, polling"

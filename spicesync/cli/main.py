@@ -99,11 +99,11 @@ def _worker(_args: argparse.Namespace) -> int:
 
 def _relay(_args: argparse.Namespace) -> int:
     from spicesync.logs import configure_logging
-    from workers.outbox_relay import RelayNotStarted, run_relay
+    from workers.outbox_relay import RelayNotStarted, run_outbox_relay
 
     configure_logging()
     try:
-        asyncio.run(run_relay(load_settings()))
+        asyncio.run(run_outbox_relay(load_settings()))
     except RelayNotStarted as err:
         logging.getLogger("spicesync.relay").error("not starting: %s", err)
         return 2

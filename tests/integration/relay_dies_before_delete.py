@@ -43,4 +43,4 @@ if __name__ == "__main__":
         _KilledBeforeDelete if sys.argv[1] == "kill" else _StoppedBeforeDelete
     )
     configure_logging()
-    asyncio.run(relay_module.run_relay(load_settings()))
+    asyncio.run(relay_module.run_outbox_relay(load_settings()))

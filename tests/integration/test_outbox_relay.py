@@ -23,6 +23,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 from chaos.engines import TemporalServer
+from chaos.proxy import FaultProxy, postgres_route
 from spicesync.codec import EncryptionCodec, encrypted_data_converter
 from spicesync.constants import USER_CHANGED_SIGNAL, followed_user_workflow_id
 from spicesync.db import apply_migrations, with_database
@@ -115,6 +116,8 @@ class Relays:
     task_queue: str
     directory: Path
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
+    # The relays' way to the database, when not the app's own (through a fault proxy, say).
+    database_url: str | None = None
 
     def env(self, **outbox: str) -> dict[str, str]:
         """A relay's whole configuration: the worker's, plus the ``SPICESYNC_OUTBOX_*`` tuning."""
@@ -125,7 +128,7 @@ class Relays:
         )
         env = settings.worker_environment(
             task_queue=self.task_queue,
-            database_url=self.app_db.url,
+            database_url=self.database_url or self.app_db.url,
             spicedb_endpoint=self.spicedb.endpoint,
             spicedb_key=self.spicedb.preshared_key,
         )
@@ -402,6 +405,47 @@ async def test_temporal_down_rows_wait_in_the_outbox_then_are_delivered(
     finally:
         await relays.stop_all()
         temporal.kill()
+
+
+async def test_postgresql_down_the_relay_waits_then_delivers(
+    relays: Relays, app_db: AppDB, client: Client
+) -> None:
+    """The relay's connections to PostgreSQL are reset and refused for a while (a fault proxy
+    between them): it says so once, retries with backoff, and once PostgreSQL is reachable
+    again it delivers what was written meanwhile, LISTENing on a new connection."""
+    target, through = postgres_route(app_db.url)
+    async with FaultProxy(target) as proxy:
+        relays.database_url = through(proxy.port)
+        await relays.start()
+        first = _new_ids(5)
+        for user_id in first:
+            await app_db.save(user_id)
+        await eventually(lambda: all_delivered(client, first), timeout=60)
+        await eventually(app_db.outbox_empty, timeout=60)
+
+        await proxy.refuse()
+        during = _new_ids(10)
+        for user_id in during:
+            await app_db.save(user_id)  # the app's own way to PostgreSQL still works
+        await eventually(lambda: _logged(relays, "PostgreSQL is unavailable"), timeout=60)
+        await asyncio.sleep(3)  # an outage of a few retries
+        assert await app_db.outbox_rows() == len(during)
+        assert not await user_changed_signals(client, during[0])
+
+        await proxy.restore()
+        await eventually(app_db.outbox_empty, timeout=120)
+        assert await all_delivered(client, during)
+        await eventually(lambda: _logged(relays, "listening for outbox rows again"), timeout=60)
+        after = _new_ids(1)
+        await app_db.save(after[0])
+        await eventually(lambda: all_delivered(client, after), timeout=60)
+    log = relays.log()
+    assert log.count("PostgreSQL is unavailable") == 1
+    assert log.count("PostgreSQL is available again") == 1
+
+
+async def _logged(relays: Relays, text: str) -> bool:
+    return text in relays.log()
 
 
 async def test_a_relay_started_without_the_outbox_table_refuses_to_start(
