@@ -230,7 +230,8 @@ async def test_the_relay_delivers_what_the_app_wrote_in_its_transaction(
     relays: Relays, app_db: AppDB, client: Client
 ) -> None:
     """Rows written before the relay starts are delivered once per user (a user's three rows
-    coalesce into one change carrying the newest version); rows written while it waits are
+    coalesce into one change carrying the newest version; a row whose id is not an opaque id is
+    deleted with an error naming its seq, not the id); rows written while it waits are
     delivered at once on NOTIFY (it would otherwise poll only every 10 minutes), also after its
     LISTEN connection was cut; SIGTERM stops it with exit status 0."""
     earlier = _new_ids(10)
@@ -239,6 +240,9 @@ async def test_the_relay_delivers_what_the_app_wrote_in_its_transaction(
     busy = earlier[0]
     await app_db.save(busy, admin=True)
     await app_db.save(busy, team_id="team-b")  # three rows, version 3
+    # An id no workflow can be named after (an app that keys its users by email, say).
+    poison = "someone@example.com"
+    await app_db.pool.execute(_OUTBOX_INSERT, poison, 1)
     relay = await relays.start(POLL_SECONDS="600")
 
     await eventually(app_db.outbox_empty, timeout=60)
@@ -273,6 +277,8 @@ async def test_the_relay_delivers_what_the_app_wrote_in_its_transaction(
     log = relays.log()
     assert "the LISTEN connection is down" in log
     assert "outbox relay stopped" in log
+    # The poison row was deleted undelivered, named by its seq only.
+    assert "deleted undelivered" in log and poison not in log
 
 
 async def test_a_relay_killed_between_accept_and_delete_loses_nothing(
