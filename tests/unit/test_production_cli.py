@@ -47,8 +47,9 @@ CASES = [
         {"SPICESYNC_ENCRYPTION_KEYS": "k1:c2hvcnQta2V5LTE2Ynl0ZQ=="},
         "SPICESYNC_ENCRYPTION_KEYS",
     ),
-    (["setup-namespace"], {"TEMPORAL_ADDRESS": "temporal.invalid:7233"}, "TEMPORAL_ADDRESS"),
-    (["worker"], {"TEMPORAL_ADDRESS": "temporal.invalid:7233"}, "TEMPORAL_ADDRESS"),
+    # Refused before any connection is tried: the line says what to set, not "cannot reach".
+    (["setup-namespace"], {"TEMPORAL_ADDRESS": "temporal.invalid:7233"}, "TEMPORAL_TLS=true"),
+    (["worker"], {"TEMPORAL_ADDRESS": "temporal.invalid:7233"}, "TEMPORAL_TLS=true"),
     (
         ["migrate"],
         {"SPICEDB_INSECURE": "true", "SPICESYNC_ALLOW_PLAINTEXT_IN_PRODUCTION": "yes"},
