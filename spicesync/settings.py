@@ -118,7 +118,11 @@ class Settings(BaseSettings):
     and writes it to ``stack.env``; elsewhere it must be provided.
     """
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    # Errors name settings, never their values: pydantic would otherwise print every input,
+    # secrets included, beside a failed check.
+    model_config = SettingsConfigDict(
+        extra="ignore", populate_by_name=True, hide_input_in_errors=True
+    )
 
     environment: Literal["local", "production"] = Field(
         default="local", validation_alias="SPICESYNC_ENV"

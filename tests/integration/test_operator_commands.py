@@ -22,7 +22,7 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.testing import WorkflowEnvironment
 
 from spicesync.constants import MAX_IN_FLIGHT_UPDATES, SEARCH_ATTRIBUTES
-from spicesync.db import load_migrations, with_database
+from spicesync.db import Migration, load_migrations, with_database
 from spicesync.stack.processes import tool_path
 
 pytestmark = pytest.mark.integration
@@ -87,6 +87,26 @@ async def ledger(url: str) -> list[tuple[int, str, str | None]]:
         await conn.close()
 
 
+async def hand_made_ledger(url: str, migrations: list[Migration], *, checksum_column: bool) -> None:
+    """Apply ``migrations`` and write their ledger rows (no checksums) the way older code did."""
+    conn = await asyncpg.connect(url)
+    try:
+        checksum = ", checksum text" if checksum_column else ""
+        await conn.execute(
+            f"CREATE TABLE {LEDGER} (version integer PRIMARY KEY, name text NOT NULL,"
+            f" applied_at timestamptz NOT NULL DEFAULT now(){checksum})"
+        )
+        for migration in migrations:
+            await conn.execute(migration.sql)
+            await conn.execute(
+                f"INSERT INTO {LEDGER} (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
+    finally:
+        await conn.close()
+
+
 async def table_exists(url: str, table: str) -> bool:
     conn = await asyncpg.connect(url)
     try:
@@ -138,21 +158,7 @@ async def test_migrate_records_the_checksums_of_a_ledger_from_before(
     fresh_database: str, tmp_path: Path
 ) -> None:
     # What the code before checksums did: the ledger without the column, each file applied.
-    conn = await asyncpg.connect(fresh_database)
-    try:
-        await conn.execute(
-            f"CREATE TABLE {LEDGER} (version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for migration in load_migrations()[:4]:
-            await conn.execute(migration.sql)
-            await conn.execute(
-                f"INSERT INTO {LEDGER} (version, name) VALUES ($1, $2)",
-                migration.version,
-                migration.name,
-            )
-    finally:
-        await conn.close()
+    await hand_made_ledger(fresh_database, load_migrations()[:4], checksum_column=False)
 
     done = await spicesync(["migrate"], cli_env(tmp_path, DATABASE_URL=fresh_database), tmp_path)
     assert done.returncode == 0, done.stderr
@@ -184,16 +190,9 @@ async def test_migrate_refuses_a_changed_migration(fresh_database: str, tmp_path
 async def test_migrate_refuses_a_database_ahead_of_the_code(
     fresh_database: str, tmp_path: Path
 ) -> None:
-    conn = await asyncpg.connect(fresh_database)
-    try:
-        # A ledger written by a newer spicesync: a version this code does not ship.
-        await conn.execute(
-            f"CREATE TABLE {LEDGER} (version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now(), checksum text)"
-        )
-        await conn.execute(f"INSERT INTO {LEDGER} (version, name) VALUES (99, 'from_the_future')")
-    finally:
-        await conn.close()
+    # A ledger written by a newer spicesync: a version this code does not ship.
+    future = Migration(99, "from_the_future", "SELECT 1")
+    await hand_made_ledger(fresh_database, [future], checksum_column=True)
     env = cli_env(tmp_path, DATABASE_URL=fresh_database)
     for args in (["migrate", "--dry-run"], ["migrate"]):
         refused = await spicesync(args, env, tmp_path)

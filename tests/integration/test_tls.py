@@ -33,6 +33,7 @@ from spicesync.codec import generate_key
 from spicesync.db import with_database
 from spicesync.settings import Settings
 from spicesync.spicedb import (
+    SpiceDBClient,
     check_schema,
     connect_configured_spicedb,
     connect_spicedb,
@@ -131,36 +132,35 @@ async def test_spicedb_over_tls_with_a_private_ca(tls_spicedb: TlsSpiceDB, pki: 
         await client.close()
 
 
+async def assert_no_connection(client: SpiceDBClient) -> None:
+    """The TLS handshake fails (UNAVAILABLE: no call reaches SpiceDB); the client is closed."""
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.ReadSchema(ReadSchemaRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await client.close()
+
+
 async def test_spicedb_refuses_what_does_not_verify(
     tls_spicedb: TlsSpiceDB, other_pki: CertFiles
 ) -> None:
-    for client in (
-        # The server's certificate does not chain to this CA (nor to the system's roots).
-        connect_spicedb(tls_spicedb.endpoint, KEY, insecure=False, ca_file=other_pki.ca),
-        connect_spicedb(tls_spicedb.endpoint, KEY, insecure=False),
-        # Plaintext to a TLS-only server.
-        connect_spicedb(tls_spicedb.endpoint, KEY, insecure=True),
-    ):
-        try:
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await client.ReadSchema(ReadSchemaRequest(), timeout=10)
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        finally:
-            await client.close()
+    # The server's certificate does not chain to this CA, nor to the system's roots.
+    await assert_no_connection(
+        connect_spicedb(tls_spicedb.endpoint, KEY, insecure=False, ca_file=other_pki.ca)
+    )
+    await assert_no_connection(connect_spicedb(tls_spicedb.endpoint, KEY, insecure=False))
+    # Plaintext to a TLS-only server.
+    await assert_no_connection(connect_spicedb(tls_spicedb.endpoint, KEY, insecure=True))
 
 
 async def test_spicedb_mutual_tls_with_a_client_certificate(
     mtls_spicedb: TlsSpiceDB, pki: CertFiles
 ) -> None:
-    without = connect_configured_spicedb(
-        spicedb_settings(mtls_spicedb.endpoint, spicedb_tls_ca=pki.ca)
+    # Without a client certificate the server ends the handshake.
+    await assert_no_connection(
+        connect_configured_spicedb(spicedb_settings(mtls_spicedb.endpoint, spicedb_tls_ca=pki.ca))
     )
-    try:
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await without.ReadSchema(ReadSchemaRequest(), timeout=10)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    finally:
-        await without.close()
     settings = spicedb_settings(
         mtls_spicedb.endpoint,
         spicedb_tls_ca=pki.ca,

@@ -60,6 +60,7 @@ def refusal(monkeypatch: pytest.MonkeyPatch, **changes: str | None) -> str:
     production(monkeypatch, **changes)
     with pytest.raises(ValidationError) as raised:
         Settings()
+    assert KEY not in str(raised.value)  # the whole error, not only its message
     (error,) = raised.value.errors()
     return str(error["msg"])
 
