@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib.resources
 import re
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -25,16 +26,20 @@ from authzed.api.v1 import (
     WriteSchemaRequest,
     ZedToken,
 )
-from grpcutil import bearer_token_credentials, insecure_bearer_token_credentials
+from grpcutil import insecure_bearer_token_credentials
 
 from spicesync.constants import SPICEDB_CALL_TIMEOUT_SECONDS
 from spicesync.models import Membership, MembershipsSnapshot
+
+if TYPE_CHECKING:
+    from spicesync.settings import Settings
 
 __all__ = [
     "MANAGED_RELATIONS",
     "REQUIRED_RELATIONS",
     "SpiceDBClient",
     "check_schema",
+    "connect_configured_spicedb",
     "connect_spicedb",
     "has_org_permission",
     "holds_memberships",
@@ -71,23 +76,67 @@ class SpiceDBClient(AsyncClient):
         await self.channel.close()
 
 
-def connect_spicedb(endpoint: str, preshared_key: str, *, insecure: bool = True) -> SpiceDBClient:
+def connect_spicedb(
+    endpoint: str,
+    preshared_key: str,
+    *,
+    insecure: bool = True,
+    ca_file: Path | None = None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+) -> SpiceDBClient:
     """Build the client the way a SpiceDB cluster expects it.
 
     Args:
         endpoint: ``host:port`` of SpiceDB's gRPC API.
         preshared_key: The ``--grpc-preshared-key`` SpiceDB was started with.
-        insecure: Plaintext on a local link (development); TLS otherwise.
+        insecure: Plaintext on a local link (development; gRPC sends the key in clear only to
+            a loopback address); TLS, the server's certificate verified, otherwise.
+        ca_file: PEM roots to verify SpiceDB's certificate with; the system's roots if none.
+        cert_file: A PEM client certificate (chain) for mutual TLS.
+        key_file: Its PEM private key (``cert_file`` may hold both).
 
     Returns:
         The client; close it with :meth:`SpiceDBClient.close`.
     """
-    credentials = (
-        insecure_bearer_token_credentials(preshared_key)
-        if insecure
-        else bearer_token_credentials(preshared_key)
+    if insecure:
+        return SpiceDBClient(endpoint, insecure_bearer_token_credentials(preshared_key))
+    certificate = cert_file.read_bytes() if cert_file else None
+    private_key = key_file.read_bytes() if key_file else certificate
+    transport = grpc.ssl_channel_credentials(
+        root_certificates=ca_file.read_bytes() if ca_file else None,
+        private_key=private_key if certificate else None,
+        certificate_chain=certificate,
+    )
+    # The key rides as a bearer token on every call, over the verified channel only.
+    credentials = grpc.composite_channel_credentials(
+        transport, grpc.access_token_call_credentials(preshared_key)
     )
     return SpiceDBClient(endpoint, credentials)
+
+
+def connect_configured_spicedb(settings: Settings) -> SpiceDBClient:
+    """The client of the configured SpiceDB: endpoint, key, plaintext or TLS and its files.
+
+    Args:
+        settings: ``SPICEDB_ENDPOINT``, ``SPICEDB_PRESHARED_KEY``, ``SPICEDB_INSECURE`` and
+            ``SPICEDB_TLS_CA``/``_CERT``/``_KEY``.
+
+    Returns:
+        The client; close it with :meth:`SpiceDBClient.close`.
+
+    Raises:
+        MissingSetting: The endpoint or the key is not set.
+    """
+    endpoint, key = settings.require_spicedb()
+    return connect_spicedb(
+        endpoint,
+        key,
+        insecure=settings.spicedb_insecure,
+        ca_file=settings.spicedb_tls_ca,
+        cert_file=settings.spicedb_tls_cert,
+        key_file=settings.spicedb_tls_key,
+    )
 
 
 def load_schema() -> str:

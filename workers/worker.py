@@ -27,7 +27,7 @@ from activities.user_rows import UserRowActivities
 from spicesync.db import create_pool
 from spicesync.logs import sdk_core_logging
 from spicesync.settings import Settings
-from spicesync.spicedb import SpiceDBClient, check_schema, connect_spicedb
+from spicesync.spicedb import SpiceDBClient, check_schema, connect_configured_spicedb
 from spicesync.temporal import connect_temporal
 from workflows.backfill import BackfillWorkflow
 from workflows.reconcile import ReconcileWorkflow
@@ -93,13 +93,13 @@ async def open_resources(settings: Settings) -> AsyncIterator[WorkerResources]:
     Yields:
         The shared resources.
     """
-    endpoint, key = settings.require_spicedb()
+    settings.require_spicedb()  # before the pool opens, so a missing key leaks nothing
     pool = await create_pool(
         settings.require_database_url(),
         min_size=settings.database_pool_min_size,
         max_size=settings.database_pool_max_size,
     )
-    spicedb = connect_spicedb(endpoint, key, insecure=settings.spicedb_insecure)
+    spicedb = connect_configured_spicedb(settings)
     try:
         yield WorkerResources(pool=pool, spicedb=spicedb)
     finally:

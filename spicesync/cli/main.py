@@ -27,6 +27,7 @@ from spicesync.cli.maintenance import (
     chaos_command,
     reconcile_command,
 )
+from spicesync.cli.operator import add_migrate_parser, add_setup_namespace_parser
 from spicesync.cli.progress import note, waiting
 from spicesync.limits import (
     BACKFILL_BATCH_SIZE_MAX,
@@ -325,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spicesync {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_stack_parser(commands)
+    add_migrate_parser(commands)
+    add_setup_namespace_parser(commands)
     _add_worker_parser(commands)
     _add_users_parser(commands)
     _add_stuck_parser(commands)

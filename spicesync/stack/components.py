@@ -105,6 +105,11 @@ def spicedb_command(port: int) -> tuple[list[str], dict[str, str], str]:
                 "--datastore-engine",
                 "memory",
                 "--http-enabled=false",
+                # `serve` would otherwise also listen for metrics on every interface (:9090)
+                # and report telemetry to authzed.com: the local stack serves gRPC on
+                # 127.0.0.1 and nothing else.
+                "--metrics-enabled=false",
+                "--telemetry-endpoint=",
             ],
             {},
             "spicedb binary (memory datastore)",
