@@ -85,14 +85,17 @@ def _stack(args: argparse.Namespace) -> int:
 
 def _worker(_args: argparse.Namespace) -> int:
     from spicesync.logs import configure_logging
+    from spicesync.mapping import MappingError
     from spicesync.temporal import TemporalUnreachable
     from workers.worker import SpiceDBKeyRefused, WorkerNotStarted, run_worker
 
     configure_logging()
     try:
         asyncio.run(run_worker(load_settings()))
-    except (SpiceDBKeyRefused, WorkerNotStarted, TemporalUnreachable) as err:
-        logging.getLogger("spicesync.worker").error("not starting: %s", err)
+    except (SpiceDBKeyRefused, WorkerNotStarted, TemporalUnreachable, MappingError) as err:
+        # One line, whatever the number of problems (a mapping may have several).
+        reason = "; ".join(str(err).splitlines())
+        logging.getLogger("spicesync.worker").error("not starting: %s", reason)
         return 2
     return 0
 
@@ -225,7 +228,13 @@ def _users(args: argparse.Namespace) -> int:
 def _stuck(args: argparse.Namespace) -> int:
     from spicesync.db import create_pool
     from spicesync.temporal import connect_temporal
-    from starters.stuck import StuckSync, find_stuck, find_unfinished, parse_duration
+    from starters.stuck import (
+        StuckSync,
+        find_failed_followed,
+        find_stuck,
+        find_unfinished,
+        parse_duration,
+    )
 
     async def run() -> list[StuckSync]:
         settings = load_settings()
@@ -236,7 +245,11 @@ def _stuck(args: argparse.Namespace) -> int:
             return stuck
         pool = await create_pool(settings.database_url, min_size=1, max_size=4)
         try:
-            return stuck + await find_unfinished(client, pool, older_than=older_than)
+            # Follow mode has no `users` table of spicesync's: its failed users are in the
+            # bookkeeping (a table both modes have).
+            if settings.mapping_path() is None:
+                stuck += await find_unfinished(client, pool, older_than=older_than)
+            return stuck + await find_failed_followed(pool, older_than=older_than)
         finally:
             await pool.close()
 
