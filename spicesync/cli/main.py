@@ -113,6 +113,8 @@ _USERS_FIELDS = (
 )
 _WAITING_FOR = {
     "start": "Temporal to accept the event",
+    "accepted": "Temporal to accept the change",
+    "applied": "a sync of the row as it is now",
     "row": "the App DB row",
     "permissions": "the App DB row and SpiceDB's permissions",
 }
@@ -120,6 +122,51 @@ _WAITING_FOR = {
 
 def _users_line(**fields: object) -> str:
     return json.dumps({key: fields.get(key) for key in _USERS_FIELDS})
+
+
+def _user_changed(args: argparse.Namespace) -> int:
+    """``users changed``: follow mode's "this user's row changed"."""
+    from spicesync.client import ChangeNotAccepted, FollowSyncFailed, user_changed
+    from spicesync.constants import followed_user_workflow_id
+
+    common = {"user_id": args.user_id, "workflow_id": followed_user_workflow_id(args.user_id)}
+    try:
+        outcome = asyncio.run(
+            waiting(
+                user_changed(args.user_id, args.version, wait=args.wait),
+                lambda seconds: (
+                    f"spicesync users: waiting for {_WAITING_FOR[args.wait]}"
+                    f" ({seconds:.0f} s; a `spicesync worker` must be running)"
+                ),
+            )
+        )
+    except FollowSyncFailed as err:
+        failed = err.outcome
+        print(
+            _users_line(
+                **common,
+                version=args.version,
+                status="failed",
+                error=failed.error_type,
+                message=failed.message,
+            )
+        )
+        return 1
+    except ChangeNotAccepted as err:
+        print(
+            _users_line(
+                **common,
+                version=args.version,
+                status="not_accepted",
+                error="ChangeNotAccepted",
+                message=err.last_error,
+            )
+        )
+        return 1
+    status = "accepted" if args.wait == "accepted" else outcome.status
+    version = outcome.version if outcome.version is not None else args.version
+    print(_users_line(**common, version=version, status=status, zed_token=outcome.zed_token))
+    return 0
 
 
 def _users(args: argparse.Namespace) -> int:
@@ -370,7 +417,7 @@ def _add_worker_parser(commands: Commands) -> None:
 
 
 def _add_users_parser(commands: Commands) -> None:
-    """Add ``users create | update | move | delete``."""
+    """Add ``users create | update | move | delete | changed``."""
     users = commands.add_parser(
         "users", help="deliver user lifecycle events as an application would"
     )
@@ -395,6 +442,29 @@ def _add_users_parser(commands: Commands) -> None:
     delete.add_argument("--user-id", required=True)
     for sub, default_version in ((create, 1), (update, None), (move, None), (delete, None)):
         _add_event_options(sub, default_version)
+    changed = user_commands.add_parser(
+        "changed",
+        help="follow mode: the user's row in the application's table changed (or was deleted)",
+    )
+    changed.add_argument(
+        "--user-id",
+        required=True,
+        type=arguments.followed_user_id,
+        help="the user's id as the mapping's id column holds it",
+    )
+    changed.add_argument(
+        "--version",
+        type=arguments.integer(0),
+        help="the row's version after the change, if the mapping names a version column",
+    )
+    changed.add_argument(
+        "--wait",
+        default="applied",
+        choices=["accepted", "applied"],
+        help="return once Temporal holds the change, or once a sync of the row as it is now"
+        " has finished (default; prints its ZedToken)",
+    )
+    changed.set_defaults(func=_user_changed)
 
 
 def _add_event_options(sub: argparse.ArgumentParser, default_version: int | None) -> None:
@@ -610,6 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pydantic import ValidationError
 
+    from spicesync.mapping import MappingError
     from spicesync.settings import MissingSetting
     from spicesync.temporal import TemporalUnreachable
 
@@ -620,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             provider = configure_tracing(f"spicesync-{args.command}", load_settings().trace_path())
         return int(args.func(args))
-    except (MissingSetting, TemporalUnreachable) as err:
+    except (MissingSetting, TemporalUnreachable, MappingError) as err:
         print(f"spicesync: {err}", file=sys.stderr)
         return 2
     except ValidationError as err:

@@ -6,10 +6,13 @@ own) and says "user X changed"; the followed user's workflow brings SpiceDB in s
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -22,21 +25,29 @@ from authzed.api.v1 import (
     SubjectFilter,
     WriteRelationshipsRequest,
 )
+from pydantic import SecretStr
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
 
-from spicesync.client import user_changed
+from spicesync.app_table import AppTableMismatch
+from spicesync.client import FollowSyncFailed, deliver_change, user_changed
 from spicesync.constants import followed_user_workflow_id
-from spicesync.mapping import Tuple
+from spicesync.mapping import Tuple, parse_mapping
+from spicesync.models import UserChangedInput
 from spicesync.settings import Settings
 from spicesync.spicedb import (
     SpiceDBClient,
+    check_schema,
     has_org_permission,
     tuple_relationship,
     write_schema,
 )
+from starters.stuck import find_failed_followed
 from tests.conftest import SpiceDBServer, launch_spicedb, stop_spicedb
+from tests.integration.conftest import eventually
 from workers.worker import build_worker, open_resources
+from workflows.user_sync import LAST_ERROR, STAGE
 
 pytestmark = pytest.mark.integration
 
@@ -330,3 +341,266 @@ async def test_the_mapping_rules_end_to_end_leaving_the_apps_own_relation_alone(
     )
     kept = await app.bookkeeping(uid)
     assert kept is not None and kept["status"] == "synced" and kept["relationships"] == 0
+
+
+def cli_env(
+    temporal_env: WorkflowEnvironment,
+    keys: str,
+    task_queue: str,
+    database_url: str,
+    server: SpiceDBServer,
+    config: Path,
+    state: Path,
+) -> dict[str, str]:
+    """The environment of a `spicesync` command on this test's engines, in follow mode."""
+    settings = Settings(
+        temporal_address=temporal_env.client.service_client.config.target_host,
+        temporal_namespace=temporal_env.client.namespace,
+        encryption_keys=SecretStr(keys),
+        _env_file=None,
+    )
+    environment = settings.worker_environment(
+        task_queue=task_queue,
+        database_url=database_url,
+        spicedb_endpoint=server.endpoint,
+        spicedb_key=server.preshared_key,
+    )
+    return environment | {"SPICESYNC_STATE_DIR": str(state), "SPICESYNC_CONFIG": str(config)}
+
+
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *CLI, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_a_duplicate_change_writes_nothing_and_an_old_version_needs_no_sync(
+    follow_app: FollowApp,
+) -> None:
+    app, uid, team = follow_app, new_user(), org()
+    await app.insert(uid, team_id=team)
+    first = await app.changed(uid, 1)
+    assert first.status == "synced"
+    marker = await marker_of(app.spicedb, uid)
+    kept = await app.bookkeeping(uid)
+    assert kept is not None and marker == [str(kept["marker"])]
+
+    # The same change again, without a version: a sync runs, finds nothing to change and
+    # writes nothing (every spicesync write moves the marker; it did not move).
+    again = await app.changed(uid)
+    assert again.status == "unchanged" and again.zed_token
+    assert await marker_of(app.spicedb, uid) == marker
+    kept_again = await app.bookkeeping(uid)
+    assert kept_again is not None and kept_again["marker"] == kept["marker"]
+    assert await has_org_permission(
+        app.spicedb, user_id=uid, org_id=team, permission="view", zed_token=again.zed_token
+    )
+    syncs = await syncs_of(app.client, uid)
+    assert syncs == 2
+
+    # A late change whose version was already synced: no sync at all.
+    late = await app.changed(uid, 1)
+    assert late.status == "skipped" and late.zed_token == again.zed_token
+    assert await syncs_of(app.client, uid) == syncs
+
+
+async def test_a_burst_of_50_changes_ends_in_the_rows_state_with_fewer_syncs(
+    follow_app: FollowApp,
+) -> None:
+    app, uid = follow_app, new_user()
+    teams = [org() for _ in range(3)]
+    await app.insert(uid, team_id=teams[0], squad="blue", squad_role="member")
+    changes = 50
+
+    async def change(i: int) -> None:
+        # The app's transaction, then its "user changed" (signal-with-start: no waiting for a
+        # worker); fifty of them at once, racing each other and the syncs.
+        version = await app.update(
+            uid,
+            team_id=teams[i % 3],
+            is_admin=i % 2 == 0,
+            squad_role="lead" if i % 5 == 0 else "member",
+        )
+        await deliver_change(
+            UserChangedInput(user_id=uid, version=version, source="app"),
+            client=app.client,
+            task_queue=app.task_queue,
+        )
+
+    await asyncio.gather(*(change(i) for i in range(changes)))
+    final = await app.pool.fetchrow(
+        f"SELECT * FROM {app.table} WHERE account_id = $1", uuid.UUID(uid)
+    )
+    assert final is not None and final["row_version"] == changes + 1
+
+    async def caught_up() -> bool:
+        kept = await app.bookkeeping(uid)
+        return kept is not None and kept["applied_version"] == changes + 1
+
+    await eventually(caught_up, timeout=120)
+    role = "admin" if final["is_admin"] else "member"
+    assert await held_by(app.spicedb, uid) == {
+        f"organization:{final['team_id']}#{role}",
+        f"team:blue#{final['squad_role']}",
+    }
+    syncs = await syncs_of(app.client, uid)
+    print(f"{changes} changes -> {syncs} syncs")
+    assert 1 <= syncs < changes
+
+
+async def test_changes_delivered_while_no_worker_runs_coalesce_into_one_sync(
+    client: Client,
+    task_queue: str,
+    database_url: str,
+    app_db: asyncpg.Pool,
+    app_spicedb: SpiceDBServer,
+    app_table: str,
+    tmp_path: Path,
+) -> None:
+    settings = follow_settings(database_url, app_spicedb, mapping_file(tmp_path, app_table))
+    uid, team = new_user(), org()
+    await app_db.execute(
+        f"INSERT INTO {app_table}.accounts (account_id, email, team_id) VALUES ($1, 'x@y.z', $2)",
+        uuid.UUID(uid),
+        team,
+    )
+    # Durable as soon as Temporal answers: no worker polls this queue yet.
+    for _ in range(20):
+        await deliver_change(UserChangedInput(user_id=uid), client=client, task_queue=task_queue)
+    async with (
+        open_resources(settings) as resources,
+        build_worker(client, resources, task_queue=task_queue),
+    ):
+
+        async def synced() -> bool:
+            row = await app_db.fetchrow(
+                "SELECT status FROM spicesync_followed_users WHERE user_id = $1", uid
+            )
+            return row is not None and row["status"] == "synced"
+
+        await eventually(synced, timeout=60)
+    assert await syncs_of(client, uid) == 1
+    spicedb = app_spicedb.client()
+    try:
+        assert await held_by(spicedb, uid) == {f"organization:{team}#member"}
+    finally:
+        await spicedb.close()
+
+
+async def test_a_permanent_failure_is_recorded_listed_by_stuck_and_fixed_by_the_next_change(
+    follow_app: FollowApp,
+    temporal_env: WorkflowEnvironment,
+    test_codec_keys: str,
+    database_url: str,
+    app_spicedb: SpiceDBServer,
+    tmp_path: Path,
+) -> None:
+    app, uid, team = follow_app, new_user(), org()
+    await app.insert(uid, team_id=team, squad="no such team!", squad_role="lead")
+    with pytest.raises(FollowSyncFailed) as failed:
+        await app.changed(uid, 1)
+    assert failed.value.outcome.error_type == "RowUnmappable"
+    # The message names the rule and the columns, never the value.
+    assert "relationships[2].resource" in str(failed.value)
+    assert "no such team" not in str(failed.value)
+    kept = await app.bookkeeping(uid)
+    assert kept is not None and (kept["status"], kept["last_error"]) == ("failed", "RowUnmappable")
+    handle = app.client.get_workflow_handle(followed_user_workflow_id(uid))
+    attributes = (await handle.describe()).typed_search_attributes
+    assert (attributes.get(STAGE), attributes.get(LAST_ERROR)) == ("failed", "RowUnmappable")
+    # Nothing was written for the user, and the application's row is untouched.
+    assert await held_by(app.spicedb, uid) == set()
+    row = await app.pool.fetchrow(
+        f"SELECT * FROM {app.table} WHERE account_id = $1", uuid.UUID(uid)
+    )
+    assert row is not None and row["squad"] == "no such team!"
+
+    listed = await find_failed_followed(app.pool, older_than=timedelta(0))
+    assert [(s.user_id, s.stage, s.last_error) for s in listed if s.user_id == uid] == [
+        (uid, "failed", "RowUnmappable")
+    ]
+    env = cli_env(
+        temporal_env,
+        test_codec_keys,
+        app.task_queue,
+        database_url,
+        app_spicedb,
+        mapping_file(tmp_path, app.schema),
+        tmp_path / "state",
+    )
+    code, out, err = await run_cli(env, "stuck", "--older-than", "0s", "--json")
+    assert code == 0, err
+    assert [
+        (s["user_id"], s["stage"], s["last_error"]) for s in json.loads(out) if s["user_id"] == uid
+    ] == [(uid, "failed", "RowUnmappable")]
+
+    # The application fixes the row; its next change (here from the command line) syncs it.
+    version = await app.update(uid, squad="red")
+    code, out, err = await run_cli(
+        env, "users", "changed", "--user-id", uid, "--version", str(version)
+    )
+    assert code == 0, err
+    printed = json.loads(out)
+    assert (printed["status"], printed["version"]) == ("synced", version) and printed["zed_token"]
+    assert await held_by(app.spicedb, uid) == {f"organization:{team}#member", "team:red#lead"}
+    kept = await app.bookkeeping(uid)
+    assert kept is not None and (kept["status"], kept["last_error"]) == ("synced", None)
+    attributes = (await handle.describe()).typed_search_attributes
+    assert (attributes.get(STAGE), attributes.get(LAST_ERROR)) == ("idle", None)
+    assert not [
+        s for s in await find_failed_followed(app.pool, older_than=timedelta(0)) if s.user_id == uid
+    ]
+
+
+async def test_the_worker_refuses_a_mapping_the_table_does_not_fit(
+    temporal_env: WorkflowEnvironment,
+    test_codec_keys: str,
+    task_queue: str,
+    database_url: str,
+    app_db: asyncpg.Pool,
+    app_spicedb: SpiceDBServer,
+    app_table: str,
+    tmp_path: Path,
+) -> None:
+    # `is_admin` of the wrong type, and a column the table does not have.
+    await app_db.execute(f"ALTER TABLE {app_table}.accounts ALTER COLUMN is_admin TYPE text")
+    config = tmp_path / "bad.toml"
+    config.write_text(MAPPING.format(schema=app_table).replace("team:{squad}", "team:{squad_name}"))
+    settings = follow_settings(database_url, app_spicedb, config)
+    with pytest.raises(AppTableMismatch) as refused:
+        async with open_resources(settings):
+            pass
+    assert str(refused.value).splitlines() == [
+        f"{config}: relationships[0].when: column is_admin is text; it must be boolean",
+        f"{config}: relationships[1].unless: column is_admin is text; it must be boolean",
+        f"{config}: relationships[2].resource: column squad_name does not exist in"
+        f" {app_table}.accounts",
+    ]
+    env = cli_env(
+        temporal_env, test_codec_keys, task_queue, database_url, app_spicedb, config, tmp_path
+    )
+    code, _out, err = await run_cli(env, "worker")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "relationships[2].resource: column squad_name does not exist" in lines[0]
+
+
+async def test_the_app_schema_check_names_what_the_mapping_needs(
+    app_spicedb: SpiceDBServer,
+) -> None:
+    spicedb = app_spicedb.client()
+    try:
+        mapping = parse_mapping(MAPPING.format(schema="public"))
+        assert await check_schema(spicedb, mapping.required_schema()) == []
+        # The packaged (owned-mode) schema lacks the team definition the mapping writes.
+        assert await check_schema(spicedb) == []
+        mapping = parse_mapping(
+            MAPPING.format(schema="public").replace('["lead", "member"]', '["lead", "coach"]')
+        )
+        assert await check_schema(spicedb, mapping.required_schema()) == ["team#coach: user"]
+    finally:
+        await spicedb.close()
