@@ -319,16 +319,19 @@ def _repair(args: argparse.Namespace) -> int:
     from spicesync.temporal import connect_temporal
     from starters import repair
 
+    followed = args.followed_user_id is not None
+    user_id = args.followed_user_id if followed else args.user_id
+
     async def run() -> dict[str, object]:
         client = await connect_temporal(load_settings())
         if args.action == "retry":
-            return {"reset_activities": await repair.retry_now(client, args.user_id)}
+            return {"reset_activities": await repair.retry_now(client, user_id, followed=followed)}
         if args.action == "rollback":
-            status = await repair.rollback(client, args.user_id)
+            status = await repair.rollback(client, user_id, followed=followed)
             return {"status": status.name if status else None}
-        return {"resumed": await repair.resume(client, args.user_id)}
+        return {"resumed": await repair.resume(client, user_id, followed=followed)}
 
-    print(json.dumps({"user_id": args.user_id, "action": args.action, **asyncio.run(run())}))
+    print(json.dumps({"user_id": user_id, "action": args.action, **asyncio.run(run())}))
     return 0
 
 
@@ -512,7 +515,13 @@ def _add_repair_parser(commands: Commands) -> None:
         help="retry: reset the retrying activity's backoff; rollback: cancel and compensate;"
         " resume: continue a sync parked on a schema mismatch",
     )
-    repair_cmd.add_argument("--user-id", required=True, type=arguments.user_id)
+    who = repair_cmd.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user-id", type=arguments.user_id, help="a user's UUID (owned mode)")
+    who.add_argument(
+        "--followed-user-id",
+        type=arguments.followed_user_id,
+        help="a followed user's id (follow mode; rollback only stops the sync in flight)",
+    )
     repair_cmd.set_defaults(func=_repair)
 
 

@@ -28,6 +28,7 @@ from authzed.api.v1 import (
 from pydantic import SecretStr
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from spicesync.app_table import AppTableMismatch
@@ -43,7 +44,7 @@ from spicesync.spicedb import (
     tuple_relationship,
     write_schema,
 )
-from starters.stuck import find_failed_followed
+from starters.stuck import find_failed_followed, find_stuck
 from tests.conftest import SpiceDBServer, launch_spicedb, stop_spicedb
 from tests.integration.conftest import eventually
 from workers.worker import build_worker, open_resources
@@ -604,3 +605,68 @@ async def test_the_app_schema_check_names_what_the_mapping_needs(
         assert await check_schema(spicedb, mapping.required_schema()) == ["team#coach: user"]
     finally:
         await spicedb.close()
+
+
+async def test_a_schema_without_a_managed_relation_parks_until_fixed_and_resumed(
+    client: Client,
+    temporal_env: WorkflowEnvironment,
+    test_codec_keys: str,
+    task_queue: str,
+    database_url: str,
+    app_db: asyncpg.Pool,
+    app_table: str,
+    tmp_path: Path,
+) -> None:
+    server = await launch_spicedb()
+    spicedb = server.client()
+    try:
+        # An operator's mistake: the team's `lead` relation the mapping writes is missing.
+        broken = APP_SCHEMA.replace("relation lead: user", "").replace("lead + member", "member")
+        await write_schema(spicedb, broken)
+        config = mapping_file(tmp_path, app_table)
+        settings = follow_settings(database_url, server, config)
+        uid, team = new_user(), org()
+        await app_db.execute(
+            f"INSERT INTO {app_table}.accounts (account_id, email, team_id, squad, squad_role)"
+            " VALUES ($1, 'x@y.z', $2, 'red', 'lead')",
+            uuid.UUID(uid),
+            team,
+        )
+        async with (
+            open_resources(settings) as resources,
+            build_worker(client, resources, task_queue=task_queue),
+        ):
+            waiting = asyncio.ensure_future(
+                user_changed(uid, wait="applied", client=client, task_queue=task_queue)
+            )
+            handle = client.get_workflow_handle(followed_user_workflow_id(uid))
+
+            async def parked() -> bool:
+                try:
+                    attributes = (await handle.describe()).typed_search_attributes
+                except RPCError:  # not started yet
+                    return False
+                return attributes.get(STAGE) == "parked"
+
+            await eventually(parked, timeout=60)
+            assert (await handle.describe()).typed_search_attributes.get(LAST_ERROR) == (
+                "SchemaMismatch"
+            )
+            assert uid in [s.user_id for s in await find_stuck(client, older_than=timedelta(0))]
+            # Parked, not failed: nothing written, nothing recorded as a failure.
+            assert await held_by(spicedb, uid) == set()
+            assert not waiting.done()
+
+            await write_schema(spicedb, APP_SCHEMA)  # the fix
+            env = cli_env(
+                temporal_env, test_codec_keys, task_queue, database_url, server, config, tmp_path
+            )
+            code, out, err = await run_cli(env, "repair", "resume", "--followed-user-id", uid)
+            assert code == 0, err
+            assert json.loads(out) == {"user_id": uid, "action": "resume", "resumed": True}
+            outcome = await asyncio.wait_for(waiting, 60)
+            assert outcome.status == "synced"
+            assert await held_by(spicedb, uid) == {f"organization:{team}#member", "team:red#lead"}
+    finally:
+        await spicedb.close()
+        stop_spicedb(server)
