@@ -31,7 +31,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
-from spicesync.app_table import AppTableMismatch
+from spicesync.app_table import AppTableMismatch, inspect_app_table
 from spicesync.client import FollowSyncFailed, deliver_change, user_changed
 from spicesync.constants import followed_user_workflow_id
 from spicesync.mapping import Tuple, parse_mapping
@@ -670,3 +670,49 @@ async def test_a_schema_without_a_managed_relation_parks_until_fixed_and_resumed
     finally:
         await spicedb.close()
         stop_spicedb(server)
+
+
+@pytest.mark.parametrize(
+    ("id_type", "ids"),
+    [
+        ("uuid", [str(uuid.UUID(int=i + 1)) for i in range(3000)]),
+        ("bigint", [str(i * 7) for i in range(3000)]),
+        ("integer", [str(-i) for i in range(3000)]),
+        ("text", [f"acct-{i}" for i in range(3000)]),
+        ("varchar(40)", [f"U{i}" for i in range(3000)]),
+    ],
+)
+async def test_the_row_is_read_through_the_id_columns_index(
+    app_db: asyncpg.Pool, app_table: str, id_type: str, ids: list[str]
+) -> None:
+    await app_db.execute(
+        f"CREATE TABLE {app_table}.people (pid {id_type} PRIMARY KEY, org text, pii text)"
+    )
+    await app_db.execute(
+        f"INSERT INTO {app_table}.people SELECT x::{id_type}, 'org-' || x, 'secret'"
+        " FROM unnest($1::text[]) AS x",
+        ids,
+    )
+    await app_db.execute(f"ANALYZE {app_table}.people")
+    mapping = parse_mapping(
+        f'[source]\ntable = "{app_table}.people"\nid = "pid"\n'
+        '[[relationships]]\nresource = "organization:{org}"\nrelation = "member"\n'
+        'subject = "user:{pid}"\n'
+    )
+    table = await inspect_app_table(app_db, mapping)
+    wanted = ids[1234]
+    async with app_db.acquire() as conn:
+        plan = "\n".join(
+            r[0]
+            for r in await conn.fetch(
+                "EXPLAIN (FORMAT TEXT) " + table.select, table.id_value(wanted), wanted
+            )
+        )
+        records = await conn.fetch(table.select, table.id_value(wanted), wanted)
+    assert "Index Scan using people_pkey on people" in plan, plan
+    row = table.row(wanted, records[0])
+    # Only the mapped columns, never the others (`pii`).
+    assert row == {"pid": row["pid"], "org": f"org-{wanted}"} and str(row["pid"]) == wanted
+    assert mapping.relationships(wanted, row) == {
+        Tuple("organization", f"org-{wanted}", "member", "user", wanted)
+    }
