@@ -22,10 +22,8 @@ concurrently and users never wait on each other.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -48,7 +46,7 @@ with workflow.unsafe.imports_passed_through():
         UserChangedInput,
     )
     from spicesync.retries import STEP_RETRY
-    from workflows.user_sync import LAST_ERROR, STAGE, STAGE_SINCE, USER_ID
+    from workflows.stages import USER_ID, set_stage
 
 __all__ = ["FollowedUserWorkflow"]
 
@@ -267,13 +265,4 @@ class FollowedUserWorkflow:
         self._stage("syncing")
 
     def _stage(self, stage: str, *, error: str | None = None, clear_error: bool = False) -> None:
-        # Kept current so the UI and `spicesync stuck` can find a sync stuck in a stage.
-        updates: list[SearchAttributeUpdate[Any]] = [
-            STAGE.value_set(stage),
-            STAGE_SINCE.value_set(workflow.now()),
-        ]
-        if error is not None:
-            updates.append(LAST_ERROR.value_set(error))
-        elif clear_error:
-            updates.append(LAST_ERROR.value_unset())
-        workflow.upsert_search_attributes(updates)
+        set_stage(stage, error=error, clear_error=clear_error)
