@@ -29,13 +29,14 @@ from pydantic import SecretStr
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.service import RPCError
-from temporalio.testing import WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
+from activities.followed_users import FollowedUserActivities
 from spicesync.app_table import AppTableMismatch, inspect_app_table
 from spicesync.client import FollowSyncFailed, deliver_change, user_changed
 from spicesync.constants import followed_user_workflow_id
 from spicesync.mapping import Tuple, parse_mapping
-from spicesync.models import UserChangedInput
+from spicesync.models import SyncFollowedUserInput, UserChangedInput
 from spicesync.settings import Settings
 from spicesync.spicedb import (
     SpiceDBClient,
@@ -716,3 +717,43 @@ async def test_the_row_is_read_through_the_id_columns_index(
     assert mapping.relationships(wanted, row) == {
         Tuple("organization", f"org-{wanted}", "member", "user", wanted)
     }
+
+
+async def test_the_bookkeeping_never_goes_back_and_the_marker_only_grows(
+    follow_app: FollowApp, app_spicedb: SpiceDBServer
+) -> None:
+    """Run the sync activity by hand, as a late attempt would, against a newer record."""
+    app, uid, team = follow_app, new_user(), org()
+    await app.insert(uid, team_id=team)
+    table = await inspect_app_table(app.pool, parse_mapping(MAPPING.format(schema=app.schema)))
+    spicedb = app_spicedb.client()
+    sync = FollowedUserActivities(app.pool, spicedb, table).sync_followed_user
+    try:
+        first = await ActivityEnvironment().run(
+            sync, SyncFollowedUserInput(user_id=uid, sync_id="s1")
+        )
+        assert (first.status, first.marker) == ("synced", 1)
+        # A newer sync recorded marker 5 (say SpiceDB later lost its data and was re-synced).
+        await app.pool.execute(
+            "UPDATE spicesync_followed_users SET marker = 5, zed_token = 'newer'"
+            " WHERE user_id = $1",
+            uid,
+        )
+        # An attempt that finds nothing to change reads marker 1: it must not overwrite 5.
+        late = await ActivityEnvironment().run(
+            sync, SyncFollowedUserInput(user_id=uid, sync_id="s2")
+        )
+        assert (late.status, late.marker) == ("unchanged", 1)
+        kept = await app.bookkeeping(uid)
+        assert kept is not None and (kept["marker"], kept["zed_token"]) == (5, "newer")
+        # The next write moves SpiceDB's marker above both, never back to a number used before.
+        await app.update(uid, is_admin=True)
+        moved = await ActivityEnvironment().run(
+            sync, SyncFollowedUserInput(user_id=uid, sync_id="s3")
+        )
+        assert (moved.status, moved.marker, moved.added, moved.removed) == ("synced", 6, 1, 1)
+        assert await marker_of(spicedb, uid) == ["6"]
+        kept = await app.bookkeeping(uid)
+        assert kept is not None and (kept["marker"], kept["zed_token"]) == (6, moved.zed_token)
+    finally:
+        await spicedb.close()
