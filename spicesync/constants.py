@@ -119,6 +119,8 @@ ACTIVE_STAGES: Final = (
     "recording_row",
     "compensating",
     "parked",
+    # Follow mode (workflows/followed_user.py): reading the row and writing SpiceDB.
+    "syncing",
 )
 
 # One attempt of an activity; retries are the RetryPolicy's job, so keep each try short.
