@@ -1,11 +1,16 @@
 """The transactional outbox (issue 12, item 4): an application's transaction writes its own row
 and a ``spicesync_outbox`` row with plain SQL; ``spicesync relay outbox`` delivers every change
-to the user's workflow and deletes a row only after Temporal accepted it. Real PostgreSQL, real
-Temporal dev servers, the relay as a process of its own."""
+to the user's workflow and deletes a row only after Temporal accepted it; a follow-mode worker
+brings SpiceDB in step. Real PostgreSQL, real Temporal dev servers, the real SpiceDB engine, the
+relay as a process of its own.
+
+Deliveries are read from Temporal itself (the ``user_changed`` signals in each user's workflow
+history: Temporal accepted each one); SpiceDB is read independently of spicesync's bookkeeping."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import sys
@@ -24,15 +29,18 @@ from temporalio.testing import WorkflowEnvironment
 
 from chaos.engines import TemporalServer
 from chaos.proxy import FaultProxy, postgres_route
+from spicesync.client import user_changed
 from spicesync.codec import EncryptionCodec, encrypted_data_converter
 from spicesync.constants import USER_CHANGED_SIGNAL, followed_user_workflow_id
 from spicesync.db import apply_migrations, with_database
 from spicesync.models import UserChangedInput
 from spicesync.settings import Settings
+from spicesync.spicedb import SpiceDBClient, read_user_snapshot
 from spicesync.stack.processes import free_port
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import eventually
 from workers.outbox_relay import LISTEN_APPLICATION_NAME
+from workers.worker import build_worker, open_resources
 
 pytestmark = pytest.mark.integration
 
@@ -55,6 +63,25 @@ RETURNING row_version
 """
 # The one statement an application adds to its transaction (docs/follow-mode.md#outbox).
 _OUTBOX_INSERT = "INSERT INTO spicesync_outbox (user_id, version) VALUES ($1, $2)"
+# The application's mapping: a team admin or member of the team's organization.
+_MAPPING = """
+[source]
+table = "accounts"
+id = "account_id"
+version = "row_version"
+
+[[relationships]]
+resource = "organization:{team_id}"
+relation = "admin"
+subject = "user:{account_id}"
+when = "is_admin"
+
+[[relationships]]
+resource = "organization:{team_id}"
+relation = "member"
+subject = "user:{account_id}"
+unless = "is_admin"
+"""
 
 
 @dataclass
@@ -64,11 +91,21 @@ class AppDB:
     url: str
     pool: asyncpg.Pool
 
-    async def save(self, account_id: str, *, team_id: str = "team-a", admin: bool = False) -> int:
-        """The application's transaction: its own write and the outbox row, or neither."""
+    async def save(
+        self,
+        account_id: str,
+        *,
+        team_id: str = "team-a",
+        admin: bool = False,
+        versioned: bool = True,
+    ) -> int:
+        """The application's transaction: its own write and the outbox row, or neither.
+
+        ``versioned=False``: the outbox row carries no version (every delivery of it syncs).
+        """
         async with self.pool.acquire() as conn, conn.transaction():
             version = int(await conn.fetchval(_SAVE_ACCOUNT, account_id, team_id, admin))
-            await conn.execute(_OUTBOX_INSERT, account_id, version)
+            await conn.execute(_OUTBOX_INSERT, account_id, version if versioned else None)
         return version
 
     async def outbox_rows(self) -> int:
@@ -76,6 +113,45 @@ class AppDB:
 
     async def outbox_empty(self) -> bool:
         return await self.outbox_rows() == 0
+
+
+async def in_step(app_db: AppDB, spicedb: SpiceDBClient, user_ids: list[str]) -> bool:
+    """Whether SpiceDB holds exactly what each user's row implies (read fully consistently)."""
+    for user_id in user_ids:
+        row = await app_db.pool.fetchrow(
+            "SELECT team_id, is_admin FROM accounts WHERE account_id = $1", user_id
+        )
+        want = [] if row is None else [(row["team_id"], "admin" if row["is_admin"] else "member")]
+        snapshot = await read_user_snapshot(spicedb, user_id)
+        if [(m.org_id, m.role) for m in snapshot.memberships] != want:
+            return False
+    return True
+
+
+async def spicedb_marker(spicedb: SpiceDBClient, user_id: str) -> int | None:
+    """The user's marker in SpiceDB: every spicesync write moves it by one."""
+    return (await read_user_snapshot(spicedb, user_id)).marker
+
+
+@contextlib.asynccontextmanager
+async def follow_worker(
+    client: Client, app_db: AppDB, spicedb: SpiceDBServer, task_queue: str, directory: Path
+) -> AsyncIterator[None]:
+    """A follow-mode worker on the app's table (the mapping above), in this process."""
+    mapping = directory / "spicesync.toml"
+    mapping.write_text(_MAPPING)
+    settings = Settings(
+        database_url=app_db.url,
+        spicedb_endpoint=spicedb.endpoint,
+        spicedb_preshared_key=spicedb.preshared_key,
+        config_path=mapping,
+        _env_file=None,
+    )
+    async with (
+        open_resources(settings) as resources,
+        build_worker(client, resources, task_queue=task_queue),
+    ):
+        yield
 
 
 @pytest.fixture
@@ -173,11 +249,12 @@ async def relays(
     task_queue: str,
     tmp_path: Path,
 ) -> AsyncIterator[Relays]:
-    """Relays on the session's Temporal dev server."""
+    """Relays, and a follow-mode worker, on the session's Temporal dev server."""
     address = temporal_env.client.service_client.config.target_host
     relays = Relays(address, app_db, spicedb_server, test_codec_keys, task_queue, tmp_path)
     try:
-        yield relays
+        async with follow_worker(temporal_env.client, app_db, spicedb_server, task_queue, tmp_path):
+            yield relays
     finally:
         await relays.stop_all()
 
@@ -227,13 +304,14 @@ async def metrics_page(address: str) -> str:
 
 
 async def test_the_relay_delivers_what_the_app_wrote_in_its_transaction(
-    relays: Relays, app_db: AppDB, client: Client
+    relays: Relays, app_db: AppDB, client: Client, spicedb: SpiceDBClient
 ) -> None:
     """Rows written before the relay starts are delivered once per user (a user's three rows
     coalesce into one change carrying the newest version; a row whose id is not an opaque id is
     deleted with an error naming its seq, not the id); rows written while it waits are
     delivered at once on NOTIFY (it would otherwise poll only every 10 minutes), also after its
-    LISTEN connection was cut; SIGTERM stops it with exit status 0."""
+    LISTEN connection was cut; SIGTERM stops it with exit status 0. SpiceDB ends up holding
+    what every row implies."""
     earlier = _new_ids(10)
     for user_id in earlier:
         await app_db.save(user_id)
@@ -267,10 +345,21 @@ async def test_the_relay_delivers_what_the_app_wrote_in_its_transaction(
         LISTEN_APPLICATION_NAME,
     )
     assert cut == 1
-    for user_id in _new_ids(2):
+    after_cut = _new_ids(2)
+    for user_id in after_cut:
         await app_db.save(user_id)
         await eventually(lambda: all_delivered(client, [user_id]), timeout=60)  # noqa: B023
     await eventually(app_db.outbox_empty, timeout=60)
+
+    everyone = earlier + later + after_cut
+    await eventually(lambda: in_step(app_db, spicedb, everyone), timeout=180)
+    [busy_change] = await user_changed_signals(client, busy)
+    kept = await app_db.pool.fetchrow(
+        "SELECT applied_version, applied_position FROM spicesync_followed_users WHERE user_id = $1",
+        busy,
+    )
+    assert kept is not None
+    assert (kept["applied_version"], kept["applied_position"]) == (3, busy_change.position)
 
     relay.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(relay.wait(), 60) == 0
@@ -282,25 +371,42 @@ async def test_the_relay_delivers_what_the_app_wrote_in_its_transaction(
 
 
 async def test_a_relay_killed_between_accept_and_delete_loses_nothing(
-    relays: Relays, app_db: AppDB, client: Client
+    relays: Relays, app_db: AppDB, client: Client, spicedb: SpiceDBClient
 ) -> None:
     """SIGKILL after Temporal accepted the batch, before the delete: the rows stay (their
-    transaction died with the process); a restarted relay delivers them again and empties the
-    outbox. Every change was delivered, none lost; the duplicate is one more signal."""
+    transaction died with the process) while the worker syncs the delivered changes; a
+    restarted relay delivers them again and empties the outbox. No change was lost, and the
+    duplicates made no SpiceDB write: each user's marker moved once (a redelivered change with
+    a version already synced needs no sync; one without a version syncs and finds nothing to
+    write)."""
     users = _new_ids(30)
+    versionless = set(users[::2])
     for user_id in users:
-        await app_db.save(user_id)
+        await app_db.save(user_id, versioned=user_id not in versionless)
     dying = await relays.start("tests.integration.relay_dies_before_delete", "kill")
     assert await asyncio.wait_for(dying.wait(), 120) == -signal.SIGKILL
     assert await app_db.outbox_rows() == 30  # the delete never happened
     for user_id in users:  # ... after Temporal had accepted every change
         assert len(await user_changed_signals(client, user_id)) == 1
+    await eventually(lambda: in_step(app_db, spicedb, users), timeout=180)
+    for user_id in users:
+        assert await spicedb_marker(spicedb, user_id) == 1
 
     await relays.start()
     await eventually(app_db.outbox_empty, timeout=120)
     for user_id in users:
         delivered = await user_changed_signals(client, user_id)
-        assert [(c.version, c.source) for c in delivered] == [(1, "outbox")] * 2
+        version = None if user_id in versionless else 1
+        assert [(c.version, c.source) for c in delivered] == [(version, "outbox")] * 2
+    for user_id in users:
+        # Returns once a sync that began after every signal so far has finished: the
+        # redelivered change has been handled by then.
+        outcome = await user_changed(
+            user_id, wait="applied", client=client, task_queue=relays.task_queue
+        )
+        assert outcome.status == "unchanged"
+        assert await spicedb_marker(spicedb, user_id) == 1
+    assert await in_step(app_db, spicedb, users)
 
 
 async def test_sigterm_mid_batch_finishes_the_batch_and_exits_0(
@@ -320,11 +426,11 @@ async def test_sigterm_mid_batch_finishes_the_batch_and_exits_0(
 
 
 async def test_two_relays_side_by_side_deliver_every_row_once(
-    relays: Relays, app_db: AppDB, client: Client
+    relays: Relays, app_db: AppDB, client: Client, spicedb: SpiceDBClient
 ) -> None:
     """Two relays, small batches, 300 users written by concurrent app transactions: the outbox
     empties, every user's change is delivered exactly once (SKIP LOCKED: no row is claimed by
-    both), and the two relays' counters add up to the rows."""
+    both), the two relays' counters add up to the rows, and SpiceDB follows every row."""
     metrics = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
     for n, address in enumerate(metrics):
         await relays.start(log=f"relay-{n}.log", BATCH_SIZE="25", METRICS_ADDRESS=address)
@@ -345,10 +451,12 @@ async def test_two_relays_side_by_side_deliver_every_row_once(
         return sum(metric(p, "spicesync_outbox_rows_deleted") for p in pages) == len(users)
 
     await eventually(counted, timeout=60)
+    await eventually(lambda: in_step(app_db, spicedb, users), timeout=300)
 
 
 async def test_temporal_down_rows_wait_in_the_outbox_then_are_delivered(
     app_db: AppDB,
+    spicedb: SpiceDBClient,
     spicedb_server: SpiceDBServer,
     test_codec: EncryptionCodec,
     test_codec_keys: str,
@@ -357,14 +465,19 @@ async def test_temporal_down_rows_wait_in_the_outbox_then_are_delivered(
 ) -> None:
     """Temporal crashes while the app keeps writing: the rows wait in the outbox (the backlog
     and the oldest row's age show on /metrics), the relay logs the outage once however often it
-    retries, and once Temporal is back every change is delivered and the outbox empties."""
+    retries, and once Temporal is back every change is delivered, the outbox empties and
+    SpiceDB follows every row (the worker rode out the outage)."""
     temporal = TemporalServer(tmp_path)
     await temporal.start()
     relays = Relays(temporal.address, app_db, spicedb_server, test_codec_keys, task_queue, tmp_path)
     metrics = f"127.0.0.1:{free_port()}"
+    worker = contextlib.AsyncExitStack()
     try:
         temporal_client = await Client.connect(
             temporal.address, data_converter=encrypted_data_converter(test_codec)
+        )
+        await worker.enter_async_context(
+            follow_worker(temporal_client, app_db, spicedb_server, task_queue, tmp_path)
         )
         await relays.start(METRICS_ADDRESS=metrics)
         before = _new_ids(10)
@@ -405,16 +518,18 @@ async def test_temporal_down_rows_wait_in_the_outbox_then_are_delivered(
             )
 
         await eventually(lag_gone, timeout=60)
+        await eventually(lambda: in_step(app_db, spicedb, before + during), timeout=180)
         log = relays.log()
         assert log.count("Temporal is not accepting changes") == 1
         assert log.count("Temporal accepts changes again") == 1
     finally:
         await relays.stop_all()
+        await worker.aclose()
         temporal.kill()
 
 
 async def test_postgresql_down_the_relay_waits_then_delivers(
-    relays: Relays, app_db: AppDB, client: Client
+    relays: Relays, app_db: AppDB, client: Client, spicedb: SpiceDBClient
 ) -> None:
     """The relay's connections to PostgreSQL are reset and refused for a while (a fault proxy
     between them): it says so once, retries with backoff, and once PostgreSQL is reachable
@@ -445,6 +560,7 @@ async def test_postgresql_down_the_relay_waits_then_delivers(
         after = _new_ids(1)
         await app_db.save(after[0])
         await eventually(lambda: all_delivered(client, after), timeout=60)
+    await eventually(lambda: in_step(app_db, spicedb, first + during + after), timeout=180)
     log = relays.log()
     assert log.count("PostgreSQL is unavailable") == 1
     assert log.count("PostgreSQL is available again") == 1
