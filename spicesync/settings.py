@@ -29,6 +29,8 @@ from temporalio.envconfig import ClientConfig, ClientConnectConfig
 from spicesync.codec import EncryptionCodec, parse_keys
 from spicesync.constants import DEFAULT_TASK_QUEUE
 from spicesync.limits import (
+    OUTBOX_BATCH_SIZE_MAX,
+    OUTBOX_CONCURRENCY_MAX,
     PRESHARED_KEY_MIN_CHARS,
     SCHEDULE_INTERVAL_SECONDS_MAX,
     SCHEDULE_INTERVAL_SECONDS_MIN,
@@ -206,6 +208,29 @@ class Settings(BaseSettings):
     )
     worker_workflow_task_pollers: int | None = Field(
         default=None, ge=2, validation_alias="SPICESYNC_WORKER_WORKFLOW_TASK_POLLERS"
+    )
+
+    # The outbox relay (`spicesync relay outbox`, docs/follow-mode.md#outbox): rows claimed per
+    # batch (their locks are held until Temporal has answered for them), deliveries in flight at
+    # once, how often it looks without a notification, each delivery's deadline, and its own
+    # Prometheus endpoint (a worker may serve the default metrics port on the same host).
+    outbox_batch_size: int = Field(
+        default=200, ge=1, le=OUTBOX_BATCH_SIZE_MAX, validation_alias="SPICESYNC_OUTBOX_BATCH_SIZE"
+    )
+    outbox_concurrency: int = Field(
+        default=32,
+        ge=1,
+        le=OUTBOX_CONCURRENCY_MAX,
+        validation_alias="SPICESYNC_OUTBOX_CONCURRENCY",
+    )
+    outbox_poll_seconds: float = Field(
+        default=5.0, gt=0, validation_alias="SPICESYNC_OUTBOX_POLL_SECONDS"
+    )
+    outbox_rpc_timeout_seconds: float = Field(
+        default=10.0, gt=0, validation_alias="SPICESYNC_OUTBOX_RPC_TIMEOUT_SECONDS"
+    )
+    outbox_metrics_address: str | None = Field(
+        default="127.0.0.1:9465", validation_alias="SPICESYNC_OUTBOX_METRICS_ADDRESS"
     )
 
     # Ports of the local stack (``spicesync stack up``); unused when pointing at real services.

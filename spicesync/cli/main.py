@@ -101,6 +101,19 @@ def _worker(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _relay(_args: argparse.Namespace) -> int:
+    from spicesync.logs import configure_logging
+    from workers.outbox_relay import RelayNotStarted, run_outbox_relay
+
+    configure_logging()
+    try:
+        asyncio.run(run_outbox_relay(load_settings()))
+    except RelayNotStarted as err:
+        logging.getLogger("spicesync.relay").error("not starting: %s", err)
+        return 2
+    return 0
+
+
 # Every line `spicesync users` prints has these keys, whatever became of the event.
 _USERS_FIELDS = (
     "user_id",
@@ -392,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_migrate_parser(commands)
     add_setup_namespace_parser(commands)
     _add_worker_parser(commands)
+    _add_relay_parser(commands)
     _add_users_parser(commands)
     _add_stuck_parser(commands)
     _add_repair_parser(commands)
@@ -420,6 +434,23 @@ def _add_worker_parser(commands: Commands) -> None:
     """Add ``worker``."""
     worker = commands.add_parser("worker", help="run a worker until SIGINT/SIGTERM")
     worker.set_defaults(func=_worker)
+
+
+def _add_relay_parser(commands: Commands) -> None:
+    """Add ``relay outbox``."""
+    relay = commands.add_parser(
+        "relay", help="deliver an application's changes to the followed users' workflows"
+    )
+    feeds = relay.add_subparsers(dest="feed", required=True, metavar="FEED")
+    outbox = feeds.add_parser(
+        "outbox",
+        help="relay spicesync_outbox rows (follow mode) until SIGINT/SIGTERM; several may run",
+        description="Claim spicesync_outbox rows in batches (FOR UPDATE SKIP LOCKED), deliver one"
+        " change per user to its workflow, delete the rows once Temporal accepted them. Tuned by"
+        " SPICESYNC_OUTBOX_BATCH_SIZE, _CONCURRENCY, _POLL_SECONDS, _RPC_TIMEOUT_SECONDS and"
+        " _METRICS_ADDRESS (docs/follow-mode.md#outbox).",
+    )
+    outbox.set_defaults(func=_relay)
 
 
 def _add_users_parser(commands: Commands) -> None:
@@ -698,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     provider = None
     try:
-        if args.command in ("worker", "users", "demo"):
+        if args.command in ("worker", "relay", "users", "demo"):
             from spicesync.telemetry import configure_tracing
 
             provider = configure_tracing(f"spicesync-{args.command}", load_settings().trace_path())
