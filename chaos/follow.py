@@ -3,16 +3,18 @@
 The application here is what docs/follow-mode.md describes: a users table of its own shape
 (:data:`APP_TABLE`), written with plain SQL, and one ``spicesync_outbox`` insert in each of its
 transactions. ``spicesync relay outbox`` delivers the changes and follow-mode ``spicesync worker``
-processes (mapping :data:`MAPPING`) bring SpiceDB in step. The relay is SIGKILLed at the instants
-SpiceDB acknowledges the ¼, ½ and ¾ marks of the expected writes (so mid-batch: the changes it
-had delivered are synced while its delete has not happened), and restarted a second later, while
-the application keeps writing. The verdict (:func:`chaos.verdict.judge_follow`) compares SpiceDB,
-read independently, with what each row implies now.
+processes (mapping :data:`MAPPING`) bring SpiceDB in step. The relay is SIGKILLed four times
+while the application keeps writing (see :class:`_RelayKiller`): as the ¼ and ½ marks of the
+application's transactions commit, and each restarted relay again during its first batch,
+aimed at the window between Temporal's accept and the outbox delete.
+The verdict (:func:`chaos.verdict.judge_follow`) compares SpiceDB, read independently, with what
+each row implies now.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from authzed.api.v1 import RelationshipUpdate
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from chaos.engines import WorkerProcesses
 from chaos.faults import on_spicedb_writes
 from chaos.scene import Scene
 from chaos.verdict import follow_in_step, held_by_user, judge_follow
@@ -90,15 +93,16 @@ WHERE datname = current_database() AND application_name = $1 AND backend_start >
 
 # The application's pace (transactions per second, open loop): at most about what the relay
 # delivers to new workflows on a quiet 2-core box, and slow enough for a small run's stream to
-# last through three kills and restarts.
+# last through four kills and restarts.
 APP_RATE: Final = 40.0
-_MIN_STREAM_SECONDS: Final = 20.0
+_MIN_STREAM_SECONDS: Final = 30.0
 # Changes to a user come this many insertions after its own.
 _LAG: Final = 10
 _RESTART_AFTER_SECONDS: Final = 1.0
-# From a mark, the relay is killed at the first write the probe finds mid-batch, or this many
-# writes later.
+# A restarted relay is killed at the first write the probe finds mid-batch, or this many writes
+# or seconds after it started.
 _AIM_WRITES: Final = 20
+_AIM_SECONDS: Final = 3.0
 _CONVERGE_SECONDS: Final = 600.0
 
 State = frozenset[tuple[str, str]]
@@ -222,8 +226,74 @@ async def _redeliveries(client: Client, user_ids: list[str]) -> tuple[int, int]:
     return total, repeated
 
 
+class _RelayKiller:
+    """Kills the relay twice at each mark of the application's commits, and restarts it.
+
+    At a mark the running relay is SIGKILLed wherever it is. The restarted one finds the backlog
+    that built while it was down, so its first batch is large: it is killed again at the first
+    write SpiceDB acknowledges whose user's outbox rows it still holds (delivered, synced, not
+    yet deleted), or, if none comes, :data:`_AIM_WRITES` writes or :data:`_AIM_SECONDS` after it
+    started. One kill at a time, each restart a second later, so the count is always the same.
+    """
+
+    def __init__(self, scene: Scene, relays: WorkerProcesses) -> None:
+        self.scene, self.relays = scene, relays
+        self.committed = self.writes = self.kills = self.mid_batch = 0
+        self.killed_at: list[str] = []  # the application's commit count at each kill
+        self.restarted: list[float] = []
+        self._aiming: asyncio.Event | None = None
+        self._aim_from = 0
+        self._progress = asyncio.Event()
+
+    def commit(self, count: int) -> None:
+        """The application has committed ``count`` transactions."""
+        self.committed = count
+        self._progress.set()
+
+    async def start(self, pause: float = 0.0) -> None:
+        """Start a relay (after ``pause``: the application writes on meanwhile); until it runs."""
+        await asyncio.sleep(pause)
+        since = datetime.now(UTC)
+        await self.relays.start()
+        await _until_listening(self.scene.pool, since)
+        self.restarted.append(time.monotonic())
+
+    async def acknowledged(self, updates: list[RelationshipUpdate]) -> None:
+        """A write SpiceDB acknowledged (its Watch stream); the aimed kill's trigger."""
+        self.writes += 1
+        aiming = self._aiming
+        if aiming is None or aiming.is_set():
+            return
+        written = sorted({u.relationship.subject.object.object_id for u in updates})
+        if await _claimed(self.scene.pool, written):
+            self.mid_batch += 1
+            aiming.set()
+        elif self.writes - self._aim_from >= _AIM_WRITES:
+            aiming.set()
+
+    async def run(self, marks: list[int]) -> None:
+        """Kill and restart at each mark (commit counts), until every mark is served."""
+        for mark in marks:
+            while self.committed < mark:
+                self._progress.clear()
+                await self._progress.wait()
+            await self._kill("")
+            await self.start(_RESTART_AFTER_SECONDS)
+            self._aim_from, self._aiming = self.writes, asyncio.Event()
+            hits = self.mid_batch
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._aiming.wait(), _AIM_SECONDS)
+            self._aiming = None
+            await self._kill("*" if self.mid_batch > hits else "")
+            await self.start(_RESTART_AFTER_SECONDS)
+
+    async def _kill(self, tag: str) -> None:
+        self.kills += await self.relays.crash_all()
+        self.killed_at.append(f"{self.committed}{tag}")
+
+
 async def relay_killed(scene: Scene) -> None:
-    """App writes through the outbox; the relay SIGKILLed three times mid-stream, restarted."""
+    """App writes through the outbox; the relay SIGKILLed four times mid-stream, restarted."""
     await scene.pool.execute(APP_TABLE)
     mapping = scene.run.directory / f"spicesync-{scene.task_queue}.toml"
     mapping.write_text(MAPPING)
@@ -239,53 +309,19 @@ async def relay_killed(scene: Scene) -> None:
     users = list(dict.fromkeys(c.user_id for c in changes))
     real_changes = real_changes_per_user(changes)
     rate = min(APP_RATE, len(changes) / _MIN_STREAM_SECONDS)
-    marks = {len(users) // 4, len(users) // 2, 3 * len(users) // 4}
-    writes, kills, mid_batch, armed, armed_at = 0, 0, 0, 0, 0
-    restarted: list[float] = []
-    lock = asyncio.Lock()
-    running = asyncio.Event()  # a relay is in its delivery loop
-    restarting: set[asyncio.Task[None]] = set()
-
-    async def start_relay(pause: float) -> None:
-        await asyncio.sleep(pause)  # the application writes on meanwhile
-        since = datetime.now(UTC)
-        await relays.start()
-        await _until_listening(scene.pool, since)
-        restarted.append(time.monotonic())
-        running.set()
-
-    async def acknowledged(updates: list[RelationshipUpdate]) -> None:
-        nonlocal writes, kills, mid_batch, armed, armed_at
-        async with lock:
-            writes += 1
-            if writes in marks:
-                armed, armed_at = armed + 1, writes
-            if not armed or not running.is_set():
-                return  # a mark passed while the relay was down aims at the restarted one
-            # Aim for the window that matters: this user's change delivered and synced while
-            # the relay still holds (has not deleted) its outbox rows, i.e. mid-batch.
-            written = sorted({u.relationship.subject.object.object_id for u in updates})
-            held = await _claimed(scene.pool, written)
-            if held or writes - armed_at >= _AIM_WRITES:
-                armed, armed_at = armed - 1, writes
-                mid_batch += held
-                running.clear()
-                kills += await relays.crash_all()
-                task = asyncio.create_task(start_relay(_RESTART_AFTER_SECONDS))
-                restarting.add(task)
-                task.add_done_callback(restarting.discard)
-
+    marks = [len(changes) // 4, len(changes) // 2]
+    killer = _RelayKiller(scene, relays)
     await scene.workers.start()
     await scene.wait_for_workers()
-    await start_relay(0)
+    await killer.start()
     try:
-        async with on_spicedb_writes(scene.spicedb, acknowledged):
-            await _write(scene.pool, changes, rate)
-            converged = await _converge(scene, users, restarting)
-        if restarting:
-            await asyncio.gather(*restarting)
-        if restarted and converged is not None:
-            scene.result.recovery_seconds = round(converged - restarted[-1], 1)
+        async with on_spicedb_writes(scene.spicedb, killer.acknowledged):
+            killing = asyncio.create_task(killer.run(marks))
+            await _write(scene.pool, changes, rate, killer)
+            await killing
+            converged = await _converge(scene, users)
+        if converged is not None:
+            scene.result.recovery_seconds = round(converged - killer.restarted[-1], 1)
         outbox_rows = int(await scene.pool.fetchval("SELECT count(*) FROM spicesync_outbox"))
         failed = int(
             await scene.pool.fetchval(
@@ -305,16 +341,20 @@ async def relay_killed(scene: Scene) -> None:
         )
     finally:
         await relays.crash_all()
-    if kills < 3:
-        scene.result.problems.append(f"the relay was killed {kills} times, not 3")
+    if killer.kills != 2 * len(marks):
+        scene.result.problems.append(
+            f"the relay was killed {killer.kills} times, not {2 * len(marks)}"
+        )
         scene.result.passed = False
     signals, repeated = await _redeliveries(scene.client, users)
     deleted = sum(1 for c in changes if c.kind == "delete")
     scene.result.notes.append(
         f"{len(changes)} application transactions ({len(users)} inserts, {deleted} deletes) at"
-        f" {rate:.0f}/s; relay SIGKILLed {kills} times from SpiceDB writes"
-        f" {', '.join(map(str, sorted(marks)))} on, {mid_batch} of them while it held the synced"
-        f" user's outbox rows undeleted; restarted {_RESTART_AFTER_SECONDS:g} s later"
+        f" {rate:.0f}/s; relay SIGKILLed {killer.kills} times, restarted"
+        f" {_RESTART_AFTER_SECONDS:g} s after each: at transactions {', '.join(map(str, marks))}"
+        f" and each restarted one during its first batch ({killer.mid_batch} of those at a"
+        f" synced user whose outbox rows it held undeleted); killed after"
+        f" {', '.join(killer.killed_at)} transactions (* mid-batch)"
     )
     scene.result.notes.append(
         f"{signals} changes delivered to the users' workflows, {repeated} of them again after a"
@@ -334,7 +374,9 @@ def real_changes_per_user(changes: list[AppChange]) -> dict[str, int]:
     return count
 
 
-async def _write(pool: asyncpg.Pool, changes: list[AppChange], rate: float) -> None:
+async def _write(
+    pool: asyncpg.Pool, changes: list[AppChange], rate: float, killer: _RelayKiller
+) -> None:
     """Commit the changes in order on one connection, open loop at ``rate`` per second."""
     began = time.monotonic()
     async with pool.acquire() as conn:
@@ -343,6 +385,7 @@ async def _write(pool: asyncpg.Pool, changes: list[AppChange], rate: float) -> N
             if delay > 0:
                 await asyncio.sleep(delay)
             await _commit(conn, change)
+            killer.commit(i + 1)
 
 
 async def _claimed(pool: asyncpg.Pool, user_ids: list[str]) -> bool:
@@ -368,17 +411,13 @@ async def _until_listening(pool: asyncpg.Pool, since: datetime) -> None:
         await asyncio.sleep(0.1)
 
 
-async def _converge(
-    scene: Scene, users: list[str], restarting: set[asyncio.Task[None]]
-) -> float | None:
+async def _converge(scene: Scene, users: list[str]) -> float | None:
     """Wait until the outbox is empty and SpiceDB holds what every row implies; when, or None."""
     deadline = time.monotonic() + _CONVERGE_SECONDS
     while time.monotonic() < deadline:
-        if (
-            not restarting
-            and not await scene.pool.fetchval("SELECT count(*) FROM spicesync_outbox")
-            and follow_in_step(await implied(scene.pool, users), await held_by_user(scene.spicedb))
-        ):
+        if not await scene.pool.fetchval(
+            "SELECT count(*) FROM spicesync_outbox"
+        ) and follow_in_step(await implied(scene.pool, users), await held_by_user(scene.spicedb)):
             return time.monotonic()
         await asyncio.sleep(1)
     return None
