@@ -59,7 +59,7 @@ from spicesync.spicedb import (
 from spicesync.temporal import execute_update_with_start, sync_is_active
 from workflows.user_sync import UserSyncWorkflow
 
-__all__ = ["ReconcileActivities"]
+__all__ = ["ReconcileActivities", "save_report_row"]
 
 # ``overdue``: a creation's pending row older than the grace the reconcile gives it.
 _COLUMNS = """
@@ -358,17 +358,31 @@ class ReconcileActivities:
         Raises:
             AppDBUnavailable: PostgreSQL failed; retried.
         """
-        try:
-            await self._pool.execute(
-                """
-                INSERT INTO reconcile_reports (workflow_id, run_id, dry_run, report)
-                VALUES ($1, $2, $3, $4::jsonb)
-                ON CONFLICT (workflow_id, run_id) DO NOTHING
-                """,
-                request.workflow_id,
-                request.run_id,
-                request.report.dry_run,
-                json.dumps(request.report.model_dump(mode="json")),
-            )
-        except _DB_ERRORS as err:
-            raise AppDBUnavailable(f"PostgreSQL unavailable: {type(err).__name__}") from None
+        await save_report_row(self._pool, "reconcile_reports", request)
+
+
+async def save_report_row(pool: asyncpg.Pool, table: str, request: SaveReportInput) -> None:
+    """Keep a run's report in ``table`` (idempotent on workflow and run id).
+
+    Args:
+        pool: The App DB's pool.
+        table: ``reconcile_reports`` (owned mode) or ``spicesync_reconcile_reports`` (follow).
+        request: The run's ids and its report (counts and opaque ids only).
+
+    Raises:
+        AppDBUnavailable: PostgreSQL failed; retried.
+    """
+    try:
+        await pool.execute(
+            f"""
+            INSERT INTO {table} (workflow_id, run_id, dry_run, report)
+            VALUES ($1, $2, $3, $4::jsonb)
+            ON CONFLICT (workflow_id, run_id) DO NOTHING
+            """,
+            request.workflow_id,
+            request.run_id,
+            request.report.dry_run,
+            json.dumps(request.report.model_dump(mode="json")),
+        )
+    except _DB_ERRORS as err:
+        raise AppDBUnavailable(f"PostgreSQL unavailable: {type(err).__name__}") from None

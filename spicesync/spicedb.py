@@ -28,6 +28,7 @@ from authzed.api.v1 import (
 from grpcutil import bearer_token_credentials, insecure_bearer_token_credentials
 
 from spicesync.constants import SPICEDB_CALL_TIMEOUT_SECONDS
+from spicesync.mapping import FollowMapping, Tuple
 from spicesync.models import Membership, MembershipsSnapshot
 
 __all__ = [
@@ -39,10 +40,12 @@ __all__ = [
     "has_org_permission",
     "holds_memberships",
     "load_schema",
+    "managed_tuple",
     "marker_filter",
     "marker_relationship",
     "membership_relationship",
     "missing_schema",
+    "read_managed_relationships",
     "read_user_snapshot",
     "user_memberships",
     "write_schema",
@@ -309,11 +312,16 @@ REQUIRED_RELATIONS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def missing_schema(schema_text: str) -> list[str]:
+def missing_schema(
+    schema_text: str, required: tuple[tuple[str, str, str], ...] = REQUIRED_RELATIONS
+) -> list[str]:
     """List what spicesync writes that ``schema_text`` does not define.
 
     Args:
         schema_text: SpiceDB's schema, as ReadSchema returns it.
+        required: (definition, relation, subject type) spicesync writes; owned mode's by
+            default, a mapping's :meth:`~spicesync.mapping.FollowMapping.required_schema` in
+            follow mode.
 
     Returns:
         Items such as ``organization#admin: user``; empty when everything is there.
@@ -323,23 +331,101 @@ def missing_schema(schema_text: str) -> list[str]:
         for match in re.finditer(r"definition\s+([\w/]+)\s*\{(.*?)\n?\}", schema_text, re.S)
     }
     missing = []
-    for definition, relation, subject in REQUIRED_RELATIONS:
+    for definition, relation, subject in required:
         body = definitions.get(definition)
         pattern = rf"relation\s+{relation}\s*:[^\n]*\b{subject}\b"
         if body is None or not re.search(pattern, body):
             missing.append(f"{definition}#{relation}: {subject}")
-    for definition in ("user", "organization", "spicesync_version"):
+    # Every type named must be defined, subject types too (owned mode: user, organization,
+    # spicesync_version).
+    for definition in dict.fromkeys(t for d, _, s in required for t in (s, d)):
         if definition not in definitions:
             missing.append(f"definition {definition}")
     return missing
 
 
-async def check_schema(client: SpiceDBClient) -> list[str]:
-    """Read SpiceDB's schema and list what spicesync needs that is missing."""
+async def check_schema(
+    client: SpiceDBClient, required: tuple[tuple[str, str, str], ...] = REQUIRED_RELATIONS
+) -> list[str]:
+    """Read SpiceDB's schema and list what spicesync needs that is missing.
+
+    Args:
+        client: A connected client.
+        required: As in :func:`missing_schema`.
+
+    Returns:
+        The missing items; empty when everything is there.
+    """
     try:
         response = await client.ReadSchema(ReadSchemaRequest(), timeout=5)
     except grpc.aio.AioRpcError as err:
         if err.code() == grpc.StatusCode.NOT_FOUND:
             return ["the whole schema (none is defined)"]
         raise
-    return missing_schema(response.schema_text)
+    return missing_schema(response.schema_text, required)
+
+
+async def read_managed_relationships(
+    client: SpiceDBClient, mapping: FollowMapping, user_id: str
+) -> frozenset[Tuple]:
+    """The managed relationships SpiceDB holds for a followed user, read fully consistently.
+
+    One read per managed resource type, filtered on the user as subject; only the mapping's
+    managed (type, relation) pairs are kept, so an application's own relations on the same
+    objects are never read as spicesync's. Subjects with a relation (``user:1#x``) are not the
+    mapping's kind and are left out too.
+
+    Args:
+        client: A connected client.
+        mapping: The follow-mode mapping.
+        user_id: The user's id.
+
+    Returns:
+        The relationships.
+    """
+    found: set[Tuple] = set()
+    for resource_type in mapping.managed_resource_types:
+        async for item in client.ReadRelationships(
+            ReadRelationshipsRequest(
+                consistency=Consistency(fully_consistent=True),
+                relationship_filter=RelationshipFilter(
+                    resource_type=resource_type,
+                    optional_subject_filter=SubjectFilter(
+                        subject_type=mapping.subject_type, optional_subject_id=user_id
+                    ),
+                ),
+            ),
+            timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
+        ):
+            tuple_ = managed_tuple(mapping, item.relationship)
+            if tuple_ is not None:
+                found.add(tuple_)
+    return frozenset(found)
+
+
+def managed_tuple(mapping: FollowMapping, relationship: Relationship) -> Tuple | None:
+    """``relationship`` as a :class:`~spicesync.mapping.Tuple` if spicesync manages it.
+
+    Args:
+        mapping: The follow-mode mapping.
+        relationship: A relationship SpiceDB returned.
+
+    Returns:
+        The tuple; ``None`` for an application's own relation, another subject type or a
+        subject with a relation.
+    """
+    subject = relationship.subject
+    resource = relationship.resource
+    if (
+        (resource.object_type, relationship.relation) not in mapping.managed
+        or subject.object.object_type != mapping.subject_type
+        or subject.optional_relation
+    ):
+        return None
+    return Tuple(
+        resource.object_type,
+        resource.object_id,
+        relationship.relation,
+        subject.object.object_type,
+        subject.object.object_id,
+    )

@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import grpc
@@ -21,6 +22,8 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from activities.backfill import BackfillActivities
+from activities.follow_backfill import FollowBackfillActivities
+from activities.follow_reconcile import FollowReconcileActivities
 from activities.memberships import MembershipActivities
 from activities.reconcile import ReconcileActivities
 from activities.user_rows import UserRowActivities
@@ -121,6 +124,7 @@ def build_worker(
         resources: The shared pool and SpiceDB client.
         task_queue: The queue to poll.
         settings: Worker tuning (cache size, slots, pollers); the SDK's defaults without it.
+            With a mapping configured, follow mode's reconcile and backfill activities too.
 
     Returns:
         The (not yet running) worker.
@@ -129,6 +133,22 @@ def build_worker(
     memberships = MembershipActivities(resources.spicedb, resources.pool)
     reconcile = ReconcileActivities(resources.pool, resources.spicedb, client, task_queue)
     backfill = BackfillActivities(resources.pool, resources.spicedb)
+    follow: list[Callable[..., Any]] = []
+    mapping = settings.follow_mapping() if settings is not None else None
+    if mapping is not None:
+        follow_reconcile = FollowReconcileActivities(
+            resources.pool, resources.spicedb, client, task_queue, mapping
+        )
+        follow_backfill = FollowBackfillActivities(resources.pool, client, task_queue, mapping)
+        follow += [
+            follow_reconcile.check_follow_schema,
+            follow_reconcile.scan_followed_rows,
+            follow_reconcile.scan_followed_relationships,
+            follow_reconcile.deliver_repairs,
+            follow_reconcile.save_follow_report,
+            follow_backfill.count_followed_backfill_candidates,
+            follow_backfill.deliver_backfill_batch,
+        ]
     tuning: dict[str, int] = {}
     if settings is not None:
         for option, value in (
@@ -160,6 +180,7 @@ def build_worker(
             reconcile.save_report,
             backfill.count_backfill_candidates,
             backfill.backfill_batch,
+            *follow,
         ],
     )
 
