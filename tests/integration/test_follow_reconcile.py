@@ -1,0 +1,414 @@
+"""Follow mode's reconcile and backfill on the real engines: an application's own table (its own
+column names, an app-owned relation on the same objects), drift made by hand in SpiceDB, found
+exactly by a dry run and repaired through the users' workflows; the prune cap; a backfill of
+pre-existing rows."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+from authzed.api.v1 import (
+    Consistency,
+    ObjectReference,
+    ReadRelationshipsRequest,
+    Relationship,
+    RelationshipFilter,
+    RelationshipUpdate,
+    SubjectReference,
+    WriteRelationshipsRequest,
+)
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from spicesync.constants import USER_CHANGED_SIGNAL, followed_user_workflow_id
+from spicesync.db import apply_migrations, with_database
+from spicesync.models import BackfillInput, ReconcileInput, ReconcileReport, UserChangedInput
+from spicesync.settings import Settings
+from spicesync.spicedb import SpiceDBClient, write_schema
+from starters.backfill import start_backfill
+from starters.reconcile import start_reconcile
+from tests.conftest import SpiceDBServer, launch_spicedb, stop_spicedb
+from workers.worker import build_worker, open_resources
+
+pytestmark = pytest.mark.integration
+
+_TOUCH = RelationshipUpdate.Operation.OPERATION_TOUCH
+_DELETE = RelationshipUpdate.Operation.OPERATION_DELETE
+
+# The application's SpiceDB schema: its own `owner` relation beside the ones the mapping manages.
+SCHEMA = """
+definition user {
+    relation sync_version: spicesync_version
+}
+
+definition spicesync_version {}
+
+definition organization {
+    relation owner: user
+    relation admin: user
+    relation member: user
+    permission manage = owner + admin
+    permission view = manage + member
+}
+
+definition team {
+    relation lead: user
+    relation member: user
+}
+"""
+
+MAPPING = """
+[source]
+table = "{table}"
+id = "account_id"
+version = "row_version"
+
+[[relationships]]
+resource = "organization:{{team_id}}"
+relation = "admin"
+subject = "user:{{account_id}}"
+when = "is_admin"
+
+[[relationships]]
+resource = "organization:{{team_id}}"
+relation = "member"
+subject = "user:{{account_id}}"
+unless = "is_admin"
+
+[[relationships]]
+resource = "team:{{squad}}"
+relation = "{{squad_role}}"
+relations = ["lead", "member"]
+subject = "user:{{account_id}}"
+"""
+
+# The application's own table: its own names, a PII column spicesync must never read, and no
+# spicesync column.
+TABLE = """
+CREATE TABLE {table} (
+    account_id  {id_type} PRIMARY KEY,
+    email       text    NOT NULL,
+    team_id     text,
+    is_admin    boolean NOT NULL DEFAULT false,
+    squad       text,
+    squad_role  text,
+    row_version bigint  NOT NULL DEFAULT 1
+)
+"""
+
+Row = tuple[object, str | None, bool, str | None, str | None]
+
+
+@dataclass
+class Follow:
+    """A worker in follow mode on a database and a SpiceDB engine of the test's own."""
+
+    client: Client
+    task_queue: str
+    pool: asyncpg.Pool
+    spicedb: SpiceDBClient
+    server: SpiceDBServer
+
+    async def insert(self, *rows: Row) -> None:
+        """Rows the application wrote (account id, team, admin?, squad, squad role)."""
+        await self.pool.executemany(
+            "INSERT INTO accounts (account_id, email, team_id, is_admin, squad, squad_role)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            [(i, f"person-{i}@example.com", t, a, s, r) for i, t, a, s, r in rows],
+        )
+
+    async def write(self, operation: RelationshipUpdate.Operation.ValueType, *rels: str) -> None:
+        """Write relationships by hand (``type:id#relation@user:id``), as an operator might."""
+        updates = [RelationshipUpdate(operation=operation, relationship=_rel(r)) for r in rels]
+        await self.spicedb.WriteRelationships(WriteRelationshipsRequest(updates=updates))
+
+    async def mark_synced(self, *user_ids: object) -> None:
+        """spicesync's bookkeeping of a synced user (what a sync records)."""
+        await self.pool.executemany(
+            "INSERT INTO spicesync_followed_users (user_id, status, synced_at)"
+            " VALUES ($1, 'synced', now())",
+            [(str(u),) for u in user_ids],
+        )
+
+    async def relationships(self) -> set[str]:
+        """Every organization and team relationship SpiceDB holds, the app's own included."""
+        found: set[str] = set()
+        for resource_type in ("organization", "team"):
+            async for r in self.spicedb.ReadRelationships(
+                ReadRelationshipsRequest(
+                    consistency=Consistency(fully_consistent=True),
+                    relationship_filter=RelationshipFilter(resource_type=resource_type),
+                )
+            ):
+                rel = r.relationship
+                found.add(
+                    f"{rel.resource.object_type}:{rel.resource.object_id}#{rel.relation}"
+                    f"@{rel.subject.object.object_type}:{rel.subject.object.object_id}"
+                )
+        return found
+
+    async def reconcile(self, **options: object) -> ReconcileReport:
+        handle = await start_reconcile(
+            ReconcileInput.model_validate({"follow": True, **options}),
+            client=self.client,
+            task_queue=self.task_queue,
+            workflow_id=f"reconcile-{uuid.uuid4()}",
+        )
+        return await handle.result()
+
+    async def changes(self, user_id: object) -> list[UserChangedInput] | None:
+        """The changes delivered to a user's workflow; ``None`` if it was never started."""
+        handle = self.client.get_workflow_handle(followed_user_workflow_id(str(user_id)))
+        try:
+            history = await handle.fetch_history()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise
+        found: list[UserChangedInput] = []
+        for event in history.events:
+            if event.event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+                continue
+            signal = event.workflow_execution_signaled_event_attributes
+            assert signal.signal_name == USER_CHANGED_SIGNAL
+            [change] = await self.client.data_converter.decode(
+                signal.input.payloads, [UserChangedInput]
+            )
+            found.append(change)
+        return found
+
+    async def sources(self, user_ids: list[object]) -> dict[str, list[str] | None]:
+        """Per user, the sources of the changes delivered to their workflow."""
+        out: dict[str, list[str] | None] = {}
+        for user_id in user_ids:
+            changes = await self.changes(user_id)
+            out[str(user_id)] = None if changes is None else [c.source for c in changes]
+        return out
+
+
+def _rel(text: str) -> Relationship:
+    resource, _, subject = text.partition("@")
+    resource_object, _, relation = resource.partition("#")
+    resource_type, _, resource_id = resource_object.partition(":")
+    subject_type, _, subject_id = subject.partition(":")
+    return Relationship(
+        resource=ObjectReference(object_type=resource_type, object_id=resource_id),
+        relation=relation,
+        subject=SubjectReference(
+            object=ObjectReference(object_type=subject_type, object_id=subject_id)
+        ),
+    )
+
+
+async def _follow(
+    client: Client, task_queue: str, database_url: str, tmp_path: Path, id_type: str
+) -> AsyncIterator[Follow]:
+    name = f"spicesync_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(database_url, name)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(TABLE.format(table="accounts", id_type=id_type))
+        # Follow mode's migrations only: spicesync's own `users` table is never created.
+        await apply_migrations(conn, owned=False)
+    finally:
+        await conn.close()
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=5)
+    assert pool is not None
+    server = await launch_spicedb()
+    spicedb = server.client()
+    await write_schema(spicedb, SCHEMA)
+    mapping = tmp_path / "spicesync.toml"
+    mapping.write_text(MAPPING.format(table="accounts"))
+    settings = Settings(
+        database_url=url,
+        spicedb_endpoint=server.endpoint,
+        spicedb_preshared_key=server.preshared_key,
+        config_path=mapping,
+    )
+    try:
+        async with (
+            open_resources(settings) as resources,
+            build_worker(client, resources, task_queue=task_queue, settings=settings),
+        ):
+            yield Follow(client, task_queue, pool, spicedb, server)
+    finally:
+        await spicedb.close()
+        stop_spicedb(server)
+        await pool.close()
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def follow(
+    client: Client, task_queue: str, database_url: str, tmp_path: Path
+) -> AsyncIterator[Follow]:
+    """Follow mode on an application table keyed by bigint."""
+    async for f in _follow(client, task_queue, database_url, tmp_path, "bigint"):
+        yield f
+
+
+@pytest.fixture
+async def follow_uuid(
+    client: Client, task_queue: str, database_url: str, tmp_path: Path
+) -> AsyncIterator[Follow]:
+    """Follow mode on an application table keyed by uuid."""
+    async for f in _follow(client, task_queue, database_url, tmp_path, "uuid"):
+        yield f
+
+
+def _ids(count: int) -> list[int]:
+    """Account ids no other test uses (workflow ids are shared by the session's Temporal)."""
+    base = random.randrange(10**12, 10**15) * 100
+    return [base + i for i in range(1, count + 1)]
+
+
+async def test_follow_reconcile_finds_exactly_the_drift_and_repairs_it(follow: Follow) -> None:
+    f = follow
+    admin_, member, owner_held, unmappable, extra, ghost = _ids(6)
+    await f.insert(
+        (admin_, "org-a", True, "alpha", "lead"),
+        (member, "org-a", False, "alpha", "member"),
+        (owner_held, "org-b", False, None, None),
+        # A value that is no valid SpiceDB object id: the row maps to nothing valid.
+        (unmappable, "bad id!", False, None, None),
+        (extra, "org-c", False, None, None),
+    )
+    # Synced: what the mapping implies is in SpiceDB, and the bookkeeping says so.
+    synced = {
+        f"organization:org-a#admin@user:{admin_}",
+        f"team:alpha#lead@user:{admin_}",
+        f"organization:org-a#member@user:{member}",
+        f"team:alpha#member@user:{member}",
+        f"organization:org-b#member@user:{owner_held}",
+        f"organization:org-c#member@user:{extra}",
+    }
+    await f.write(_TOUCH, *synced)
+    await f.mark_synced(admin_, member, owner_held, extra)
+    # The drift, by hand: a managed relationship deleted, one for a user without a row, one
+    # the row does not imply; and the application's own relation on a managed object.
+    await f.write(_DELETE, f"team:alpha#member@user:{member}")
+    await f.write(_TOUCH, f"organization:org-a#member@user:{ghost}")
+    await f.write(_TOUCH, f"team:gamma#lead@user:{extra}")
+    app_owned = f"organization:org-b#owner@user:{owner_held}"
+    await f.write(_TOUCH, app_owned)
+    before = await f.relationships()
+
+    dry = await f.reconcile(dry_run=True)
+
+    assert dry.found.model_dump() == {
+        "missing": 1,
+        "mismatched": 0,
+        "orphan": 1,
+        "unfinished": 0,
+        "unsynced": 0,
+        "extra": 1,
+        "unmappable": 1,
+    }
+    assert dry.samples == {
+        "missing": [str(member)],
+        "orphan": [str(ghost)],
+        "extra": [str(extra)],
+        "unmappable": [str(unmappable)],
+    }
+    assert dry.rows_scanned == 5
+    # Every organization and team relationship to a user, the app's owner included.
+    assert dry.relationships_scanned == len(before) == 8
+    assert dry.deletions_planned == 1 and not dry.prune_cap_exceeded
+    assert dry.repairs.delivered == 0
+    everyone = [admin_, member, owner_held, unmappable, extra, ghost]
+    assert await f.sources(everyone) == dict.fromkeys(map(str, everyone))
+    assert await f.relationships() == before
+    saved = await f.pool.fetch("SELECT dry_run, report FROM spicesync_reconcile_reports")
+    assert [r["dry_run"] for r in saved] == [True]
+
+    applied = await f.reconcile(dry_run=False)
+
+    assert applied.found == dry.found and applied.samples == dry.samples
+    assert applied.repairs.delivered == 4 and applied.repairs.failed == 0
+    # Each drifted user's workflow got one change from the reconcile; nobody else's was touched.
+    assert await f.sources(everyone) == {
+        str(admin_): None,
+        str(member): ["reconcile"],
+        str(owner_held): None,
+        str(unmappable): ["reconcile"],
+        str(extra): ["reconcile"],
+        str(ghost): ["reconcile"],
+    }
+    assert app_owned in await f.relationships()
+    reports = await f.pool.fetch(
+        "SELECT dry_run, report->'repairs'->>'delivered' AS delivered"
+        " FROM spicesync_reconcile_reports ORDER BY finished_at"
+    )
+    assert [(r["dry_run"], r["delivered"]) for r in reports] == [(True, "0"), (False, "4")]
+    # Follow mode never creates or changes a `users` table.
+    assert await f.pool.fetchval("SELECT to_regclass('users')") is None
+
+
+async def test_follow_reconcile_prune_cap_spares_users_who_would_lose_everything(
+    follow: Follow,
+) -> None:
+    f = follow
+    kept, lacking, emptied, *ghosts = _ids(5)
+    await f.insert(
+        (kept, "org-a", False, None, None),
+        (lacking, "org-a", True, None, None),
+        # Maps to nothing now (no team, no squad), while SpiceDB still holds two relationships.
+        (emptied, None, False, None, None),
+    )
+    await f.write(
+        _TOUCH,
+        f"organization:org-a#member@user:{kept}",
+        f"organization:org-x#member@user:{emptied}",
+        f"team:beta#member@user:{emptied}",
+        *(f"organization:org-a#member@user:{g}" for g in ghosts),
+    )
+    await f.mark_synced(kept, lacking, emptied)
+
+    report = await f.reconcile(dry_run=False, prune_cap=3)
+
+    assert (report.found.missing, report.found.extra, report.found.orphan) == (1, 1, 2)
+    # Two orphans' one relationship each and the emptied user's two: four deletions, cap three.
+    assert report.deletions_planned == 4 and report.prune_cap_exceeded
+    assert "prune cap exceeded" in report.message
+    # The missing relationship is still repaired; nobody who would lose everything is touched.
+    assert report.repairs.delivered == 1
+    assert await f.sources([kept, lacking, emptied, *ghosts]) == {
+        str(kept): None,
+        str(lacking): ["reconcile"],
+        str(emptied): None,
+        **{str(g): None for g in ghosts},
+    }
+
+
+async def test_follow_backfill_delivers_a_change_to_every_never_synced_user(
+    follow_uuid: Follow,
+) -> None:
+    f = follow_uuid
+    users = [uuid.uuid4() for _ in range(30)]
+    await f.insert(*((u, f"org-{i % 4}", i % 5 == 0, None, None) for i, u in enumerate(users)))
+    already = users[:10]
+    await f.mark_synced(*already)
+
+    handle = await start_backfill(
+        BackfillInput(follow=True, batch_size=7, max_rate=200.0, lanes=3),
+        client=f.client,
+        task_queue=f.task_queue,
+        workflow_id=f"backfill-{uuid.uuid4()}",
+    )
+    result = await handle.result()
+
+    p = result.progress
+    assert (p.total, p.scanned, p.delivered, p.skipped) == (30, 30, 20, 10)
+    assert p.written_users == 0 and p.relationships_written == 0
+    sources = await f.sources(list(users))
+    assert sources == {str(u): None if u in already else ["backfill"] for u in users}
