@@ -2,12 +2,16 @@
 
 The same two passes as owned mode (``activities/reconcile.py``), over what the mapping manages:
 
-1. the application's table by keyset on its id column, mapped columns only: each row's implied
-   relationships against the managed relationships SpiceDB holds for the user (read per managed
-   resource type, fully consistently) finds ``missing``, ``unsynced``, ``extra`` and
-   ``unmappable`` users;
+1. the application's table by keyset on its id column, mapped columns only: one
+   CheckBulkPermissions per page asks whether each user holds what the row implies (when the
+   schema lets a check prove a relationship exists; otherwise each user's relationships are
+   read), and only the users who lack something are read in full and classified (``missing``,
+   ``unsynced``, ``extra``), beside the ``unmappable`` rows;
 2. SpiceDB's relationships, per managed resource type with the mapping's subject type, with
-   SpiceDB's own cursor: subjects without a row are ``orphan`` users.
+   SpiceDB's own cursor: subjects without a row are ``orphan`` users, and users who hold more
+   than their row implies while lacking nothing are ``extra``.
+
+Each drifted user is found by exactly one pass, so it is counted once.
 
 Only the mapping's managed (type, relation) pairs are judged: an application's own relation on
 the same objects (an organization's ``owner``, say) is never read as drift. Repairs are not
@@ -26,6 +30,7 @@ from authzed.api.v1 import (
     Consistency,
     Cursor,
     ReadRelationshipsRequest,
+    ReadSchemaRequest,
     RelationshipFilter,
     SubjectFilter,
 )
@@ -58,8 +63,10 @@ from spicesync.models import (
 from spicesync.spicedb import (
     SpiceDBClient,
     check_schema,
+    holds_relationships,
     managed_tuple,
     read_managed_relationships,
+    relations_direct_only,
 )
 
 __all__ = ["FollowReconcileActivities", "deliver_changes"]
@@ -180,9 +187,38 @@ class FollowReconcileActivities:
             raise SpiceDBUnavailable(f"SpiceDB {err.code().name} during the scan") from None
         return dict(zip(user_ids, found, strict=True))
 
+    async def _direct_only(self) -> bool:
+        """Whether a check of every managed relation proves the relationship itself exists."""
+        try:
+            schema = await self._spicedb.ReadSchema(ReadSchemaRequest(), timeout=5)
+        except grpc.aio.AioRpcError as err:
+            raise SpiceDBUnavailable(f"SpiceDB {err.code().name} reading the schema") from None
+        return relations_direct_only(schema.schema_text, self._mapping.managed)
+
+    async def _lacking(self, implied: dict[str, frozenset[Tuple]]) -> list[str]:
+        """The users who lack at least one relationship their row implies.
+
+        One CheckBulkPermissions per page when the schema lets a check stand for the
+        relationship itself; otherwise (a managed relation reachable through a subject set or a
+        wildcard) each user's relationships are read.
+        """
+        if not await self._direct_only():
+            held = await self._held(list(implied))
+            return [u for u, relationships in implied.items() if not relationships <= held[u]]
+        items = [(u, r) for u, relationships in implied.items() for r in sorted(relationships)]
+        try:
+            holds = await holds_relationships(self._spicedb, [r for _, r in items])
+        except grpc.aio.AioRpcError as err:
+            raise SpiceDBUnavailable(f"SpiceDB {err.code().name} during the scan") from None
+        return list(dict.fromkeys(u for (u, _), ok in zip(items, holds, strict=True) if not ok))
+
     @activity.defn
     async def scan_followed_rows(self, request: ScanFollowedRowsInput) -> ScanPageResult:
         """Check one keyset page of the application's table against SpiceDB.
+
+        Finds the users who lack a relationship their row implies (``missing``, ``unsynced``,
+        or ``extra`` when they also hold others) and the ``unmappable`` rows; a user who lacks
+        nothing but holds more is found by the SpiceDB pass.
 
         Raises:
             AppDBRejected: The table lacks the mapping's id column (or it has an unusable type).
@@ -210,11 +246,11 @@ class FollowReconcileActivities:
                 implied[user_id] = self._mapping.relationships(user_id, row)
             except UnmappableRow:
                 drift.append(Drift(user_id=user_id, kind="unmappable"))
-        held = await self._held(list(implied))
-        for user_id, relationships in implied.items():
-            found = classify_followed(
-                user_id, relationships, held[user_id], synced=user_id in synced
-            )
+        lacking = await self._lacking(implied)
+        held = await self._held(lacking)
+        for user_id in lacking:
+            is_synced = user_id in synced
+            found = classify_followed(user_id, implied[user_id], held[user_id], synced=is_synced)
             if found is not None:
                 drift.append(found)
         return ScanPageResult(
@@ -231,7 +267,9 @@ class FollowReconcileActivities:
         """Check one page of SpiceDB's managed relationships against the application's table.
 
         Pages walk the managed resource types in order, each with SpiceDB's cursor, reading only
-        relationships whose subject is of the mapping's subject type.
+        relationships whose subject is of the mapping's subject type. Finds ``orphan`` users (no
+        row) and users who hold relationships their row does not imply while lacking none
+        (``extra``; the users who lack some are the table pass's).
 
         Raises:
             AppDBRejected: The table lacks the mapping's id column (or it has an unusable type).
@@ -243,7 +281,7 @@ class FollowReconcileActivities:
         if position is None:
             return ScanPageResult(drift=[], scanned=0, next=None)
         resource_type, token = position
-        subjects: set[str] = set()
+        seen: dict[str, set[Tuple]] = {}
         count = 0
         try:
             async for item in self._spicedb.ReadRelationships(
@@ -265,25 +303,36 @@ class FollowReconcileActivities:
                 # The application's own relations are not spicesync's to judge.
                 tuple_ = managed_tuple(self._mapping, item.relationship)
                 if tuple_ is not None:
-                    subjects.add(tuple_.subject_id)
+                    seen.setdefault(tuple_.subject_id, set()).add(tuple_)
         except grpc.aio.AioRpcError as err:
             raise SpiceDBUnavailable(f"SpiceDB {err.code().name} during the scan") from None
         activity.heartbeat()
         try:
-            present = await self._table.existing(self._pool, subjects)
+            rows = await self._table.rows(self._pool, seen)
         except AppTableMismatch as err:
             raise AppDBRejected(str(err)) from None
         except _DB_ERRORS as err:
             raise AppDBUnavailable(f"PostgreSQL unavailable: {type(err).__name__}") from None
-        # An orphan's relationships may reach past this page: read them all, so the repair's
-        # deletions (what the prune cap weighs) are counted in full.
-        absent = sorted(subjects - present)
-        held = await self._held(absent)
-        drift = [
-            found
-            for user_id in absent
-            if (found := classify_followed(user_id, None, held[user_id], synced=False))
-        ]
+        implied: dict[str, frozenset[Tuple] | None] = {}
+        for user_id, tuples in seen.items():
+            row = rows.get(user_id)
+            try:
+                implied_now = self._mapping.relationships(user_id, row)
+            except UnmappableRow:
+                continue  # the table pass reports it
+            if row is None or not tuples <= implied_now:
+                implied[user_id] = implied_now if row is not None else None
+        # Read in full: an orphan's relationships may reach past this page (the prune cap
+        # weighs them all), and a user with a row may also lack some (then it is the table
+        # pass's).
+        held = await self._held(sorted(implied))
+        drift: list[Drift] = []
+        for user_id, relationships in sorted(implied.items()):
+            if relationships is not None and not relationships <= held[user_id]:
+                continue
+            found = classify_followed(user_id, relationships, held[user_id], synced=True)
+            if found is not None:
+                drift.append(found)
         if count == request.page_size:
             next_cursor: str | None = f"{resource_type}:{token}"
         else:

@@ -95,6 +95,10 @@ class AppTable:
         return f'"{self.mapping.source.id}"'
 
     @property
+    def _columns(self) -> str:
+        return ", ".join(f'"{c}"' for c in self.mapping.columns)
+
+    @property
     def _table(self) -> str:
         return self.mapping.source.qualified
 
@@ -121,8 +125,7 @@ class AppTable:
         Raises:
             AppTableMismatch: The id column is missing or of an unusable type.
         """
-        columns = ", ".join(f'"{c}"' for c in self.mapping.columns)
-        select = f"SELECT {columns} FROM {self._table}"
+        select = f"SELECT {self._columns} FROM {self._table}"
         if after is None:
             records = await conn.fetch(f"{select} ORDER BY {self._id} LIMIT $1", limit)
         else:
@@ -132,10 +135,10 @@ class AppTable:
             )
         return [dict(r) for r in records]
 
-    async def existing(
+    async def rows(
         self, conn: asyncpg.Connection | asyncpg.Pool, ids: Iterable[str]
-    ) -> set[str]:
-        """Which of ``ids`` (as text) have a row.
+    ) -> dict[str, dict[str, Any]]:
+        """The rows of those of ``ids`` (as text) that have one, mapped columns only.
 
         Raises:
             AppTableMismatch: The id column is missing or of an unusable type.
@@ -143,11 +146,11 @@ class AppTable:
         parse = await self._parser(conn)
         values = [v for i in ids if (v := parse(i)) is not None]
         if not values:
-            return set()
+            return {}
         records = await conn.fetch(
-            f"SELECT {self._id} FROM {self._table} WHERE {self._id} = ANY($1)", values
+            f"SELECT {self._columns} FROM {self._table} WHERE {self._id} = ANY($1)", values
         )
-        return {str(r[0]) for r in records}
+        return {str(r[self.mapping.source.id]): dict(r) for r in records}
 
     async def count(self, conn: asyncpg.Connection | asyncpg.Pool) -> int:
         """The table's rows."""

@@ -64,6 +64,14 @@ definition team {
 }
 """
 
+# The same, but an organization's members may also be given as a subject set (its owners): a
+# check can then say "member" without the relationship itself.
+SCHEMA_WITH_SUBJECT_SETS = SCHEMA.replace(
+    "relation member: user\n    permission",
+    "relation member: user | organization#owner\n    permission",
+)
+assert SCHEMA_WITH_SUBJECT_SETS != SCHEMA
+
 MAPPING = """
 [source]
 table = "{table}"
@@ -197,18 +205,25 @@ def _rel(text: str) -> Relationship:
     resource, _, subject = text.partition("@")
     resource_object, _, relation = resource.partition("#")
     resource_type, _, resource_id = resource_object.partition(":")
-    subject_type, _, subject_id = subject.partition(":")
+    subject_object, _, subject_relation = subject.partition("#")
+    subject_type, _, subject_id = subject_object.partition(":")
     return Relationship(
         resource=ObjectReference(object_type=resource_type, object_id=resource_id),
         relation=relation,
         subject=SubjectReference(
-            object=ObjectReference(object_type=subject_type, object_id=subject_id)
+            object=ObjectReference(object_type=subject_type, object_id=subject_id),
+            optional_relation=subject_relation,
         ),
     )
 
 
 async def _follow(
-    client: Client, task_queue: str, database_url: str, tmp_path: Path, id_type: str
+    client: Client,
+    task_queue: str,
+    database_url: str,
+    tmp_path: Path,
+    id_type: str,
+    schema: str = SCHEMA,
 ) -> AsyncIterator[Follow]:
     name = f"spicesync_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(database_url)
@@ -225,7 +240,7 @@ async def _follow(
     assert pool is not None
     server = await launch_spicedb()
     spicedb = server.client()
-    await write_schema(spicedb, SCHEMA)
+    await write_schema(spicedb, schema)
     mapping = tmp_path / "spicesync.toml"
     mapping.write_text(MAPPING.format(table="accounts"))
     settings = Settings(
@@ -254,6 +269,17 @@ async def follow(
 ) -> AsyncIterator[Follow]:
     """Follow mode on an application table keyed by bigint."""
     async for f in _follow(client, task_queue, database_url, tmp_path, "bigint"):
+        yield f
+
+
+@pytest.fixture
+async def follow_subject_sets(
+    client: Client, task_queue: str, database_url: str, tmp_path: Path
+) -> AsyncIterator[Follow]:
+    """Follow mode where a managed relation may also be reached through a subject set."""
+    async for f in _follow(
+        client, task_queue, database_url, tmp_path, "bigint", SCHEMA_WITH_SUBJECT_SETS
+    ):
         yield f
 
 
@@ -388,6 +414,29 @@ async def test_follow_reconcile_prune_cap_spares_users_who_would_lose_everything
         str(emptied): None,
         **{str(g): None for g in ghosts},
     }
+
+
+async def test_follow_reconcile_reads_what_a_check_cannot_prove(
+    follow_subject_sets: Follow,
+) -> None:
+    f = follow_subject_sets
+    [owner] = _ids(1)
+    await f.insert((owner, "org-a", False, None, None))
+    await f.mark_synced(owner)
+    # The application makes its owners members through a subject set, and this user an owner;
+    # spicesync's own `member` relationship is gone. A permission check says "member" anyway.
+    await f.write(
+        _TOUCH,
+        "organization:org-a#member@organization:org-a#owner",
+        f"organization:org-a#owner@user:{owner}",
+    )
+
+    dry = await f.reconcile(dry_run=True)
+
+    assert (dry.found.total(), dry.samples) == (1, {"missing": [str(owner)]})
+    applied = await f.reconcile(dry_run=False)
+    assert applied.repairs.delivered == 1
+    assert await f.sources([owner]) == {str(owner): ["reconcile"]}
 
 
 async def test_follow_backfill_delivers_a_change_to_every_never_synced_user(
