@@ -38,14 +38,13 @@ from temporalio import activity
 from temporalio.client import Client
 
 from activities.drift import classify_followed
-from activities.reconcile import save_report_row
+from activities.reconcile import require_schema, save_report_row
 from spicesync.app_table import FOLLOWED_USERS_TABLE, AppTable, AppTableMismatch
 from spicesync.client import deliver_change
 from spicesync.errors import (
     AppDBRejected,
     AppDBUnavailable,
     InvalidUserInput,
-    SchemaMismatch,
     SpiceDBUnavailable,
 )
 from spicesync.mapping import FollowMapping, Tuple, UnmappableRow, valid_user_id
@@ -62,7 +61,6 @@ from spicesync.models import (
 )
 from spicesync.spicedb import (
     SpiceDBClient,
-    check_schema,
     holds_relationships,
     managed_tuple,
     read_managed_relationships,
@@ -161,16 +159,11 @@ class FollowReconcileActivities:
             SchemaMismatch: Something is missing; every user would look drifted.
             SpiceDBUnavailable: SpiceDB could not be asked; retried.
         """
-        try:
-            missing = await check_schema(self._spicedb, self._mapping.required_schema())
-        except grpc.aio.AioRpcError as err:
-            raise SpiceDBUnavailable(f"SpiceDB {err.code().name} reading the schema") from None
-        if missing:
-            raise SchemaMismatch(
-                "SpiceDB's schema lacks "
-                + "; ".join(missing)
-                + f" (managed by {self._mapping.origin})"
-            )
+        await require_schema(
+            self._spicedb,
+            self._mapping.required_schema(),
+            f"add them to the schema, or change {self._mapping.origin}",
+        )
 
     async def _held(self, user_ids: list[str]) -> dict[str, frozenset[Tuple]]:
         gate = asyncio.Semaphore(_CONCURRENCY)

@@ -51,6 +51,7 @@ from spicesync.models import (
 )
 from spicesync.spicedb import (
     MANAGED_RELATIONS,
+    REQUIRED_RELATIONS,
     SpiceDBClient,
     check_schema,
     holds_memberships,
@@ -59,7 +60,7 @@ from spicesync.spicedb import (
 from spicesync.temporal import execute_update_with_start, sync_is_active
 from workflows.user_sync import UserSyncWorkflow
 
-__all__ = ["ReconcileActivities", "save_report_row"]
+__all__ = ["ReconcileActivities", "require_schema", "save_report_row"]
 
 # ``overdue``: a creation's pending row older than the grace the reconcile gives it.
 _COLUMNS = """
@@ -132,14 +133,7 @@ class ReconcileActivities:
             SchemaMismatch: Something is missing; every user would look drifted.
             SpiceDBUnavailable: SpiceDB could not be asked; retried.
         """
-        try:
-            missing = await check_schema(self._spicedb)
-        except grpc.aio.AioRpcError as err:
-            raise SpiceDBUnavailable(f"SpiceDB {err.code().name} reading the schema") from None
-        if missing:
-            raise SchemaMismatch(
-                "SpiceDB's schema lacks " + "; ".join(missing) + " (write spicesync's schema.zed)"
-            )
+        await require_schema(self._spicedb, REQUIRED_RELATIONS, "write spicesync's schema.zed")
 
     async def _rows(self, records: list[asyncpg.Record]) -> list[AppRow]:
         """The App DB rows, each overdue creation judged by whether its user's sync is active.
@@ -359,6 +353,28 @@ class ReconcileActivities:
             AppDBUnavailable: PostgreSQL failed; retried.
         """
         await save_report_row(self._pool, "reconcile_reports", request)
+
+
+async def require_schema(
+    spicedb: SpiceDBClient, required: tuple[tuple[str, str, str], ...], fix: str
+) -> None:
+    """Refuse to scan against a schema that lacks what spicesync writes.
+
+    Args:
+        spicedb: The SpiceDB client.
+        required: (definition, relation, subject type) that must be defined.
+        fix: What the operator should do, for the message.
+
+    Raises:
+        SchemaMismatch: Something is missing; every user would look drifted.
+        SpiceDBUnavailable: SpiceDB could not be asked; retried.
+    """
+    try:
+        missing = await check_schema(spicedb, required)
+    except grpc.aio.AioRpcError as err:
+        raise SpiceDBUnavailable(f"SpiceDB {err.code().name} reading the schema") from None
+    if missing:
+        raise SchemaMismatch("SpiceDB's schema lacks " + "; ".join(missing) + f" ({fix})")
 
 
 async def save_report_row(pool: asyncpg.Pool, table: str, request: SaveReportInput) -> None:

@@ -19,7 +19,9 @@ would be left with none.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 
@@ -143,49 +145,36 @@ class ReconcileWorkflow:
         """One page of the App DB's users (follow mode: of the application's table)."""
         p = self._progress
         if request.follow:
-            return await workflow.execute_activity_method(
+            return await _scan_page(
                 FollowReconcileActivities.scan_followed_rows,
                 ScanFollowedRowsInput(after_user_id=p.app_cursor, page_size=request.page_size),
-                start_to_close_timeout=_SCAN_TIMEOUT,
-                heartbeat_timeout=_SCAN_HEARTBEAT,
-                retry_policy=STEP_RETRY,
             )
-        return await workflow.execute_activity_method(
+        return await _scan_page(
             ReconcileActivities.scan_app_db_page,
             ScanAppDBPageInput(
                 after_user_id=p.app_cursor,
                 page_size=request.page_size,
                 unfinished_after_seconds=request.unfinished_after_seconds,
             ),
-            start_to_close_timeout=_SCAN_TIMEOUT,
-            # A page takes seconds; a dead worker's page is noticed and scanned again soon.
-            heartbeat_timeout=_SCAN_HEARTBEAT,
-            retry_policy=STEP_RETRY,
         )
 
     async def _scan_relationships(self, request: ReconcileInput) -> ScanPageResult:
         """One page of SpiceDB's relationships (follow mode: the managed ones)."""
         p = self._progress
         if request.follow:
-            return await workflow.execute_activity_method(
+            return await _scan_page(
                 FollowReconcileActivities.scan_followed_relationships,
                 ScanFollowedRelationshipsInput(
                     cursor=p.spicedb_cursor, page_size=request.page_size
                 ),
-                start_to_close_timeout=_SCAN_TIMEOUT,
-                heartbeat_timeout=_SCAN_HEARTBEAT,
-                retry_policy=STEP_RETRY,
             )
-        return await workflow.execute_activity_method(
+        return await _scan_page(
             ReconcileActivities.scan_spicedb_page,
             ScanSpiceDBPageInput(
                 cursor=p.spicedb_cursor,
                 page_size=request.page_size,
                 unfinished_after_seconds=request.unfinished_after_seconds,
             ),
-            start_to_close_timeout=_SCAN_TIMEOUT,
-            heartbeat_timeout=_SCAN_HEARTBEAT,
-            retry_policy=STEP_RETRY,
         )
 
     def _take(self, drift: list[Drift], prune_cap: int) -> list[Drift]:
@@ -295,6 +284,20 @@ class ReconcileWorkflow:
             seconds=seconds,
             message=message,
         )
+
+
+async def _scan_page(
+    step: Callable[[Any, Any], Awaitable[ScanPageResult]], request: Any
+) -> ScanPageResult:
+    """Run one scan step (a page), in either mode."""
+    return await workflow.execute_activity_method(
+        step,
+        request,
+        start_to_close_timeout=_SCAN_TIMEOUT,
+        # A page takes seconds; a dead worker's page is noticed and scanned again soon.
+        heartbeat_timeout=_SCAN_HEARTBEAT,
+        retry_policy=STEP_RETRY,
+    )
 
 
 def _seconds(delta: timedelta) -> float:
