@@ -15,9 +15,9 @@ from temporalio import activity
 from temporalio.client import Client
 
 from activities.follow_reconcile import deliver_changes
-from spicesync.app_table import AppTable, AppTableMismatch
-from spicesync.errors import AppDBRejected, AppDBUnavailable
-from spicesync.mapping import FollowMapping, valid_user_id
+from spicesync.app_table import AppTable
+from spicesync.errors import AppDBUnavailable
+from spicesync.mapping import valid_user_id
 from spicesync.models import BackfillPageResult, CountFollowedBackfillInput, FollowBackfillPageInput
 
 __all__ = ["FollowBackfillActivities"]
@@ -32,12 +32,12 @@ class FollowBackfillActivities:
     """The backfill's follow-mode activities, sharing the worker's pool and Temporal client."""
 
     def __init__(
-        self, pool: asyncpg.Pool, client: Client, task_queue: str, mapping: FollowMapping
+        self, pool: asyncpg.Pool, client: Client, task_queue: str, table: AppTable
     ) -> None:
         self._pool = pool
         self._client = client
         self._task_queue = task_queue
-        self._table = AppTable(mapping)
+        self._table = table
 
     @activity.defn
     async def count_followed_backfill_candidates(self, _request: CountFollowedBackfillInput) -> int:
@@ -56,7 +56,6 @@ class FollowBackfillActivities:
         """Deliver a change to each never-synced user of one keyset page.
 
         Raises:
-            AppDBRejected: The table lacks the mapping's id column (or it has an unusable type).
             AppDBUnavailable: PostgreSQL failed; retried.
             RPCError: Temporal refused a delivery; retried (delivering twice is harmless).
         """
@@ -65,8 +64,6 @@ class FollowBackfillActivities:
             ids, scanned, last = await self._table.never_synced_page(
                 self._pool, request.after_user_id, size
             )
-        except AppTableMismatch as err:
-            raise AppDBRejected(str(err)) from None
         except _DB_ERRORS as err:
             raise AppDBUnavailable(f"PostgreSQL unavailable: {type(err).__name__}") from None
         # An id no workflow can have is skipped, never named (it may not be opaque).

@@ -39,15 +39,14 @@ from temporalio.client import Client
 
 from activities.drift import classify_followed
 from activities.reconcile import require_schema, save_report_row
-from spicesync.app_table import FOLLOWED_USERS_TABLE, AppTable, AppTableMismatch
+from spicesync.app_table import FOLLOWED_USERS_TABLE, AppTable
 from spicesync.client import deliver_change
 from spicesync.errors import (
-    AppDBRejected,
     AppDBUnavailable,
     InvalidUserInput,
     SpiceDBUnavailable,
 )
-from spicesync.mapping import FollowMapping, Tuple, UnmappableRow, valid_user_id
+from spicesync.mapping import Tuple, UnmappableRow, valid_user_id
 from spicesync.models import (
     CheckSchemaInput,
     DeliverRepairsInput,
@@ -63,7 +62,7 @@ from spicesync.spicedb import (
     SpiceDBClient,
     holds_relationships,
     managed_tuple,
-    read_managed_relationships,
+    read_managed,
     relations_direct_only,
 )
 
@@ -142,14 +141,14 @@ class FollowReconcileActivities:
         spicedb: SpiceDBClient,
         client: Client,
         task_queue: str,
-        mapping: FollowMapping,
+        table: AppTable,
     ) -> None:
         self._pool = pool
         self._spicedb = spicedb
         self._client = client
         self._task_queue = task_queue
-        self._mapping = mapping
-        self._table = AppTable(mapping)
+        self._mapping = table.mapping
+        self._table = table
 
     @activity.defn
     async def check_follow_schema(self, _request: CheckSchemaInput) -> None:
@@ -170,9 +169,14 @@ class FollowReconcileActivities:
 
         async def read(user_id: str) -> frozenset[Tuple]:
             async with gate:
-                held = await read_managed_relationships(self._spicedb, self._mapping, user_id)
+                state = await read_managed(
+                    self._spicedb,
+                    user_id=user_id,
+                    subject_type=self._mapping.subject_type,
+                    managed=self._mapping.managed,
+                )
             activity.heartbeat()
-            return held
+            return state.relationships
 
         try:
             found = await asyncio.gather(*(read(u) for u in user_ids))
@@ -214,7 +218,6 @@ class FollowReconcileActivities:
         nothing but holds more is found by the SpiceDB pass.
 
         Raises:
-            AppDBRejected: The table lacks the mapping's id column (or it has an unusable type).
             AppDBUnavailable: PostgreSQL failed; retried.
             SpiceDBUnavailable: SpiceDB failed; retried.
         """
@@ -223,8 +226,6 @@ class FollowReconcileActivities:
             rows = await self._table.page(self._pool, request.after_user_id, request.page_size)
             ids = [str(row[id_column]) for row in rows]
             synced = {r["user_id"] for r in await self._pool.fetch(_SYNCED, ids)}
-        except AppTableMismatch as err:
-            raise AppDBRejected(str(err)) from None
         except _DB_ERRORS as err:
             raise AppDBUnavailable(f"PostgreSQL unavailable: {type(err).__name__}") from None
         activity.heartbeat()
@@ -265,7 +266,6 @@ class FollowReconcileActivities:
         (``extra``; the users who lack some are the table pass's).
 
         Raises:
-            AppDBRejected: The table lacks the mapping's id column (or it has an unusable type).
             AppDBUnavailable: PostgreSQL failed; retried.
             SpiceDBUnavailable: SpiceDB failed; retried.
         """
@@ -294,7 +294,11 @@ class FollowReconcileActivities:
                 count += 1
                 token = item.after_result_cursor.token
                 # The application's own relations are not spicesync's to judge.
-                tuple_ = managed_tuple(self._mapping, item.relationship)
+                tuple_ = managed_tuple(
+                    item.relationship,
+                    subject_type=self._mapping.subject_type,
+                    managed=self._mapping.managed,
+                )
                 if tuple_ is not None:
                     seen.setdefault(tuple_.subject_id, set()).add(tuple_)
         except grpc.aio.AioRpcError as err:
@@ -302,8 +306,6 @@ class FollowReconcileActivities:
         activity.heartbeat()
         try:
             rows = await self._table.rows(self._pool, seen)
-        except AppTableMismatch as err:
-            raise AppDBRejected(str(err)) from None
         except _DB_ERRORS as err:
             raise AppDBUnavailable(f"PostgreSQL unavailable: {type(err).__name__}") from None
         implied: dict[str, frozenset[Tuple] | None] = {}

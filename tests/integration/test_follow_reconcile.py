@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from spicesync.client import user_changed
 from spicesync.constants import USER_CHANGED_SIGNAL, followed_user_workflow_id
 from spicesync.db import apply_migrations, with_database
 from spicesync.models import BackfillInput, ReconcileInput, ReconcileReport, UserChangedInput
@@ -35,6 +36,8 @@ from spicesync.spicedb import SpiceDBClient, write_schema
 from starters.backfill import start_backfill
 from starters.reconcile import start_reconcile
 from tests.conftest import SpiceDBServer, launch_spicedb, stop_spicedb
+from tests.integration.conftest import eventually
+from tests.integration.test_follow_mode import APP_SCHEMA, MAPPING
 from workers.worker import build_worker, open_resources
 
 pytestmark = pytest.mark.integration
@@ -42,60 +45,13 @@ pytestmark = pytest.mark.integration
 _TOUCH = RelationshipUpdate.Operation.OPERATION_TOUCH
 _DELETE = RelationshipUpdate.Operation.OPERATION_DELETE
 
-# The application's SpiceDB schema: its own `owner` relation beside the ones the mapping manages.
-SCHEMA = """
-definition user {
-    relation sync_version: spicesync_version
-}
-
-definition spicesync_version {}
-
-definition organization {
-    relation owner: user
-    relation admin: user
-    relation member: user
-    permission manage = owner + admin
-    permission view = manage + member
-}
-
-definition team {
-    relation lead: user
-    relation member: user
-}
-"""
-
-# The same, but an organization's members may also be given as a subject set (its owners): a
-# check can then say "member" without the relationship itself.
-SCHEMA_WITH_SUBJECT_SETS = SCHEMA.replace(
-    "relation member: user\n    permission",
-    "relation member: user | organization#owner\n    permission",
+# The application's SpiceDB schema (its own `owner` relation beside the managed ones) and mapping
+# are test_follow_mode's. A variant lets an organization's members also be given as a subject set
+# (its owners): a check can then say "member" without the relationship itself.
+SCHEMA_WITH_SUBJECT_SETS = APP_SCHEMA.replace(
+    "relation member: user\n", "relation member: user | organization#owner\n", 1
 )
-assert SCHEMA_WITH_SUBJECT_SETS != SCHEMA
-
-MAPPING = """
-[source]
-table = "{table}"
-id = "account_id"
-version = "row_version"
-
-[[relationships]]
-resource = "organization:{{team_id}}"
-relation = "admin"
-subject = "user:{{account_id}}"
-when = "is_admin"
-
-[[relationships]]
-resource = "organization:{{team_id}}"
-relation = "member"
-subject = "user:{{account_id}}"
-unless = "is_admin"
-
-[[relationships]]
-resource = "team:{{squad}}"
-relation = "{{squad_role}}"
-relations = ["lead", "member"]
-subject = "user:{{account_id}}"
-"""
+assert SCHEMA_WITH_SUBJECT_SETS != APP_SCHEMA
 
 # The application's own table: its own names, a PII column spicesync must never read, and no
 # spicesync column.
@@ -137,13 +93,28 @@ class Follow:
         updates = [RelationshipUpdate(operation=operation, relationship=_rel(r)) for r in rels]
         await self.spicedb.WriteRelationships(WriteRelationshipsRequest(updates=updates))
 
-    async def mark_synced(self, *user_ids: object) -> None:
-        """spicesync's bookkeeping of a synced user (what a sync records)."""
-        await self.pool.executemany(
-            "INSERT INTO spicesync_followed_users (user_id, status, synced_at)"
-            " VALUES ($1, 'synced', now())",
-            [(str(u),) for u in user_ids],
+    async def sync(self, *user_ids: object) -> None:
+        """Sync users as a live change does (the application said they changed; waited for)."""
+        for user_id in user_ids:
+            await user_changed(
+                str(user_id), wait="applied", client=self.client, task_queue=self.task_queue
+            )
+
+    async def status(self, user_id: object) -> str | None:
+        """The user's bookkeeping status (``synced``, ``failed``), ``None`` if never synced."""
+        found = await self.pool.fetchval(
+            "SELECT status FROM spicesync_followed_users WHERE user_id = $1", str(user_id)
         )
+        return None if found is None else str(found)
+
+    async def settled(self, expected: set[str], failed: Sequence[object] = ()) -> None:
+        """Wait until SpiceDB holds exactly ``expected`` and ``failed`` users are recorded."""
+
+        async def check() -> bool:
+            statuses = [await self.status(u) for u in failed]
+            return await self.relationships() == expected and statuses == ["failed"] * len(failed)
+
+        await eventually(check, timeout=120)
 
     async def relationships(self) -> set[str]:
         """Every organization and team relationship SpiceDB holds, the app's own included."""
@@ -156,9 +127,12 @@ class Follow:
                 )
             ):
                 rel = r.relationship
+                subject_set = f"#{rel.subject.optional_relation}" * bool(
+                    rel.subject.optional_relation
+                )
                 found.add(
                     f"{rel.resource.object_type}:{rel.resource.object_id}#{rel.relation}"
-                    f"@{rel.subject.object.object_type}:{rel.subject.object.object_id}"
+                    f"@{rel.subject.object.object_type}:{rel.subject.object.object_id}{subject_set}"
                 )
         return found
 
@@ -172,7 +146,10 @@ class Follow:
         return await handle.result()
 
     async def changes(self, user_id: object) -> list[UserChangedInput] | None:
-        """The changes delivered to a user's workflow; ``None`` if it was never started."""
+        """The changes signalled to a user's workflow; ``None`` if it was never started.
+
+        A sync the test waited for (``user_changed(wait="applied")``) is an update, not a signal.
+        """
         handle = self.client.get_workflow_handle(followed_user_workflow_id(str(user_id)))
         try:
             history = await handle.fetch_history()
@@ -223,7 +200,7 @@ async def _follow(
     database_url: str,
     tmp_path: Path,
     id_type: str,
-    schema: str = SCHEMA,
+    schema: str = APP_SCHEMA,
 ) -> AsyncIterator[Follow]:
     name = f"spicesync_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(database_url)
@@ -242,7 +219,7 @@ async def _follow(
     spicedb = server.client()
     await write_schema(spicedb, schema)
     mapping = tmp_path / "spicesync.toml"
-    mapping.write_text(MAPPING.format(table="accounts"))
+    mapping.write_text(MAPPING.format(schema="public"))
     settings = Settings(
         database_url=url,
         spicedb_endpoint=server.endpoint,
@@ -305,12 +282,10 @@ async def test_follow_reconcile_finds_exactly_the_drift_and_repairs_it(follow: F
         (admin_, "org-a", True, "alpha", "lead"),
         (member, "org-a", False, "alpha", "member"),
         (owner_held, "org-b", False, None, None),
-        # A value that is no valid SpiceDB object id: the row maps to nothing valid.
-        (unmappable, "bad id!", False, None, None),
         (extra, "org-c", False, None, None),
     )
-    # Synced: what the mapping implies is in SpiceDB, and the bookkeeping says so.
-    synced = {
+    await f.sync(admin_, member, owner_held, extra)
+    mapped = {
         f"organization:org-a#admin@user:{admin_}",
         f"team:alpha#lead@user:{admin_}",
         f"organization:org-a#member@user:{member}",
@@ -318,8 +293,9 @@ async def test_follow_reconcile_finds_exactly_the_drift_and_repairs_it(follow: F
         f"organization:org-b#member@user:{owner_held}",
         f"organization:org-c#member@user:{extra}",
     }
-    await f.write(_TOUCH, *synced)
-    await f.mark_synced(admin_, member, owner_held, extra)
+    assert await f.relationships() == mapped
+    # A row whose value is no valid SpiceDB object id, inserted with no change announced.
+    await f.insert((unmappable, "bad id!", False, None, None))
     # The drift, by hand: a managed relationship deleted, one for a user without a row, one
     # the row does not imply; and the application's own relation on a managed object.
     await f.write(_DELETE, f"team:alpha#member@user:{member}")
@@ -352,7 +328,9 @@ async def test_follow_reconcile_finds_exactly_the_drift_and_repairs_it(follow: F
     assert dry.deletions_planned == 1 and not dry.prune_cap_exceeded
     assert dry.repairs.delivered == 0
     everyone = [admin_, member, owner_held, unmappable, extra, ghost]
-    assert await f.sources(everyone) == dict.fromkeys(map(str, everyone))
+    # The live syncs came as waited-for updates, so no signal yet.
+    live = {str(u): [] for u in (admin_, member, owner_held, extra)}
+    assert await f.sources(everyone) == live | {str(unmappable): None, str(ghost): None}
     assert await f.relationships() == before
     saved = await f.pool.fetch("SELECT dry_run, report FROM spicesync_reconcile_reports")
     assert [r["dry_run"] for r in saved] == [True]
@@ -361,16 +339,19 @@ async def test_follow_reconcile_finds_exactly_the_drift_and_repairs_it(follow: F
 
     assert applied.found == dry.found and applied.samples == dry.samples
     assert applied.repairs.delivered == 4 and applied.repairs.failed == 0
-    # Each drifted user's workflow got one change from the reconcile; nobody else's was touched.
+    # Each drifted user's workflow got one change from the reconcile; nobody else's.
     assert await f.sources(everyone) == {
-        str(admin_): None,
+        str(admin_): [],
         str(member): ["reconcile"],
-        str(owner_held): None,
+        str(owner_held): [],
         str(unmappable): ["reconcile"],
         str(extra): ["reconcile"],
         str(ghost): ["reconcile"],
     }
-    assert app_owned in await f.relationships()
+    # The users' workflows make SpiceDB equal to the mapping; the app's relation stays; the
+    # unmappable row is recorded as failed (nothing of it reaches SpiceDB or leaves the table).
+    await f.settled(mapped | {app_owned}, failed=[unmappable])
+    assert await f.pool.fetchval("SELECT count(*) FROM accounts") == 5
     reports = await f.pool.fetch(
         "SELECT dry_run, report->'repairs'->>'delivered' AS delivered"
         " FROM spicesync_reconcile_reports ORDER BY finished_at"
@@ -378,6 +359,9 @@ async def test_follow_reconcile_finds_exactly_the_drift_and_repairs_it(follow: F
     assert [(r["dry_run"], r["delivered"]) for r in reports] == [(True, "0"), (False, "4")]
     # Follow mode never creates or changes a `users` table.
     assert await f.pool.fetchval("SELECT to_regclass('users')") is None
+
+    again = await f.reconcile(dry_run=True)
+    assert again.found.total() == 1 and again.samples == {"unmappable": [str(unmappable)]}
 
 
 async def test_follow_reconcile_prune_cap_spares_users_who_would_lose_everything(
@@ -388,17 +372,16 @@ async def test_follow_reconcile_prune_cap_spares_users_who_would_lose_everything
     await f.insert(
         (kept, "org-a", False, None, None),
         (lacking, "org-a", True, None, None),
-        # Maps to nothing now (no team, no squad), while SpiceDB still holds two relationships.
-        (emptied, None, False, None, None),
+        (emptied, "org-x", False, "beta", "member"),
     )
-    await f.write(
-        _TOUCH,
-        f"organization:org-a#member@user:{kept}",
-        f"organization:org-x#member@user:{emptied}",
-        f"team:beta#member@user:{emptied}",
-        *(f"organization:org-a#member@user:{g}" for g in ghosts),
+    await f.sync(kept, lacking, emptied)
+    await f.write(_DELETE, f"organization:org-a#admin@user:{lacking}")
+    # The application empties a row without announcing it: SpiceDB still holds its two.
+    await f.pool.execute(
+        "UPDATE accounts SET team_id = NULL, squad = NULL WHERE account_id = $1", emptied
     )
-    await f.mark_synced(kept, lacking, emptied)
+    orphaned = {f"organization:org-a#member@user:{g}" for g in ghosts}
+    await f.write(_TOUCH, *orphaned)
 
     report = await f.reconcile(dry_run=False, prune_cap=3)
 
@@ -409,11 +392,20 @@ async def test_follow_reconcile_prune_cap_spares_users_who_would_lose_everything
     # The missing relationship is still repaired; nobody who would lose everything is touched.
     assert report.repairs.delivered == 1
     assert await f.sources([kept, lacking, emptied, *ghosts]) == {
-        str(kept): None,
+        str(kept): [],
         str(lacking): ["reconcile"],
-        str(emptied): None,
+        str(emptied): [],
         **{str(g): None for g in ghosts},
     }
+    await f.settled(
+        {
+            f"organization:org-a#member@user:{kept}",
+            f"organization:org-a#admin@user:{lacking}",
+            f"organization:org-x#member@user:{emptied}",
+            f"team:beta#member@user:{emptied}",
+            *orphaned,
+        }
+    )
 
 
 async def test_follow_reconcile_reads_what_a_check_cannot_prove(
@@ -422,7 +414,7 @@ async def test_follow_reconcile_reads_what_a_check_cannot_prove(
     f = follow_subject_sets
     [owner] = _ids(1)
     await f.insert((owner, "org-a", False, None, None))
-    await f.mark_synced(owner)
+    await f.sync(owner)
     # The application makes its owners members through a subject set, and this user an owner;
     # spicesync's own `member` relationship is gone. A permission check says "member" anyway.
     await f.write(
@@ -430,23 +422,31 @@ async def test_follow_reconcile_reads_what_a_check_cannot_prove(
         "organization:org-a#member@organization:org-a#owner",
         f"organization:org-a#owner@user:{owner}",
     )
+    await f.write(_DELETE, f"organization:org-a#member@user:{owner}")
 
     dry = await f.reconcile(dry_run=True)
 
     assert (dry.found.total(), dry.samples) == (1, {"missing": [str(owner)]})
     applied = await f.reconcile(dry_run=False)
     assert applied.repairs.delivered == 1
-    assert await f.sources([owner]) == {str(owner): ["reconcile"]}
+    await f.settled(
+        {
+            f"organization:org-a#member@user:{owner}",
+            f"organization:org-a#owner@user:{owner}",
+            "organization:org-a#member@organization:org-a#owner",
+        }
+    )
 
 
-async def test_follow_backfill_delivers_a_change_to_every_never_synced_user(
+async def test_follow_backfill_syncs_every_user_spicesync_never_synced(
     follow_uuid: Follow,
 ) -> None:
     f = follow_uuid
     users = [uuid.uuid4() for _ in range(30)]
-    await f.insert(*((u, f"org-{i % 4}", i % 5 == 0, None, None) for i, u in enumerate(users)))
+    rows = [(u, f"org-{i % 4}", i % 5 == 0, None, None) for i, u in enumerate(users)]
+    await f.insert(*rows)
     already = users[:10]
-    await f.mark_synced(*already)
+    await f.sync(*already)
 
     handle = await start_backfill(
         BackfillInput(follow=True, batch_size=7, max_rate=200.0, lanes=3),
@@ -460,4 +460,9 @@ async def test_follow_backfill_delivers_a_change_to_every_never_synced_user(
     assert (p.total, p.scanned, p.delivered, p.skipped) == (30, 30, 20, 10)
     assert p.written_users == 0 and p.relationships_written == 0
     sources = await f.sources(list(users))
-    assert sources == {str(u): None if u in already else ["backfill"] for u in users}
+    assert sources == {str(u): [] if u in already else ["backfill"] for u in users}
+    # Every user synced by their workflows: SpiceDB equals the mapping, the bookkeeping says so.
+    await f.settled(
+        {f"organization:{o}#{'admin' if a else 'member'}@user:{u}" for u, o, a, _, _ in rows}
+    )
+    assert [await f.status(u) for u in users] == ["synced"] * 30
