@@ -5,6 +5,7 @@ pre-existing rows."""
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -26,6 +27,7 @@ from authzed.api.v1 import (
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
+from temporalio.testing import WorkflowEnvironment
 
 from spicesync.client import user_changed
 from spicesync.constants import USER_CHANGED_SIGNAL, followed_user_workflow_id
@@ -37,7 +39,7 @@ from starters.backfill import start_backfill
 from starters.reconcile import start_reconcile
 from tests.conftest import SpiceDBServer, launch_spicedb, stop_spicedb
 from tests.integration.conftest import eventually
-from tests.integration.test_follow_mode import APP_SCHEMA, MAPPING
+from tests.integration.test_follow_mode import APP_SCHEMA, MAPPING, cli_env, run_cli
 from workers.worker import build_worker, open_resources
 
 pytestmark = pytest.mark.integration
@@ -79,6 +81,8 @@ class Follow:
     pool: asyncpg.Pool
     spicedb: SpiceDBClient
     server: SpiceDBServer
+    database_url: str
+    config: Path
 
     async def insert(self, *rows: Row) -> None:
         """Rows the application wrote (account id, team, admin?, squad, squad role)."""
@@ -231,7 +235,7 @@ async def _follow(
             open_resources(settings) as resources,
             build_worker(client, resources, task_queue=task_queue, settings=settings),
         ):
-            yield Follow(client, task_queue, pool, spicedb, server)
+            yield Follow(client, task_queue, pool, spicedb, server, url, mapping)
     finally:
         await spicedb.close()
         stop_spicedb(server)
@@ -466,3 +470,47 @@ async def test_follow_backfill_syncs_every_user_spicesync_never_synced(
         {f"organization:{o}#{'admin' if a else 'member'}@user:{u}" for u, o, a, _, _ in rows}
     )
     assert [await f.status(u) for u in users] == ["synced"] * 30
+
+
+async def test_follow_reconcile_and_backfill_from_the_command_line(
+    follow: Follow,
+    temporal_env: WorkflowEnvironment,
+    test_codec_keys: str,
+    tmp_path: Path,
+) -> None:
+    f = follow
+    env = cli_env(
+        temporal_env,
+        test_codec_keys,
+        f.task_queue,
+        f.database_url,
+        f.server,
+        f.config,
+        tmp_path / "state",
+    )
+    users = _ids(3)
+    rows = [(u, "org-a", False, None, None) for u in users]
+    await f.insert(*rows)
+
+    # Rows from before spicesync: the reconcile says so and points at the backfill.
+    code, out, _ = await run_cli(env, "reconcile", "--json")
+    assert code == 0
+    report = ReconcileReport.model_validate_json(out)
+    assert report.found.unsynced == 3 and "spicesync backfill" in report.message
+
+    code, out, _ = await run_cli(env, "backfill", "--json")
+    assert code == 0 and json.loads(out)["changes_delivered"] == 3
+    await f.settled({f"organization:org-a#member@user:{u}" for u in users})
+
+    # The application deletes a row and forgets to say so: an orphan, repaired on --apply.
+    await f.pool.execute("DELETE FROM accounts WHERE account_id = $1", users[0])
+    code, out, _ = await run_cli(env, "reconcile", "--apply")
+    assert code == 0
+    assert "orphan 1" in out and "1 changes delivered to the users' workflows" in out
+    await f.settled({f"organization:org-a#member@user:{u}" for u in users[1:]})
+
+    # A broken mapping is refused in one line naming the key, before anything starts.
+    broken = tmp_path / "broken.toml"
+    broken.write_text(f.config.read_text().replace('id = "account_id"', 'id = "account id"'))
+    code, out, err = await run_cli(env | {"SPICESYNC_CONFIG": str(broken)}, "reconcile")
+    assert code == 2 and "source.id" in err and out == ""
