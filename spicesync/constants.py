@@ -24,10 +24,12 @@ __all__ = [
     "SPICEDB_CALL_TIMEOUT_SECONDS",
     "SUBMIT_EVENT_UPDATE",
     "SYNC_CHANGE_UPDATE",
+    "TEMPORAL_DYNAMIC_CONFIG",
     "USER_CHANGED_SIGNAL",
     "USER_SYNC_WORKFLOW",
     "USER_WORKFLOW_ID_PREFIX",
     "dev_server_dynamic_config",
+    "dynamic_config_value",
     "followed_user_workflow_id",
     "user_workflow_id",
 ]
@@ -70,21 +72,37 @@ MAX_IN_FLIGHT_UPDATES: Final = 500
 EVENTS_PER_RUN: Final = 500
 
 
+# Temporal dynamic config spicesync relies on: the local stack and the tests start the dev
+# server with it, and ``spicesync setup-namespace`` prints it for a production cluster (dynamic
+# config lives in the server's config file, out of any client API's reach).
+TEMPORAL_DYNAMIC_CONFIG: Final[dict[str, bool | int]] = {
+    # Without it, a burst of events for one user past 10 waiting callers is refused.
+    "history.maxInFlightUpdates": MAX_IN_FLIGHT_UPDATES,
+    # The first write of every event is a normal activity (workflows/steps.py explains why):
+    # eager dispatch hands it back to the worker that scheduled it, without a poll.
+    "system.enableActivityEagerExecution": True,
+}
+
+
+def dynamic_config_value(value: bool | int) -> str:
+    """A dynamic config value as Temporal's YAML and the dev server's flag spell it."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def dev_server_dynamic_config() -> list[str]:
     """``--dynamic-config-value`` arguments for the Temporal dev server (stack and tests)."""
-    values = {
-        "system.enableEagerWorkflowStart": "true",
-        # The first write of every event is a normal activity (workflows/steps.py explains why):
-        # eager dispatch hands it back to the worker that scheduled it, without a poll.
-        "system.enableActivityEagerExecution": "true",
-        "history.maxInFlightUpdates": str(MAX_IN_FLIGHT_UPDATES),
-    }
+    # Eager workflow start too, which spicesync does not need (the SDK has no eager
+    # update-with-start) but costs nothing and keeps the dev server as it always ran.
+    values = {"system.enableEagerWorkflowStart": True, **TEMPORAL_DYNAMIC_CONFIG}
     return [
-        arg for key, value in values.items() for arg in ("--dynamic-config-value", f"{key}={value}")
+        arg
+        for key, value in values.items()
+        for arg in ("--dynamic-config-value", f"{key}={dynamic_config_value(value)}")
     ]
 
 
-# Search attributes the stack registers on the dev server. Values are opaque ids only.
+# Search attributes the stack registers on the dev server (``spicesync setup-namespace`` on a
+# cluster). Values are opaque ids only.
 SEARCH_ATTRIBUTES: Final[dict[str, str]] = {
     "SpicesyncUserId": "Keyword",
     "SpicesyncOrgId": "Keyword",
@@ -101,6 +119,8 @@ ACTIVE_STAGES: Final = (
     "recording_row",
     "compensating",
     "parked",
+    # Follow mode (workflows/followed_user.py): reading the row and writing SpiceDB.
+    "syncing",
 )
 
 # One attempt of an activity; retries are the RetryPolicy's job, so keep each try short.

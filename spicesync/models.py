@@ -550,6 +550,8 @@ class FollowCarried(_Model):
     """What one run of a followed user's workflow hands to the next."""
 
     synced_version: int | None = None
+    # The ZedToken of the last sync, given to a caller whose change needed no sync.
+    zed_token: str | None = None
     # A change arrived and was not synced yet when the run continued as new.
     pending: bool = False
 

@@ -19,7 +19,11 @@ HEAVY = {"temporalio", "authzed", "grpc", "asyncpg", "matplotlib", "pydantic", "
 COMMANDS = [
     [],
     ["stack"],
+    ["migrate"],
+    ["setup-namespace"],
     ["worker"],
+    ["relay"],
+    ["relay", "outbox"],
     ["users"],
     ["users", "create"],
     ["users", "update"],
