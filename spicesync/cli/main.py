@@ -386,6 +386,12 @@ def _codec_server(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.follow:
+        from spicesync.cli.follow_demo import follow_summary, run_follow_demo
+
+        follow_report = asyncio.run(run_follow_demo(args.users, progress=note))
+        print(follow_summary(follow_report))
+        return 0 if follow_report.ok else 1
     from spicesync.cli.demo import run_demo, summary
 
     report = asyncio.run(run_demo(args.users, progress=note))
@@ -714,6 +720,12 @@ def _add_demo_parser(commands: Commands) -> None:
         type=arguments.integer(1),
         default=100,
         help="valid users to create (default 100)",
+    )
+    demo.add_argument(
+        "--follow",
+        action="store_true",
+        help="follow mode: an application's own table, written with plain SQL and the outbox,"
+        " followed through a mapping (examples/follow/)",
     )
     demo.set_defaults(func=_demo)
 

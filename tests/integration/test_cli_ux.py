@@ -315,3 +315,27 @@ def test_demo_says_what_it_is_doing(
         assert any(line.startswith(step) for line in progress), (step, progress)
     assert ANSI not in done.stdout + done.stderr
     assert "result                   : OK" in done.stdout
+
+
+def test_follow_demo_then_owned_demo_share_one_stack(
+    stack_env: dict[str, str],  # noqa: F811
+) -> None:
+    # The follow demo's application writes its own table with plain SQL and the outbox; its
+    # summary is the demo's own independent check of SpiceDB (exit 0 only if it held).
+    done = run(["demo", "--follow", "--users", "20"], stack_env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for line in (
+        "SpiceDB follows the table: 16 live accounts hold exactly what their row implies,"
+        " 3 deleted accounts hold nothing",
+        "workspace#owner of a deleted account kept",
+        "unmappable row           : recorded as failed",
+        "result                   : OK",
+    ):
+        assert line in done.stdout, done.stdout
+    # A later `stack up` (the owned demo's) leaves the application's wider schema alone: the
+    # follow demo runs again on the same SpiceDB, whose team relationships would otherwise
+    # refuse the schema write.
+    owned = run(["demo", "--users", "3"], stack_env, timeout=300)
+    assert owned.returncode == 0, owned.stdout + owned.stderr
+    again = run(["demo", "--follow", "--users", "20"], stack_env, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
