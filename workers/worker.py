@@ -22,6 +22,8 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from activities.backfill import BackfillActivities
+from activities.follow_backfill import FollowBackfillActivities
+from activities.follow_reconcile import FollowReconcileActivities
 from activities.followed_users import FollowedUserActivities
 from activities.memberships import MembershipActivities
 from activities.reconcile import ReconcileActivities
@@ -160,6 +162,22 @@ def build_worker(
         follow = FollowedUserActivities(resources.pool, resources.spicedb, resources.app_table)
         workflows.append(FollowedUserWorkflow)
         follow_activities = [follow.sync_followed_user, follow.record_follow_failure]
+        # Reconcile and backfill in follow mode (their workflows are registered in both modes).
+        follow_reconcile = FollowReconcileActivities(
+            resources.pool, resources.spicedb, client, task_queue, resources.app_table
+        )
+        follow_backfill = FollowBackfillActivities(
+            resources.pool, client, task_queue, resources.app_table
+        )
+        follow_activities += [
+            follow_reconcile.check_follow_schema,
+            follow_reconcile.scan_followed_rows,
+            follow_reconcile.scan_followed_relationships,
+            follow_reconcile.deliver_repairs,
+            follow_reconcile.save_follow_report,
+            follow_backfill.count_followed_backfill_candidates,
+            follow_backfill.deliver_backfill_batch,
+        ]
     tuning: dict[str, int] = {}
     if settings is not None:
         for option, value in (
