@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import SecretStr
 
 from spicesync.codec import generate_key
+from spicesync.constants import ACTIVITY_START_TO_CLOSE
 from spicesync.settings import Settings
 
 
@@ -34,3 +37,33 @@ def test_worker_tuning_is_read_from_the_environment(monkeypatch: pytest.MonkeyPa
     settings = Settings(_env_file=None)
     assert settings.worker_workflow_task_pollers == 10
     assert settings.worker_max_cached_workflows is None  # the SDK's default
+
+
+def test_started_workers_serve_no_health_port_and_drain_briefly() -> None:
+    """Many workers on one box must not fight over the default health port, and their stop
+    helpers SIGKILL after 10-15 s: the grace stays below that."""
+    env = Settings(_env_file=None).worker_environment(
+        task_queue="q", database_url="postgresql://own/db", spicedb_endpoint="e:1", spicedb_key="s"
+    )
+    assert env["SPICESYNC_HEALTH_ADDRESS"] == ""
+    assert float(env["SPICESYNC_SHUTDOWN_GRACE_SECONDS"]) < 10
+
+
+def test_the_default_grace_outlasts_an_activity_attempt() -> None:
+    assert Settings(_env_file=None).shutdown_grace_seconds > ACTIVITY_START_TO_CLOSE
+
+
+def test_production_writes_no_trace_file_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container's root filesystem is read-only: production writes nothing into the state
+    directory by default (traces go to OTLP, or to SPICESYNC_TRACE_FILE when set)."""
+    production = {
+        "environment": "production",
+        "database_url": "postgresql://db/app",
+        "spicedb_endpoint": "spicedb:50051",
+        "spicedb_preshared_key": SecretStr("k" * 32),
+        "encryption_keys": SecretStr("k1:AAAA"),
+        "_env_file": None,
+    }
+    assert Settings(**production).trace_path() is None
+    assert Settings(**production, trace_file="/t.jsonl").trace_path() == Path("/t.jsonl")
+    assert Settings(_env_file=None).trace_path() == Path(".spicesync/logs/traces.jsonl")
