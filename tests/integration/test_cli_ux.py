@@ -69,6 +69,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "SPICESYNC_SPICEDB_PORT": str(free_port()),
         "SPICESYNC_CODEC_PORT": str(free_port()),
         "SPICESYNC_METRICS_ADDRESS": "",
+        "SPICESYNC_HEALTH_ADDRESS": "",
         "SPICESYNC_TASK_QUEUE": "ux-stack",
     }
     up = run(["stack", "up"], env)
