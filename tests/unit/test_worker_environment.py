@@ -58,10 +58,11 @@ def test_production_writes_no_trace_file_unless_told(monkeypatch: pytest.MonkeyP
     directory by default (traces go to OTLP, or to SPICESYNC_TRACE_FILE when set)."""
     production = {
         "environment": "production",
-        "database_url": "postgresql://db/app",
+        "database_url": "postgresql://db/app?sslmode=verify-full",
         "spicedb_endpoint": "spicedb:50051",
+        "spicedb_insecure": False,
         "spicedb_preshared_key": SecretStr("k" * 32),
-        "encryption_keys": SecretStr("k1:AAAA"),
+        "encryption_keys": SecretStr(f"k1:{generate_key()}"),
         "_env_file": None,
     }
     assert Settings(**production).trace_path() is None
