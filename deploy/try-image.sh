@@ -18,8 +18,9 @@
 #   PODMAN_LIMITS   flags for build/run, e.g. "--ulimit nofile=4096:4096 --ulimit nproc=4096:4096"
 #                   where the sandbox refuses podman's default rlimits
 #   IMAGE           the tag to build (default localhost/spicesync:dev)
-#   WORKER_ENV      the container's SPICESYNC_ENV (default production; the local stack's links
-#                   are plaintext, so where production refuses those, set its opt-out too)
+#   WORKER_ENV      the container's SPICESYNC_ENV (default production, which runs here only with
+#                   its loud plaintext opt-out: the local stack's SpiceDB and PostgreSQL links
+#                   are plaintext on loopback)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -91,16 +92,24 @@ forwarder=$!
 container_db_url=$(.venv/bin/python -c 'import sys; from chaos.proxy import postgres_route
 print(postgres_route(sys.argv[1])[1](int(sys.argv[2])))' "$db_url" "$pg_port")
 
-echo "== worker container (read-only root, no capabilities, user 10001)"
-# The stack's settings as the deployment's environment: production mode, the image's defaults
-# for everything else. Host networking only so the container reaches the stack on 127.0.0.1.
-container=$(podman run -d "${LIMITS[@]}" --network host --read-only --cap-drop ALL \
+run_args=("${LIMITS[@]}" --network host --read-only --cap-drop ALL \
     --security-opt no-new-privileges --user 10001:10001 \
     --tmpfs /var/lib/spicesync:rw,size=16m,U --tmpfs /tmp:rw,size=16m \
     --env-file "$state/stack.env" -e "SPICESYNC_ENV=$WORKER_ENV" \
-    -e "DATABASE_URL=$container_db_url" \
-    -e SPICESYNC_TASK_QUEUE -e "SPICESYNC_HEALTH_ADDRESS=$health" -e SPICESYNC_METRICS_ADDRESS= \
-    "$IMAGE")
+    -e SPICESYNC_ALLOW_PLAINTEXT_IN_PRODUCTION=i-understand \
+    -e "DATABASE_URL=$container_db_url" -e SPICESYNC_TASK_QUEUE)
+
+echo "== the Jobs' commands in the image: migrate, setup-namespace"
+podman run --rm "${run_args[@]}" "$IMAGE" migrate 2>&1 | grep -v '^{' || true
+podman run --rm "${run_args[@]}" "$IMAGE" setup-namespace > "$work/setup-namespace.log" 2>&1 \
+    || { cat "$work/setup-namespace.log"; exit 1; }
+tail -3 "$work/setup-namespace.log"
+
+echo "== worker container (read-only root, no capabilities, user 10001)"
+# The stack's settings as the deployment's environment: production mode, the image's defaults
+# for everything else. Host networking only so the container reaches the stack on 127.0.0.1.
+container=$(podman run -d "${run_args[@]}" \
+    -e "SPICESYNC_HEALTH_ADDRESS=$health" -e SPICESYNC_METRICS_ADDRESS= "$IMAGE")
 
 ready=""
 for _ in $(seq 120); do
