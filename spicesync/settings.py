@@ -517,7 +517,13 @@ def load_settings(**overrides: Any) -> Settings:
     """
     state_dir = Path(os.environ.get("SPICESYNC_STATE_DIR", ".spicesync"))
     stack_file = state_dir / STACK_ENV_FILE
-    if not stack_file.is_file():
+    try:
+        present = stack_file.is_file()
+    except PermissionError:
+        # A state folder this user may not look into (a root-owned 0700 mount, another
+        # service's StateDirectory): no stack.env can be read from it either.
+        present = False
+    if not present:
         return Settings(**overrides)
     environment = overrides.get("environment") or next(
         (v for k, v in os.environ.items() if k.upper() == "SPICESYNC_ENV"), None

@@ -9,7 +9,7 @@ from pydantic import SecretStr
 
 from spicesync.codec import generate_key
 from spicesync.constants import ACTIVITY_START_TO_CLOSE
-from spicesync.settings import Settings
+from spicesync.settings import Settings, load_settings
 
 
 def test_a_worker_gets_exactly_the_given_engines_and_the_callers_tuning(
@@ -68,3 +68,22 @@ def test_production_writes_no_trace_file_unless_told(monkeypatch: pytest.MonkeyP
     assert Settings(**production).trace_path() is None
     assert Settings(**production, trace_file="/t.jsonl").trace_path() == Path("/t.jsonl")
     assert Settings(_env_file=None).trace_path() == Path(".spicesync/logs/traces.jsonl")
+
+
+def test_a_state_folder_it_may_not_enter_reads_as_no_stack_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod's or a service's state folder owned by someone else made every command die with a
+    PermissionError traceback before reading any setting."""
+    state = tmp_path / "state"
+    state.mkdir()
+    monkeypatch.setenv("SPICESYNC_STATE_DIR", str(state))
+    real_is_file = Path.is_file
+
+    def is_file(self: Path) -> bool:
+        if self.parent == state:  # root may enter any folder: refuse as the kernel would
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    assert load_settings().state_dir == state
