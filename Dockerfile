@@ -56,20 +56,23 @@ COPY --from=build /opt/spicesync /opt/spicesync
 # Production settings; secrets and addresses come from the deployment (deploy/env.example).
 # The worker writes nothing by default in production; the state directory is where anything
 # would go (mount a writable volume there under a read-only root filesystem). Metrics and
-# health listen on every interface of the container, so Prometheus and the kubelet reach them.
+# health listen on every interface of the container, so Prometheus and the kubelet reach them
+# (worker 9464 and 9466; outbox relay 9465 and 9467).
 ENV PATH=/opt/spicesync/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     SPICESYNC_ENV=production \
     SPICESYNC_STATE_DIR=/var/lib/spicesync \
     SPICESYNC_METRICS_ADDRESS=0.0.0.0:9464 \
-    SPICESYNC_HEALTH_ADDRESS=0.0.0.0:9465
+    SPICESYNC_HEALTH_ADDRESS=0.0.0.0:9466 \
+    SPICESYNC_OUTBOX_METRICS_ADDRESS=0.0.0.0:9465 \
+    SPICESYNC_OUTBOX_HEALTH_ADDRESS=0.0.0.0:9467
 WORKDIR /var/lib/spicesync
 USER 10001:10001
-EXPOSE 9464 9465
+EXPOSE 9464 9465 9466 9467
 # SIGTERM drains in-flight activities for SPICESYNC_SHUTDOWN_GRACE_SECONDS, then exits 0.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
-    CMD ["python3", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:9465/livez', timeout=4)"]
+    CMD ["python3", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:9466/livez', timeout=4)"]
 ENTRYPOINT ["spicesync"]
 CMD ["worker"]

@@ -183,9 +183,10 @@ class Settings(BaseSettings):
     )
     trace_file: Path | None = Field(default=None, validation_alias="SPICESYNC_TRACE_FILE")
     # The worker's /livez and /readyz (spicesync/health.py); empty: none. Loopback by default:
-    # in a pod it must be 0.0.0.0:<port> so the kubelet's probes reach it.
+    # in a pod it must be 0.0.0.0:<port> so the kubelet's probes reach it. Ports on one host:
+    # worker metrics 9464, outbox relay metrics 9465, worker health 9466, relay health 9467.
     health_address: str | None = Field(
-        default="127.0.0.1:9465", validation_alias="SPICESYNC_HEALTH_ADDRESS"
+        default="127.0.0.1:9466", validation_alias="SPICESYNC_HEALTH_ADDRESS"
     )
 
     # SIGTERM/SIGINT: how long a worker lets in-flight activities finish before cancelling them
@@ -244,6 +245,10 @@ class Settings(BaseSettings):
     )
     outbox_metrics_address: str | None = Field(
         default="127.0.0.1:9465", validation_alias="SPICESYNC_OUTBOX_METRICS_ADDRESS"
+    )
+    # The relay's /livez and /readyz (ready: Temporal and PostgreSQL answer); empty: none.
+    outbox_health_address: str | None = Field(
+        default="127.0.0.1:9467", validation_alias="SPICESYNC_OUTBOX_HEALTH_ADDRESS"
     )
 
     # Ports of the local stack (``spicesync stack up``); unused when pointing at real services.

@@ -21,7 +21,11 @@ from spicesync.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
-UNIT = DEPLOY / "systemd" / "spicesync-worker.service"
+# Each unit, the command it runs, and the kill timeout its own shutdown must fit in.
+UNITS = {
+    "spicesync-worker.service": ("worker", "spicesync"),
+    "spicesync-outbox-relay.service": ("relay outbox", "spicesync-outbox-relay"),
+}
 # The oldest Kubernetes release the manifests are meant for, and the newest schema bundled.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 SETTINGS = {str(field.validation_alias) for field in Settings.model_fields.values()}
@@ -95,10 +99,12 @@ def test_the_image_runs_the_locked_worker_as_a_non_root_user() -> None:
     pod = _pod_templates()["spicesync-worker"]["spec"]["securityContext"]
     assert pod["runAsUser"] == int(user[1])
     exposed = {int(p) for p in re.findall(r"^EXPOSE (.+)$", final, re.M)[0].split()}
-    assert exposed == {
-        _port(_config()["SPICESYNC_METRICS_ADDRESS"]),
-        _port(_config()["SPICESYNC_HEALTH_ADDRESS"]),
+    served = {
+        _port(address)
+        for key, address in _config().items()
+        if key.startswith("SPICESYNC_") and key.endswith("_ADDRESS")
     }
+    assert exposed == served
 
 
 # -- Kubernetes ------------------------------------------------------------------------------
@@ -136,7 +142,12 @@ def test_the_command_line_validator_accepts_every_file() -> None:
 def test_every_pod_is_locked_down_and_has_a_writable_state_dir() -> None:
     state_dir = _config()["SPICESYNC_STATE_DIR"]
     templates = _pod_templates()
-    assert set(templates) == {"spicesync-worker", "spicesync-migrate", "spicesync-setup-namespace"}
+    assert set(templates) == {
+        "spicesync-worker",
+        "spicesync-outbox-relay",
+        "spicesync-migrate",
+        "spicesync-setup-namespace",
+    }
     for name, template in templates.items():
         spec = template["spec"]
         assert spec["automountServiceAccountToken"] is False, name
@@ -160,30 +171,45 @@ def test_every_pod_is_locked_down_and_has_a_writable_state_dir() -> None:
     assert len({c["image"] for t in templates.values() for c in t["spec"]["containers"]}) == 1
 
 
-def test_the_worker_probes_ports_and_grace_agree_with_its_settings() -> None:
+@pytest.mark.parametrize(
+    ("name", "metrics", "health"),
+    [
+        ("spicesync-worker", "SPICESYNC_METRICS_ADDRESS", "SPICESYNC_HEALTH_ADDRESS"),
+        (
+            "spicesync-outbox-relay",
+            "SPICESYNC_OUTBOX_METRICS_ADDRESS",
+            "SPICESYNC_OUTBOX_HEALTH_ADDRESS",
+        ),
+    ],
+)
+def test_long_running_pods_probe_and_expose_what_their_settings_serve(
+    name: str, metrics: str, health: str
+) -> None:
     config = _config()
-    deployment = _one("Deployment", "spicesync-worker")
-    template = deployment["spec"]["template"]
-    (worker,) = template["spec"]["containers"]
-    ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
-    assert ports == {
-        "metrics": _port(config["SPICESYNC_METRICS_ADDRESS"]),
-        "health": _port(config["SPICESYNC_HEALTH_ADDRESS"]),
-    }
-    # Probes reach the pod's IP: the health server must listen on every interface.
-    assert config["SPICESYNC_HEALTH_ADDRESS"].startswith("0.0.0.0:")
-    assert config["SPICESYNC_METRICS_ADDRESS"].startswith("0.0.0.0:")
+    template = _one("Deployment", name)["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": _port(config[metrics]), "health": _port(config[health])}
+    # Probes and scrapes reach the pod's IP: both must listen on every interface.
+    assert config[health].startswith("0.0.0.0:") and config[metrics].startswith("0.0.0.0:")
     for probe, path in (
         ("livenessProbe", "/livez"),
         ("startupProbe", "/livez"),
         ("readinessProbe", "/readyz"),
     ):
-        assert worker[probe]["httpGet"] == {"path": path, "port": "health"}, probe
+        assert container[probe]["httpGet"] == {"path": path, "port": "health"}, probe
         # A probe waits longer than one health check may take (2 s).
-        assert worker[probe]["timeoutSeconds"] > 2, probe
+        assert container[probe]["timeoutSeconds"] > 2, probe
     annotations = template["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == ports["metrics"]
+
+
+def test_the_worker_drains_within_its_pod_grace_and_keeps_one_up() -> None:
+    config = _config()
+    deployment = _one("Deployment", "spicesync-worker")
+    template = deployment["spec"]["template"]
+    (worker,) = template["spec"]["containers"]
     # SIGKILL comes only after the worker's own grace for in-flight activities.
     grace = float(config["SPICESYNC_SHUTDOWN_GRACE_SECONDS"])
     assert template["spec"]["terminationGracePeriodSeconds"] > grace
@@ -273,10 +299,10 @@ def test_env_example_lists_every_setting() -> None:
 # -- systemd -----------------------------------------------------------------------------------
 
 
-def _unit_entries() -> list[tuple[str, str, str]]:
+def _unit_entries(unit: Path) -> list[tuple[str, str, str]]:
     """(section, key, value) in file order; systemd allows a key more than once."""
     section, entries = "", []
-    for line in UNIT.read_text().splitlines():
+    for line in unit.read_text().splitlines():
         line = line.strip()
         if not line or line.startswith(("#", ";")):
             continue
@@ -288,27 +314,32 @@ def _unit_entries() -> list[tuple[str, str, str]]:
     return entries
 
 
-def test_the_unit_runs_with_a_dynamic_user_in_its_state_directory() -> None:
+@pytest.mark.parametrize("unit", sorted(UNITS))
+def test_the_unit_runs_with_a_dynamic_user_in_its_state_directory(unit: str) -> None:
+    command, state = UNITS[unit]
     service = {}
     environment = {}
-    for section, key, value in _unit_entries():
+    for section, key, value in _unit_entries(DEPLOY / "systemd" / unit):
         if section == "Service":
             service[key] = value
             if key == "Environment":
                 name, _, setting = value.partition("=")
                 environment[name] = setting
     assert service["DynamicUser"] == "yes"
-    assert service["StateDirectory"] == "spicesync"
+    # Its own: two DynamicUser services sharing one would take it from each other.
+    assert service["StateDirectory"] == state
     assert service["StateDirectoryMode"] == "0700"
-    # The state dir is where the worker runs and where its settings say it may write: with
+    # The state dir is where the process runs and where its settings say it may write: with
     # DynamicUser, ProtectSystem=strict makes everything else read-only.
-    assert service["WorkingDirectory"] == "%S/spicesync"
-    assert environment["SPICESYNC_STATE_DIR"] == "%S/spicesync"
+    assert service["WorkingDirectory"] == f"%S/{state}"
+    assert environment["SPICESYNC_STATE_DIR"] == f"%S/{state}"
     assert environment["SPICESYNC_ENV"] == "production"
-    assert service["ExecStart"].endswith("/spicesync worker")
+    assert service["ExecStart"] == f"/opt/spicesync/bin/spicesync {command}"
     assert service["KillSignal"] == "SIGTERM"
     stop = int(service["TimeoutStopSec"])
-    assert stop > Settings(_env_file=None).shutdown_grace_seconds
+    defaults = Settings(_env_file=None)
+    grace = defaults.shutdown_grace_seconds if command == "worker" else 0
+    assert stop > max(grace, defaults.outbox_rpc_timeout_seconds)
     for hardening in (
         "ProtectHome",
         "PrivateDevices",
@@ -319,20 +350,21 @@ def test_the_unit_runs_with_a_dynamic_user_in_its_state_directory() -> None:
     assert service["CapabilityBoundingSet"] == ""
 
 
-def _installed_copy(tmp_path: Path) -> Path:
+def _installed_copy(unit: str, tmp_path: Path) -> Path:
     """The unit with ExecStart pointing at this environment's `spicesync` (verify checks that
     the program exists; /opt/spicesync is where a real install puts it)."""
-    text = UNIT.read_text()
-    assert "ExecStart=/opt/spicesync/bin/spicesync worker" in text
-    copy = tmp_path / UNIT.name
+    text = (DEPLOY / "systemd" / unit).read_text()
+    assert "ExecStart=/opt/spicesync/bin/spicesync " in text
+    copy = tmp_path / unit
     copy.write_text(text.replace("/opt/spicesync/bin/spicesync", _tool("spicesync")))
     return copy
 
 
-def test_systemd_analyze_verifies_the_unit_and_rates_it_ok(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", sorted(UNITS))
+def test_systemd_analyze_verifies_the_unit_and_rates_it_ok(unit: str, tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is missing: apt-get install systemd"
-    copy = _installed_copy(tmp_path)
+    copy = _installed_copy(unit, tmp_path)
     verified = subprocess.run(
         [analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60, check=False
     )
