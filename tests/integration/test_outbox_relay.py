@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import signal
 import sys
-import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -42,6 +39,7 @@ from spicesync.spicedb import SpiceDBClient, read_user_snapshot
 from spicesync.stack.processes import free_port
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import eventually
+from tests.integration.test_worker_lifecycle import get_json
 from workers.outbox_relay import LISTEN_APPLICATION_NAME
 from workers.worker import build_worker, open_resources
 
@@ -547,7 +545,7 @@ async def test_postgresql_down_the_relay_waits_then_delivers(
     health = f"127.0.0.1:{free_port()}"
 
     async def ready(postgres: str) -> bool:
-        status, body = await asyncio.to_thread(_health, f"http://{health}/readyz")
+        status, body = await asyncio.to_thread(get_json, f"http://{health}/readyz")
         checks = body.get("checks", {})
         return (
             status == (200 if postgres == "ok" else 503)
@@ -571,7 +569,7 @@ async def test_postgresql_down_the_relay_waits_then_delivers(
             await app_db.save(user_id)  # the app's own way to PostgreSQL still works
         await eventually(lambda: _logged(relays, "PostgreSQL is unavailable"), timeout=60)
         await eventually(lambda: ready("failed"), timeout=60)
-        assert (await asyncio.to_thread(_health, f"http://{health}/livez"))[0] == 200
+        assert (await asyncio.to_thread(get_json, f"http://{health}/livez"))[0] == 200
         await asyncio.sleep(3)  # an outage of a few retries
         assert await app_db.outbox_rows() == len(during)
         assert not await user_changed_signals(client, during[0])
@@ -590,17 +588,6 @@ async def test_postgresql_down_the_relay_waits_then_delivers(
     await eventually(lambda: in_step(app_db, spicedb, first + during + after), timeout=180)
     assert log.count("PostgreSQL is unavailable") == 1
     assert log.count("PostgreSQL is available again") == 1
-
-
-def _health(url: str) -> tuple[int, dict[str, Any]]:
-    """Status and JSON body of a health endpoint; ``(0, {})`` while nothing listens."""
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-    except (urllib.error.URLError, ConnectionError):
-        return 0, {}
 
 
 async def _logged(relays: Relays, text: str) -> bool:

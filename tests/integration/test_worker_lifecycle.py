@@ -13,6 +13,7 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -114,7 +115,7 @@ async def test_sigterm_lets_the_activity_in_flight_finish_then_the_worker_exits_
     await handle.terminate("test over")
 
 
-def _get(url: str) -> tuple[int, dict[str, object]]:
+def get_json(url: str) -> tuple[int, dict[str, Any]]:
     """Status and JSON body; ``(0, {})`` while nothing listens yet."""
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
@@ -155,7 +156,7 @@ async def test_readyz_follows_temporal_postgres_and_spicedb(
         log = tmp_path / "worker.log"
         worker = await _spawn(env, log)
         # In a thread: the proxies serve the worker from this event loop.
-        probe = lambda path: asyncio.to_thread(_get, f"http://{health}{path}")  # noqa: E731
+        probe = lambda path: asyncio.to_thread(get_json, f"http://{health}{path}")  # noqa: E731
 
         async def ready(down: str | None = None) -> bool:
             status, body = await probe("/readyz")
