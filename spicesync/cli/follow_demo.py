@@ -255,7 +255,10 @@ async def run_follow_demo(
     say("demo --follow: bringing the local stack up (Temporal, PostgreSQL, SpiceDB)")
     await stack_up(settings or load_settings())
     mapping_path = _example("spicesync.toml")
-    settings = load_settings(config_path=mapping_path, task_queue=_TASK_QUEUE)
+    # The relay runs in this process: no health port to take (or find taken) for a demo.
+    settings = load_settings(
+        config_path=mapping_path, task_queue=_TASK_QUEUE, outbox_health_address=""
+    )
     load_mapping(mapping_path)  # a clear error here rather than in the worker
     say("demo --follow: the application's table (follow_demo.accounts) and SpiceDB schema")
     setup = await asyncpg.connect(settings.require_database_url(), timeout=10)

@@ -69,6 +69,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "SPICESYNC_SPICEDB_PORT": str(free_port()),
         "SPICESYNC_CODEC_PORT": str(free_port()),
         "SPICESYNC_METRICS_ADDRESS": "",
+        "SPICESYNC_HEALTH_ADDRESS": "",
         "SPICESYNC_TASK_QUEUE": "ux-stack",
     }
     up = run(["stack", "up"], env)
@@ -215,9 +216,16 @@ async def test_worker_log_is_json_lines_and_a_stop_mid_repair_is_quiet(
 
     The core warns about every workflow task slower than the threshold: at 0 s, every task. And
     SIGTERM while a reconcile repair waits on a user's workflow (held by an injected PostgreSQL
-    fault) cancels that activity quietly; a second worker finishes the repair.
+    fault) cancels that activity quietly once the shutdown grace is over; a second worker
+    finishes the repair. The grace is 5 s here, below the repair's 20 s heartbeat timeout: with
+    a longer one the server times the blocked activity out first (the core then warns that the
+    late cancellation found no activity).
     """
-    env = stack.on_queue(tmp_path, TEMPORAL_WORKFLOW_TASK_DURATION_WARN_SECONDS="0")
+    env = stack.on_queue(
+        tmp_path,
+        TEMPORAL_WORKFLOW_TASK_DURATION_WARN_SECONDS="0",
+        SPICESYNC_SHUTDOWN_GRACE_SECONDS="5",
+    )
     first = start_worker(env, tmp_path / "first.log")
     second = None
     reconcile = None
