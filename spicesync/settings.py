@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from temporalio.envconfig import ClientConfig, ClientConnectConfig
 
@@ -22,9 +22,18 @@ from spicesync.codec import EncryptionCodec, parse_keys
 from spicesync.constants import DEFAULT_TASK_QUEUE
 from spicesync.limits import SCHEDULE_INTERVAL_SECONDS_MAX, SCHEDULE_INTERVAL_SECONDS_MIN
 
-__all__ = ["STACK_ENV_FILE", "MissingSetting", "Settings", "load_settings", "read_env_file"]
+__all__ = [
+    "CODEC_TOKEN_MIN_LENGTH",
+    "STACK_ENV_FILE",
+    "MissingSetting",
+    "Settings",
+    "load_settings",
+    "read_env_file",
+]
 
 STACK_ENV_FILE = "stack.env"
+# A codec token guards every decrypted payload: long enough that guessing it is hopeless.
+CODEC_TOKEN_MIN_LENGTH = 32
 
 
 class MissingSetting(RuntimeError):
@@ -38,7 +47,10 @@ class Settings(BaseSettings):
     and writes it to ``stack.env``; elsewhere it must be provided.
     """
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    # hide_input_in_errors: a validation error never repeats a value (it might be a key).
+    model_config = SettingsConfigDict(
+        extra="ignore", populate_by_name=True, hide_input_in_errors=True
+    )
 
     environment: Literal["local", "production"] = Field(
         default="local", validation_alias="SPICESYNC_ENV"
@@ -67,6 +79,28 @@ class Settings(BaseSettings):
     encryption_key_id: str | None = Field(
         default=None, validation_alias="SPICESYNC_ENCRYPTION_KEY_ID"
     )
+
+    # The codec server (`spicesync codec-server`): who may call it, from which UI, and how.
+    # A static bearer token (scripts, the Temporal CLI's --codec-auth, the sign-in page) and/or
+    # the UI's SSO access token verified against the identity provider's JWKS.
+    codec_token: SecretStr | None = Field(default=None, validation_alias="SPICESYNC_CODEC_TOKEN")
+    codec_jwks_url: str | None = Field(default=None, validation_alias="SPICESYNC_CODEC_JWKS_URL")
+    codec_jwt_audience: str | None = Field(
+        default=None, validation_alias="SPICESYNC_CODEC_JWT_AUDIENCE"
+    )
+    codec_jwt_issuer: str | None = Field(
+        default=None, validation_alias="SPICESYNC_CODEC_JWT_ISSUER"
+    )
+    codec_jwt_algorithms: str = Field(
+        default="RS256,ES256", validation_alias="SPICESYNC_CODEC_JWT_ALGORITHMS"
+    )
+    # Comma-separated browser origins of the Temporal UI (CORS); default: the local stack's UI.
+    codec_ui_origins: str | None = Field(
+        default=None, validation_alias="SPICESYNC_CODEC_UI_ORIGINS"
+    )
+    codec_allow_encode: bool = Field(default=False, validation_alias="SPICESYNC_CODEC_ENCODE")
+    codec_tls_cert: Path | None = Field(default=None, validation_alias="SPICESYNC_CODEC_TLS_CERT")
+    codec_tls_key: Path | None = Field(default=None, validation_alias="SPICESYNC_CODEC_TLS_KEY")
 
     # Observability: the worker's Prometheus endpoint, and where spans go without OTLP.
     metrics_address: str | None = Field(
@@ -106,6 +140,51 @@ class Settings(BaseSettings):
     stack_temporal_ui_port: int = Field(default=8233, validation_alias="SPICESYNC_TEMPORAL_UI_PORT")
     stack_spicedb_port: int = Field(default=50051, validation_alias="SPICESYNC_SPICEDB_PORT")
     stack_codec_port: int = Field(default=8081, validation_alias="SPICESYNC_CODEC_PORT")
+
+    @field_validator("encryption_keys")
+    @classmethod
+    def _keys_parse(cls, value: SecretStr | None) -> SecretStr | None:
+        # Checked when the settings load, so a bad key is a one-line settings error naming the
+        # variable, not a traceback from deep in the worker (parse_keys names ids, never keys).
+        if value is not None:
+            parse_keys(value.get_secret_value())
+        return value
+
+    @field_validator("codec_token")
+    @classmethod
+    def _codec_token_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < CODEC_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"must be at least {CODEC_TOKEN_MIN_LENGTH} characters"
+                " (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return value
+
+    @field_validator("codec_ui_origins")
+    @classmethod
+    def _codec_origins_explicit(cls, value: str | None) -> str | None:
+        if value is not None and "*" in value:
+            raise ValueError("list the UI's origins; '*' would let any web page call it")
+        return value
+
+    @model_validator(mode="after")
+    def _codec_settings_complete(self) -> Settings:
+        if self.encryption_keys is not None and self.encryption_key_id is not None:
+            keys = parse_keys(self.encryption_keys.get_secret_value())
+            if self.encryption_key_id not in keys:
+                raise ValueError(
+                    f"SPICESYNC_ENCRYPTION_KEY_ID {self.encryption_key_id!r} is not among the"
+                    " ids in SPICESYNC_ENCRYPTION_KEYS"
+                )
+        if (self.codec_tls_cert is None) != (self.codec_tls_key is None):
+            raise ValueError("SPICESYNC_CODEC_TLS_CERT and SPICESYNC_CODEC_TLS_KEY go together")
+        if self.codec_jwks_url and not (self.codec_jwt_audience and self.codec_jwt_issuer):
+            raise ValueError(
+                "SPICESYNC_CODEC_JWKS_URL needs SPICESYNC_CODEC_JWT_AUDIENCE and"
+                " SPICESYNC_CODEC_JWT_ISSUER: without them any token the provider signed for"
+                " any application would be accepted"
+            )
+        return self
 
     @model_validator(mode="after")
     def _production_needs_explicit_services(self) -> Settings:
@@ -172,6 +251,15 @@ class Settings(BaseSettings):
         if self.encryption_key_id:
             env["SPICESYNC_ENCRYPTION_KEY_ID"] = self.encryption_key_id
         return env
+
+    def codec_origins(self) -> list[str]:
+        """The Temporal UI origins the codec server answers (CORS), from the setting or local."""
+        if self.codec_ui_origins:
+            return [o.strip().rstrip("/") for o in self.codec_ui_origins.split(",") if o.strip()]
+        return [
+            self.temporal_ui_url or f"http://127.0.0.1:{self.stack_temporal_ui_port}",
+            f"http://localhost:{self.stack_temporal_ui_port}",
+        ]
 
     def trace_path(self) -> Path:
         """Where spans go when no OTLP endpoint is configured."""

@@ -28,6 +28,7 @@ from spicesync.stack.engine_library import ensure_engine_library
 from spicesync.stack.processes import spawn, tool_path
 
 __all__ = [
+    "embedded_postgres_group",
     "prepare_app_db",
     "prepare_spicedb",
     "spicedb_command",
@@ -79,12 +80,19 @@ def start_temporal(
     return spawn(command, log=log)
 
 
-def start_codec_server(*, port: int, keys: str, ui_port: int, log: Path) -> int:
-    """Start ``spicesync codec-server`` in the background; returns its pid."""
+def start_codec_server(*, port: int, keys: str, token: str, ui_port: int, log: Path) -> int:
+    """Start ``spicesync codec-server`` in the background; returns its pid.
+
+    The keys and the token go through the environment, never the command line (which every
+    local user can read in the process list).
+    """
+    command = [sys.executable, "-m", "spicesync", "codec-server", "--port", str(port)]
+    for host in ("127.0.0.1", "localhost"):  # the UI this stack starts, by either name
+        command += ["--ui-origin", f"http://{host}:{ui_port}"]
     return spawn(
-        [sys.executable, "-m", "spicesync", "codec-server", "--port", str(port)],
+        command,
         log=log,
-        env={"SPICESYNC_ENCRYPTION_KEYS": keys, "SPICESYNC_TEMPORAL_UI_PORT": str(ui_port)},
+        env={"SPICESYNC_ENCRYPTION_KEYS": keys, "SPICESYNC_CODEC_TOKEN": token},
     )
 
 
@@ -167,6 +175,30 @@ async def prepare_app_db(database_url: str) -> list[int]:
         await conn.close()
 
 
+def _embedded_postgres_user() -> str | None:
+    # Run as root, embedded-postgres runs the server as this user (PostgreSQL refuses root).
+    if platform.system() != "Windows" and os.geteuid() == 0:
+        return "embedded_postgres"
+    return None
+
+
+def embedded_postgres_group() -> int | None:
+    """The group of the user the embedded PostgreSQL runs as, if not this process's own.
+
+    That user must pass through the state folder to its data folder inside it, so the state
+    folder is 0710 for this group rather than 0700.
+    """
+    import pwd
+
+    user = _embedded_postgres_user()
+    if user is None:
+        return None
+    try:
+        return pwd.getpwnam(user).pw_gid
+    except KeyError:  # not created yet: embedded-postgres adds it on first start
+        return None
+
+
 def start_embedded_postgres(data_dir: Path) -> str:
     """Start (or find running) the embedded PostgreSQL in ``data_dir``; returns its URL.
 
@@ -181,6 +213,9 @@ def stop_embedded_postgres(data_dir: Path) -> None:
     """Stop the embedded PostgreSQL in ``data_dir`` if it runs."""
     if not (data_dir / "postmaster.pid").exists():
         return
-    user = "embedded_postgres" if platform.system() != "Windows" and os.geteuid() == 0 else None
+    user = _embedded_postgres_user()
+    # As that user and its group: the group is what may pass through the 0710 state folder
+    # (subprocess keeps root's group unless told).
+    ids = {"user": user, "group": embedded_postgres_group()} if user else {}
     pg_ctl = getattr(_commands, "pg_ctl")  # noqa: B009 - made at import time, untyped
-    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir.resolve(), user=user)
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir.resolve(), **ids)
