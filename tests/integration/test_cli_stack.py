@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from spicesync.settings import read_env_file
 from spicesync.stack.processes import free_port, pid_alive
 
 pytestmark = pytest.mark.integration
@@ -86,7 +87,11 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
 
     status = run(["stack", "status"], stack_env)
     assert status.returncode == 0, status.stdout
-    health = [line for line in status.stdout.splitlines() if line.startswith("# ")]
+    health = [
+        line
+        for line in status.stdout.splitlines()
+        if line.startswith("# ") and not line.startswith("# secrets not shown")
+    ]
     assert len(health) == 4 and all(" healthy " in line and "log=" in line for line in health)
     pids = [int(word[4:]) for line in health for word in line.split() if word.startswith("pid=")]
     assert len(pids) == 3 and all(pid_alive(p) for p in pids)
@@ -185,8 +190,9 @@ SECRETS = ("SPICEDB_PRESHARED_KEY", "SPICESYNC_ENCRYPTION_KEYS", "SPICESYNC_CODE
 def test_stack_keeps_its_secrets_private(stack_env: dict[str, str]) -> None:
     up = run(["stack", "up"], stack_env)
     assert up.returncode == 0, up.stderr
-    settings = stack_settings(stack_env)  # asked for: every secret, for scripts
-    secrets = [settings[key] for key in SECRETS]
+    state = Path(stack_env["SPICESYNC_STATE_DIR"])
+    settings = read_env_file(state / "stack.env")
+    secrets = [value for key, value in settings.items() if key in SECRETS]
     secrets.append(settings["SPICESYNC_ENCRYPTION_KEYS"].split(":", 1)[1])  # the bare key
     assert all(len(s) >= 32 for s in secrets)
     status = run(["stack", "status"], stack_env)
@@ -196,8 +202,9 @@ def test_stack_keeps_its_secrets_private(stack_env: dict[str, str]) -> None:
     for output in (up.stdout, status.stdout, shown.stdout):  # and they say where they are
         assert "# secrets not shown" in output and "--show-secrets" in output
     assert parse_env(shown.stdout)["TEMPORAL_ADDRESS"] == settings["TEMPORAL_ADDRESS"]
+    assert stack_settings(stack_env) == settings  # asked for: every secret, for scripts
+    assert len(secrets) == len(SECRETS) + 1  # the codec token is one of them
 
-    state = Path(stack_env["SPICESYNC_STATE_DIR"])
     state_mode = state.stat().st_mode & 0o777
     # 0700; as root, 0710 for the embedded PostgreSQL's own group (it lives in a subfolder).
     assert state_mode == 0o700 or (os.geteuid() == 0 and state_mode == 0o710), oct(state_mode)

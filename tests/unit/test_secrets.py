@@ -121,5 +121,6 @@ def test_settings_errors_never_repeat_the_input() -> None:
         with pytest.raises(ValidationError) as caught:
             Settings(_env_file=None, **fields)  # type: ignore[arg-type]
         text = str(caught.value)
-        for secret in (KEY, KEY[:16], PRESHARED, TOKEN[:20]):
-            assert secret not in text, (fields, text)
+        # Not a part of one either: pydantic's input_value shows the start and end of the input.
+        for part in (KEY[:12], KEY[-12:], PRESHARED[:12], PRESHARED[-12:], TOKEN[:12]):
+            assert part not in text, (fields, text)
