@@ -176,6 +176,19 @@ class _Verifier:
         return None
 
 
+async def _read_at_most(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is longer than ``limit`` (never all of it)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=_NO_STORE | headers)
 
@@ -216,11 +229,8 @@ def build_app(
         operation = request.url.path.rstrip("/").rsplit("/", 1)[-1]
         if operation == "encode" and not allow_encode:
             return _error(403, "/encode is turned off (SPICESYNC_CODEC_ENCODE=true turns it on)")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > _MAX_BODY:
-            return _error(413, "request too large")
-        body = await request.body()
-        if len(body) > _MAX_BODY:
+        body = await _read_at_most(request, _MAX_BODY)
+        if body is None:
             return _error(413, "request too large")
         try:
             payloads = json_format.Parse(body, Payloads())
@@ -238,12 +248,15 @@ def build_app(
             return _error(404, "sign-in needs SPICESYNC_CODEC_TOKEN; this server uses SSO tokens")
         if request.method == "GET":
             return HTMLResponse(_page(_FORM), headers=_PAGE_HEADERS)
-        form = parse_qs((await request.body())[:4096].decode(errors="replace"))
+        body = await _read_at_most(request, 4096)  # anyone may post here: read little
+        form = parse_qs((body or b"").decode(errors="replace"))
         typed = (form.get("token") or [""])[0].strip()
         if not verifier.token_ok(typed):
             request.scope["spicesync_auth"] = None
-            body = _page("<p><strong>That is not this codec server's token.</strong></p>" + _FORM)
-            return HTMLResponse(body, status_code=401, headers=_PAGE_HEADERS)
+            refused = _page(
+                "<p><strong>That is not this codec server's token.</strong></p>" + _FORM
+            )
+            return HTMLResponse(refused, status_code=401, headers=_PAGE_HEADERS)
         request.scope["spicesync_auth"] = "token"
         endpoint = f"{request.url.scheme}://{request.url.netloc}"
         response = HTMLResponse(_page(_signed_in(endpoint)), headers=_PAGE_HEADERS)

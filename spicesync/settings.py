@@ -141,6 +141,21 @@ class Settings(BaseSettings):
     stack_spicedb_port: int = Field(default=50051, validation_alias="SPICESYNC_SPICEDB_PORT")
     stack_codec_port: int = Field(default=8081, validation_alias="SPICESYNC_CODEC_PORT")
 
+    @field_validator(
+        "codec_token",
+        "codec_jwks_url",
+        "codec_jwt_audience",
+        "codec_jwt_issuer",
+        "codec_ui_origins",
+        "codec_tls_cert",
+        "codec_tls_key",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `SPICESYNC_CODEC_TOKEN=` as deploy/env.example leaves it means "not set", not "".
+        return None if value == "" else value
+
     @field_validator("encryption_keys")
     @classmethod
     def _keys_parse(cls, value: SecretStr | None) -> SecretStr | None:

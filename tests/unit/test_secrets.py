@@ -124,3 +124,14 @@ def test_settings_errors_never_repeat_the_input() -> None:
         # Not a part of one either: pydantic's input_value shows the start and end of the input.
         for part in (KEY[:12], KEY[-12:], PRESHARED[:12], PRESHARED[-12:], TOKEN[:12]):
             assert part not in text, (fields, text)
+
+
+def test_an_empty_codec_setting_means_unset() -> None:
+    # deploy/env.example leaves SPICESYNC_CODEC_TOKEN= empty for the processes that need none.
+    settings = Settings(
+        _env_file=None,
+        SPICESYNC_CODEC_TOKEN="",  # type: ignore[call-arg]
+        SPICESYNC_CODEC_TLS_CERT="",
+        SPICESYNC_CODEC_TLS_KEY="",
+    )
+    assert settings.codec_token is None and settings.codec_tls_cert is None
