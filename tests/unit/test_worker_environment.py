@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
+from spicesync.codec import generate_key
 from spicesync.settings import Settings
 
 
@@ -14,8 +15,9 @@ def test_a_worker_gets_exactly_the_given_engines_and_the_callers_tuning(
     monkeypatch.setenv("DATABASE_URL", "postgresql://caller/db")
     monkeypatch.setenv("SPICESYNC_TASK_QUEUE", "callers-queue")
     monkeypatch.setenv("SPICESYNC_WORKER_MAX_CACHED_WORKFLOWS", "5000")
+    keys = f"k1:{generate_key()}"  # a well-formed key: the settings check keys when they load
     settings = Settings(
-        temporal_address="127.0.0.1:7999", encryption_keys=SecretStr("k1:AAAA"), _env_file=None
+        temporal_address="127.0.0.1:7999", encryption_keys=SecretStr(keys), _env_file=None
     )
     env = settings.worker_environment(
         task_queue="q", database_url="postgresql://own/db", spicedb_endpoint="e:1", spicedb_key="s"
@@ -23,7 +25,7 @@ def test_a_worker_gets_exactly_the_given_engines_and_the_callers_tuning(
     assert env["DATABASE_URL"] == "postgresql://own/db"
     assert env["SPICESYNC_TASK_QUEUE"] == "q"
     assert env["TEMPORAL_ADDRESS"] == "127.0.0.1:7999"
-    assert env["SPICESYNC_ENCRYPTION_KEYS"] == "k1:AAAA"
+    assert env["SPICESYNC_ENCRYPTION_KEYS"] == keys
     assert env["SPICESYNC_WORKER_MAX_CACHED_WORKFLOWS"] == "5000"
 
 
