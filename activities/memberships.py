@@ -7,7 +7,6 @@ attempt that was given up on can never land after a newer one.
 
 from __future__ import annotations
 
-import re
 import uuid
 
 import asyncpg
@@ -27,11 +26,7 @@ from spicesync.errors import (
     AppDBUnavailable,
     FailureKind,
     MarkerMoved,
-    SchemaMismatch,
-    SpiceDBRejected,
-    SpiceDBUnavailable,
     SupersededWrite,
-    classify_grpc_status,
     classify_sqlstate,
 )
 from spicesync.models import (
@@ -42,35 +37,22 @@ from spicesync.models import (
 )
 from spicesync.spicedb import (
     SpiceDBClient,
+    failed_precondition,
     marker_filter,
     marker_relationship,
     membership_relationship,
     read_user_snapshot,
+    spicedb_failure,
 )
 
 __all__ = ["MembershipActivities"]
-
-_PRECONDITION_FAILED = "unable to satisfy write precondition"
-# A failed precondition and a schema mismatch share FAILED_PRECONDITION; the text tells them apart:
-# a missing relation ("relation `admin` not found under definition `organization`") or a missing
-# definition altogether ("object definition `organization` not found": an empty schema, as after
-# SpiceDB restarts with its data lost and before the schema is written again).
-_SCHEMA_MISMATCH = re.compile(r"not found under definition|object definition `[^`]*` not found")
 
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 _TOUCH = RelationshipUpdate.Operation.OPERATION_TOUCH
 _DELETE = RelationshipUpdate.Operation.OPERATION_DELETE
-
-
-def _translate(err: grpc.aio.AioRpcError, user_id: str) -> Exception:
-    code = err.code()
-    text = f"user {user_id}: SpiceDB {code.name}: {err.details()}"
-    if code == grpc.StatusCode.FAILED_PRECONDITION and _SCHEMA_MISMATCH.search(err.details() or ""):
-        return SchemaMismatch(text)
-    if classify_grpc_status(code) is FailureKind.PERMANENT:
-        return SpiceDBRejected(text)
-    return SpiceDBUnavailable(text)
+# The mapping onto typed errors is shared with follow mode (spicesync/spicedb.py).
+_translate = spicedb_failure
 
 
 def _written_by(event_id: str) -> Struct:
@@ -177,10 +159,7 @@ class MembershipActivities:
                 )
             return WriteMembershipsResult(zed_token=response.written_at.token)
         except grpc.aio.AioRpcError as err:
-            if not (
-                err.code() == grpc.StatusCode.FAILED_PRECONDITION
-                and _PRECONDITION_FAILED in (err.details() or "")
-            ):
+            if not failed_precondition(err):
                 raise _translate(err, uid) from None
         except _DB_ERRORS as err:
             sqlstate = getattr(err, "sqlstate", None)

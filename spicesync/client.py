@@ -29,7 +29,7 @@ import enum
 import random
 import time
 from datetime import timedelta
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 from temporalio.client import (
@@ -43,12 +43,24 @@ from temporalio.client import (
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
-from spicesync.constants import SUBMIT_EVENT_UPDATE, USER_SYNC_WORKFLOW, user_workflow_id
+from spicesync.constants import (
+    FOLLOWED_USER_WORKFLOW,
+    SUBMIT_EVENT_UPDATE,
+    SYNC_CHANGE_UPDATE,
+    USER_CHANGED_SIGNAL,
+    USER_SYNC_WORKFLOW,
+    followed_user_workflow_id,
+    user_workflow_id,
+)
 from spicesync.errors import EventIdConflict, InvalidUserInput
+from spicesync.mapping import valid_user_id
 from spicesync.models import (
     CreateUserInput,
     EventOutcome,
+    FollowedUserInput,
+    FollowSyncOutcome,
     SubmitEventInput,
+    UserChangedInput,
     UserEvent,
     UserSyncInput,
     WaitStage,
@@ -59,8 +71,11 @@ from spicesync.validation import validate_event
 
 __all__ = [
     "DEFAULT_ACCEPT_WITHIN",
+    "ChangeNotAccepted",
     "EventIdConflict",
     "EventNotAccepted",
+    "FollowSyncFailed",
+    "FollowSyncOutcome",
     "InvalidUserInput",
     "Settings",
     "SyncOutcome",
@@ -71,10 +86,15 @@ __all__ = [
     "create_user",
     "creation_event",
     "delete_user",
+    "deliver_change",
     "load_settings",
     "move_user",
     "submit_event",
+    "user_changed",
 ]
+
+
+_Result = TypeVar("_Result")
 
 
 class WaitFor(enum.StrEnum):
@@ -272,7 +292,7 @@ async def _accepted(
             _collect_start_error(start)
 
 
-async def _outcome(handle: WorkflowUpdateHandle[EventOutcome]) -> EventOutcome:
+async def _outcome(handle: WorkflowUpdateHandle[_Result]) -> _Result:
     """Wait for an accepted event's outcome; it is durable, so a refused poll is polled again."""
     attempts = 0
     while True:
@@ -472,3 +492,158 @@ async def delete_user(
     return await submit_event(
         event, wait=wait, client=client, task_queue=task_queue, accept_within=accept_within
     )
+
+
+# Follow mode (docs/follow-mode.md): the application owns its users table; an event only says
+# "user X changed", and the user's workflow syncs SpiceDB to the row as it is now.
+
+
+class ChangeNotAccepted(Exception):
+    """Temporal did not confirm a change's delivery before the caller's deadline.
+
+    Deliver it again later: a duplicate change is harmless (the sync reads the row as it is).
+    """
+
+    def __init__(self, workflow_id: str, attempts: int, last_error: str) -> None:
+        super().__init__(
+            f"change for {workflow_id} not accepted after {attempts} attempts: {last_error}"
+        )
+        self.workflow_id = workflow_id
+        self.attempts = attempts
+        self.last_error = last_error
+
+
+class FollowSyncFailed(Exception):
+    """The sync failed for good (recorded in ``spicesync_followed_users``, see ``stuck``)."""
+
+    def __init__(self, outcome: FollowSyncOutcome) -> None:
+        super().__init__(f"{outcome.error_type}: {outcome.message}")
+        self.outcome = outcome
+
+
+def _check_change(change: UserChangedInput) -> None:
+    if not valid_user_id(change.user_id):
+        raise InvalidUserInput(
+            "user_id must be 1-128 characters of letters, digits and /_|-=+ (an opaque id)"
+        )
+
+
+async def deliver_change(
+    change: UserChangedInput,
+    *,
+    client: Client,
+    task_queue: str,
+    rpc_timeout: timedelta | None = None,
+) -> str:
+    """Deliver one change with signal-with-start, durable once the server answers.
+
+    No worker has to pick the change up before this returns, so a busy worker never slows the
+    caller (a relay, say). One try; the caller decides what to do about a refusal.
+
+    Args:
+        change: The change.
+        client: A client built with ``pydantic_data_converter``.
+        task_queue: The workers' task queue.
+        rpc_timeout: The call's own deadline; the client's default without it.
+
+    Returns:
+        The user's workflow id.
+
+    Raises:
+        InvalidUserInput: The user id is not an opaque, SpiceDB-safe id; nothing was sent.
+        RPCError: Temporal refused the call.
+    """
+    _check_change(change)
+    workflow_id = followed_user_workflow_id(change.user_id)
+    await client.start_workflow(
+        FOLLOWED_USER_WORKFLOW,
+        FollowedUserInput(user_id=change.user_id),
+        id=workflow_id,
+        task_queue=task_queue,
+        start_signal=USER_CHANGED_SIGNAL,
+        start_signal_args=[change],
+        rpc_timeout=rpc_timeout,
+    )
+    return workflow_id
+
+
+async def user_changed(
+    user_id: str,
+    version: int | None = None,
+    *,
+    wait: Literal["accepted", "applied"] = "accepted",
+    client: Client | None = None,
+    task_queue: str | None = None,
+    accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
+) -> FollowSyncOutcome:
+    """Tell spicesync that a followed user's row changed (inserted, updated or deleted).
+
+    Call it after the application's transaction committed (or insert into
+    ``spicesync_outbox`` inside the transaction instead, for a guarantee).
+
+    Args:
+        user_id: The user's id in the application's table.
+        version: The row's version after the change, if the mapping names a version column.
+        wait: ``accepted``: return once Temporal durably holds the change (signal-with-start;
+            no worker needed); ``applied``: once a sync that began after it has finished,
+            with its ZedToken.
+        client: An injected Temporal client; connected from the settings when omitted.
+        task_queue: The workers' task queue; the settings' by default.
+        accept_within: How long to keep retrying calls refused for a passing reason.
+
+    Returns:
+        ``skipped`` (accepted, not waited for) or the sync's ``synced``/``unchanged``.
+
+    Raises:
+        InvalidUserInput: The user id is not an opaque, SpiceDB-safe id.
+        FollowSyncFailed: ``applied`` only: the sync failed for good.
+        ChangeNotAccepted: Temporal kept refusing for passing reasons until ``accept_within``.
+    """
+    change = UserChangedInput(user_id=user_id, version=version, source="app")
+    _check_change(change)
+    client, task_queue = await client_and_queue(client, task_queue)
+    workflow_id = followed_user_workflow_id(user_id)
+    deadline = time.monotonic() + accept_within.total_seconds()
+    attempts = 0
+    while True:
+        attempts += 1
+        left = deadline - time.monotonic()
+        try:
+            if wait == "accepted":
+                await asyncio.wait_for(
+                    deliver_change(change, client=client, task_queue=task_queue),
+                    timeout=left if left > 0 else None,
+                )
+                return FollowSyncOutcome(user_id=user_id, status="skipped", version=version)
+            start: WithStartWorkflowOperation[Any, None] = WithStartWorkflowOperation(
+                FOLLOWED_USER_WORKFLOW,
+                FollowedUserInput(user_id=user_id),
+                id=workflow_id,
+                task_queue=task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            )
+            try:
+                handle: WorkflowUpdateHandle[FollowSyncOutcome] = await asyncio.wait_for(
+                    client.start_update_with_start_workflow(
+                        SYNC_CHANGE_UPDATE,
+                        change,
+                        start_workflow_operation=start,
+                        wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                        result_type=FollowSyncOutcome,
+                    ),
+                    timeout=left if left > 0 else None,
+                )
+            finally:
+                _collect_start_error(start)
+            break
+        except (RPCError, WorkflowUpdateRPCTimeoutOrCancelledError, TimeoutError) as err:
+            if not _passing(err):
+                raise
+            pause = min(_MAX_PAUSE, _FIRST_PAUSE * 2 ** (attempts - 1)) * random.uniform(0.5, 1)
+            if time.monotonic() + pause > deadline:
+                raise ChangeNotAccepted(workflow_id, attempts, _describe(err)) from err
+            await asyncio.sleep(pause)
+    outcome = await _outcome(handle)
+    if outcome.status == "failed":
+        raise FollowSyncFailed(outcome)
+    return outcome

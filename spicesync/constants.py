@@ -12,17 +12,25 @@ __all__ = [
     "BACKFILL_WORKFLOW_ID",
     "DEFAULT_TASK_QUEUE",
     "EVENTS_PER_RUN",
+    "FOLLOWED_USER_WORKFLOW",
+    "FOLLOWED_USER_WORKFLOW_ID_PREFIX",
     "HELD_CHANGE_GRACE",
     "LOCAL_STEP_TIMEOUT",
     "MAX_IN_FLIGHT_UPDATES",
+    "OUTBOX_CHANNEL",
     "RECONCILE_SCHEDULE_ID",
     "RECONCILE_WORKFLOW_ID",
     "SEARCH_ATTRIBUTES",
     "SPICEDB_CALL_TIMEOUT_SECONDS",
     "SUBMIT_EVENT_UPDATE",
+    "SYNC_CHANGE_UPDATE",
+    "TEMPORAL_DYNAMIC_CONFIG",
+    "USER_CHANGED_SIGNAL",
     "USER_SYNC_WORKFLOW",
     "USER_WORKFLOW_ID_PREFIX",
     "dev_server_dynamic_config",
+    "dynamic_config_value",
+    "followed_user_workflow_id",
     "user_workflow_id",
 ]
 
@@ -34,6 +42,17 @@ USER_WORKFLOW_ID_PREFIX: Final = "user-"
 # (spicesync.client) addresses them by name so that an application needs no workflow code.
 USER_SYNC_WORKFLOW: Final = "UserSyncWorkflow"
 SUBMIT_EVENT_UPDATE: Final = "submit"
+
+# Follow mode (docs/follow-mode.md): one workflow per followed user of the application's own table.
+# ``user_changed`` is a signal, so delivering a change (signal-with-start) is durable as soon as
+# the server answers, without waiting for a worker; ``sync_change`` is the update a caller uses
+# to wait until a sync that began after its change has finished.
+FOLLOWED_USER_WORKFLOW: Final = "FollowedUserWorkflow"
+FOLLOWED_USER_WORKFLOW_ID_PREFIX: Final = "followed-user-"
+USER_CHANGED_SIGNAL: Final = "user_changed"
+SYNC_CHANGE_UPDATE: Final = "sync_change"
+# The outbox's insert trigger notifies this channel; relays LISTEN on it (polling is the fallback).
+OUTBOX_CHANNEL: Final = "spicesync_outbox"
 
 # One on-demand reconcile at a time; the schedule's runs get this id plus their start time.
 RECONCILE_WORKFLOW_ID: Final = "spicesync-reconcile"
@@ -53,21 +72,37 @@ MAX_IN_FLIGHT_UPDATES: Final = 500
 EVENTS_PER_RUN: Final = 500
 
 
+# Temporal dynamic config spicesync relies on: the local stack and the tests start the dev
+# server with it, and ``spicesync setup-namespace`` prints it for a production cluster (dynamic
+# config lives in the server's config file, out of any client API's reach).
+TEMPORAL_DYNAMIC_CONFIG: Final[dict[str, bool | int]] = {
+    # Without it, a burst of events for one user past 10 waiting callers is refused.
+    "history.maxInFlightUpdates": MAX_IN_FLIGHT_UPDATES,
+    # The first write of every event is a normal activity (workflows/steps.py explains why):
+    # eager dispatch hands it back to the worker that scheduled it, without a poll.
+    "system.enableActivityEagerExecution": True,
+}
+
+
+def dynamic_config_value(value: bool | int) -> str:
+    """A dynamic config value as Temporal's YAML and the dev server's flag spell it."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def dev_server_dynamic_config() -> list[str]:
     """``--dynamic-config-value`` arguments for the Temporal dev server (stack and tests)."""
-    values = {
-        "system.enableEagerWorkflowStart": "true",
-        # The first write of every event is a normal activity (workflows/steps.py explains why):
-        # eager dispatch hands it back to the worker that scheduled it, without a poll.
-        "system.enableActivityEagerExecution": "true",
-        "history.maxInFlightUpdates": str(MAX_IN_FLIGHT_UPDATES),
-    }
+    # Eager workflow start too, which spicesync does not need (the SDK has no eager
+    # update-with-start) but costs nothing and keeps the dev server as it always ran.
+    values = {"system.enableEagerWorkflowStart": True, **TEMPORAL_DYNAMIC_CONFIG}
     return [
-        arg for key, value in values.items() for arg in ("--dynamic-config-value", f"{key}={value}")
+        arg
+        for key, value in values.items()
+        for arg in ("--dynamic-config-value", f"{key}={dynamic_config_value(value)}")
     ]
 
 
-# Search attributes the stack registers on the dev server. Values are opaque ids only.
+# Search attributes the stack registers on the dev server (``spicesync setup-namespace`` on a
+# cluster). Values are opaque ids only.
 SEARCH_ATTRIBUTES: Final[dict[str, str]] = {
     "SpicesyncUserId": "Keyword",
     "SpicesyncOrgId": "Keyword",
@@ -84,6 +119,8 @@ ACTIVE_STAGES: Final = (
     "recording_row",
     "compensating",
     "parked",
+    # Follow mode (workflows/followed_user.py): reading the row and writing SpiceDB.
+    "syncing",
 )
 
 # One attempt of an activity; retries are the RetryPolicy's job, so keep each try short.
@@ -113,3 +150,16 @@ def user_workflow_id(user_id: uuid.UUID | str) -> str:
         The workflow id; it carries only the opaque user id.
     """
     return f"{USER_WORKFLOW_ID_PREFIX}{uuid.UUID(str(user_id))}"
+
+
+def followed_user_workflow_id(user_id: str) -> str:
+    """Return the id of the workflow that keeps a followed user's relationships in step.
+
+    Args:
+        user_id: The user's id in the application's table (opaque: a uuid, a number or a
+            SpiceDB-safe text id; see :func:`spicesync.mapping.valid_user_id`).
+
+    Returns:
+        The workflow id; it carries only the opaque user id.
+    """
+    return f"{FOLLOWED_USER_WORKFLOW_ID_PREFIX}{user_id}"

@@ -30,8 +30,10 @@ __all__ = [
     "EventIdConflict",
     "FailureKind",
     "InvalidUserInput",
+    "MarkerChanged",
     "MarkerMoved",
     "PermanentSyncError",
+    "RowUnmappable",
     "SchemaMismatch",
     "SpiceDBRejected",
     "SpiceDBUnavailable",
@@ -127,6 +129,17 @@ class MarkerMoved(PermanentSyncError):
     benign = True
 
 
+class RowUnmappable(PermanentSyncError):
+    """Follow mode: the application's row maps to no valid relationship (an invalid object id).
+
+    Nothing was written to SpiceDB; the failure is recorded in ``spicesync_followed_users`` and
+    the next change of the user tries again. The message names the mapping's rule and column,
+    never the value.
+    """
+
+    benign = True
+
+
 NON_RETRYABLE_ERROR_TYPES: Final[list[str]] = [
     InvalidUserInput.__name__,
     DuplicateEmail.__name__,
@@ -136,6 +149,7 @@ NON_RETRYABLE_ERROR_TYPES: Final[list[str]] = [
     SupersededWrite.__name__,
     SchemaMismatch.__name__,
     MarkerMoved.__name__,
+    RowUnmappable.__name__,
 ]
 
 
@@ -145,6 +159,15 @@ class AppDBUnavailable(Exception):
 
 class SpiceDBUnavailable(Exception):
     """SpiceDB could not be reached or answered with a transient error; retried."""
+
+
+class MarkerChanged(Exception):
+    """Follow mode: the user's marker moved between a sync's read and its write; retried.
+
+    Nothing was written (the write's precondition failed). Something else wrote the user's
+    relationships meanwhile (an older attempt of the same sync that woke up late, say); the
+    retry reads both stores again and writes what is still missing.
+    """
 
 
 class FailureKind(enum.StrEnum):

@@ -10,6 +10,7 @@ from typing import Final
 __all__ = [
     "BACKFILL_BATCH_SIZE_MAX",
     "BACKFILL_LANES_MAX",
+    "PRESHARED_KEY_MIN_CHARS",
     "RECONCILE_PAGE_SIZE_MAX",
     "SCHEDULE_INTERVAL_SECONDS_MAX",
     "SCHEDULE_INTERVAL_SECONDS_MIN",
@@ -29,3 +30,7 @@ BACKFILL_BATCH_SIZE_MAX: Final = 500
 
 # Disjoint id ranges a backfill writes side by side.
 BACKFILL_LANES_MAX: Final = 16
+
+# The shortest SpiceDB preshared key production accepts: the local stack generates 32 characters
+# (``secrets.token_urlsafe(24)``, 192 random bits); a shorter one is guessable or a placeholder.
+PRESHARED_KEY_MIN_CHARS: Final = 32

@@ -31,6 +31,10 @@ __all__ = [
     "DriftKind",
     "EventOutcome",
     "EventStatus",
+    "FollowCarried",
+    "FollowSyncOutcome",
+    "FollowSyncStatus",
+    "FollowedUserInput",
     "InsertCreatedRowInput",
     "InsertCreatedRowResult",
     "Membership",
@@ -42,6 +46,7 @@ __all__ = [
     "ReconcileReport",
     "ReconcileUserInput",
     "ReconcileUserResult",
+    "RecordFollowFailureInput",
     "RecordRepairInput",
     "RepairUsersInput",
     "RepairUsersResult",
@@ -52,7 +57,10 @@ __all__ = [
     "ScanPageResult",
     "ScanSpiceDBPageInput",
     "SubmitEventInput",
+    "SyncFollowedUserInput",
+    "SyncFollowedUserResult",
     "UndoCreatedRowInput",
+    "UserChangedInput",
     "UserEvent",
     "UserState",
     "UserSyncInput",
@@ -514,3 +522,84 @@ class BackfillResult(_Model):
 
 ReconcileInput.model_rebuild()
 BackfillInput.model_rebuild()
+
+
+# Follow mode (docs/follow-mode.md): spicesync follows the application's own users table.
+
+FollowSyncStatus = Literal["synced", "unchanged", "skipped", "failed"]
+
+
+class UserChangedInput(_Model):
+    """A "user X changed" event: the ``user_changed`` signal and the ``sync_change`` update.
+
+    It says nothing of what changed: the user's workflow reads the row as it is now, so a
+    duplicate, late or out-of-order change is harmless.
+    """
+
+    user_id: str
+    # The row's version after the change, when the mapping names a version column: a change not
+    # newer than what is applied needs no sync.
+    version: int | None = None
+    # Where the change came from in its feed (a WAL position, a stream sequence), for audits.
+    position: str | None = None
+    # Who delivered it: "app", "outbox", "cdc", "nats", "reconcile", "backfill".
+    source: str = "app"
+
+
+class FollowCarried(_Model):
+    """What one run of a followed user's workflow hands to the next."""
+
+    synced_version: int | None = None
+    # The ZedToken of the last sync, given to a caller whose change needed no sync.
+    zed_token: str | None = None
+    # A change arrived and was not synced yet when the run continued as new.
+    pending: bool = False
+
+
+class FollowedUserInput(_Model):
+    """Input of a followed user's workflow; ``carried`` is set when it continues as new."""
+
+    user_id: str
+    idle_seconds: float = 600.0
+    syncs_per_run: int = EVENTS_PER_RUN
+    carried: FollowCarried | None = None
+
+
+class SyncFollowedUserInput(_Model):
+    """Input of ``sync_followed_user``: make SpiceDB match the user's row as it is now."""
+
+    user_id: str
+    # Recorded as transaction metadata on the SpiceDB write, with the workflow's ids.
+    sync_id: str
+    position: str | None = None
+
+
+class SyncFollowedUserResult(_Model):
+    """What one sync did (counts and opaque ids only, never the row's values)."""
+
+    status: Literal["synced", "unchanged"]
+    row_exists: bool
+    version: int | None = None
+    added: int = 0
+    removed: int = 0
+    marker: int | None = None
+    zed_token: str
+
+
+class RecordFollowFailureInput(_Model):
+    """Input of ``record_follow_failure``: a sync failed for good; say so in the bookkeeping."""
+
+    user_id: str
+    error_type: str
+    message: str
+
+
+class FollowSyncOutcome(_Model):
+    """What a caller of ``sync_change`` learns."""
+
+    user_id: str
+    status: FollowSyncStatus
+    version: int | None = None
+    zed_token: str | None = None
+    error_type: str | None = None
+    message: str | None = None

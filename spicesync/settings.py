@@ -6,11 +6,19 @@ development, from the ``stack.env`` file that ``spicesync stack up`` writes into
 directory. The environment always wins over the file. The Temporal connection follows the SDK's
 own env-config conventions (``TEMPORAL_ADDRESS``, ``TEMPORAL_NAMESPACE``, ``TEMPORAL_API_KEY``,
 ``TEMPORAL_PROFILE``, TLS variables and the TOML profile file).
+
+``SPICESYNC_ENV=production`` is strict (docs/operations.md, "Production mode"): every setting it
+needs is explicit, every connection is TLS with the server's certificate verified (unless
+``SPICESYNC_ALLOW_PLAINTEXT_IN_PRODUCTION=i-understand``, warned about at every start), secrets
+are of a sane length, and a local stack's ``stack.env`` is refused rather than read.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,13 +28,24 @@ from temporalio.envconfig import ClientConfig, ClientConnectConfig
 
 from spicesync.codec import EncryptionCodec, parse_keys
 from spicesync.constants import DEFAULT_TASK_QUEUE
-from spicesync.limits import SCHEDULE_INTERVAL_SECONDS_MAX, SCHEDULE_INTERVAL_SECONDS_MIN
+from spicesync.limits import (
+    PRESHARED_KEY_MIN_CHARS,
+    SCHEDULE_INTERVAL_SECONDS_MAX,
+    SCHEDULE_INTERVAL_SECONDS_MIN,
+)
+from spicesync.mapping import FollowMapping, load_mapping
 
 __all__ = [
     "CODEC_TOKEN_MIN_LENGTH",
+    "DEFAULT_MAPPING_FILE",
+    "PLAINTEXT_OPT_OUT",
+    "PLAINTEXT_OPT_OUT_VALUE",
     "STACK_ENV_FILE",
     "MissingSetting",
     "Settings",
+    "UnsafeSetting",
+    "database_sslmode",
+    "is_loopback",
     "load_settings",
     "read_env_file",
 ]
@@ -34,10 +53,65 @@ __all__ = [
 STACK_ENV_FILE = "stack.env"
 # A codec token guards every decrypted payload: long enough that guessing it is hopeless.
 CODEC_TOKEN_MIN_LENGTH = 32
+DEFAULT_MAPPING_FILE = "spicesync.toml"
+# The one way to run production over connections that are not verified TLS. Loud on purpose:
+# the name says what it allows, the value must be typed out, and every start logs a warning.
+PLAINTEXT_OPT_OUT = "SPICESYNC_ALLOW_PLAINTEXT_IN_PRODUCTION"
+PLAINTEXT_OPT_OUT_VALUE = "i-understand"
+# libpq's modes that check the server's certificate (verify-ca: the chain; verify-full: the
+# host name too). ``require`` encrypts but accepts any certificate, so a man in the middle too.
+_VERIFYING_SSLMODES = ("verify-ca", "verify-full")
+
+log = logging.getLogger("spicesync.settings")
 
 
 class MissingSetting(RuntimeError):
     """A setting the command needs is not configured."""
+
+
+class UnsafeSetting(MissingSetting):
+    """A setting is present but unsafe where it is used (production).
+
+    A kind of :class:`MissingSetting` (what is missing is the safe value), so every command
+    reports it the same way: one line naming the setting, exit status 2.
+    """
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` (or a bare host) names this machine (``localhost``, 127/8, ``::1``).
+
+    Args:
+        address: ``host:port``, ``[v6]:port`` or a host.
+
+    Returns:
+        True for a loopback host; False for any other name, even one that resolves locally.
+    """
+    host = address
+    if address.startswith("["):
+        host = address[1:].partition("]")[0]
+    elif address.count(":") == 1:
+        host = address.partition(":")[0]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def database_sslmode(url: str) -> str:
+    """The libpq ``sslmode`` a connection to ``url`` uses, as asyncpg resolves it.
+
+    Args:
+        url: A ``postgresql://`` URL.
+
+    Returns:
+        The URL's ``sslmode``, else ``PGSSLMODE`` from the environment, else ``prefer``.
+    """
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    if query.get("sslmode"):
+        return query["sslmode"][-1]
+    return os.environ.get("PGSSLMODE") or "prefer"
 
 
 class Settings(BaseSettings):
@@ -47,7 +121,8 @@ class Settings(BaseSettings):
     and writes it to ``stack.env``; elsewhere it must be provided.
     """
 
-    # hide_input_in_errors: a validation error never repeats a value (it might be a key).
+    # Errors name settings, never their values: pydantic would otherwise print every input,
+    # secrets included, beside a failed check.
     model_config = SettingsConfigDict(
         extra="ignore", populate_by_name=True, hide_input_in_errors=True
     )
@@ -66,7 +141,25 @@ class Settings(BaseSettings):
     spicedb_preshared_key: SecretStr | None = Field(
         default=None, validation_alias="SPICEDB_PRESHARED_KEY"
     )
-    spicedb_insecure: bool = Field(default=True, validation_alias="SPICEDB_INSECURE")
+    # TLS to SpiceDB: a private CA (the system's roots otherwise) and a client certificate for
+    # mutual TLS. Declared before ``spicedb_insecure``, whose default depends on them.
+    spicedb_tls_ca: Path | None = Field(default=None, validation_alias="SPICEDB_TLS_CA")
+    spicedb_tls_cert: Path | None = Field(default=None, validation_alias="SPICEDB_TLS_CERT")
+    spicedb_tls_key: Path | None = Field(default=None, validation_alias="SPICEDB_TLS_KEY")
+    # Plaintext by default only locally, where the stack's SpiceDB listens on 127.0.0.1; TLS in
+    # production and wherever a certificate is configured.
+    spicedb_insecure: bool = Field(
+        default_factory=lambda data: (
+            data.get("environment") != "production"
+            and not any(data.get(f"spicedb_tls_{part}") for part in ("ca", "cert", "key"))
+        ),
+        validation_alias="SPICEDB_INSECURE",
+    )
+    # See PLAINTEXT_OPT_OUT. PostgreSQL's TLS (a private CA, client certificates) is configured
+    # in DATABASE_URL the libpq way: sslmode, sslrootcert, sslcert, sslkey.
+    allow_plaintext_in_production: str | None = Field(
+        default=None, validation_alias=PLAINTEXT_OPT_OUT
+    )
 
     temporal_address: str = Field(default="localhost:7233", validation_alias="TEMPORAL_ADDRESS")
     temporal_namespace: str = Field(default="default", validation_alias="TEMPORAL_NAMESPACE")
@@ -101,6 +194,11 @@ class Settings(BaseSettings):
     codec_allow_encode: bool = Field(default=False, validation_alias="SPICESYNC_CODEC_ENCODE")
     codec_tls_cert: Path | None = Field(default=None, validation_alias="SPICESYNC_CODEC_TLS_CERT")
     codec_tls_key: Path | None = Field(default=None, validation_alias="SPICESYNC_CODEC_TLS_KEY")
+
+    # Follow mode: the mapping of the application's own users table (docs/follow-mode.md). Unset,
+    # ``spicesync.toml`` in the working directory is used if it exists; without one, spicesync
+    # runs in owned mode (its own ``users`` table).
+    config_path: Path | None = Field(default=None, validation_alias="SPICESYNC_CONFIG")
 
     # Observability: the worker's Prometheus endpoint, and where spans go without OTLP.
     metrics_address: str | None = Field(
@@ -156,15 +254,6 @@ class Settings(BaseSettings):
         # `SPICESYNC_CODEC_TOKEN=` as deploy/env.example leaves it means "not set", not "".
         return None if value == "" else value
 
-    @field_validator("encryption_keys")
-    @classmethod
-    def _keys_parse(cls, value: SecretStr | None) -> SecretStr | None:
-        # Checked when the settings load, so a bad key is a one-line settings error naming the
-        # variable, not a traceback from deep in the worker (parse_keys names ids, never keys).
-        if value is not None:
-            parse_keys(value.get_secret_value())
-        return value
-
     @field_validator("codec_token")
     @classmethod
     def _codec_token_strong(cls, value: SecretStr | None) -> SecretStr | None:
@@ -184,13 +273,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _codec_settings_complete(self) -> Settings:
-        if self.encryption_keys is not None and self.encryption_key_id is not None:
-            keys = parse_keys(self.encryption_keys.get_secret_value())
-            if self.encryption_key_id not in keys:
-                raise ValueError(
-                    f"SPICESYNC_ENCRYPTION_KEY_ID {self.encryption_key_id!r} is not among the"
-                    " ids in SPICESYNC_ENCRYPTION_KEYS"
-                )
         if (self.codec_tls_cert is None) != (self.codec_tls_key is None):
             raise ValueError("SPICESYNC_CODEC_TLS_CERT and SPICESYNC_CODEC_TLS_KEY go together")
         if self.codec_jwks_url and not (self.codec_jwt_audience and self.codec_jwt_issuer):
@@ -202,23 +284,130 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _production_needs_explicit_services(self) -> Settings:
+    def _check(self) -> Settings:
+        problems = self._problems()
         if self.environment == "production":
-            missing = [
-                name
-                for name, value in (
-                    ("DATABASE_URL", self.database_url),
-                    ("SPICEDB_ENDPOINT", self.spicedb_endpoint),
-                    ("SPICEDB_PRESHARED_KEY", self.spicedb_preshared_key),
-                    ("SPICESYNC_ENCRYPTION_KEYS", self.encryption_keys),
-                )
-                if not value
-            ]
-            if missing:
-                raise ValueError(
-                    "SPICESYNC_ENV=production needs " + ", ".join(missing) + " to be set"
-                )
+            problems += self._production_problems()
+        if problems:
+            # One line, naming each setting; never a value (some are secrets).
+            raise ValueError("; ".join(problems))
         return self
+
+    def _problems(self) -> list[str]:
+        """What is wrong in any environment: unusable keys, missing or contradictory TLS files."""
+        problems: list[str] = []
+        if self.encryption_keys is not None:
+            try:
+                keys = parse_keys(self.encryption_keys.get_secret_value())
+            except ValueError as err:  # its message names key ids, never key material
+                problems.append(f"SPICESYNC_ENCRYPTION_KEYS: {err}")
+            else:
+                if self.encryption_key_id and self.encryption_key_id not in keys:
+                    problems.append(
+                        f"SPICESYNC_ENCRYPTION_KEY_ID {self.encryption_key_id!r} is not among the"
+                        " ids in SPICESYNC_ENCRYPTION_KEYS"
+                    )
+        for name, path in (
+            ("SPICEDB_TLS_CA", self.spicedb_tls_ca),
+            ("SPICEDB_TLS_CERT", self.spicedb_tls_cert),
+            ("SPICEDB_TLS_KEY", self.spicedb_tls_key),
+        ):
+            if path is not None and not path.is_file():
+                problems.append(f"{name}: no such file {path}")
+        if self.spicedb_tls_key is not None and self.spicedb_tls_cert is None:
+            problems.append(
+                "SPICEDB_TLS_KEY is set without SPICEDB_TLS_CERT (the client certificate)"
+            )
+        tls_files = self.spicedb_tls_ca or self.spicedb_tls_cert or self.spicedb_tls_key
+        if tls_files and self.spicedb_insecure:
+            problems.append(
+                "SPICEDB_TLS_CA/CERT/KEY are set but SPICEDB_INSECURE=true: unset one of them"
+            )
+        return problems
+
+    def _production_problems(self) -> list[str]:
+        """What production refuses: implicit services, short keys, unverified connections."""
+        missing = [
+            name
+            for name, value in (
+                ("DATABASE_URL", self.database_url),
+                ("SPICEDB_ENDPOINT", self.spicedb_endpoint),
+                ("SPICEDB_PRESHARED_KEY", self.spicedb_preshared_key),
+                ("SPICESYNC_ENCRYPTION_KEYS", self.encryption_keys),
+            )
+            if not value
+        ]
+        problems = (
+            ["SPICESYNC_ENV=production needs " + ", ".join(missing) + " to be set"]
+            if missing
+            else []
+        )
+        key = self.spicedb_preshared_key
+        if key is not None and 0 < len(key.get_secret_value()) < PRESHARED_KEY_MIN_CHARS:
+            problems.append(
+                f"SPICEDB_PRESHARED_KEY is shorter than {PRESHARED_KEY_MIN_CHARS} characters: use"
+                " a long random key (e.g. `openssl rand -base64 32`)"
+            )
+        opt_out = self.allow_plaintext_in_production
+        if opt_out and opt_out != PLAINTEXT_OPT_OUT_VALUE:
+            problems.append(f"{PLAINTEXT_OPT_OUT} must be {PLAINTEXT_OPT_OUT_VALUE!r} or unset")
+            return problems
+        plaintext = self.plaintext_connections()
+        if plaintext and not opt_out:
+            problems += plaintext
+        elif plaintext:
+            log.warning(
+                "%s is set: production runs over connections that are not verified TLS; "
+                "secrets and user data can be read or changed on the way: %s",
+                PLAINTEXT_OPT_OUT,
+                "; ".join(plaintext),
+            )
+        return problems
+
+    def plaintext_connections(self) -> list[str]:
+        """The connections to SpiceDB and PostgreSQL that are not verified TLS, each explained.
+
+        Temporal's connection is judged where it is built (:meth:`temporal_connect_config`):
+        its TLS comes from the SDK's env-config, profile files included.
+
+        Returns:
+            One sentence per connection, naming the setting to change; empty when all verify.
+        """
+        found: list[str] = []
+        if self.spicedb_insecure:
+            found.append(
+                "SPICEDB_INSECURE=true sends the preshared key and every relationship in clear:"
+                " use TLS (SPICEDB_INSECURE=false; SPICEDB_TLS_CA for a private CA)"
+            )
+        if self.database_url:
+            sslmode = database_sslmode(self.database_url)
+            if sslmode not in _VERIFYING_SSLMODES:
+                found.append(
+                    f"DATABASE_URL connects with sslmode={sslmode}, which does not verify the"
+                    " server's certificate: add sslmode=verify-full to the URL (and"
+                    " sslrootcert=<CA file> for a private CA)"
+                )
+        return found
+
+    def mapping_path(self) -> Path | None:
+        """The follow-mode mapping file, or ``None`` in owned mode.
+
+        An explicit ``SPICESYNC_CONFIG`` is returned even if the file is missing, so that
+        loading it fails with a clear error instead of silently falling back to owned mode.
+        """
+        if self.config_path is not None:
+            return self.config_path
+        default = Path(DEFAULT_MAPPING_FILE)
+        return default if default.is_file() else None
+
+    def follow_mapping(self) -> FollowMapping | None:
+        """Load and validate the mapping; ``None`` in owned mode.
+
+        Raises:
+            MappingError: The file is missing or invalid (the message names the key).
+        """
+        path = self.mapping_path()
+        return None if path is None else load_mapping(path)
 
     def require_database_url(self) -> str:
         """Return ``DATABASE_URL`` or raise a clear error naming it."""
@@ -291,17 +480,33 @@ class Settings(BaseSettings):
         """Load the Temporal connection the SDK's env-config way.
 
         The stack's ``TEMPORAL_*`` values act as the environment's defaults, so a profile file
-        or real environment variables still override them.
+        or real environment variables still override them. In production, a Temporal that is
+        not on this machine must be reached over TLS.
 
         Returns:
             Keyword arguments for ``temporalio.client.Client.connect``.
+
+        Raises:
+            UnsafeSetting: Production, a non-local address and no TLS, without the opt-out.
         """
         env = {
             "TEMPORAL_ADDRESS": self.temporal_address,
             "TEMPORAL_NAMESPACE": self.temporal_namespace,
         }
         env.update(os.environ)
-        return ClientConfig.load_client_connect_config(override_env_vars=env)
+        config = ClientConfig.load_client_connect_config(override_env_vars=env)
+        address = config.get("target_host", self.temporal_address)
+        # The SDK always verifies Temporal's certificate when TLS is on (True or a TLSConfig).
+        if self.environment == "production" and not config.get("tls") and not is_loopback(address):
+            problem = (
+                f"TEMPORAL_ADDRESS {address} is not on this machine and the connection has no"
+                " TLS: set TEMPORAL_TLS=true (TEMPORAL_TLS_SERVER_CA_CERT_PATH for a private CA,"
+                " TEMPORAL_TLS_CLIENT_CERT_PATH/_KEY_PATH for mutual TLS) or use a TLS profile"
+            )
+            if self.allow_plaintext_in_production != PLAINTEXT_OPT_OUT_VALUE:
+                raise UnsafeSetting(problem)
+            log.warning("%s is set: %s", PLAINTEXT_OPT_OUT, problem)
+        return config
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -332,7 +537,22 @@ def load_settings(**overrides: Any) -> Settings:
 
     Returns:
         The settings.
+
+    Raises:
+        UnsafeSetting: Production, and a local stack's ``stack.env`` is there: its plaintext
+            local services and generated key must never stand in for production's settings.
     """
     state_dir = Path(os.environ.get("SPICESYNC_STATE_DIR", ".spicesync"))
     stack_file = state_dir / STACK_ENV_FILE
-    return Settings(_env_file=stack_file if stack_file.is_file() else None, **overrides)
+    if not stack_file.is_file():
+        return Settings(**overrides)
+    environment = overrides.get("environment") or next(
+        (v for k, v in os.environ.items() if k.upper() == "SPICESYNC_ENV"), None
+    )
+    if environment == "production":
+        raise UnsafeSetting(
+            f"SPICESYNC_ENV=production, but {stack_file} (a local stack's settings) is there:"
+            " production takes its settings from the environment only; remove the file or point"
+            " SPICESYNC_STATE_DIR elsewhere"
+        )
+    return Settings(_env_file=stack_file, **overrides)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.resources
 import re
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -25,17 +27,31 @@ from authzed.api.v1 import (
     WriteSchemaRequest,
     ZedToken,
 )
-from grpcutil import bearer_token_credentials, insecure_bearer_token_credentials
+from grpcutil import insecure_bearer_token_credentials
 
 from spicesync.constants import SPICEDB_CALL_TIMEOUT_SECONDS
+from spicesync.errors import (
+    FailureKind,
+    SchemaMismatch,
+    SpiceDBRejected,
+    SpiceDBUnavailable,
+    classify_grpc_status,
+)
+from spicesync.mapping import MARKER_RELATION, MARKER_TYPE, Tuple
 from spicesync.models import Membership, MembershipsSnapshot
+
+if TYPE_CHECKING:
+    from spicesync.settings import Settings
 
 __all__ = [
     "MANAGED_RELATIONS",
     "REQUIRED_RELATIONS",
+    "ManagedState",
     "SpiceDBClient",
     "check_schema",
+    "connect_configured_spicedb",
     "connect_spicedb",
+    "failed_precondition",
     "has_org_permission",
     "holds_memberships",
     "load_schema",
@@ -43,7 +59,11 @@ __all__ = [
     "marker_relationship",
     "membership_relationship",
     "missing_schema",
+    "read_managed",
     "read_user_snapshot",
+    "revision_now",
+    "spicedb_failure",
+    "tuple_relationship",
     "user_memberships",
     "write_schema",
 ]
@@ -71,23 +91,67 @@ class SpiceDBClient(AsyncClient):
         await self.channel.close()
 
 
-def connect_spicedb(endpoint: str, preshared_key: str, *, insecure: bool = True) -> SpiceDBClient:
+def connect_spicedb(
+    endpoint: str,
+    preshared_key: str,
+    *,
+    insecure: bool = True,
+    ca_file: Path | None = None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+) -> SpiceDBClient:
     """Build the client the way a SpiceDB cluster expects it.
 
     Args:
         endpoint: ``host:port`` of SpiceDB's gRPC API.
         preshared_key: The ``--grpc-preshared-key`` SpiceDB was started with.
-        insecure: Plaintext on a local link (development); TLS otherwise.
+        insecure: Plaintext on a local link (development; gRPC sends the key in clear only to
+            a loopback address); TLS, the server's certificate verified, otherwise.
+        ca_file: PEM roots to verify SpiceDB's certificate with; the system's roots if none.
+        cert_file: A PEM client certificate (chain) for mutual TLS.
+        key_file: Its PEM private key (``cert_file`` may hold both).
 
     Returns:
         The client; close it with :meth:`SpiceDBClient.close`.
     """
-    credentials = (
-        insecure_bearer_token_credentials(preshared_key)
-        if insecure
-        else bearer_token_credentials(preshared_key)
+    if insecure:
+        return SpiceDBClient(endpoint, insecure_bearer_token_credentials(preshared_key))
+    certificate = cert_file.read_bytes() if cert_file else None
+    private_key = key_file.read_bytes() if key_file else certificate
+    transport = grpc.ssl_channel_credentials(
+        root_certificates=ca_file.read_bytes() if ca_file else None,
+        private_key=private_key if certificate else None,
+        certificate_chain=certificate,
+    )
+    # The key rides as a bearer token on every call, over the verified channel only.
+    credentials = grpc.composite_channel_credentials(
+        transport, grpc.access_token_call_credentials(preshared_key)
     )
     return SpiceDBClient(endpoint, credentials)
+
+
+def connect_configured_spicedb(settings: Settings) -> SpiceDBClient:
+    """The client of the configured SpiceDB: endpoint, key, plaintext or TLS and its files.
+
+    Args:
+        settings: ``SPICEDB_ENDPOINT``, ``SPICEDB_PRESHARED_KEY``, ``SPICEDB_INSECURE`` and
+            ``SPICEDB_TLS_CA``/``_CERT``/``_KEY``.
+
+    Returns:
+        The client; close it with :meth:`SpiceDBClient.close`.
+
+    Raises:
+        MissingSetting: The endpoint or the key is not set.
+    """
+    endpoint, key = settings.require_spicedb()
+    return connect_spicedb(
+        endpoint,
+        key,
+        insecure=settings.spicedb_insecure,
+        ca_file=settings.spicedb_tls_ca,
+        cert_file=settings.spicedb_tls_cert,
+        key_file=settings.spicedb_tls_key,
+    )
 
 
 def load_schema() -> str:
@@ -125,22 +189,21 @@ def membership_relationship(membership: Membership) -> Relationship:
 
 # The organization relations spicesync writes for a user; any other relation is the app's own.
 MANAGED_RELATIONS: frozenset[str] = frozenset({"member", "admin"})
-MARKER_RELATION = "sync_version"
-MARKER_TYPE = "spicesync_version"
 
 
-def marker_relationship(user_id: str, version: int) -> Relationship:
+def marker_relationship(user_id: str, version: int, *, subject_type: str = "user") -> Relationship:
     """``user:<id>#sync_version@spicesync_version:<version>``: the version of the user's last sync.
 
     Args:
         user_id: The user's id.
         version: The version the sync wrote.
+        subject_type: The users' object type (follow mode's mapping may name another).
 
     Returns:
         The relationship message.
     """
     return Relationship(
-        resource=ObjectReference(object_type="user", object_id=user_id),
+        resource=ObjectReference(object_type=subject_type, object_id=user_id),
         relation=MARKER_RELATION,
         subject=SubjectReference(
             object=ObjectReference(object_type=MARKER_TYPE, object_id=str(version))
@@ -148,10 +211,12 @@ def marker_relationship(user_id: str, version: int) -> Relationship:
     )
 
 
-def marker_filter(user_id: str, version: int | None) -> RelationshipFilter:
+def marker_filter(
+    user_id: str, version: int | None, *, subject_type: str = "user"
+) -> RelationshipFilter:
     """A filter for the user's marker: any version (``None``) or exactly ``version``."""
     return RelationshipFilter(
-        resource_type="user",
+        resource_type=subject_type,
         optional_resource_id=user_id,
         optional_relation=MARKER_RELATION,
         optional_subject_filter=SubjectFilter(
@@ -309,11 +374,15 @@ REQUIRED_RELATIONS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def missing_schema(schema_text: str) -> list[str]:
+def missing_schema(
+    schema_text: str, required: tuple[tuple[str, str, str], ...] = REQUIRED_RELATIONS
+) -> list[str]:
     """List what spicesync writes that ``schema_text`` does not define.
 
     Args:
         schema_text: SpiceDB's schema, as ReadSchema returns it.
+        required: (definition, relation, subject type) triples spicesync writes: owned mode's
+            by default, a follow mapping's ``required_schema()`` in follow mode.
 
     Returns:
         Items such as ``organization#admin: user``; empty when everything is there.
@@ -323,23 +392,187 @@ def missing_schema(schema_text: str) -> list[str]:
         for match in re.finditer(r"definition\s+([\w/]+)\s*\{(.*?)\n?\}", schema_text, re.S)
     }
     missing = []
-    for definition, relation, subject in REQUIRED_RELATIONS:
+    for definition, relation, subject in required:
         body = definitions.get(definition)
-        pattern = rf"relation\s+{relation}\s*:[^\n]*\b{subject}\b"
+        pattern = rf"relation\s+{relation}\s*:[^\n]*(?<![\w/]){re.escape(subject)}(?![\w/])"
         if body is None or not re.search(pattern, body):
             missing.append(f"{definition}#{relation}: {subject}")
-    for definition in ("user", "organization", "spicesync_version"):
+    # Every object type written, resources and subjects alike (the marker's type included).
+    needed = dict.fromkeys(
+        [subject for _, _, subject in required] + [definition for definition, _, _ in required]
+    )
+    for definition in needed:
         if definition not in definitions:
             missing.append(f"definition {definition}")
     return missing
 
 
-async def check_schema(client: SpiceDBClient) -> list[str]:
-    """Read SpiceDB's schema and list what spicesync needs that is missing."""
+async def check_schema(
+    client: SpiceDBClient, required: tuple[tuple[str, str, str], ...] = REQUIRED_RELATIONS
+) -> list[str]:
+    """Read SpiceDB's schema and list what spicesync needs that is missing.
+
+    Args:
+        client: A connected client.
+        required: What must be defined (see :func:`missing_schema`).
+    """
     try:
         response = await client.ReadSchema(ReadSchemaRequest(), timeout=5)
     except grpc.aio.AioRpcError as err:
         if err.code() == grpc.StatusCode.NOT_FOUND:
             return ["the whole schema (none is defined)"]
         raise
-    return missing_schema(response.schema_text)
+    return missing_schema(response.schema_text, required)
+
+
+# A failed precondition and a schema mismatch share FAILED_PRECONDITION; the text tells them apart:
+# a missing relation ("relation `admin` not found under definition `organization`") or a missing
+# definition altogether ("object definition `organization` not found": an empty schema, as after
+# SpiceDB restarts with its data lost and before the schema is written again).
+_SCHEMA_MISMATCH = re.compile(r"not found under definition|object definition `[^`]*` not found")
+_PRECONDITION_FAILED = "unable to satisfy write precondition"
+
+
+def spicedb_failure(err: grpc.aio.AioRpcError, user_id: str) -> Exception:
+    """The typed error for a failed SpiceDB call (opaque ids and SpiceDB's own text only).
+
+    Args:
+        err: What the call raised.
+        user_id: The user the call was about, for the message.
+
+    Returns:
+        :class:`SchemaMismatch` (parks the sync), :class:`SpiceDBRejected` (permanent) or
+        :class:`SpiceDBUnavailable` (retried).
+    """
+    code = err.code()
+    text = f"user {user_id}: SpiceDB {code.name}: {err.details()}"
+    if code == grpc.StatusCode.FAILED_PRECONDITION and _SCHEMA_MISMATCH.search(err.details() or ""):
+        return SchemaMismatch(text)
+    if classify_grpc_status(code) is FailureKind.PERMANENT:
+        return SpiceDBRejected(text)
+    return SpiceDBUnavailable(text)
+
+
+def failed_precondition(err: grpc.aio.AioRpcError) -> bool:
+    """Whether a write was refused because one of its preconditions did not hold."""
+    return err.code() == grpc.StatusCode.FAILED_PRECONDITION and _PRECONDITION_FAILED in (
+        err.details() or ""
+    )
+
+
+def tuple_relationship(relationship: Tuple) -> Relationship:
+    """A mapping's :class:`~spicesync.mapping.Tuple` as a protobuf relationship."""
+    return Relationship(
+        resource=ObjectReference(
+            object_type=relationship.resource_type, object_id=relationship.resource_id
+        ),
+        relation=relationship.relation,
+        subject=SubjectReference(
+            object=ObjectReference(
+                object_type=relationship.subject_type, object_id=relationship.subject_id
+            )
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ManagedState:
+    """What SpiceDB holds of one user's managed relationships, and the user's markers."""
+
+    relationships: frozenset[Tuple]
+    # Every marker found (normally none or one), highest last.
+    markers: tuple[int, ...]
+    # The revision of the last read, for a caller that needs a ZedToken without a write.
+    read_at: str | None
+
+    @property
+    def marker(self) -> int | None:
+        """The highest marker, ``None`` if the user has none."""
+        return self.markers[-1] if self.markers else None
+
+
+async def read_managed(
+    client: SpiceDBClient,
+    *,
+    user_id: str,
+    subject_type: str,
+    managed: frozenset[tuple[str, str]],
+) -> ManagedState:
+    """Read a user's managed relationships and marker, fully consistently.
+
+    The marker is read first: every spicesync write moves it, so a write made under a
+    precondition on the marker read here cannot have been preceded by another spicesync write
+    that the relationship reads below missed.
+
+    Args:
+        client: A connected client.
+        user_id: The subject's id.
+        subject_type: The users' object type.
+        managed: The (resource type, relation) pairs spicesync manages; every other relation on
+            the same objects is the application's own and is never returned.
+
+    Returns:
+        The managed relationships the user holds, the markers, and the last read's revision.
+    """
+    consistency = Consistency(fully_consistent=True)
+    read_at: str | None = None
+    markers: list[int] = []
+    async for r in client.ReadRelationships(
+        ReadRelationshipsRequest(
+            consistency=consistency,
+            relationship_filter=marker_filter(user_id, None, subject_type=subject_type),
+        ),
+        timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
+    ):
+        read_at = r.read_at.token
+        marker = r.relationship.subject.object.object_id
+        if marker.isdigit():
+            markers.append(int(marker))
+    found: set[Tuple] = set()
+    for resource_type in sorted({t for t, _ in managed}):
+        async for r in client.ReadRelationships(
+            ReadRelationshipsRequest(
+                consistency=consistency,
+                relationship_filter=RelationshipFilter(
+                    resource_type=resource_type,
+                    optional_subject_filter=SubjectFilter(
+                        subject_type=subject_type, optional_subject_id=user_id
+                    ),
+                ),
+            ),
+            timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
+        ):
+            read_at = r.read_at.token
+            rel = r.relationship
+            # A subject relation (user:x#member) is no plain user: not spicesync's.
+            if (resource_type, rel.relation) in managed and not rel.subject.optional_relation:
+                found.add(
+                    Tuple(
+                        resource_type,
+                        rel.resource.object_id,
+                        rel.relation,
+                        subject_type,
+                        rel.subject.object.object_id,
+                    )
+                )
+    return ManagedState(frozenset(found), tuple(sorted(markers)), read_at)
+
+
+async def revision_now(client: SpiceDBClient, *, user_id: str, subject_type: str) -> str:
+    """A ZedToken of SpiceDB's current revision (a fully consistent check of the user's marker).
+
+    For a sync that wrote nothing and read nothing: ReadRelationships returns a revision only
+    with a result.
+    """
+    response = await client.CheckPermission(
+        CheckPermissionRequest(
+            consistency=Consistency(fully_consistent=True),
+            resource=ObjectReference(object_type=subject_type, object_id=user_id),
+            permission=MARKER_RELATION,
+            subject=SubjectReference(
+                object=ObjectReference(object_type=MARKER_TYPE, object_id="0")
+            ),
+        ),
+        timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
+    )
+    return str(response.checked_at.token)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.enums.v1 import IndexedValueType, TaskQueueType
+from temporalio.api.operatorservice.v1 import (
+    AddSearchAttributesRequest,
+    ListSearchAttributesRequest,
+)
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import (
@@ -21,14 +26,17 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.workflow import UpdateMethodMultiParam
 
 from spicesync.codec import encrypted_data_converter
-from spicesync.constants import ACTIVE_STAGES, user_workflow_id
+from spicesync.constants import ACTIVE_STAGES, SEARCH_ATTRIBUTES, user_workflow_id
 from spicesync.settings import Settings, load_settings
 
 __all__ = [
+    "NamespaceNotSetUp",
+    "NamespaceSetup",
     "TemporalUnreachable",
     "client_and_queue",
     "connect_temporal",
     "execute_update_with_start",
+    "register_search_attributes",
     "sync_is_active",
     "workers_polling",
 ]
@@ -40,6 +48,22 @@ ResultT = TypeVar("ResultT")
 
 class TemporalUnreachable(RuntimeError):
     """No Temporal server answered at the configured address."""
+
+
+class NamespaceNotSetUp(RuntimeError):
+    """The namespace's search attributes cannot be made what spicesync needs."""
+
+
+@dataclass
+class NamespaceSetup:
+    """What :func:`register_search_attributes` found and did, per attribute name."""
+
+    namespace: str
+    added: list[str] = field(default_factory=list)
+    """Registered by this call (or, dry run, would be)."""
+    present: list[str] = field(default_factory=list)
+    """Already registered with the right type."""
+    dry_run: bool = False
 
 
 async def connect_temporal(settings: Settings, *, runtime: Runtime | None = None) -> Client:
@@ -176,3 +200,84 @@ async def sync_is_active(client: Client, user_id: str | uuid.UUID) -> bool:
         return False
     stage = {k.name: v for k, v in description.typed_search_attributes}.get("SpicesyncStage")
     return stage in ACTIVE_STAGES
+
+
+def _indexed_type(kind: str) -> IndexedValueType.ValueType:
+    return IndexedValueType.Value(f"INDEXED_VALUE_TYPE_{kind.upper()}")
+
+
+async def _custom_search_attributes(client: Client) -> dict[str, IndexedValueType.ValueType]:
+    response = await client.operator_service.list_search_attributes(
+        ListSearchAttributesRequest(namespace=client.namespace)
+    )
+    return dict(response.custom_attributes)
+
+
+def _check_types(existing: dict[str, IndexedValueType.ValueType], namespace: str) -> None:
+    wrong = [
+        f"{name} is registered as"
+        f" {IndexedValueType.Name(existing[name]).removeprefix('INDEXED_VALUE_TYPE_').title()}"
+        f" but spicesync sets a {kind}"
+        for name, kind in SEARCH_ATTRIBUTES.items()
+        if name in existing and existing[name] != _indexed_type(kind)
+    ]
+    if wrong:
+        raise NamespaceNotSetUp(
+            "; ".join(wrong) + f" (namespace {namespace}): a search attribute's type cannot"
+            " change; remove it (`temporal operator search-attribute remove`) first"
+        )
+
+
+async def register_search_attributes(client: Client, *, dry_run: bool = False) -> NamespaceSetup:
+    """Register every search attribute spicesync sets (:data:`SEARCH_ATTRIBUTES`), idempotently.
+
+    Through Temporal's operator API on the client's namespace: attributes already registered
+    with the right type are left alone, so running it again (or from two places at once)
+    changes nothing.
+
+    Args:
+        client: A client of the namespace the workers use.
+        dry_run: Only report what is missing.
+
+    Returns:
+        Which attributes were added and which were there.
+
+    Raises:
+        NamespaceNotSetUp: One is registered with another type, or the server refuses the
+            operator API (Temporal Cloud: register them with ``tcld`` or the Cloud UI).
+    """
+    try:
+        existing = await _custom_search_attributes(client)
+        _check_types(existing, client.namespace)
+        setup = NamespaceSetup(client.namespace, dry_run=dry_run)
+        setup.present = [name for name in SEARCH_ATTRIBUTES if name in existing]
+        setup.added = [name for name in SEARCH_ATTRIBUTES if name not in existing]
+        if setup.added and not dry_run:
+            try:
+                await client.operator_service.add_search_attributes(
+                    AddSearchAttributesRequest(
+                        namespace=client.namespace,
+                        search_attributes={
+                            name: _indexed_type(SEARCH_ATTRIBUTES[name]) for name in setup.added
+                        },
+                    )
+                )
+            except RPCError as err:
+                if err.status != RPCStatusCode.ALREADY_EXISTS:
+                    raise
+                # Another run registered some first: fine if all are there now, as needed.
+                existing = await _custom_search_attributes(client)
+                _check_types(existing, client.namespace)
+                setup.added = [name for name in setup.added if name in existing]
+                if set(SEARCH_ATTRIBUTES) - set(existing):
+                    raise
+    except RPCError as err:
+        if err.status in (RPCStatusCode.PERMISSION_DENIED, RPCStatusCode.UNIMPLEMENTED):
+            raise NamespaceNotSetUp(
+                f"Temporal refused the operator API ({err.status.name}: {err.message}):"
+                " register the search attributes another way (Temporal Cloud: `tcld namespace"
+                " search-attributes add` or the Cloud UI): "
+                + ", ".join(f"{name}={kind}" for name, kind in SEARCH_ATTRIBUTES.items())
+            ) from err
+        raise
+    return setup

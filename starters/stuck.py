@@ -18,12 +18,20 @@ import asyncpg
 from pydantic import BaseModel
 from temporalio.client import Client
 
-from spicesync.constants import ACTIVE_STAGES, user_workflow_id
+from spicesync.constants import (
+    ACTIVE_STAGES,
+    FOLLOWED_USER_WORKFLOW,
+    USER_SYNC_WORKFLOW,
+    followed_user_workflow_id,
+    user_workflow_id,
+)
 from spicesync.temporal import sync_is_active
 
 __all__ = [
+    "FAILED_FOLLOWED_STAGE",
     "UNFINISHED_STAGE",
     "StuckSync",
+    "find_failed_followed",
     "find_stuck",
     "find_unfinished",
     "parse_duration",
@@ -37,6 +45,16 @@ _UNFINISHED = """
 SELECT id, created_at FROM users
 WHERE sync_status = 'pending' AND created_by_event IS NOT NULL AND created_at < $1
 ORDER BY created_at
+LIMIT $2
+"""
+
+# The stage ``spicesync stuck`` shows for a followed user whose last sync failed for good.
+FAILED_FOLLOWED_STAGE = "failed"
+
+_FAILED_FOLLOWED = """
+SELECT user_id, last_error, failed_at FROM spicesync_followed_users
+WHERE status = 'failed' AND failed_at < $1
+ORDER BY failed_at
 LIMIT $2
 """
 
@@ -74,7 +92,8 @@ def stuck_query(cutoff: datetime) -> str:
     stages = ", ".join(f"'{stage}'" for stage in ACTIVE_STAGES)
     moment = cutoff.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return (
-        "WorkflowType = 'UserSyncWorkflow' AND ExecutionStatus = 'Running'"
+        f"WorkflowType IN ('{USER_SYNC_WORKFLOW}', '{FOLLOWED_USER_WORKFLOW}')"
+        " AND ExecutionStatus = 'Running'"
         f" AND SpicesyncStage IN ({stages}) AND SpicesyncStageSince < '{moment}'"
     )
 
@@ -153,4 +172,37 @@ async def find_unfinished(
         )
         for r, is_active in zip(rows, active, strict=True)
         if not is_active
+    ]
+
+
+async def find_failed_followed(
+    pool: asyncpg.Pool, *, older_than: timedelta, limit: int = 1000
+) -> list[StuckSync]:
+    """List followed users (follow mode) whose last sync failed for good, per the bookkeeping.
+
+    Such a user stays as it is until the application changes its row again (the next change
+    retries) or a repair delivers a change; the application's table is never touched.
+
+    Args:
+        pool: The App DB (``spicesync_followed_users`` exists in both modes).
+        older_than: Failed at least this long ago.
+        limit: At most this many users.
+
+    Returns:
+        The failed users (opaque id, error type, since), oldest failure first.
+    """
+    now = datetime.now(UTC)
+    rows = await pool.fetch(_FAILED_FOLLOWED, now - older_than, limit)
+    return [
+        StuckSync(
+            user_id=r["user_id"],
+            workflow_id=followed_user_workflow_id(r["user_id"]),
+            stage=FAILED_FOLLOWED_STAGE,
+            since=r["failed_at"],
+            age_seconds=(now - r["failed_at"]).total_seconds(),
+            activity=None,
+            attempt=0,
+            last_error=r["last_error"],
+        )
+        for r in rows
     ]

@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import grpc
@@ -21,15 +22,23 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from activities.backfill import BackfillActivities
+from activities.followed_users import FollowedUserActivities
 from activities.memberships import MembershipActivities
 from activities.reconcile import ReconcileActivities
 from activities.user_rows import UserRowActivities
+from spicesync.app_table import AppTable, inspect_app_table
 from spicesync.db import create_pool
 from spicesync.logs import sdk_core_logging
 from spicesync.settings import Settings
-from spicesync.spicedb import SpiceDBClient, check_schema, connect_spicedb
+from spicesync.spicedb import (
+    REQUIRED_RELATIONS,
+    SpiceDBClient,
+    check_schema,
+    connect_configured_spicedb,
+)
 from spicesync.temporal import connect_temporal
 from workflows.backfill import BackfillWorkflow
+from workflows.followed_user import FollowedUserWorkflow
 from workflows.reconcile import ReconcileWorkflow
 from workflows.user_sync import UserSyncWorkflow
 
@@ -77,10 +86,15 @@ def worker_runtime(metrics_address: str | None) -> Runtime:
 
 @dataclass(frozen=True)
 class WorkerResources:
-    """The long-lived connections a worker's activities share."""
+    """The long-lived connections a worker's activities share.
+
+    ``app_table`` is set in follow mode: the application's users table as the mapping reads it,
+    checked against the catalog at start.
+    """
 
     pool: asyncpg.Pool
     spicedb: SpiceDBClient
+    app_table: AppTable | None = None
 
 
 @contextlib.asynccontextmanager
@@ -92,16 +106,27 @@ async def open_resources(settings: Settings) -> AsyncIterator[WorkerResources]:
 
     Yields:
         The shared resources.
+
+    Raises:
+        MappingError: Follow mode's mapping is invalid, or the application's table lacks a
+            mapped column or has one of an unusable type (one line per problem, naming the key).
     """
-    endpoint, key = settings.require_spicedb()
+    settings.require_spicedb()  # before the pool opens, so a missing key leaks nothing
+    # Before any connection: a bad mapping file is reported without waiting on a store.
+    mapping = settings.follow_mapping()
     pool = await create_pool(
         settings.require_database_url(),
         min_size=settings.database_pool_min_size,
         max_size=settings.database_pool_max_size,
     )
-    spicedb = connect_spicedb(endpoint, key, insecure=settings.spicedb_insecure)
     try:
-        yield WorkerResources(pool=pool, spicedb=spicedb)
+        app_table = None if mapping is None else await inspect_app_table(pool, mapping)
+    except BaseException:
+        await pool.close()
+        raise
+    spicedb = connect_configured_spicedb(settings)
+    try:
+        yield WorkerResources(pool=pool, spicedb=spicedb, app_table=app_table)
     finally:
         await spicedb.close()
         await pool.close()
@@ -114,7 +139,7 @@ def build_worker(
     task_queue: str,
     settings: Settings | None = None,
 ) -> Worker:
-    """Register the workflows (user sync, reconcile, backfill) and their activities.
+    """Register the workflows (user sync, reconcile, backfill; follow mode's) and activities.
 
     Args:
         client: A client built with ``pydantic_data_converter``.
@@ -129,6 +154,12 @@ def build_worker(
     memberships = MembershipActivities(resources.spicedb, resources.pool)
     reconcile = ReconcileActivities(resources.pool, resources.spicedb, client, task_queue)
     backfill = BackfillActivities(resources.pool, resources.spicedb)
+    workflows: list[type] = [UserSyncWorkflow, ReconcileWorkflow, BackfillWorkflow]
+    follow_activities: list[Callable[..., Any]] = []
+    if resources.app_table is not None:
+        follow = FollowedUserActivities(resources.pool, resources.spicedb, resources.app_table)
+        workflows.append(FollowedUserWorkflow)
+        follow_activities = [follow.sync_followed_user, follow.record_follow_failure]
     tuning: dict[str, int] = {}
     if settings is not None:
         for option, value in (
@@ -144,7 +175,7 @@ def build_worker(
         client,
         task_queue=task_queue,
         **tuning,  # type: ignore[arg-type]
-        workflows=[UserSyncWorkflow, ReconcileWorkflow, BackfillWorkflow],
+        workflows=workflows,
         activities=[
             rows.read_user_state,
             rows.insert_created_row,
@@ -160,6 +191,7 @@ def build_worker(
             reconcile.save_report,
             backfill.count_backfill_candidates,
             backfill.backfill_batch,
+            *follow_activities,
         ],
     )
 
@@ -178,17 +210,25 @@ async def run_worker(
     Raises:
         SpiceDBKeyRefused: SpiceDB rejected the preshared key; nothing was polled.
         WorkerNotStarted: The process could not be set up as configured.
+        MappingError: Follow mode's mapping is invalid or does not fit the application's table.
     """
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+    # A bad mapping file fails the start before anything is connected.
+    settings.follow_mapping()
     if client is None:
         client = await connect_temporal(settings, runtime=worker_runtime(settings.metrics_address))
     async with open_resources(settings) as resources:
         try:
-            missing = await check_schema(resources.spicedb)
+            required = (
+                REQUIRED_RELATIONS
+                if resources.app_table is None
+                else resources.app_table.mapping.required_schema()
+            )
+            missing = await check_schema(resources.spicedb, required)
         except grpc.aio.AioRpcError as err:
             if err.code() in _REFUSED_KEY:
                 # Serving with a key SpiceDB rejects would only hold every sync: refuse to start,

@@ -18,10 +18,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
@@ -55,6 +53,7 @@ with workflow.unsafe.imports_passed_through():
     from spicesync.retries import COMPENSATION_RETRY
     from spicesync.validation import validate_event
     from workflows.ledger import EventLedger
+    from workflows.stages import LAST_ERROR, ORG_ID, STAGE, STAGE_SINCE, USER_ID, set_stage
     from workflows.steps import StepRunner
 
 __all__ = [
@@ -67,11 +66,6 @@ __all__ = [
     "UserSyncWorkflow",
 ]
 
-STAGE = SearchAttributeKey.for_keyword("SpicesyncStage")
-STAGE_SINCE = SearchAttributeKey.for_datetime("SpicesyncStageSince")
-LAST_ERROR = SearchAttributeKey.for_keyword("SpicesyncLastError")
-USER_ID = SearchAttributeKey.for_keyword("SpicesyncUserId")
-ORG_ID = SearchAttributeKey.for_keyword("SpicesyncOrgId")
 
 _TIMEOUT = timedelta(seconds=ACTIVITY_START_TO_CLOSE)
 # Runs recorded before the ledger refused reused event ids and failed changes to a user that is
@@ -501,15 +495,7 @@ class UserSyncWorkflow:
             )
 
     def _stage(self, stage: str, *, error: str | None = None) -> None:
-        # Kept current so the UI and `spicesync stuck` can find, e.g., every sync that has been
-        # writing to SpiceDB for more than five minutes.
-        updates: list[SearchAttributeUpdate[Any]] = [
-            STAGE.value_set(stage),
-            STAGE_SINCE.value_set(workflow.now()),
-        ]
-        if error is not None:
-            updates.append(LAST_ERROR.value_set(error))
-        workflow.upsert_search_attributes(updates)
+        set_stage(stage, error=error)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 __all__ = [
     "OneLineErrors",
     "duration",
+    "followed_user_id",
     "integer",
     "nats_url",
     "number",
@@ -98,6 +99,17 @@ def user_id(text: str) -> str:
         return str(uuid.UUID(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a user's UUID, got {text!r}") from None
+
+
+def followed_user_id(text: str) -> str:
+    """A followed user's id (follow mode): 1-128 letters, digits and ``/_|-=+``."""
+    from spicesync.mapping import valid_user_id  # pydantic comes with it: only once parsing
+
+    if not valid_user_id(text):
+        raise argparse.ArgumentTypeError(
+            f"must be 1-128 letters, digits and /_|-=+ (the id column's text), got {text!r}"
+        )
+    return text
 
 
 def port(text: str) -> int:

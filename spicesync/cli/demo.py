@@ -24,7 +24,7 @@ from spicesync.models import CreateUserInput, ReconcileInput, ReconcileReport
 from spicesync.settings import Settings, load_settings
 from spicesync.spicedb import (
     SpiceDBClient,
-    connect_spicedb,
+    connect_configured_spicedb,
     has_org_permission,
     user_memberships,
 )
@@ -213,9 +213,7 @@ async def run_demo(
                 await submitting
             wall = time.perf_counter() - started
             say("demo: checking every user in PostgreSQL and SpiceDB")
-            spicedb = connect_spicedb(
-                *settings.require_spicedb(), insecure=settings.spicedb_insecure
-            )
+            spicedb = connect_configured_spicedb(settings)
             try:
                 await asyncio.gather(*(_verify(c, resources.pool, spicedb) for c in cases))
             finally:

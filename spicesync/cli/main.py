@@ -27,6 +27,7 @@ from spicesync.cli.maintenance import (
     chaos_command,
     reconcile_command,
 )
+from spicesync.cli.operator import add_migrate_parser, add_setup_namespace_parser
 from spicesync.cli.progress import note, waiting
 from spicesync.limits import (
     BACKFILL_BATCH_SIZE_MAX,
@@ -94,14 +95,17 @@ def _stack(args: argparse.Namespace) -> int:
 
 def _worker(_args: argparse.Namespace) -> int:
     from spicesync.logs import configure_logging
+    from spicesync.mapping import MappingError
     from spicesync.temporal import TemporalUnreachable
     from workers.worker import SpiceDBKeyRefused, WorkerNotStarted, run_worker
 
     configure_logging()
     try:
         asyncio.run(run_worker(load_settings()))
-    except (SpiceDBKeyRefused, WorkerNotStarted, TemporalUnreachable) as err:
-        logging.getLogger("spicesync.worker").error("not starting: %s", err)
+    except (SpiceDBKeyRefused, WorkerNotStarted, TemporalUnreachable, MappingError) as err:
+        # One line, whatever the number of problems (a mapping may have several).
+        reason = "; ".join(str(err).splitlines())
+        logging.getLogger("spicesync.worker").error("not starting: %s", reason)
         return 2
     return 0
 
@@ -119,6 +123,8 @@ _USERS_FIELDS = (
 )
 _WAITING_FOR = {
     "start": "Temporal to accept the event",
+    "accepted": "Temporal to accept the change",
+    "applied": "a sync of the row as it is now",
     "row": "the App DB row",
     "permissions": "the App DB row and SpiceDB's permissions",
 }
@@ -126,6 +132,51 @@ _WAITING_FOR = {
 
 def _users_line(**fields: object) -> str:
     return json.dumps({key: fields.get(key) for key in _USERS_FIELDS})
+
+
+def _user_changed(args: argparse.Namespace) -> int:
+    """``users changed``: follow mode's "this user's row changed"."""
+    from spicesync.client import ChangeNotAccepted, FollowSyncFailed, user_changed
+    from spicesync.constants import followed_user_workflow_id
+
+    common = {"user_id": args.user_id, "workflow_id": followed_user_workflow_id(args.user_id)}
+    try:
+        outcome = asyncio.run(
+            waiting(
+                user_changed(args.user_id, args.version, wait=args.wait),
+                lambda seconds: (
+                    f"spicesync users: waiting for {_WAITING_FOR[args.wait]}"
+                    f" ({seconds:.0f} s; a `spicesync worker` must be running)"
+                ),
+            )
+        )
+    except FollowSyncFailed as err:
+        failed = err.outcome
+        print(
+            _users_line(
+                **common,
+                version=args.version,
+                status="failed",
+                error=failed.error_type,
+                message=failed.message,
+            )
+        )
+        return 1
+    except ChangeNotAccepted as err:
+        print(
+            _users_line(
+                **common,
+                version=args.version,
+                status="not_accepted",
+                error="ChangeNotAccepted",
+                message=err.last_error,
+            )
+        )
+        return 1
+    status = "accepted" if args.wait == "accepted" else outcome.status
+    version = outcome.version if outcome.version is not None else args.version
+    print(_users_line(**common, version=version, status=status, zed_token=outcome.zed_token))
+    return 0
 
 
 def _users(args: argparse.Namespace) -> int:
@@ -234,7 +285,13 @@ def _users(args: argparse.Namespace) -> int:
 def _stuck(args: argparse.Namespace) -> int:
     from spicesync.db import create_pool
     from spicesync.temporal import connect_temporal
-    from starters.stuck import StuckSync, find_stuck, find_unfinished, parse_duration
+    from starters.stuck import (
+        StuckSync,
+        find_failed_followed,
+        find_stuck,
+        find_unfinished,
+        parse_duration,
+    )
 
     async def run() -> list[StuckSync]:
         settings = load_settings()
@@ -245,7 +302,11 @@ def _stuck(args: argparse.Namespace) -> int:
             return stuck
         pool = await create_pool(settings.database_url, min_size=1, max_size=4)
         try:
-            return stuck + await find_unfinished(client, pool, older_than=older_than)
+            # Follow mode has no `users` table of spicesync's: its failed users are in the
+            # bookkeeping (a table both modes have).
+            if settings.mapping_path() is None:
+                stuck += await find_unfinished(client, pool, older_than=older_than)
+            return stuck + await find_failed_followed(pool, older_than=older_than)
         finally:
             await pool.close()
 
@@ -268,16 +329,19 @@ def _repair(args: argparse.Namespace) -> int:
     from spicesync.temporal import connect_temporal
     from starters import repair
 
+    followed = args.followed_user_id is not None
+    user_id = args.followed_user_id if followed else args.user_id
+
     async def run() -> dict[str, object]:
         client = await connect_temporal(load_settings())
         if args.action == "retry":
-            return {"reset_activities": await repair.retry_now(client, args.user_id)}
+            return {"reset_activities": await repair.retry_now(client, user_id, followed=followed)}
         if args.action == "rollback":
-            status = await repair.rollback(client, args.user_id)
+            status = await repair.rollback(client, user_id, followed=followed)
             return {"status": status.name if status else None}
-        return {"resumed": await repair.resume(client, args.user_id)}
+        return {"resumed": await repair.resume(client, user_id, followed=followed)}
 
-    print(json.dumps({"user_id": args.user_id, "action": args.action, **asyncio.run(run())}))
+    print(json.dumps({"user_id": user_id, "action": args.action, **asyncio.run(run())}))
     return 0
 
 
@@ -359,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spicesync {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_stack_parser(commands)
+    add_migrate_parser(commands)
+    add_setup_namespace_parser(commands)
     _add_worker_parser(commands)
     _add_users_parser(commands)
     _add_stuck_parser(commands)
@@ -397,7 +463,7 @@ def _add_worker_parser(commands: Commands) -> None:
 
 
 def _add_users_parser(commands: Commands) -> None:
-    """Add ``users create | update | move | delete``."""
+    """Add ``users create | update | move | delete | changed``."""
     users = commands.add_parser(
         "users", help="deliver user lifecycle events as an application would"
     )
@@ -422,6 +488,29 @@ def _add_users_parser(commands: Commands) -> None:
     delete.add_argument("--user-id", required=True)
     for sub, default_version in ((create, 1), (update, None), (move, None), (delete, None)):
         _add_event_options(sub, default_version)
+    changed = user_commands.add_parser(
+        "changed",
+        help="follow mode: the user's row in the application's table changed (or was deleted)",
+    )
+    changed.add_argument(
+        "--user-id",
+        required=True,
+        type=arguments.followed_user_id,
+        help="the user's id as the mapping's id column holds it",
+    )
+    changed.add_argument(
+        "--version",
+        type=arguments.integer(0),
+        help="the row's version after the change, if the mapping names a version column",
+    )
+    changed.add_argument(
+        "--wait",
+        default="applied",
+        choices=["accepted", "applied"],
+        help="return once Temporal holds the change, or once a sync of the row as it is now"
+        " has finished (default; prints its ZedToken)",
+    )
+    changed.set_defaults(func=_user_changed)
 
 
 def _add_event_options(sub: argparse.ArgumentParser, default_version: int | None) -> None:
@@ -469,7 +558,13 @@ def _add_repair_parser(commands: Commands) -> None:
         help="retry: reset the retrying activity's backoff; rollback: cancel and compensate;"
         " resume: continue a sync parked on a schema mismatch",
     )
-    repair_cmd.add_argument("--user-id", required=True, type=arguments.user_id)
+    who = repair_cmd.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user-id", type=arguments.user_id, help="a user's UUID (owned mode)")
+    who.add_argument(
+        "--followed-user-id",
+        type=arguments.followed_user_id,
+        help="a followed user's id (follow mode; rollback only stops the sync in flight)",
+    )
     repair_cmd.set_defaults(func=_repair)
 
 
@@ -637,6 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pydantic import ValidationError
 
+    from spicesync.mapping import MappingError
     from spicesync.settings import MissingSetting
     from spicesync.temporal import TemporalUnreachable
 
@@ -647,7 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             provider = configure_tracing(f"spicesync-{args.command}", load_settings().trace_path())
         return int(args.func(args))
-    except (MissingSetting, TemporalUnreachable) as err:
+    except (MissingSetting, TemporalUnreachable, MappingError) as err:
         print(f"spicesync: {err}", file=sys.stderr)
         return 2
     except ValidationError as err:

@@ -113,6 +113,11 @@ def spicedb_command(port: int) -> tuple[list[str], dict[str, str], str]:
                 "--datastore-engine",
                 "memory",
                 "--http-enabled=false",
+                # `serve` would otherwise also listen for metrics on every interface (:9090)
+                # and report telemetry to authzed.com: the local stack serves gRPC on
+                # 127.0.0.1 and nothing else.
+                "--metrics-enabled=false",
+                "--telemetry-endpoint=",
             ],
             {},
             "spicedb binary (memory datastore)",
@@ -166,11 +171,16 @@ async def prepare_spicedb(endpoint: str, preshared_key: str) -> None:
         await client.close()
 
 
-async def prepare_app_db(database_url: str) -> list[int]:
-    """Apply the App DB migrations; returns the versions applied now."""
+async def prepare_app_db(database_url: str, *, owned: bool = True) -> list[int]:
+    """Apply the App DB migrations; returns the versions applied now.
+
+    Args:
+        database_url: The App DB.
+        owned: Owned mode; ``False`` (follow mode) applies only the ``spicesync_*`` tables'.
+    """
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
-        return await apply_migrations(conn)
+        return await apply_migrations(conn, owned=owned)
     finally:
         await conn.close()
 

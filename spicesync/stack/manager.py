@@ -151,6 +151,9 @@ async def stack_up(
 ) -> StackState:
     """Start whatever is not running yet, wait for readiness, migrate, write the schema.
 
+    In follow mode only the ``spicesync_*`` tables are migrated and SpiceDB's schema is left
+    to the application (docs/follow-mode.md).
+
     Idempotent: a second ``up`` reuses the running engines.
 
     Args:
@@ -161,6 +164,10 @@ async def stack_up(
     Returns:
         The stack's state, whose ``env`` holds the connection settings.
     """
+    # Follow mode (a mapping is configured): the application owns its users table and its
+    # SpiceDB schema, so neither spicesync's `users` table nor its packaged schema is written.
+    # Loaded first, so a bad mapping stops `up` before anything starts.
+    mapping = settings.follow_mapping()
     state_dir = _lock(settings.state_dir.resolve())
     logs = state_dir / "logs"
     old = StackState.load(state_dir)
@@ -275,8 +282,11 @@ async def stack_up(
     new.env["SPICEDB_INSECURE"] = "true" if settings.spicedb_insecure else "false"
 
     new.save(state_dir)
-    await prepare_app_db(new.env["DATABASE_URL"])
-    await prepare_spicedb(new.env["SPICEDB_ENDPOINT"], new.env["SPICEDB_PRESHARED_KEY"])
+    await prepare_app_db(new.env["DATABASE_URL"], owned=mapping is None)
+    if mapping is None:
+        await prepare_spicedb(new.env["SPICEDB_ENDPOINT"], new.env["SPICEDB_PRESHARED_KEY"])
+    else:
+        await wait_for_spicedb(new.env["SPICEDB_ENDPOINT"], new.env["SPICEDB_PRESHARED_KEY"])
     if on_ready is not None:
         # The stack's own connection settings, just written; real environment variables still win.
         await on_ready(Settings(_env_file=state_dir / STACK_ENV_FILE))

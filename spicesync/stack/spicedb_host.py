@@ -13,7 +13,10 @@ client exactly as it would to a SpiceDB cluster:
   has no implementation);
 * SpiceDB's errors keep their gRPC status code and message;
 * a bearer token is required and compared with the preshared key, as ``spicedb serve
-  --grpc-preshared-key`` does.
+  --grpc-preshared-key`` does;
+* with ``--grpc-tls-cert-path`` and ``--grpc-tls-key-path`` (SpiceDB's own flags) it serves TLS
+  only; ``--grpc-tls-client-ca-path`` (not a SpiceDB flag: it stands for the mutual-TLS proxy
+  that fronts a SpiceDB cluster) also demands a client certificate signed by that CA.
 
 Run it as ``python -m spicesync.stack.spicedb_host --port 50051``; the key is read from the
 ``SPICEDB_GRPC_PRESHARED_KEY`` environment variable (like SpiceDB's own flag) so it never shows
@@ -45,7 +48,7 @@ from authzed.api.v1 import (
 )
 from spicedb_embedded import ffi
 
-__all__ = ["EngineHost", "main", "parse_engine_error"]
+__all__ = ["EngineHost", "main", "parse_engine_error", "server_tls"]
 
 log = logging.getLogger("spicesync.spicedb_host")
 
@@ -143,7 +146,15 @@ def _load_engine() -> Any:
 class EngineHost:
     """One SpiceDB engine (memory datastore) behind a gRPC server on a TCP port."""
 
-    def __init__(self, *, host: str, port: int, preshared_key: str, max_workers: int = 32) -> None:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        preshared_key: str,
+        max_workers: int = 32,
+        tls: grpc.ServerCredentials | None = None,
+    ) -> None:
         if not preshared_key:
             raise ValueError("a preshared key is required")
         self._ffi = _load_engine()
@@ -170,7 +181,12 @@ class EngineHost:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ],
         )
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        self.port = (
+            self._server.add_insecure_port(address)
+            if tls is None
+            else self._server.add_secure_port(address, tls)
+        )
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
 
@@ -312,11 +328,46 @@ class _Router(grpc.GenericRpcHandler):  # type: ignore[misc]
         return handler
 
 
+def server_tls(
+    cert_path: str | None, key_path: str | None, client_ca_path: str | None
+) -> grpc.ServerCredentials | None:
+    """TLS credentials from SpiceDB-style flags; ``None`` (plaintext) without a certificate.
+
+    Args:
+        cert_path: PEM server certificate (chain).
+        key_path: Its PEM private key.
+        client_ca_path: PEM CA whose client certificates are demanded (mutual TLS).
+
+    Raises:
+        ValueError: Only one of the certificate and its key, or a client CA without them.
+    """
+    if not cert_path and not key_path:
+        if client_ca_path:
+            raise ValueError("--grpc-tls-client-ca-path needs --grpc-tls-cert-path/-key-path")
+        return None
+    if not (cert_path and key_path):
+        raise ValueError("--grpc-tls-cert-path and --grpc-tls-key-path go together")
+    with open(key_path, "rb") as key, open(cert_path, "rb") as cert:
+        pair = (key.read(), cert.read())
+    client_ca = None
+    if client_ca_path:
+        with open(client_ca_path, "rb") as ca:
+            client_ca = ca.read()
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the host until SIGTERM or SIGINT."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--grpc-tls-cert-path", help="serve TLS with this PEM certificate")
+    parser.add_argument("--grpc-tls-key-path", help="the certificate's PEM private key")
+    parser.add_argument(
+        "--grpc-tls-client-ca-path", help="demand client certificates signed by this PEM CA"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -324,7 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     if not key:
         print("SPICEDB_GRPC_PRESHARED_KEY must be set", file=sys.stderr)
         return 2
-    host = EngineHost(host=args.host, port=args.port, preshared_key=key)
+    try:
+        tls = server_tls(
+            args.grpc_tls_cert_path, args.grpc_tls_key_path, args.grpc_tls_client_ca_path
+        )
+    except (OSError, ValueError) as err:
+        print(f"spicedb host: {err}", file=sys.stderr)
+        return 2
+    host = EngineHost(host=args.host, port=args.port, preshared_key=key, tls=tls)
     stopping = threading.Event()
 
     def _stop(_signum: int, _frame: object) -> None:
@@ -333,7 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     host.start()
-    log.info("SpiceDB engine serving authzed.api.v1 on %s:%d", args.host, host.port)
+    log.info(
+        "SpiceDB engine serving authzed.api.v1 on %s:%d (%s)",
+        args.host,
+        host.port,
+        "plaintext" if tls is None else "TLS",
+    )
     stopping.wait()
     log.info("stopping")
     host.stop()

@@ -11,7 +11,10 @@ of its own and no payload encryption (the replay test has no key). Histories:
   acceptance left it before the fix), removed by a reconcile;
 * ``reconcile_unfinished``: the reconcile that removed the unfinished creation;
 * ``reconcile_apply`` and ``backfill_paced`` (recorded by name only): a reconcile that repaired
-  the user; a backfill of 30 users in batches of 10, paced by timers.
+  the user; a backfill of 30 users in batches of 10, paced by timers;
+* ``followed_user_lifecycle`` (follow mode, recorded by name only): a followed user inserted,
+  updated, changed in a burst, failing for good on an invalid object id, fixed, and deleted,
+  in an app-shaped table of its own with the application's SpiceDB schema.
 
 Older recordings are kept, not re-recorded, so workflows started by older workers keep
 replaying: ``user_sync_lifecycle`` and ``user_sync_compensated`` (every step a normal activity),
@@ -34,11 +37,18 @@ import asyncpg
 from temporalio.testing import ActivityEnvironment
 
 from activities.user_rows import UserRowActivities
-from spicesync.constants import user_workflow_id
+from spicesync.client import FollowSyncFailed, deliver_change, user_changed
+from spicesync.constants import followed_user_workflow_id, user_workflow_id
 from spicesync.db import with_database
-from spicesync.models import BackfillInput, CreateUserInput, InsertCreatedRowInput, ReconcileInput
+from spicesync.models import (
+    BackfillInput,
+    CreateUserInput,
+    InsertCreatedRowInput,
+    ReconcileInput,
+    UserChangedInput,
+)
 from spicesync.settings import Settings, load_settings
-from spicesync.spicedb import connect_spicedb
+from spicesync.spicedb import connect_spicedb, write_schema
 from spicesync.stack.components import prepare_app_db, prepare_spicedb, start_spicedb
 from spicesync.stack.processes import free_port, stop_pid, wait_for_port
 from spicesync.temporal import connect_temporal
@@ -52,6 +62,7 @@ from starters.user_events import (
     delete_user,
     move_user,
 )
+from tests.integration.test_follow_mode import ACCOUNTS, APP_SCHEMA, MAPPING
 from tests.integration.test_reconcile import insert_unsynced, revoke_all
 from workers.worker import build_worker, open_resources
 
@@ -63,6 +74,7 @@ ALL = (
     "user_sync_unfinished_removed",
     "reconcile_unfinished",
 )
+FOLLOW = ("followed_user_lifecycle",)
 
 
 async def record(names: list[str]) -> None:
@@ -84,7 +96,11 @@ async def record(names: list[str]) -> None:
             spicedb_endpoint=f"127.0.0.1:{port}",
             spicedb_preshared_key=key,
         )
-        await _run(settings, names)
+        owned = [name for name in names if name not in FOLLOW]
+        if owned:
+            await _run(settings, owned)
+        if set(names) & set(FOLLOW):
+            await _run_follow(settings, [name for name in names if name in FOLLOW])
     finally:
         stop_pid(pid)
         (HERE / ".record-spicedb.log").unlink(missing_ok=True)
@@ -174,6 +190,68 @@ async def _run(settings: Settings, names: list[str]) -> None:
         histories[name] = (await handle.fetch_history()).to_json()
     for name in names:
         (HERE / f"{name}.json").write_text(histories[name])
+        print(f"wrote {name}.json")
+
+
+async def _run_follow(settings: Settings, names: list[str]) -> None:
+    """Follow mode: an app-shaped table and schema, a user through every kind of sync."""
+    pool = await asyncpg.create_pool(settings.require_database_url(), min_size=1, max_size=4)
+    assert pool is not None
+    schema = f"app_{uuid.uuid4().hex[:8]}"
+    await pool.execute(f"CREATE SCHEMA {schema}")
+    await pool.execute(ACCOUNTS.format(schema=schema))
+    endpoint, key = settings.require_spicedb()
+    spicedb = connect_spicedb(endpoint, key)
+    await write_schema(spicedb, APP_SCHEMA)
+    config = HERE / ".record-spicesync.toml"
+    config.write_text(MAPPING.format(schema=schema))
+    follow = settings.model_copy(update={"config_path": config})
+    client = await connect_temporal(follow)
+    queue = {"client": client, "task_queue": f"record-{uuid.uuid4()}"}
+    uid, table = str(uuid.uuid4()), f"{schema}.accounts"
+    try:
+        async with (
+            open_resources(follow) as resources,
+            build_worker(client, resources, task_queue=queue["task_queue"]),  # type: ignore[arg-type]
+        ):
+            await pool.execute(
+                f"INSERT INTO {table} (account_id, email, team_id, is_admin, squad, squad_role)"
+                " VALUES ($1, 'replay@example.com', 'replay-org', true, 'red', 'lead')",
+                uuid.UUID(uid),
+            )
+            await user_changed(uid, 1, wait="applied", **queue)  # type: ignore[arg-type]
+            await user_changed(uid, 1, wait="applied", **queue)  # type: ignore[arg-type]
+            for version in range(2, 12):
+                await pool.execute(
+                    f"UPDATE {table} SET row_version = $2, is_admin = NOT is_admin"
+                    " WHERE account_id = $1",
+                    uuid.UUID(uid),
+                    version,
+                )
+                await deliver_change(UserChangedInput(user_id=uid, version=version), **queue)  # type: ignore[arg-type]
+            await user_changed(uid, 11, wait="applied", **queue)  # type: ignore[arg-type]
+            await pool.execute(
+                f"UPDATE {table} SET row_version = 12, squad = 'not a team!' WHERE account_id = $1",
+                uuid.UUID(uid),
+            )
+            with contextlib.suppress(FollowSyncFailed):
+                await user_changed(uid, 12, wait="applied", **queue)  # type: ignore[arg-type]
+            await pool.execute(
+                f"UPDATE {table} SET row_version = 13, squad = 'blue' WHERE account_id = $1",
+                uuid.UUID(uid),
+            )
+            await user_changed(uid, 13, wait="applied", **queue)  # type: ignore[arg-type]
+            await pool.execute(f"DELETE FROM {table} WHERE account_id = $1", uuid.UUID(uid))
+            await user_changed(uid, wait="applied", **queue)  # type: ignore[arg-type]
+        handle = client.get_workflow_handle(followed_user_workflow_id(uid))
+        history = (await handle.fetch_history()).to_json()
+    finally:
+        config.unlink(missing_ok=True)
+        await spicedb.close()
+        await pool.execute(f"DROP SCHEMA {schema} CASCADE")
+        await pool.close()
+    for name in names:
+        (HERE / f"{name}.json").write_text(history)
         print(f"wrote {name}.json")
 
 

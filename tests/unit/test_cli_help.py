@@ -19,6 +19,8 @@ HEAVY = {"temporalio", "authzed", "grpc", "asyncpg", "matplotlib", "pydantic", "
 COMMANDS = [
     [],
     ["stack"],
+    ["migrate"],
+    ["setup-namespace"],
     ["worker"],
     ["users"],
     ["users", "create"],

@@ -15,7 +15,7 @@ def test_a_worker_gets_exactly_the_given_engines_and_the_callers_tuning(
     monkeypatch.setenv("DATABASE_URL", "postgresql://caller/db")
     monkeypatch.setenv("SPICESYNC_TASK_QUEUE", "callers-queue")
     monkeypatch.setenv("SPICESYNC_WORKER_MAX_CACHED_WORKFLOWS", "5000")
-    keys = f"k1:{generate_key()}"  # a well-formed key: the settings check keys when they load
+    keys = f"k1:{generate_key()}"
     settings = Settings(
         temporal_address="127.0.0.1:7999", encryption_keys=SecretStr(keys), _env_file=None
     )

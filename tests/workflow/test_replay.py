@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from workflows.backfill import BackfillWorkflow
+from workflows.followed_user import FollowedUserWorkflow
 from workflows.reconcile import ReconcileWorkflow
 from workflows.user_sync import UserSyncWorkflow
 
@@ -31,12 +34,13 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "reconcile_apply",
         "reconcile_unfinished",
         "backfill_paced",
+        "followed_user_lifecycle",
     ],
 )
 async def test_saved_history_replays(name: str) -> None:
     history = WorkflowHistory.from_json(name, (HISTORIES / f"{name}.json").read_text())
     result = await Replayer(
-        workflows=[UserSyncWorkflow, ReconcileWorkflow, BackfillWorkflow],
+        workflows=[UserSyncWorkflow, ReconcileWorkflow, BackfillWorkflow, FollowedUserWorkflow],
         data_converter=pydantic_data_converter,
     ).replay_workflow(history, raise_on_replay_failure=True)
     assert result.replay_failure is None
@@ -75,3 +79,19 @@ def test_histories_cover_every_workflow_and_path() -> None:
     for step in ("check_schema_ready", "scan_app_db_page", "scan_spicedb_page", "repair_users"):
         assert f'"name": "{step}"' in reconcile
     assert "EVENT_TYPE_TIMER_STARTED" in read("backfill_paced")
+
+    # Follow mode: signals and updates, syncs, a permanent failure recorded, no PII.
+    followed = read("followed_user_lifecycle")
+    assert "EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED" in followed
+    assert "EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED" in followed
+    assert '"name": "sync_followed_user"' in followed
+    assert '"name": "record_follow_failure"' in followed and "RowUnmappable" in followed
+    # Never a column value: neither the row's email (never read) nor the invalid value that
+    # failed the sync (the error names the rule and column), in a payload or a failure.
+    payloads = " ".join(
+        base64.b64decode(data).decode("utf-8", "replace")
+        for data in re.findall(r'"data": "([A-Za-z0-9+/=]+)"', followed)
+    )
+    assert '"status":"synced"' in payloads  # the decoding works
+    for text in (payloads, followed):
+        assert "@example.com" not in text and "not a team" not in text

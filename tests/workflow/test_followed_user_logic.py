@@ -1,0 +1,295 @@
+"""Follow mode's per-user workflow on the time-skipping server, activities replaced by recorders."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from temporalio import activity
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from spicesync.client import FollowSyncFailed, deliver_change, user_changed
+from spicesync.constants import FOLLOWED_USER_WORKFLOW, followed_user_workflow_id
+from spicesync.errors import MarkerChanged, RowUnmappable, SchemaMismatch
+from spicesync.models import (
+    FollowedUserInput,
+    RecordFollowFailureInput,
+    ResumeInput,
+    SyncFollowedUserInput,
+    SyncFollowedUserResult,
+    UserChangedInput,
+)
+from workflows.followed_user import FollowedUserWorkflow
+from workflows.user_sync import LAST_ERROR, STAGE
+
+Behaviour = Callable[[int], Awaitable[None]]
+
+
+class FakeFollow:
+    """Stand-ins for the two activities: count syncs, fail or block when told to."""
+
+    def __init__(self, version: int | None = 1, **behaviour: Behaviour) -> None:
+        self.syncs: list[SyncFollowedUserInput] = []
+        self.attempts = 0
+        self.failures: list[RecordFollowFailureInput] = []
+        self.version = version
+        self._behaviour = behaviour
+
+    @activity.defn(name="sync_followed_user")
+    async def sync_followed_user(self, request: SyncFollowedUserInput) -> SyncFollowedUserResult:
+        self.attempts += 1
+        if "sync" in self._behaviour:
+            await self._behaviour["sync"](self.attempts)
+        self.syncs.append(request)
+        return SyncFollowedUserResult(
+            status="synced",
+            row_exists=True,
+            version=self.version,
+            added=1,
+            marker=len(self.syncs),
+            zed_token=f"token-{len(self.syncs)}",
+        )
+
+    @activity.defn(name="record_follow_failure")
+    async def record_follow_failure(self, request: RecordFollowFailureInput) -> None:
+        self.failures.append(request)
+
+    def activities(self) -> list[Any]:
+        return [self.sync_followed_user, self.record_follow_failure]
+
+
+def fail_first(times: int, error: Exception) -> Behaviour:
+    async def behaviour(attempt: int) -> None:
+        if attempt <= times:
+            raise error
+
+    return behaviour
+
+
+class Harness:
+    def __init__(self, env: WorkflowEnvironment, task_queue: str, uid: str) -> None:
+        self.env, self.task_queue, self.uid = env, task_queue, uid
+
+    @property
+    def client(self) -> Client:
+        return self.env.client
+
+    def handle(self) -> WorkflowHandle[Any, Any]:
+        return self.client.get_workflow_handle(followed_user_workflow_id(self.uid))
+
+    async def signal(self, version: int | None = None) -> None:
+        await deliver_change(
+            UserChangedInput(user_id=self.uid, version=version),
+            client=self.client,
+            task_queue=self.task_queue,
+        )
+
+    async def applied(self, version: int | None = None) -> Any:
+        # The test server skips time only while a client awaits a workflow result, not an
+        # update: move its clock along while this caller waits (retry backoffs).
+        waiting = asyncio.ensure_future(
+            user_changed(
+                self.uid,
+                version,
+                wait="applied",
+                client=self.client,
+                task_queue=self.task_queue,
+            )
+        )
+        while not waiting.done():
+            await asyncio.wait({waiting}, timeout=0.2)
+            if not waiting.done():
+                await self.env.sleep(timedelta(seconds=10))
+        return waiting.result()
+
+    async def attributes(self) -> tuple[object, object]:
+        try:
+            found = (await self.handle().describe()).typed_search_attributes
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+            return None, None  # not started yet
+        return found.get(STAGE), found.get(LAST_ERROR)
+
+
+async def running(
+    env: WorkflowEnvironment, task_queue: str, fake: FakeFollow
+) -> AsyncIterator[Harness]:
+    async with Worker(
+        env.client,
+        task_queue=task_queue,
+        workflows=[FollowedUserWorkflow],
+        activities=fake.activities(),
+    ):
+        yield Harness(env, task_queue, str(uuid.uuid4()))
+
+
+async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
+    for _ in range(600):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_changes_during_a_sync_coalesce_into_one_next_sync(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def block_first(attempt: int) -> None:
+        if attempt == 1:
+            started.set()
+            await release.wait()
+
+    fake = FakeFollow(sync=block_first)
+    async for h in running(time_skipping_env, task_queue, fake):
+        await h.signal()
+        await asyncio.wait_for(started.wait(), 30)
+        for _ in range(10):
+            await h.signal()
+        # A caller that needs the result of a sync that began after its change.
+        waiting = asyncio.ensure_future(h.applied())
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        release.set()
+        outcome = await waiting
+        assert (outcome.status, outcome.zed_token) == ("synced", "token-2")
+        assert await h.attributes() == ("idle", None)
+    assert len(fake.syncs) == 2
+
+
+async def test_a_version_already_synced_needs_no_sync(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    fake = FakeFollow(version=5)
+    async for h in running(time_skipping_env, task_queue, fake):
+        assert (await h.applied(5)).status == "synced"
+        await h.signal(4)
+        await h.signal(5)
+        late = await h.applied(3)
+        assert (late.status, late.version, late.zed_token) == ("skipped", 5, "token-1")
+        assert (await h.applied(6)).status == "synced"
+        # A change without a version always syncs.
+        assert (await h.applied()).zed_token == "token-3"
+    assert len(fake.syncs) == 3
+
+
+async def test_transient_failures_and_a_moved_marker_retry(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    fake = FakeFollow(sync=fail_first(3, MarkerChanged("the marker moved")))
+    async for h in running(time_skipping_env, task_queue, fake):
+        assert (await h.applied()).status == "synced"
+    assert fake.attempts == 4 and not fake.failures
+
+
+async def test_a_permanent_failure_is_recorded_and_the_next_change_tries_again(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    fake = FakeFollow(sync=fail_first(1, RowUnmappable("relationships[0].resource: bad id")))
+    async for h in running(time_skipping_env, task_queue, fake):
+        with pytest.raises(FollowSyncFailed) as failed:
+            await h.applied(1)
+        assert failed.value.outcome.error_type == "RowUnmappable"
+        assert [(f.error_type, f.message) for f in fake.failures] == [
+            ("RowUnmappable", "relationships[0].resource: bad id")
+        ]
+        assert await h.attributes() == ("failed", "RowUnmappable")
+        # Not retried as is: one attempt, then the next change syncs again.
+        assert fake.attempts == 1
+        assert (await h.applied(1)).status == "synced"
+        assert await h.attributes() == ("idle", None)
+
+
+async def test_a_schema_mismatch_parks_until_resumed(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    fake = FakeFollow(sync=fail_first(1, SchemaMismatch("team#lead not found")))
+    async for h in running(time_skipping_env, task_queue, fake):
+        waiting = asyncio.ensure_future(h.applied())
+
+        async def parked(h: Harness = h) -> bool:
+            return await h.attributes() == ("parked", "SchemaMismatch")
+
+        await eventually(parked)
+        assert not waiting.done() and not fake.failures
+        resumed = await h.handle().execute_update(FollowedUserWorkflow.resume, ResumeInput())
+        assert resumed.resumed
+        assert (await waiting).status == "synced"
+        again = await h.handle().execute_update(FollowedUserWorkflow.resume, ResumeInput())
+        assert not again.resumed
+    assert fake.attempts == 2
+
+
+async def test_continue_as_new_carries_the_synced_version(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    fake = FakeFollow(version=7)
+    async for h in running(time_skipping_env, task_queue, fake):
+        first = await h.client.start_workflow(
+            FOLLOWED_USER_WORKFLOW,
+            FollowedUserInput(user_id=h.uid, syncs_per_run=2),
+            id=followed_user_workflow_id(h.uid),
+            task_queue=task_queue,
+        )
+        await h.applied()
+        await h.applied()
+
+        async def continued(h: Harness = h, first: Any = first) -> bool:
+            return (await h.handle().describe()).run_id != first.result_run_id
+
+        await eventually(continued)
+        late = await h.applied(7)
+        assert (late.status, late.zed_token) == ("skipped", "token-2")
+        assert (await h.applied(8)).status == "synced"
+    assert len(fake.syncs) == 3
+
+
+async def test_an_idle_workflow_closes_and_a_later_change_starts_a_new_run(
+    own_time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    fake = FakeFollow()
+    async for h in running(own_time_skipping_env, task_queue, fake):
+        await h.applied()
+        assert (await h.handle().describe()).status == WorkflowExecutionStatus.RUNNING
+        await h.env.sleep(timedelta(seconds=FollowedUserInput(user_id="x").idle_seconds + 1))
+        closed = await h.handle().describe()
+        assert closed.status == WorkflowExecutionStatus.COMPLETED
+        assert closed.typed_search_attributes.get(STAGE) == "closed_idle"
+        await h.signal()
+
+        async def synced_again() -> bool:
+            return len(fake.syncs) == 2
+
+        await eventually(synced_again)
+        assert (await h.handle().describe()).run_id != closed.run_id
+
+
+async def test_a_misaddressed_change_is_refused_by_the_update_validator(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    fake = FakeFollow()
+    async for h in running(time_skipping_env, task_queue, fake):
+        await h.applied()
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await h.handle().execute_update(
+                "sync_change", UserChangedInput(user_id="someone-else"), result_type=None
+            )
+        assert "another user" in str(refused.value.cause)
+        # Refused by the validator: not even written to the history.
+        history = await h.handle().fetch_history()
+        assert "someone-else" not in history.to_json()
+    assert len(fake.syncs) == 1

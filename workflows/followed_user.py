@@ -1,0 +1,268 @@
+"""Follow mode's per-user workflow: keep one user's SpiceDB relationships in step with the row.
+
+The application owns its users table; a change only says "user X changed" (the ``user_changed``
+signal, usually signal-with-start, so delivering it is durable without waiting for a worker).
+The workflow answers with a level-triggered sync (activities/followed_users.py): read the row as
+it is now, write the difference to SpiceDB. One workflow per user, so a user's syncs never run
+concurrently and users never wait on each other.
+
+* Changes that arrive while a sync runs coalesce into one next sync: however many there were,
+  one sync that starts after them sees them all.
+* A change whose version is not newer than the version the last sync read needs no sync.
+* ``sync_change`` (an update) delivers a change and waits until a sync that began after it has
+  finished, for a caller that needs the ZedToken.
+* A permanent failure (a row that maps to an invalid object id, SpiceDB refusing the write) is
+  recorded in ``spicesync_followed_users`` and in the search attributes; the next change tries
+  again. A schema mismatch parks the sync until an operator fixes the schema and sends
+  ``resume``. Transient failures retry in the activity's RetryPolicy.
+* Idle for ``idle_seconds`` (a durable timer), the workflow closes; the next change starts a
+  new run. After ``syncs_per_run`` syncs it continues as new, carrying :class:`FollowCarried`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.followed_users import FollowedUserActivities
+    from spicesync.constants import (
+        ACTIVITY_START_TO_CLOSE,
+        FOLLOWED_USER_WORKFLOW,
+        SYNC_CHANGE_UPDATE,
+        USER_CHANGED_SIGNAL,
+    )
+    from spicesync.mapping import valid_user_id
+    from spicesync.models import (
+        FollowCarried,
+        FollowedUserInput,
+        FollowSyncOutcome,
+        RecordFollowFailureInput,
+        ResumeInput,
+        ResumeResult,
+        SyncFollowedUserInput,
+        UserChangedInput,
+    )
+    from spicesync.retries import STEP_RETRY
+    from workflows.stages import USER_ID, set_stage
+
+__all__ = ["FollowedUserWorkflow"]
+
+_TIMEOUT = timedelta(seconds=ACTIVITY_START_TO_CLOSE)
+# Outcomes kept for callers of ``sync_change`` still to collect theirs; one sync finishes per
+# workflow task at most, and waiting callers read theirs in the task it finishes in.
+_KEPT_OUTCOMES = 20
+
+
+@workflow.defn(name=FOLLOWED_USER_WORKFLOW)
+class FollowedUserWorkflow:
+    """One followed user's syncs, one at a time, bursts of changes coalesced."""
+
+    @workflow.init
+    def __init__(self, request: FollowedUserInput) -> None:
+        # Set before any handler runs: signal-with-start delivers the signal first.
+        self._user_id = request.user_id
+        carried = request.carried or FollowCarried()
+        self._synced_version = carried.synced_version
+        self._zed_token = carried.zed_token
+        # Changes are numbered as they arrive; a sync covers every change numbered up to the
+        # count when it began.
+        self._requested = 1 if carried.pending else 0
+        self._started = 0
+        self._outcomes: list[tuple[int, FollowSyncOutcome]] = []
+        self._position: str | None = None
+        self._parked = False
+        self._failed = False
+        self._syncs_this_run = 0
+
+    @workflow.run
+    async def run(self, request: FollowedUserInput) -> None:
+        """Sync whenever changes are pending; close when idle, continue as new when long.
+
+        Args:
+            request: The user, and what the previous run carried over, if any.
+        """
+        workflow.upsert_search_attributes([USER_ID.value_set(request.user_id)])
+        self._stage("idle")
+        while True:
+            try:
+                await workflow.wait_condition(
+                    lambda: self._pending() or self._should_continue_as_new(request),
+                    # A durable timer: idleness survives worker restarts.
+                    timeout=timedelta(seconds=request.idle_seconds),
+                )
+            except TimeoutError:
+                if not self._pending() and workflow.all_handlers_finished():
+                    # The next change starts a fresh run, which reads the row as it is then:
+                    # nothing depends on this run staying open. A failed user stays visible.
+                    if not self._failed:
+                        self._stage("closed_idle")
+                    return
+                continue
+            if self._pending():
+                await self._sync()
+                continue
+            # Let callers collect their outcomes first; a change arriving meanwhile is synced.
+            await workflow.wait_condition(
+                lambda: workflow.all_handlers_finished() or self._pending()
+            )
+            if not self._pending():
+                workflow.continue_as_new(
+                    FollowedUserInput(
+                        user_id=request.user_id,
+                        idle_seconds=request.idle_seconds,
+                        syncs_per_run=request.syncs_per_run,
+                        carried=FollowCarried(
+                            synced_version=self._synced_version,
+                            zed_token=self._zed_token,
+                            pending=False,
+                        ),
+                    )
+                )
+
+    @workflow.signal(name=USER_CHANGED_SIGNAL)
+    def user_changed(self, change: UserChangedInput) -> None:
+        """A change of the user's row: sync soon (coalesced with any other pending change)."""
+        if change.user_id != self._user_id:
+            # A signal cannot be refused; a misaddressed one is dropped (opaque ids only).
+            workflow.logger.warning("change for another user's workflow dropped")
+            return
+        self._offer(change)
+
+    @workflow.update(name=SYNC_CHANGE_UPDATE)
+    async def sync_change(self, change: UserChangedInput) -> FollowSyncOutcome:
+        """Deliver a change and wait until a sync that began after it has finished.
+
+        Returns:
+            The sync's outcome (``synced``, ``unchanged`` or ``failed``), or ``skipped`` with
+            the last sync's ZedToken when the change's version was already synced.
+        """
+        ticket = self._offer(change)
+        if ticket is None:
+            return FollowSyncOutcome(
+                user_id=self._user_id,
+                status="skipped",
+                version=self._synced_version,
+                zed_token=self._zed_token,
+            )
+        await workflow.wait_condition(lambda: self._covered(ticket) is not None)
+        outcome = self._covered(ticket)
+        assert outcome is not None
+        return outcome
+
+    @sync_change.validator
+    def _validate_sync_change(self, change: UserChangedInput) -> None:
+        # Rejected updates are not written to history.
+        if change.user_id != self._user_id or not valid_user_id(change.user_id):
+            raise ValueError("the change belongs to another user's workflow")
+
+    @workflow.update
+    async def resume(self, _request: ResumeInput) -> ResumeResult:
+        """Resume a sync parked on a schema mismatch, once the schema is fixed."""
+        if not self._parked:
+            return ResumeResult(resumed=False)
+        self._parked = False
+        return ResumeResult(resumed=True)
+
+    def _offer(self, change: UserChangedInput) -> int | None:
+        """Number the change; ``None`` if its version is already synced (no sync needed)."""
+        if (
+            change.version is not None
+            and self._synced_version is not None
+            and change.version <= self._synced_version
+        ):
+            return None
+        self._requested += 1
+        if change.position is not None:
+            self._position = change.position
+        return self._requested
+
+    def _pending(self) -> bool:
+        return self._requested > self._started
+
+    def _covered(self, ticket: int) -> FollowSyncOutcome | None:
+        """The outcome of the first finished sync that began after change ``ticket``."""
+        return next((o for covers, o in self._outcomes if covers >= ticket), None)
+
+    def _should_continue_as_new(self, request: FollowedUserInput) -> bool:
+        return (
+            self._syncs_this_run >= request.syncs_per_run
+            or workflow.info().is_continue_as_new_suggested()
+        )
+
+    async def _sync(self) -> None:
+        """One sync covering every change numbered so far."""
+        covers = self._started = self._requested
+        self._stage("syncing")
+        request = SyncFollowedUserInput(
+            user_id=self._user_id, sync_id=str(workflow.uuid4()), position=self._position
+        )
+        while True:
+            try:
+                result = await workflow.execute_activity_method(
+                    FollowedUserActivities.sync_followed_user,
+                    request,
+                    start_to_close_timeout=_TIMEOUT,
+                    retry_policy=STEP_RETRY,
+                )
+            except ActivityError as err:
+                cause = err.cause
+                error_type = (cause.type if isinstance(cause, ApplicationError) else None) or type(
+                    cause
+                ).__name__
+                if error_type == "SchemaMismatch":
+                    await self._park(error_type)
+                    continue
+                message = cause.message if isinstance(cause, ApplicationError) else str(cause)
+                outcome = await self._record_failure(error_type, message)
+                break
+            self._synced_version = result.version if result.row_exists else None
+            self._zed_token = result.zed_token
+            self._failed = False
+            outcome = FollowSyncOutcome(
+                user_id=self._user_id,
+                status=result.status,
+                version=result.version,
+                zed_token=result.zed_token,
+            )
+            self._stage("idle", clear_error=True)
+            break
+        workflow.metric_meter().create_counter(
+            "spicesync_follow_syncs", "Syncs of followed users, by outcome"
+        ).add(1, {"status": outcome.status})
+        self._syncs_this_run += 1
+        self._outcomes.append((covers, outcome))
+        del self._outcomes[:-_KEPT_OUTCOMES]
+
+    async def _record_failure(self, error_type: str, message: str) -> FollowSyncOutcome:
+        """Record a permanent failure where operators look; nothing is rolled back."""
+        await workflow.execute_activity_method(
+            FollowedUserActivities.record_follow_failure,
+            RecordFollowFailureInput(user_id=self._user_id, error_type=error_type, message=message),
+            start_to_close_timeout=_TIMEOUT,
+            retry_policy=STEP_RETRY,
+        )
+        # Unknown now: the next change must sync, whatever its version.
+        self._synced_version = None
+        self._failed = True
+        self._stage("failed", error=error_type)
+        return FollowSyncOutcome(
+            user_id=self._user_id, status="failed", error_type=error_type, message=message
+        )
+
+    async def _park(self, error_type: str) -> None:
+        self._parked = True
+        self._stage("parked", error=error_type)
+        workflow.metric_meter().create_counter(
+            "spicesync_parked", "Syncs parked until an operator resumes them"
+        ).add(1)
+        workflow.logger.error(
+            "sync parked until resumed: SpiceDB's schema lacks a managed relation"
+        )
+        await workflow.wait_condition(lambda: not self._parked)
+        self._stage("syncing")
+
+    def _stage(self, stage: str, *, error: str | None = None, clear_error: bool = False) -> None:
+        set_stage(stage, error=error, clear_error=clear_error)
