@@ -348,7 +348,13 @@ def _repair(args: argparse.Namespace) -> int:
 def _codec_server(args: argparse.Namespace) -> int:
     from spicesync.codec_server import CodecAuth, CodecServer
     from spicesync.logs import configure_logging
-    from spicesync.settings import MissingSetting
+    from spicesync.settings import (
+        PLAINTEXT_OPT_OUT,
+        PLAINTEXT_OPT_OUT_VALUE,
+        MissingSetting,
+        UnsafeSetting,
+        is_loopback,
+    )
 
     settings = load_settings()
     codec = settings.codec()
@@ -375,6 +381,17 @@ def _codec_server(args: argparse.Namespace) -> int:
     tls = None
     if settings.codec_tls_cert and settings.codec_tls_key:
         tls = (settings.codec_tls_cert, settings.codec_tls_key)
+    elif settings.environment == "production" and not is_loopback(args.host):
+        problem = (
+            f"SPICESYNC_CODEC_TLS_CERT and SPICESYNC_CODEC_TLS_KEY are not set and --host"
+            f" {args.host} is not this machine: tokens and decrypted payloads would cross the"
+            " network in clear"
+        )
+        if settings.allow_plaintext_in_production != PLAINTEXT_OPT_OUT_VALUE:
+            raise UnsafeSetting(problem)
+        logging.getLogger("spicesync.codec_server").warning(
+            "%s is set: %s", PLAINTEXT_OPT_OUT, problem
+        )
     port = settings.stack_codec_port if args.port is None else args.port
     configure_logging()  # the access log: JSON lines on stderr
     try:
