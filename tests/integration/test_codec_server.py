@@ -311,7 +311,15 @@ def test_access_log_has_no_payload_token_or_query(
         headers={"Authorization": f"Bearer {TOKEN}", "Origin": UI},
     )
     call(f"{base}/login", f"token={TOKEN}".encode())
-    lines = [JsonFormatter().format(r) for r in caplog.records if r.name.endswith(".access")]
+
+    def access_records() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name.endswith(".access")]
+
+    # The line is written once the answer has gone out: wait for it, generously.
+    deadline = time.monotonic() + 30
+    while len(access_records()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [JsonFormatter().format(r) for r in access_records()]
     entries = [json.loads(line) for line in lines]
     assert [(e["method"], e["path"], e["status"], e["auth"]) for e in entries] == [
         ("POST", "/decode", 401, "none"),
