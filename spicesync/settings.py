@@ -22,7 +22,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from temporalio.envconfig import ClientConfig, ClientConnectConfig
 
@@ -38,6 +38,7 @@ from spicesync.limits import (
 from spicesync.mapping import FollowMapping, load_mapping
 
 __all__ = [
+    "CODEC_TOKEN_MIN_LENGTH",
     "DEFAULT_MAPPING_FILE",
     "PLAINTEXT_OPT_OUT",
     "PLAINTEXT_OPT_OUT_VALUE",
@@ -52,6 +53,8 @@ __all__ = [
 ]
 
 STACK_ENV_FILE = "stack.env"
+# A codec token guards every decrypted payload: long enough that guessing it is hopeless.
+CODEC_TOKEN_MIN_LENGTH = 32
 DEFAULT_MAPPING_FILE = "spicesync.toml"
 # The one way to run production over connections that are not verified TLS. Loud on purpose:
 # the name says what it allows, the value must be typed out, and every start logs a warning.
@@ -172,6 +175,28 @@ class Settings(BaseSettings):
         default=None, validation_alias="SPICESYNC_ENCRYPTION_KEY_ID"
     )
 
+    # The codec server (`spicesync codec-server`): who may call it, from which UI, and how.
+    # A static bearer token (scripts, the Temporal CLI's --codec-auth, the sign-in page) and/or
+    # the UI's SSO access token verified against the identity provider's JWKS.
+    codec_token: SecretStr | None = Field(default=None, validation_alias="SPICESYNC_CODEC_TOKEN")
+    codec_jwks_url: str | None = Field(default=None, validation_alias="SPICESYNC_CODEC_JWKS_URL")
+    codec_jwt_audience: str | None = Field(
+        default=None, validation_alias="SPICESYNC_CODEC_JWT_AUDIENCE"
+    )
+    codec_jwt_issuer: str | None = Field(
+        default=None, validation_alias="SPICESYNC_CODEC_JWT_ISSUER"
+    )
+    codec_jwt_algorithms: str = Field(
+        default="RS256,ES256", validation_alias="SPICESYNC_CODEC_JWT_ALGORITHMS"
+    )
+    # Comma-separated browser origins of the Temporal UI (CORS); default: the local stack's UI.
+    codec_ui_origins: str | None = Field(
+        default=None, validation_alias="SPICESYNC_CODEC_UI_ORIGINS"
+    )
+    codec_allow_encode: bool = Field(default=False, validation_alias="SPICESYNC_CODEC_ENCODE")
+    codec_tls_cert: Path | None = Field(default=None, validation_alias="SPICESYNC_CODEC_TLS_CERT")
+    codec_tls_key: Path | None = Field(default=None, validation_alias="SPICESYNC_CODEC_TLS_KEY")
+
     # Follow mode: the mapping of the application's own users table (docs/follow-mode.md). Unset,
     # ``spicesync.toml`` in the working directory is used if it exists; without one, spicesync
     # runs in owned mode (its own ``users`` table).
@@ -256,6 +281,50 @@ class Settings(BaseSettings):
     stack_temporal_ui_port: int = Field(default=8233, validation_alias="SPICESYNC_TEMPORAL_UI_PORT")
     stack_spicedb_port: int = Field(default=50051, validation_alias="SPICESYNC_SPICEDB_PORT")
     stack_codec_port: int = Field(default=8081, validation_alias="SPICESYNC_CODEC_PORT")
+
+    @field_validator(
+        "codec_token",
+        "codec_jwks_url",
+        "codec_jwt_audience",
+        "codec_jwt_issuer",
+        "codec_ui_origins",
+        "codec_tls_cert",
+        "codec_tls_key",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `SPICESYNC_CODEC_TOKEN=` as deploy/env.example leaves it means "not set", not "".
+        return None if value == "" else value
+
+    @field_validator("codec_token")
+    @classmethod
+    def _codec_token_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < CODEC_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"must be at least {CODEC_TOKEN_MIN_LENGTH} characters"
+                " (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return value
+
+    @field_validator("codec_ui_origins")
+    @classmethod
+    def _codec_origins_explicit(cls, value: str | None) -> str | None:
+        if value is not None and "*" in value:
+            raise ValueError("list the UI's origins; '*' would let any web page call it")
+        return value
+
+    @model_validator(mode="after")
+    def _codec_settings_complete(self) -> Settings:
+        if (self.codec_tls_cert is None) != (self.codec_tls_key is None):
+            raise ValueError("SPICESYNC_CODEC_TLS_CERT and SPICESYNC_CODEC_TLS_KEY go together")
+        if self.codec_jwks_url and not (self.codec_jwt_audience and self.codec_jwt_issuer):
+            raise ValueError(
+                "SPICESYNC_CODEC_JWKS_URL needs SPICESYNC_CODEC_JWT_AUDIENCE and"
+                " SPICESYNC_CODEC_JWT_ISSUER: without them any token the provider signed for"
+                " any application would be accepted"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -433,6 +502,15 @@ class Settings(BaseSettings):
         if self.encryption_key_id:
             env["SPICESYNC_ENCRYPTION_KEY_ID"] = self.encryption_key_id
         return env
+
+    def codec_origins(self) -> list[str]:
+        """The Temporal UI origins the codec server answers (CORS), from the setting or local."""
+        if self.codec_ui_origins:
+            return [o.strip().rstrip("/") for o in self.codec_ui_origins.split(",") if o.strip()]
+        return [
+            self.temporal_ui_url or f"http://127.0.0.1:{self.stack_temporal_ui_port}",
+            f"http://localhost:{self.stack_temporal_ui_port}",
+        ]
 
     def trace_path(self) -> Path | None:
         """Where spans go when no OTLP endpoint is configured; ``None``: nowhere.

@@ -33,6 +33,7 @@ from tests.integration.test_cli_stack import (  # noqa: F401 - stack_env is a fi
     parse_env,
     run,
     stack_env,
+    stack_settings,
 )
 
 pytestmark = pytest.mark.integration
@@ -75,7 +76,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     up = run(["stack", "up"], env)
     assert up.returncode == 0, up.stderr
     try:
-        yield Stack(env, parse_env(up.stdout))
+        yield Stack(env, stack_settings(env))
     finally:
         run(["stack", "down"], env)
 
