@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from spicesync.cli.progress import show as _show
 
 if TYPE_CHECKING:
-    from temporalio.client import Client
+    from temporalio.client import Client, WorkflowHandle
 
     from spicesync.models import ReconcileReport
     from spicesync.settings import Settings
@@ -43,6 +43,22 @@ async def _connect(settings: Settings) -> Client:
             " `spicesync worker` (the run would wait for it)"
         )
     return client
+
+
+async def _query_progress(handle: WorkflowHandle[Any, Any], query: Any) -> Any | None:
+    """The run's progress, or ``None`` while no worker answers queries.
+
+    Workers restart and drain (SIGTERM gives in-flight activities a grace period, during which
+    that worker polls nothing): the progress line waits for the next one, and the wait for the
+    run's result goes on.
+    """
+    from temporalio.client import WorkflowQueryFailedError, WorkflowQueryRejectedError
+    from temporalio.service import RPCError
+
+    try:
+        return await handle.query(query, rpc_timeout=timedelta(seconds=5))
+    except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError):
+        return None
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:
@@ -87,7 +103,9 @@ def reconcile_command(args: argparse.Namespace) -> int:
             await asyncio.wait([result], timeout=1.0)
             if result.done():
                 break
-            p = await handle.query(ReconcileWorkflow.progress)
+            p = await _query_progress(handle, ReconcileWorkflow.progress)
+            if p is None:
+                continue
             _show(
                 f"reconcile {p.phase}: {p.rows_scanned} rows, {p.relationships_scanned}"
                 f" relationships scanned; {p.found.total()} drifted users so far"
@@ -186,7 +204,9 @@ def backfill_command(args: argparse.Namespace) -> int:
         result = asyncio.ensure_future(handle.result())
         while not result.done():
             await asyncio.wait([result], timeout=0.5)
-            p = await handle.query(BackfillWorkflow.progress)
+            p = await _query_progress(handle, BackfillWorkflow.progress)
+            if p is None:
+                continue
             done_users = p.delivered if follow else p.written_users
             rate = done_users / max(time.monotonic() - began, 1e-9)
             _show(
