@@ -10,6 +10,8 @@ from typing import Final
 __all__ = [
     "BACKFILL_BATCH_SIZE_MAX",
     "BACKFILL_LANES_MAX",
+    "OUTBOX_BATCH_SIZE_MAX",
+    "OUTBOX_CONCURRENCY_MAX",
     "PRESHARED_KEY_MIN_CHARS",
     "RECONCILE_PAGE_SIZE_MAX",
     "SCHEDULE_INTERVAL_SECONDS_MAX",
@@ -30,6 +32,13 @@ BACKFILL_BATCH_SIZE_MAX: Final = 500
 
 # Disjoint id ranges a backfill writes side by side.
 BACKFILL_LANES_MAX: Final = 16
+
+# Outbox rows one relay claims at once: their row locks are held, in one transaction, until
+# Temporal has answered for every user in the batch.
+OUTBOX_BATCH_SIZE_MAX: Final = 10_000
+
+# Deliveries one relay has in flight at once (signal-with-start calls on one Temporal client).
+OUTBOX_CONCURRENCY_MAX: Final = 1000
 
 # The shortest SpiceDB preshared key production accepts: the local stack generates 32 characters
 # (``secrets.token_urlsafe(24)``, 192 random bits); a shorter one is guessable or a placeholder.

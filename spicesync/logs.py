@@ -66,15 +66,19 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
-def sdk_core_logging() -> LoggingConfig:
+def sdk_core_logging(core_level: str = "WARN") -> LoggingConfig:
     """Logging for a Temporal runtime: the core's lines go to Python's logging, not to stderr.
 
     Left to itself the core writes its warnings (slow workflow tasks, poll errors) straight to
     stderr as ANSI-coloured text. Forwarded, they become records of :data:`SDK_CORE_LOGGER`,
     formatted like every other line; the target and the core's fields become JSON keys.
+
+    Args:
+        core_level: The least severe core line kept (``WARN``; ``ERROR`` for a process that
+            reports its own calls' failures, so the client's retry warnings are not repeated).
     """
     return LoggingConfig(
-        filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
+        filter=TelemetryFilter(core_level=core_level, other_level="ERROR"),
         forwarding=LogForwardingConfig(
             logger=logging.getLogger(SDK_CORE_LOGGER),
             append_target_to_name=False,

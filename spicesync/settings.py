@@ -29,6 +29,8 @@ from temporalio.envconfig import ClientConfig, ClientConnectConfig
 from spicesync.codec import EncryptionCodec, parse_keys
 from spicesync.constants import DEFAULT_TASK_QUEUE
 from spicesync.limits import (
+    OUTBOX_BATCH_SIZE_MAX,
+    OUTBOX_CONCURRENCY_MAX,
     PRESHARED_KEY_MIN_CHARS,
     SCHEDULE_INTERVAL_SECONDS_MAX,
     SCHEDULE_INTERVAL_SECONDS_MIN,
@@ -205,6 +207,20 @@ class Settings(BaseSettings):
         default="127.0.0.1:9464", validation_alias="SPICESYNC_METRICS_ADDRESS"
     )
     trace_file: Path | None = Field(default=None, validation_alias="SPICESYNC_TRACE_FILE")
+    # The worker's /livez and /readyz (spicesync/health.py); empty: none. Loopback by default:
+    # in a pod it must be 0.0.0.0:<port> so the kubelet's probes reach it. Ports on one host:
+    # worker metrics 9464, outbox relay metrics 9465, worker health 9466, relay health 9467.
+    health_address: str | None = Field(
+        default="127.0.0.1:9466", validation_alias="SPICESYNC_HEALTH_ADDRESS"
+    )
+
+    # SIGTERM/SIGINT: how long a worker lets in-flight activities finish before cancelling them
+    # (Temporal retries a cancelled one elsewhere). Longer than an activity's start-to-close
+    # timeout (ACTIVITY_START_TO_CLOSE, 15 s), so a user's step finishes or times out on its own;
+    # the process manager's kill timeout must be longer still.
+    shutdown_grace_seconds: float = Field(
+        default=20.0, ge=0, le=3600, validation_alias="SPICESYNC_SHUTDOWN_GRACE_SECONDS"
+    )
 
     # Reconciliation: how often the schedule runs, whether it repairs, and how much one run may
     # delete at most (a run that would delete more deletes nothing and says so).
@@ -231,6 +247,33 @@ class Settings(BaseSettings):
     )
     worker_workflow_task_pollers: int | None = Field(
         default=None, ge=2, validation_alias="SPICESYNC_WORKER_WORKFLOW_TASK_POLLERS"
+    )
+
+    # The outbox relay (`spicesync relay outbox`, docs/follow-mode.md#outbox): rows claimed per
+    # batch (their locks are held until Temporal has answered for them), deliveries in flight at
+    # once, how often it looks without a notification, each delivery's deadline, and its own
+    # Prometheus endpoint (a worker may serve the default metrics port on the same host).
+    outbox_batch_size: int = Field(
+        default=200, ge=1, le=OUTBOX_BATCH_SIZE_MAX, validation_alias="SPICESYNC_OUTBOX_BATCH_SIZE"
+    )
+    outbox_concurrency: int = Field(
+        default=32,
+        ge=1,
+        le=OUTBOX_CONCURRENCY_MAX,
+        validation_alias="SPICESYNC_OUTBOX_CONCURRENCY",
+    )
+    outbox_poll_seconds: float = Field(
+        default=5.0, gt=0, validation_alias="SPICESYNC_OUTBOX_POLL_SECONDS"
+    )
+    outbox_rpc_timeout_seconds: float = Field(
+        default=10.0, gt=0, validation_alias="SPICESYNC_OUTBOX_RPC_TIMEOUT_SECONDS"
+    )
+    outbox_metrics_address: str | None = Field(
+        default="127.0.0.1:9465", validation_alias="SPICESYNC_OUTBOX_METRICS_ADDRESS"
+    )
+    # The relay's /livez and /readyz (ready: Temporal and PostgreSQL answer); empty: none.
+    outbox_health_address: str | None = Field(
+        default="127.0.0.1:9467", validation_alias="SPICESYNC_OUTBOX_HEALTH_ADDRESS"
     )
 
     # Ports of the local stack (``spicesync stack up``); unused when pointing at real services.
@@ -448,6 +491,10 @@ class Settings(BaseSettings):
             "SPICEDB_PRESHARED_KEY": spicedb_key,
             "SPICESYNC_TASK_QUEUE": task_queue,
             "SPICESYNC_METRICS_ADDRESS": "",
+            "SPICESYNC_HEALTH_ADDRESS": "",
+            # Below the 10-15 s after which the bench and the fault suite SIGKILL a worker
+            # they stop, so their SIGTERM still drains (or cancels) rather than kills.
+            "SPICESYNC_SHUTDOWN_GRACE_SECONDS": "5",
             "SPICESYNC_STATE_DIR": "/nonexistent-worker-state",
         }
         if self.encryption_keys is not None:
@@ -465,9 +512,18 @@ class Settings(BaseSettings):
             f"http://localhost:{self.stack_temporal_ui_port}",
         ]
 
-    def trace_path(self) -> Path:
-        """Where spans go when no OTLP endpoint is configured."""
-        return self.trace_file or self.state_dir / "logs" / "traces.jsonl"
+    def trace_path(self) -> Path | None:
+        """Where spans go when no OTLP endpoint is configured; ``None``: nowhere.
+
+        Locally a file in the state directory. In production only ``SPICESYNC_TRACE_FILE``: a
+        file nobody rotates, written by default, would fill a container's disk (or fail on a
+        read-only root filesystem); production traces go to OTLP.
+        """
+        if self.trace_file is not None:
+            return self.trace_file
+        if self.environment == "production":
+            return None
+        return self.state_dir / "logs" / "traces.jsonl"
 
     def codec(self) -> EncryptionCodec | None:
         """The payload codec, or ``None`` when no keys are configured (local use only)."""
@@ -544,7 +600,13 @@ def load_settings(**overrides: Any) -> Settings:
     """
     state_dir = Path(os.environ.get("SPICESYNC_STATE_DIR", ".spicesync"))
     stack_file = state_dir / STACK_ENV_FILE
-    if not stack_file.is_file():
+    try:
+        present = stack_file.is_file()
+    except PermissionError:
+        # A state folder this user may not look into (a root-owned 0700 mount, another
+        # service's StateDirectory): no stack.env can be read from it either.
+        present = False
+    if not present:
         return Settings(**overrides)
     environment = overrides.get("environment") or next(
         (v for k, v in os.environ.items() if k.upper() == "SPICESYNC_ENV"), None

@@ -66,12 +66,16 @@ class NamespaceSetup:
     dry_run: bool = False
 
 
-async def connect_temporal(settings: Settings, *, runtime: Runtime | None = None) -> Client:
+async def connect_temporal(
+    settings: Settings, *, runtime: Runtime | None = None, lazy: bool = False
+) -> Client:
     """Connect to Temporal the SDK's env-config way, with the pydantic converter and encryption.
 
     Args:
         settings: spicesync's settings.
         runtime: A Temporal runtime (e.g. one exporting metrics); the default one otherwise.
+        lazy: Connect at the first call instead of now (a process that waits out a Temporal
+            outage, such as the outbox relay, may start while Temporal is down).
 
     Returns:
         A connected client.
@@ -89,6 +93,7 @@ async def connect_temporal(settings: Settings, *, runtime: Runtime | None = None
             # worker shares its client's interceptors).
             interceptors=[TracingInterceptor()],
             runtime=runtime,
+            lazy=lazy,
         )
     except RuntimeError as err:
         # The SDK reports a failed connection as a bare RuntimeError("Failed client connect...").

@@ -1,5 +1,7 @@
-"""The worker process: hosts the saga's workflows and activities."""
+"""The long-running processes: the worker and the outbox relay.
 
-from workers.worker import WorkerResources, build_worker, run_worker
+``workers.worker`` hosts the workflows and activities; ``workers.outbox_relay`` delivers outbox
+rows. Nothing is imported here, so a relay does not load the worker's workflows and activities.
+"""
 
-__all__ = ["WorkerResources", "build_worker", "run_worker"]
+__all__: list[str] = []

@@ -110,6 +110,19 @@ def _worker(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _relay(_args: argparse.Namespace) -> int:
+    from spicesync.logs import configure_logging
+    from workers.outbox_relay import RelayNotStarted, run_outbox_relay
+
+    configure_logging()
+    try:
+        asyncio.run(run_outbox_relay(load_settings()))
+    except RelayNotStarted as err:
+        logging.getLogger("spicesync.relay").error("not starting: %s", err)
+        return 2
+    return 0
+
+
 # Every line `spicesync users` prints has these keys, whatever became of the event.
 _USERS_FIELDS = (
     "user_id",
@@ -424,6 +437,12 @@ def _codec_server(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.follow:
+        from spicesync.cli.follow_demo import follow_summary, run_follow_demo
+
+        follow_report = asyncio.run(run_follow_demo(args.users, progress=note))
+        print(follow_summary(follow_report))
+        return 0 if follow_report.ok else 1
     from spicesync.cli.demo import run_demo, summary
 
     report = asyncio.run(run_demo(args.users, progress=note))
@@ -443,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_migrate_parser(commands)
     add_setup_namespace_parser(commands)
     _add_worker_parser(commands)
+    _add_relay_parser(commands)
     _add_users_parser(commands)
     _add_stuck_parser(commands)
     _add_repair_parser(commands)
@@ -477,6 +497,23 @@ def _add_worker_parser(commands: Commands) -> None:
     """Add ``worker``."""
     worker = commands.add_parser("worker", help="run a worker until SIGINT/SIGTERM")
     worker.set_defaults(func=_worker)
+
+
+def _add_relay_parser(commands: Commands) -> None:
+    """Add ``relay outbox``."""
+    relay = commands.add_parser(
+        "relay", help="deliver an application's changes to the followed users' workflows"
+    )
+    feeds = relay.add_subparsers(dest="feed", required=True, metavar="FEED")
+    outbox = feeds.add_parser(
+        "outbox",
+        help="relay spicesync_outbox rows (follow mode) until SIGINT/SIGTERM; several may run",
+        description="Claim spicesync_outbox rows in batches (FOR UPDATE SKIP LOCKED), deliver one"
+        " change per user to its workflow, delete the rows once Temporal accepted them. Tuned by"
+        " SPICESYNC_OUTBOX_BATCH_SIZE, _CONCURRENCY, _POLL_SECONDS, _RPC_TIMEOUT_SECONDS and"
+        " _METRICS_ADDRESS (docs/follow-mode.md#outbox).",
+    )
+    outbox.set_defaults(func=_relay)
 
 
 def _add_users_parser(commands: Commands) -> None:
@@ -741,6 +778,12 @@ def _add_demo_parser(commands: Commands) -> None:
         default=100,
         help="valid users to create (default 100)",
     )
+    demo.add_argument(
+        "--follow",
+        action="store_true",
+        help="follow mode: an application's own table, written with plain SQL and the outbox,"
+        " followed through a mapping (examples/follow/)",
+    )
     demo.set_defaults(func=_demo)
 
 
@@ -755,7 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     provider = None
     try:
-        if args.command in ("worker", "users", "demo"):
+        if args.command in ("worker", "relay", "users", "demo"):
             from spicesync.telemetry import configure_tracing
 
             provider = configure_tracing(f"spicesync-{args.command}", load_settings().trace_path())

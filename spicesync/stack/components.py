@@ -23,7 +23,7 @@ with warnings.catch_warnings():
 
 from spicesync.constants import SEARCH_ATTRIBUTES, dev_server_dynamic_config
 from spicesync.db import apply_migrations
-from spicesync.spicedb import connect_spicedb, write_schema
+from spicesync.spicedb import check_schema, connect_spicedb, write_schema
 from spicesync.stack.engine_library import ensure_engine_library
 from spicesync.stack.processes import spawn, tool_path
 
@@ -162,11 +162,17 @@ async def wait_for_spicedb(endpoint: str, preshared_key: str, *, timeout: float 
 
 
 async def prepare_spicedb(endpoint: str, preshared_key: str) -> None:
-    """Wait for SpiceDB, then write spicesync's schema."""
+    """Wait for SpiceDB, then write spicesync's schema unless it already holds all of it.
+
+    A schema that already defines everything spicesync writes is left alone: WriteSchema
+    replaces the whole schema, and a wider one (the follow demo's, say, which keeps
+    spicesync's definitions) must not lose its other definitions to a second ``stack up``.
+    """
     await wait_for_spicedb(endpoint, preshared_key)
     client = connect_spicedb(endpoint, preshared_key)
     try:
-        await write_schema(client)
+        if await check_schema(client):
+            await write_schema(client)
     finally:
         await client.close()
 

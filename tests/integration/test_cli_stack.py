@@ -59,6 +59,7 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         "SPICESYNC_SPICEDB_PORT": str(free_port()),
         "SPICESYNC_CODEC_PORT": str(free_port()),
         "SPICESYNC_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+        "SPICESYNC_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}",
         "SPICESYNC_TASK_QUEUE": f"cli-{tmp_path.name}",
     }
     yield env
@@ -149,6 +150,10 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
         metrics_url = f"http://{stack_env['SPICESYNC_METRICS_ADDRESS']}/metrics"
         with urllib.request.urlopen(metrics_url, timeout=5) as response:
             assert b"spicesync_time_to_permission" in response.read()
+        # The worker on the local stack is ready: Temporal, PostgreSQL and SpiceDB all answer.
+        ready_url = f"http://{stack_env['SPICESYNC_HEALTH_ADDRESS']}/readyz"
+        with urllib.request.urlopen(ready_url, timeout=10) as response:
+            assert json.loads(response.read())["status"] == "ready"
         repaired = json.loads(run(["repair", "resume", "--user-id", uid], stack_env).stdout)
         assert repaired == {"user_id": uid, "action": "resume", "resumed": False}
         for args, version in (

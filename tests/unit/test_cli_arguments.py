@@ -91,6 +91,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "SPICESYNC_ENCRYPTION_KEYS": f"k1:{generate_key()}",
         "SPICESYNC_CODEC_TOKEN": "argument-tests-" + "t" * 32,
         "SPICESYNC_METRICS_ADDRESS": "",
+        "SPICESYNC_HEALTH_ADDRESS": "",
         "SPICESYNC_TEMPORAL_PORT": str(free_port()),
         "SPICESYNC_TEMPORAL_UI_PORT": str(free_port()),
         "SPICESYNC_SPICEDB_PORT": str(free_port()),

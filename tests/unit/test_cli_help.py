@@ -22,6 +22,8 @@ COMMANDS = [
     ["migrate"],
     ["setup-namespace"],
     ["worker"],
+    ["relay"],
+    ["relay", "outbox"],
     ["users"],
     ["users", "create"],
     ["users", "update"],
