@@ -4,7 +4,7 @@ UV_VERSION := 0.13.9
 UV := .tools/bin/uv
 BIN := .venv/bin
 
-.PHONY: setup demo test lint pytest stack-down clean
+.PHONY: setup browser demo test lint pytest stack-down clean
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -24,7 +24,16 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-pytest: setup
+# Headless Chromium for the browser test: Debian's package (Playwright's own browser download
+# cannot run here). Installed when missing and this is a Debian machine run as root (CI);
+# elsewhere install Chromium yourself or point SPICESYNC_CHROMIUM at one.
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ -n "$$SPICESYNC_CHROMIUM" ] || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  { echo "the browser test needs Chromium: apt-get install chromium, or set SPICESYNC_CHROMIUM" >&2; exit 1; }
+
+pytest: setup browser
 	$(BIN)/pytest
 
 test: lint pytest

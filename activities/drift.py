@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from spicesync.mapping import Tuple
 from spicesync.models import Drift, Membership, MembershipsSnapshot
 
-__all__ = ["IN_FLIGHT", "AppRow", "classify"]
+__all__ = ["IN_FLIGHT", "AppRow", "classify", "classify_followed"]
 
 IN_FLIGHT: Final = "in_flight"
 
@@ -60,3 +61,30 @@ def classify(
     if target not in memberships:
         return Drift(user_id=row.user_id, kind="unsynced" if row.never_synced else "missing")
     return None
+
+
+def classify_followed(
+    user_id: str, implied: frozenset[Tuple] | None, held: frozenset[Tuple], *, synced: bool
+) -> Drift | None:
+    """Compare what a followed user's row implies with the managed relationships SpiceDB holds.
+
+    Follow mode has no in-flight state to spare: every sync is level-triggered, so a repair
+    delivered while a live change is queued only coalesces with it.
+
+    Args:
+        user_id: The user's id.
+        implied: What the row implies through the mapping; ``None`` when there is no row.
+        held: The managed relationships SpiceDB holds for the user.
+        synced: spicesync has synced the user before (a bookkeeping row exists).
+
+    Returns:
+        ``None`` when both agree, otherwise the drift. Only a user who would be left with no
+        relationship at all carries ``deletions`` (what the prune cap guards).
+    """
+    if implied is None:
+        return Drift(user_id=user_id, kind="orphan", deletions=len(held)) if held else None
+    if held == implied:
+        return None
+    if held <= implied:
+        return Drift(user_id=user_id, kind="missing" if synced else "unsynced")
+    return Drift(user_id=user_id, kind="extra", deletions=0 if implied else len(held))

@@ -51,6 +51,7 @@ from spicesync.models import (
 )
 from spicesync.spicedb import (
     MANAGED_RELATIONS,
+    REQUIRED_RELATIONS,
     SpiceDBClient,
     check_schema,
     holds_memberships,
@@ -59,7 +60,7 @@ from spicesync.spicedb import (
 from spicesync.temporal import execute_update_with_start, sync_is_active
 from workflows.user_sync import UserSyncWorkflow
 
-__all__ = ["ReconcileActivities"]
+__all__ = ["ReconcileActivities", "require_schema", "save_report_row"]
 
 # ``overdue``: a creation's pending row older than the grace the reconcile gives it.
 _COLUMNS = """
@@ -132,14 +133,7 @@ class ReconcileActivities:
             SchemaMismatch: Something is missing; every user would look drifted.
             SpiceDBUnavailable: SpiceDB could not be asked; retried.
         """
-        try:
-            missing = await check_schema(self._spicedb)
-        except grpc.aio.AioRpcError as err:
-            raise SpiceDBUnavailable(f"SpiceDB {err.code().name} reading the schema") from None
-        if missing:
-            raise SchemaMismatch(
-                "SpiceDB's schema lacks " + "; ".join(missing) + " (write spicesync's schema.zed)"
-            )
+        await require_schema(self._spicedb, REQUIRED_RELATIONS, "write spicesync's schema.zed")
 
     async def _rows(self, records: list[asyncpg.Record]) -> list[AppRow]:
         """The App DB rows, each overdue creation judged by whether its user's sync is active.
@@ -358,17 +352,53 @@ class ReconcileActivities:
         Raises:
             AppDBUnavailable: PostgreSQL failed; retried.
         """
-        try:
-            await self._pool.execute(
-                """
-                INSERT INTO reconcile_reports (workflow_id, run_id, dry_run, report)
-                VALUES ($1, $2, $3, $4::jsonb)
-                ON CONFLICT (workflow_id, run_id) DO NOTHING
-                """,
-                request.workflow_id,
-                request.run_id,
-                request.report.dry_run,
-                json.dumps(request.report.model_dump(mode="json")),
-            )
-        except _DB_ERRORS as err:
-            raise AppDBUnavailable(f"PostgreSQL unavailable: {type(err).__name__}") from None
+        await save_report_row(self._pool, "reconcile_reports", request)
+
+
+async def require_schema(
+    spicedb: SpiceDBClient, required: tuple[tuple[str, str, str], ...], fix: str
+) -> None:
+    """Refuse to scan against a schema that lacks what spicesync writes.
+
+    Args:
+        spicedb: The SpiceDB client.
+        required: (definition, relation, subject type) that must be defined.
+        fix: What the operator should do, for the message.
+
+    Raises:
+        SchemaMismatch: Something is missing; every user would look drifted.
+        SpiceDBUnavailable: SpiceDB could not be asked; retried.
+    """
+    try:
+        missing = await check_schema(spicedb, required)
+    except grpc.aio.AioRpcError as err:
+        raise SpiceDBUnavailable(f"SpiceDB {err.code().name} reading the schema") from None
+    if missing:
+        raise SchemaMismatch("SpiceDB's schema lacks " + "; ".join(missing) + f" ({fix})")
+
+
+async def save_report_row(pool: asyncpg.Pool, table: str, request: SaveReportInput) -> None:
+    """Keep a run's report in ``table`` (idempotent on workflow and run id).
+
+    Args:
+        pool: The App DB's pool.
+        table: ``reconcile_reports`` (owned mode) or ``spicesync_reconcile_reports`` (follow).
+        request: The run's ids and its report (counts and opaque ids only).
+
+    Raises:
+        AppDBUnavailable: PostgreSQL failed; retried.
+    """
+    try:
+        await pool.execute(
+            f"""
+            INSERT INTO {table} (workflow_id, run_id, dry_run, report)
+            VALUES ($1, $2, $3, $4::jsonb)
+            ON CONFLICT (workflow_id, run_id) DO NOTHING
+            """,
+            request.workflow_id,
+            request.run_id,
+            request.report.dry_run,
+            json.dumps(request.report.model_dump(mode="json")),
+        )
+    except _DB_ERRORS as err:
+        raise AppDBUnavailable(f"PostgreSQL unavailable: {type(err).__name__}") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,11 @@ import asyncpg
 
 from spicesync.mapping import FollowMapping, MappingError
 
-__all__ = ["AppTable", "AppTableMismatch", "inspect_app_table", "quote"]
+__all__ = ["FOLLOWED_USERS_TABLE", "AppTable", "AppTableMismatch", "inspect_app_table", "quote"]
+
+# spicesync's bookkeeping of followed users (migration 0005): a user with a row here was synced
+# (or failed for good, which a later change retries).
+FOLLOWED_USERS_TABLE = "spicesync_followed_users"
 
 # format_type() names of the types each use accepts.
 _INTEGERS = frozenset({"smallint", "integer", "bigint"})
@@ -86,6 +91,94 @@ class AppTable:
         row = dict(zip(self.mapping.columns, values, strict=True))
         # The id as the row gives it must be the user id itself (see :meth:`id_value`).
         return row if str(row[self.mapping.source.id]) == user_id else None
+
+    # Reconcile and backfill (docs/follow-mode.md): keyset pages on the id column, and lookups
+    # of many users at once; mapped columns only, ids bound as the column's own type.
+
+    @property
+    def _id(self) -> str:
+        return quote(self.mapping.source.id)
+
+    @property
+    def _columns(self) -> str:
+        return ", ".join(quote(c) for c in self.mapping.columns)
+
+    async def page(
+        self, conn: asyncpg.Connection | asyncpg.Pool, after: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Rows after ``after`` in id order, each the mapped columns only.
+
+        Args:
+            conn: A connection or the pool.
+            after: The last id of the previous page (as text); ``None`` for the first page.
+            limit: Rows at most.
+
+        Returns:
+            Column name to value.
+        """
+        select = f"SELECT {self._columns} FROM {self.mapping.source.qualified}"
+        if after is None:
+            records = await conn.fetch(f"{select} ORDER BY {self._id} LIMIT $1", limit)
+        else:
+            records = await conn.fetch(
+                f"{select} WHERE {self._id} > $2::{self.id_type} ORDER BY {self._id} LIMIT $1",
+                limit,
+                self.id_value(after),
+            )
+        return [dict(r) for r in records]
+
+    async def rows(
+        self, conn: asyncpg.Connection | asyncpg.Pool, user_ids: Iterable[str]
+    ) -> dict[str, dict[str, Any]]:
+        """The rows of those of ``user_ids`` that have one, mapped columns only."""
+        values = [v for u in user_ids if (v := self.id_value(u)) is not None]
+        if not values:
+            return {}
+        records = await conn.fetch(
+            f"SELECT {self._columns} FROM {self.mapping.source.qualified}"
+            f" WHERE {self._id} = ANY($1::{self.id_type}[])",
+            values,
+        )
+        return {str(r[self.mapping.source.id]): dict(r) for r in records}
+
+    async def count(self, conn: asyncpg.Connection | asyncpg.Pool) -> int:
+        """The table's rows."""
+        return int(await conn.fetchval(f"SELECT count(*) FROM {self.mapping.source.qualified}"))
+
+    async def never_synced_page(
+        self, conn: asyncpg.Connection | asyncpg.Pool, after: str | None, limit: int
+    ) -> tuple[list[str], int, str | None]:
+        """One keyset page of ids, and which of them spicesync has never synced.
+
+        Args:
+            conn: A connection or the pool.
+            after: The last id of the previous page (as text); ``None`` for the first page.
+            limit: Rows at most.
+
+        Returns:
+            The never-synced ids (as text, in id order), the rows on the page, and the page's
+            last id (``None`` when the page is empty).
+        """
+        base = f"SELECT t.{self._id} AS id FROM {self.mapping.source.qualified} t"
+        if after is None:
+            page = f"{base} ORDER BY t.{self._id} LIMIT $1"
+            args: tuple[Any, ...] = (limit,)
+        else:
+            page = f"{base} WHERE t.{self._id} > $2::{self.id_type} ORDER BY t.{self._id} LIMIT $1"
+            args = (limit, self.id_value(after))
+        records = await conn.fetch(
+            f"""
+            WITH page AS ({page})
+            SELECT page.id::text AS id,
+                   NOT EXISTS (
+                       SELECT 1 FROM {FOLLOWED_USERS_TABLE} f WHERE f.user_id = page.id::text
+                   ) AS never_synced
+            FROM page ORDER BY page.id
+            """,
+            *args,
+        )
+        ids = [r["id"] for r in records if r["never_synced"]]
+        return ids, len(records), records[-1]["id"] if records else None
 
 
 def _uses(mapping: FollowMapping) -> list[tuple[str, str, frozenset[str], str]]:

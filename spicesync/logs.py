@@ -16,8 +16,8 @@ from temporalio.runtime import LogForwardingConfig, LoggingConfig, TelemetryFilt
 
 __all__ = ["SDK_CORE_LOGGER", "JsonFormatter", "configure_logging", "sdk_core_logging"]
 
-# Context dicts the Temporal SDK puts on its log records.
-_CONTEXT_KEYS = ("temporal_workflow", "temporal_activity")
+# Context dicts the Temporal SDK puts on its log records, and the codec server's access record.
+_CONTEXT_KEYS = ("temporal_workflow", "temporal_activity", "http")
 
 # The logger the SDK core's own lines are forwarded to.
 SDK_CORE_LOGGER = "temporalio.sdk_core"

@@ -25,12 +25,15 @@ __all__ = [
     "CarriedState",
     "CheckSchemaInput",
     "CountBackfillInput",
+    "CountFollowedBackfillInput",
     "CreateUserInput",
+    "DeliverRepairsInput",
     "Drift",
     "DriftCounts",
     "DriftKind",
     "EventOutcome",
     "EventStatus",
+    "FollowBackfillPageInput",
     "FollowCarried",
     "FollowSyncOutcome",
     "FollowSyncStatus",
@@ -54,6 +57,8 @@ __all__ = [
     "ResumeResult",
     "SaveReportInput",
     "ScanAppDBPageInput",
+    "ScanFollowedRelationshipsInput",
+    "ScanFollowedRowsInput",
     "ScanPageResult",
     "ScanSpiceDBPageInput",
     "SubmitEventInput",
@@ -300,7 +305,9 @@ class RecordRepairInput(_Model):
 
 # --- Reconciliation: the scan ----------------------------------------------------------------
 
-DriftKind = Literal["missing", "mismatched", "orphan", "unfinished", "unsynced"]
+DriftKind = Literal[
+    "missing", "mismatched", "orphan", "unfinished", "unsynced", "extra", "unmappable"
+]
 
 
 class Drift(_Model):
@@ -313,6 +320,12 @@ class Drift(_Model):
     of the user's in flight (the repair removes it); ``unsynced``: a row spicesync never wrote
     (inserted by the app or by hand) whose membership is absent: ``spicesync backfill`` is the
     tool for many of those. ``deletions`` is the number of relationships a repair removes.
+
+    In follow mode (docs/follow-mode.md) ``missing`` and ``unsynced`` mean relationships the row
+    implies are absent (``unsynced``: spicesync has never synced the user); ``extra``: the user
+    holds managed relationships the row does not imply; ``orphan``: no row, managed relationships
+    held; ``unmappable``: the row maps to no valid relationship. There ``deletions`` counts only
+    the relationships of users who would be left with none (what the prune cap guards).
     """
 
     user_id: str
@@ -354,6 +367,9 @@ class ScanPageResult(_Model):
     scanned: int
     in_flight: int = 0
     next: str | None
+    # Follow mode: rows whose id cannot be a user's id (not opaque or SpiceDB-safe); counted as
+    # unmappable but never named, since such an id may not be opaque.
+    unusable_ids: int = 0
 
 
 class RepairUsersInput(_Model):
@@ -373,6 +389,8 @@ class RepairUsersResult(_Tally):
     removed_unfinished: int = 0
     relationships_written: int = 0
     failed_samples: list[str] = []
+    # Follow mode: changes delivered to the users' workflows, which then sync level-triggered.
+    delivered: int = 0
 
 
 class DriftCounts(_Tally):
@@ -383,10 +401,21 @@ class DriftCounts(_Tally):
     orphan: int = 0
     unfinished: int = 0
     unsynced: int = 0
+    # Follow mode's own kinds (see :class:`Drift`).
+    extra: int = 0
+    unmappable: int = 0
 
     def total(self) -> int:
         """Drifted users of every kind."""
-        return self.missing + self.mismatched + self.orphan + self.unfinished + self.unsynced
+        return (
+            self.missing
+            + self.mismatched
+            + self.orphan
+            + self.unfinished
+            + self.unsynced
+            + self.extra
+            + self.unmappable
+        )
 
 
 class ReconcileInput(_Model):
@@ -401,6 +430,9 @@ class ReconcileInput(_Model):
     unfinished_after_seconds: float = Field(default=60.0, ge=0)
     # Pages one run scans before it continues as new with a fresh history.
     pages_per_run: int = 40
+    # Follow mode: scan the application's table through the mapping and repair by delivering
+    # changes to the users' workflows (the starters set it when a mapping is configured).
+    follow: bool = False
     progress: ReconcileProgress | None = None
 
 
@@ -467,6 +499,9 @@ class BackfillInput(_Model):
     # another's SpiceDB write.
     lanes: int = Field(default=1, ge=1, le=BACKFILL_LANES_MAX)
     batches_per_run: int = 200
+    # Follow mode: deliver a change to every row's user spicesync has never synced (one lane:
+    # the application's ids need not be UUIDs).
+    follow: bool = False
     progress: BackfillProgress | None = None
 
 
@@ -482,6 +517,8 @@ class BackfillProgress(_Tally):
     written_users: int = 0
     skipped: int = 0
     relationships_written: int = 0
+    # Follow mode: changes delivered to the users' workflows.
+    delivered: int = 0
     busy_seconds: float = 0.0
     elapsed_seconds: float = 0.0
     done: bool = False
@@ -510,6 +547,8 @@ class BackfillPageResult(_Model):
     relationships_written: int
     zed_token: str | None
     next: str | None
+    # Follow mode: changes delivered to the users' workflows.
+    delivered: int = 0
 
 
 class BackfillResult(_Model):
@@ -518,6 +557,42 @@ class BackfillResult(_Model):
     progress: BackfillProgress
     rows_scanned_per_second: float
     relationships_written_per_second: float
+
+
+# --- Follow mode's reconcile and backfill (same workflows, the mapping's activities) ---------
+
+
+class ScanFollowedRowsInput(_Model):
+    """One keyset page of the application's table, through the mapping, checked against SpiceDB."""
+
+    # The last id of the previous page, as text; ``None``: the first page.
+    after_user_id: str | None
+    page_size: int
+
+
+class ScanFollowedRelationshipsInput(_Model):
+    """One page of SpiceDB's managed relationships, checked against the application's table."""
+
+    # Where the scan is (a managed resource type and SpiceDB's cursor in it); ``None``: the start.
+    cursor: str | None
+    page_size: int
+
+
+class DeliverRepairsInput(_Model):
+    """Deliver a change (source ``reconcile``) to each of these users' workflows."""
+
+    user_ids: list[str]
+
+
+class CountFollowedBackfillInput(_Model):
+    """Count the rows whose user spicesync has never synced."""
+
+
+class FollowBackfillPageInput(_Model):
+    """Deliver a change (source ``backfill``) to one keyset page of never-synced rows' users."""
+
+    after_user_id: str | None
+    batch_size: int
 
 
 ReconcileInput.model_rebuild()

@@ -22,7 +22,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from temporalio.envconfig import ClientConfig, ClientConnectConfig
 
@@ -38,6 +38,7 @@ from spicesync.limits import (
 from spicesync.mapping import FollowMapping, load_mapping
 
 __all__ = [
+    "CODEC_TOKEN_MIN_LENGTH",
     "DEFAULT_MAPPING_FILE",
     "PLAINTEXT_OPT_OUT",
     "PLAINTEXT_OPT_OUT_VALUE",
@@ -52,6 +53,8 @@ __all__ = [
 ]
 
 STACK_ENV_FILE = "stack.env"
+# A codec token guards every decrypted payload: long enough that guessing it is hopeless.
+CODEC_TOKEN_MIN_LENGTH = 32
 DEFAULT_MAPPING_FILE = "spicesync.toml"
 # The one way to run production over connections that are not verified TLS. Loud on purpose:
 # the name says what it allows, the value must be typed out, and every start logs a warning.
@@ -172,6 +175,28 @@ class Settings(BaseSettings):
         default=None, validation_alias="SPICESYNC_ENCRYPTION_KEY_ID"
     )
 
+    # The codec server (`spicesync codec-server`): who may call it, from which UI, and how.
+    # A static bearer token (scripts, the Temporal CLI's --codec-auth, the sign-in page) and/or
+    # the UI's SSO access token verified against the identity provider's JWKS.
+    codec_token: SecretStr | None = Field(default=None, validation_alias="SPICESYNC_CODEC_TOKEN")
+    codec_jwks_url: str | None = Field(default=None, validation_alias="SPICESYNC_CODEC_JWKS_URL")
+    codec_jwt_audience: str | None = Field(
+        default=None, validation_alias="SPICESYNC_CODEC_JWT_AUDIENCE"
+    )
+    codec_jwt_issuer: str | None = Field(
+        default=None, validation_alias="SPICESYNC_CODEC_JWT_ISSUER"
+    )
+    codec_jwt_algorithms: str = Field(
+        default="RS256,ES256", validation_alias="SPICESYNC_CODEC_JWT_ALGORITHMS"
+    )
+    # Comma-separated browser origins of the Temporal UI (CORS); default: the local stack's UI.
+    codec_ui_origins: str | None = Field(
+        default=None, validation_alias="SPICESYNC_CODEC_UI_ORIGINS"
+    )
+    codec_allow_encode: bool = Field(default=False, validation_alias="SPICESYNC_CODEC_ENCODE")
+    codec_tls_cert: Path | None = Field(default=None, validation_alias="SPICESYNC_CODEC_TLS_CERT")
+    codec_tls_key: Path | None = Field(default=None, validation_alias="SPICESYNC_CODEC_TLS_KEY")
+
     # Follow mode: the mapping of the application's own users table (docs/follow-mode.md). Unset,
     # ``spicesync.toml`` in the working directory is used if it exists; without one, spicesync
     # runs in owned mode (its own ``users`` table).
@@ -182,6 +207,20 @@ class Settings(BaseSettings):
         default="127.0.0.1:9464", validation_alias="SPICESYNC_METRICS_ADDRESS"
     )
     trace_file: Path | None = Field(default=None, validation_alias="SPICESYNC_TRACE_FILE")
+    # The worker's /livez and /readyz (spicesync/health.py); empty: none. Loopback by default:
+    # in a pod it must be 0.0.0.0:<port> so the kubelet's probes reach it. Ports on one host:
+    # worker metrics 9464, outbox relay metrics 9465, worker health 9466, relay health 9467.
+    health_address: str | None = Field(
+        default="127.0.0.1:9466", validation_alias="SPICESYNC_HEALTH_ADDRESS"
+    )
+
+    # SIGTERM/SIGINT: how long a worker lets in-flight activities finish before cancelling them
+    # (Temporal retries a cancelled one elsewhere). Longer than an activity's start-to-close
+    # timeout (ACTIVITY_START_TO_CLOSE, 15 s), so a user's step finishes or times out on its own;
+    # the process manager's kill timeout must be longer still.
+    shutdown_grace_seconds: float = Field(
+        default=20.0, ge=0, le=3600, validation_alias="SPICESYNC_SHUTDOWN_GRACE_SECONDS"
+    )
 
     # Reconciliation: how often the schedule runs, whether it repairs, and how much one run may
     # delete at most (a run that would delete more deletes nothing and says so).
@@ -232,12 +271,60 @@ class Settings(BaseSettings):
     outbox_metrics_address: str | None = Field(
         default="127.0.0.1:9465", validation_alias="SPICESYNC_OUTBOX_METRICS_ADDRESS"
     )
+    # The relay's /livez and /readyz (ready: Temporal and PostgreSQL answer); empty: none.
+    outbox_health_address: str | None = Field(
+        default="127.0.0.1:9467", validation_alias="SPICESYNC_OUTBOX_HEALTH_ADDRESS"
+    )
 
     # Ports of the local stack (``spicesync stack up``); unused when pointing at real services.
     stack_temporal_port: int = Field(default=7233, validation_alias="SPICESYNC_TEMPORAL_PORT")
     stack_temporal_ui_port: int = Field(default=8233, validation_alias="SPICESYNC_TEMPORAL_UI_PORT")
     stack_spicedb_port: int = Field(default=50051, validation_alias="SPICESYNC_SPICEDB_PORT")
     stack_codec_port: int = Field(default=8081, validation_alias="SPICESYNC_CODEC_PORT")
+
+    @field_validator(
+        "codec_token",
+        "codec_jwks_url",
+        "codec_jwt_audience",
+        "codec_jwt_issuer",
+        "codec_ui_origins",
+        "codec_tls_cert",
+        "codec_tls_key",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `SPICESYNC_CODEC_TOKEN=` as deploy/env.example leaves it means "not set", not "".
+        return None if value == "" else value
+
+    @field_validator("codec_token")
+    @classmethod
+    def _codec_token_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < CODEC_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"must be at least {CODEC_TOKEN_MIN_LENGTH} characters"
+                " (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return value
+
+    @field_validator("codec_ui_origins")
+    @classmethod
+    def _codec_origins_explicit(cls, value: str | None) -> str | None:
+        if value is not None and "*" in value:
+            raise ValueError("list the UI's origins; '*' would let any web page call it")
+        return value
+
+    @model_validator(mode="after")
+    def _codec_settings_complete(self) -> Settings:
+        if (self.codec_tls_cert is None) != (self.codec_tls_key is None):
+            raise ValueError("SPICESYNC_CODEC_TLS_CERT and SPICESYNC_CODEC_TLS_KEY go together")
+        if self.codec_jwks_url and not (self.codec_jwt_audience and self.codec_jwt_issuer):
+            raise ValueError(
+                "SPICESYNC_CODEC_JWKS_URL needs SPICESYNC_CODEC_JWT_AUDIENCE and"
+                " SPICESYNC_CODEC_JWT_ISSUER: without them any token the provider signed for"
+                " any application would be accepted"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -404,6 +491,10 @@ class Settings(BaseSettings):
             "SPICEDB_PRESHARED_KEY": spicedb_key,
             "SPICESYNC_TASK_QUEUE": task_queue,
             "SPICESYNC_METRICS_ADDRESS": "",
+            "SPICESYNC_HEALTH_ADDRESS": "",
+            # Below the 10-15 s after which the bench and the fault suite SIGKILL a worker
+            # they stop, so their SIGTERM still drains (or cancels) rather than kills.
+            "SPICESYNC_SHUTDOWN_GRACE_SECONDS": "5",
             "SPICESYNC_STATE_DIR": "/nonexistent-worker-state",
         }
         if self.encryption_keys is not None:
@@ -412,9 +503,27 @@ class Settings(BaseSettings):
             env["SPICESYNC_ENCRYPTION_KEY_ID"] = self.encryption_key_id
         return env
 
-    def trace_path(self) -> Path:
-        """Where spans go when no OTLP endpoint is configured."""
-        return self.trace_file or self.state_dir / "logs" / "traces.jsonl"
+    def codec_origins(self) -> list[str]:
+        """The Temporal UI origins the codec server answers (CORS), from the setting or local."""
+        if self.codec_ui_origins:
+            return [o.strip().rstrip("/") for o in self.codec_ui_origins.split(",") if o.strip()]
+        return [
+            self.temporal_ui_url or f"http://127.0.0.1:{self.stack_temporal_ui_port}",
+            f"http://localhost:{self.stack_temporal_ui_port}",
+        ]
+
+    def trace_path(self) -> Path | None:
+        """Where spans go when no OTLP endpoint is configured; ``None``: nowhere.
+
+        Locally a file in the state directory. In production only ``SPICESYNC_TRACE_FILE``: a
+        file nobody rotates, written by default, would fill a container's disk (or fail on a
+        read-only root filesystem); production traces go to OTLP.
+        """
+        if self.trace_file is not None:
+            return self.trace_file
+        if self.environment == "production":
+            return None
+        return self.state_dir / "logs" / "traces.jsonl"
 
     def codec(self) -> EncryptionCodec | None:
         """The payload codec, or ``None`` when no keys are configured (local use only)."""
@@ -491,7 +600,13 @@ def load_settings(**overrides: Any) -> Settings:
     """
     state_dir = Path(os.environ.get("SPICESYNC_STATE_DIR", ".spicesync"))
     stack_file = state_dir / STACK_ENV_FILE
-    if not stack_file.is_file():
+    try:
+        present = stack_file.is_file()
+    except PermissionError:
+        # A state folder this user may not look into (a root-owned 0700 mount, another
+        # service's StateDirectory): no stack.env can be read from it either.
+        present = False
+    if not present:
         return Settings(**overrides)
     environment = overrides.get("environment") or next(
         (v for k, v in os.environ.items() if k.upper() == "SPICESYNC_ENV"), None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,13 +55,16 @@ __all__ = [
     "failed_precondition",
     "has_org_permission",
     "holds_memberships",
+    "holds_relationships",
     "load_schema",
+    "managed_tuple",
     "marker_filter",
     "marker_relationship",
     "membership_relationship",
     "missing_schema",
     "read_managed",
     "read_user_snapshot",
+    "relations_direct_only",
     "revision_now",
     "spicedb_failure",
     "tuple_relationship",
@@ -342,28 +346,85 @@ async def holds_memberships(
     Returns:
         One answer per membership, in order.
     """
+    return await holds_relationships(
+        client,
+        [Tuple("organization", m.org_id, m.role, "user", m.user_id) for m in memberships],
+        batch=batch,
+    )
+
+
+async def holds_relationships(
+    client: SpiceDBClient, relationships: Sequence[Tuple], *, batch: int = 500
+) -> list[bool]:
+    """Ask SpiceDB (CheckBulkPermissions, fully consistent) whether each relationship holds.
+
+    A relation is checked like a permission, so the answer is "yes" also when the schema lets
+    the relation be reached another way (a subject set, a wildcard): see
+    :func:`relations_direct_only` for when a yes means the relationship itself exists.
+
+    Args:
+        client: A connected client.
+        relationships: What to check.
+        batch: Items per call.
+
+    Returns:
+        One answer per relationship, in order.
+    """
     has = CheckPermissionResponse.PERMISSIONSHIP_HAS_PERMISSION
     answers: list[bool] = []
-    for start in range(0, len(memberships), batch):
-        chunk = memberships[start : start + batch]
+    for start in range(0, len(relationships), batch):
+        chunk = relationships[start : start + batch]
         response = await client.CheckBulkPermissions(
             CheckBulkPermissionsRequest(
                 consistency=Consistency(fully_consistent=True),
                 items=[
                     CheckBulkPermissionsRequestItem(
-                        resource=ObjectReference(object_type="organization", object_id=m.org_id),
-                        permission=m.role,
+                        resource=ObjectReference(
+                            object_type=r.resource_type, object_id=r.resource_id
+                        ),
+                        permission=r.relation,
                         subject=SubjectReference(
-                            object=ObjectReference(object_type="user", object_id=m.user_id)
+                            object=ObjectReference(
+                                object_type=r.subject_type, object_id=r.subject_id
+                            )
                         ),
                     )
-                    for m in chunk
+                    for r in chunk
                 ],
             ),
             timeout=60,
         )
         answers.extend(pair.item.permissionship == has for pair in response.pairs)
     return answers
+
+
+def relations_direct_only(schema_text: str, pairs: Iterable[tuple[str, str]]) -> bool:
+    """Whether a check of each (definition, relation) is true only through a direct relationship.
+
+    True when no relation allows a subject set (``team#member``) or a wildcard (``user:*``):
+    then :func:`holds_relationships` answering yes means the relationship itself exists.
+
+    Args:
+        schema_text: SpiceDB's schema, as ReadSchema returns it.
+        pairs: The (definition, relation) pairs to judge.
+
+    Returns:
+        ``False`` if any relation may be reached indirectly, or is not found.
+    """
+    definitions = _definitions(schema_text)
+    for definition, relation in pairs:
+        found = re.search(rf"relation\s+{relation}\s*:([^\n]*)", definitions.get(definition, ""))
+        if found is None or "#" in found[1] or ":*" in found[1].replace(" ", ""):
+            return False
+    return True
+
+
+def _definitions(schema_text: str) -> dict[str, str]:
+    """Each definition's name and body in ``schema_text``."""
+    return {
+        match[1]: match[2]
+        for match in re.finditer(r"definition\s+([\w/]+)\s*\{(.*?)\n?\}", schema_text, re.S)
+    }
 
 
 # What the workflows write: (definition, relation), with the relation's subject type.
@@ -387,10 +448,7 @@ def missing_schema(
     Returns:
         Items such as ``organization#admin: user``; empty when everything is there.
     """
-    definitions = {
-        match[1]: match[2]
-        for match in re.finditer(r"definition\s+([\w/]+)\s*\{(.*?)\n?\}", schema_text, re.S)
-    }
+    definitions = _definitions(schema_text)
     missing = []
     for definition, relation, subject in required:
         body = definitions.get(definition)
@@ -543,19 +601,40 @@ async def read_managed(
             timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
         ):
             read_at = r.read_at.token
-            rel = r.relationship
-            # A subject relation (user:x#member) is no plain user: not spicesync's.
-            if (resource_type, rel.relation) in managed and not rel.subject.optional_relation:
-                found.add(
-                    Tuple(
-                        resource_type,
-                        rel.resource.object_id,
-                        rel.relation,
-                        subject_type,
-                        rel.subject.object.object_id,
-                    )
-                )
+            relationship = managed_tuple(r.relationship, subject_type=subject_type, managed=managed)
+            if relationship is not None:
+                found.add(relationship)
     return ManagedState(frozenset(found), tuple(sorted(markers)), read_at)
+
+
+def managed_tuple(
+    relationship: Relationship, *, subject_type: str, managed: frozenset[tuple[str, str]]
+) -> Tuple | None:
+    """``relationship`` as a :class:`~spicesync.mapping.Tuple` if spicesync manages it.
+
+    Args:
+        relationship: A relationship SpiceDB returned.
+        subject_type: The users' object type.
+        managed: The (resource type, relation) pairs spicesync manages.
+
+    Returns:
+        The tuple; ``None`` for the application's own relation, another subject type, or a
+        subject relation (``user:x#member`` is no plain user: not spicesync's).
+    """
+    resource, subject = relationship.resource, relationship.subject
+    if (
+        (resource.object_type, relationship.relation) not in managed
+        or subject.object.object_type != subject_type
+        or subject.optional_relation
+    ):
+        return None
+    return Tuple(
+        resource.object_type,
+        resource.object_id,
+        relationship.relation,
+        subject_type,
+        subject.object.object_id,
+    )
 
 
 async def revision_now(client: SpiceDBClient, *, user_id: str, subject_type: str) -> str:

@@ -40,33 +40,35 @@ def instrument_libraries() -> None:
         _instrumented = True
 
 
-def configure_tracing(service_name: str, trace_file: Path) -> TracerProvider:
+def configure_tracing(service_name: str, trace_file: Path | None) -> TracerProvider:
     """Install the global tracer provider and instrument the libraries.
 
     Spans go to OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces-specific variable) is
-    set, and to ``trace_file`` as JSON lines otherwise. Either way every span is scrubbed first
+    set, to ``trace_file`` as JSON lines otherwise, and nowhere without either (trace context
+    still propagates). Every exported span is scrubbed first
     (:class:`~spicesync.span_scrubbing.ScrubbingSpanExporter`): no row value is exported.
 
     Args:
         service_name: The ``service.name`` resource attribute.
-        trace_file: Where spans go when no OTLP endpoint is configured.
+        trace_file: Where spans go when no OTLP endpoint is configured; none: not exported.
 
     Returns:
         The provider (shut it down to flush).
     """
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    exporter: SpanExporter
+    exporter: SpanExporter | None = None
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     ):
         exporter = OTLPSpanExporter()
-    else:
+    elif trace_file is not None:
         trace_file.parent.mkdir(parents=True, exist_ok=True)
         out: IO[str] = trace_file.open("a", encoding="utf-8")
         exporter = ConsoleSpanExporter(
             out=out, formatter=lambda span: span.to_json(indent=None) + "\n"
         )
-    provider.add_span_processor(BatchSpanProcessor(ScrubbingSpanExporter(exporter)))
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(ScrubbingSpanExporter(exporter)))
     trace.set_tracer_provider(provider)
     instrument_libraries()
     return provider

@@ -130,7 +130,8 @@ async def schedule_as_configured(settings: Settings) -> str:
     """Keep the reconcile schedule as the settings say (created or updated; idempotent).
 
     Args:
-        settings: The interval, dry run or apply, prune cap, and where Temporal is.
+        settings: The interval, dry run or apply, prune cap, the mode (a mapping configured:
+            follow mode), and where Temporal is.
 
     Returns:
         The schedule id.
@@ -138,7 +139,10 @@ async def schedule_as_configured(settings: Settings) -> str:
     return await ensure_reconcile_schedule(
         timedelta(seconds=settings.reconcile_interval_seconds),
         ReconcileInput(
-            dry_run=not settings.reconcile_apply, prune_cap=settings.reconcile_prune_cap
+            dry_run=not settings.reconcile_apply,
+            prune_cap=settings.reconcile_prune_cap,
+            # Follow mode when a mapping is configured (the workers then scan through it).
+            follow=settings.mapping_path() is not None,
         ),
         client=await connect_temporal(settings),
         task_queue=settings.task_queue,

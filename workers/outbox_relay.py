@@ -40,6 +40,7 @@ from temporalio.service import RPCError
 from spicesync.client import deliver_change
 from spicesync.constants import OUTBOX_CHANNEL
 from spicesync.db import create_pool
+from spicesync.health import HealthServer, parse_address, postgres_check, temporal_check
 from spicesync.logs import sdk_core_logging
 from spicesync.mapping import valid_user_id
 from spicesync.models import UserChangedInput
@@ -520,8 +521,8 @@ async def run_outbox_relay(
             :func:`relay_runtime`, serving ``SPICESYNC_OUTBOX_METRICS_ADDRESS``.
 
     Raises:
-        RelayNotStarted: The metrics endpoint cannot listen, or ``spicesync_outbox`` does not
-            exist (the migrations were not applied).
+        RelayNotStarted: The metrics or health endpoint cannot listen, or
+            ``spicesync_outbox`` does not exist (the migrations were not applied).
         MissingSetting: ``DATABASE_URL`` is not set.
     """
     if stop is None:
@@ -545,6 +546,7 @@ async def run_outbox_relay(
                 "spicesync_outbox does not exist in DATABASE_URL's database: apply spicesync's"
                 " migrations first (`spicesync migrate`)"
             )
+        health = await _serve_health(settings.outbox_health_address, client, pool)
         relay = OutboxRelay(
             pool,
             client,
@@ -576,7 +578,34 @@ async def run_outbox_relay(
             )
         finally:
             stop.set()
+            if health is not None:
+                health.set_draining()
             await asyncio.gather(*helpers, return_exceptions=True)
+            if health is not None:
+                await health.close()
     finally:
         await pool.close()
     log.info("outbox relay stopped")
+
+
+async def _serve_health(
+    address: str | None, client: Client, pool: asyncpg.Pool
+) -> HealthServer | None:
+    """The relay's ``/livez`` and ``/readyz`` (ready: Temporal and PostgreSQL answer), if asked.
+
+    Raises:
+        RelayNotStarted: ``address`` is not ``host:port`` or cannot be listened on.
+    """
+    if not address:
+        return None
+    try:
+        host, port = parse_address(address)
+        health = HealthServer(host, port, ready=[temporal_check(client), postgres_check(pool)])
+        await health.start()
+    except (ValueError, OSError) as err:
+        raise RelayNotStarted(
+            f"cannot serve health checks on {address} ({err}); set"
+            " SPICESYNC_OUTBOX_HEALTH_ADDRESS to a free host:port, or to nothing for none"
+        ) from None
+    log.info("health checks on http://%s/livez and /readyz", address)
+    return health

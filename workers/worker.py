@@ -1,7 +1,10 @@
 """Build and run a spicesync worker.
 
 The PostgreSQL pool and the SpiceDB client are created once, at start, and shared by every
-activity; the worker drains in-flight tasks and closes both on SIGINT/SIGTERM.
+activity. ``/livez`` and ``/readyz`` (:mod:`spicesync.health`) answer beside the metrics. On
+SIGINT/SIGTERM the worker stops polling, reports itself not ready, lets in-flight activities
+finish for ``SPICESYNC_SHUTDOWN_GRACE_SECONDS`` (then cancels what is left; Temporal retries it
+on another worker), closes both and returns, so the process exits 0.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -22,12 +26,21 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from activities.backfill import BackfillActivities
+from activities.follow_backfill import FollowBackfillActivities
+from activities.follow_reconcile import FollowReconcileActivities
 from activities.followed_users import FollowedUserActivities
 from activities.memberships import MembershipActivities
 from activities.reconcile import ReconcileActivities
 from activities.user_rows import UserRowActivities
 from spicesync.app_table import AppTable, inspect_app_table
 from spicesync.db import create_pool
+from spicesync.health import (
+    HealthServer,
+    parse_address,
+    postgres_check,
+    spicedb_check,
+    temporal_check,
+)
 from spicesync.logs import sdk_core_logging
 from spicesync.settings import Settings
 from spicesync.spicedb import (
@@ -47,6 +60,7 @@ __all__ = [
     "WorkerNotStarted",
     "WorkerResources",
     "build_worker",
+    "health_server",
     "open_resources",
     "run_worker",
     "worker_runtime",
@@ -82,6 +96,29 @@ def worker_runtime(metrics_address: str | None) -> Runtime:
             f"cannot serve metrics on {metrics_address} ({err}); set SPICESYNC_METRICS_ADDRESS"
             " to a free host:port, or to nothing for no metrics"
         ) from None
+
+
+def health_server(address: str, client: Client, resources: WorkerResources) -> HealthServer:
+    """The worker's ``/livez`` and ``/readyz``: ready when Temporal, PostgreSQL and SpiceDB answer.
+
+    Args:
+        address: ``host:port`` to listen on.
+        client: The worker's Temporal client.
+        resources: The worker's pool and SpiceDB client (the ones its activities use).
+
+    Raises:
+        WorkerNotStarted: ``address`` is not ``host:port``.
+    """
+    try:
+        host, port = parse_address(address)
+    except ValueError as err:
+        raise WorkerNotStarted(f"SPICESYNC_HEALTH_ADDRESS: {err}") from None
+    checks = [
+        temporal_check(client),
+        postgres_check(resources.pool),
+        spicedb_check(resources.spicedb),
+    ]
+    return HealthServer(host, port, ready=checks)
 
 
 @dataclass(frozen=True)
@@ -160,8 +197,25 @@ def build_worker(
         follow = FollowedUserActivities(resources.pool, resources.spicedb, resources.app_table)
         workflows.append(FollowedUserWorkflow)
         follow_activities = [follow.sync_followed_user, follow.record_follow_failure]
-    tuning: dict[str, int] = {}
+        # Reconcile and backfill in follow mode (their workflows are registered in both modes).
+        follow_reconcile = FollowReconcileActivities(
+            resources.pool, resources.spicedb, client, task_queue, resources.app_table
+        )
+        follow_backfill = FollowBackfillActivities(
+            resources.pool, client, task_queue, resources.app_table
+        )
+        follow_activities += [
+            follow_reconcile.check_follow_schema,
+            follow_reconcile.scan_followed_rows,
+            follow_reconcile.scan_followed_relationships,
+            follow_reconcile.deliver_repairs,
+            follow_reconcile.save_follow_report,
+            follow_backfill.count_followed_backfill_candidates,
+            follow_backfill.deliver_backfill_batch,
+        ]
+    tuning: dict[str, int | timedelta] = {}
     if settings is not None:
+        tuning["graceful_shutdown_timeout"] = timedelta(seconds=settings.shutdown_grace_seconds)
         for option, value in (
             ("max_cached_workflows", settings.worker_max_cached_workflows),
             ("max_concurrent_workflow_tasks", settings.worker_max_concurrent_workflow_tasks),
@@ -201,6 +255,9 @@ async def run_worker(
 ) -> None:
     """Run a worker until ``stop`` is set, or SIGINT/SIGTERM when no event is given.
 
+    Once stopped it drains: no new tasks, ``/readyz`` answers ``draining``, in-flight
+    activities get ``settings.shutdown_grace_seconds`` to finish before they are cancelled.
+
     Args:
         settings: Connection settings.
         stop: Set it to shut down; by default the process signals set it.
@@ -221,7 +278,18 @@ async def run_worker(
     settings.follow_mapping()
     if client is None:
         client = await connect_temporal(settings, runtime=worker_runtime(settings.metrics_address))
-    async with open_resources(settings) as resources:
+    async with open_resources(settings) as resources, contextlib.AsyncExitStack() as stack:
+        health: HealthServer | None = None
+        if settings.health_address:
+            health = health_server(settings.health_address, client, resources)
+            try:
+                await stack.enter_async_context(health)
+            except OSError as err:
+                raise WorkerNotStarted(
+                    f"cannot serve health checks on {settings.health_address} ({err});"
+                    " set SPICESYNC_HEALTH_ADDRESS to a free host:port, or to nothing for none"
+                ) from None
+            log.info("health checks on http://%s/livez and /readyz", settings.health_address)
         try:
             required = (
                 REQUIRED_RELATIONS
@@ -248,5 +316,10 @@ async def run_worker(
         async with worker:
             log.info("worker polling task queue %s", settings.task_queue)
             await stop.wait()
-            log.info("shutting down: finishing in-flight tasks")
+            if health is not None:
+                health.set_draining()
+            log.info(
+                "shutting down: in-flight activities have %s s to finish",
+                f"{settings.shutdown_grace_seconds:g}",
+            )
     log.info("worker stopped")

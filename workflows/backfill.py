@@ -4,6 +4,11 @@ Batches go in keyset order; the cursor lives in the workflow, so a crashed worke
 simply written again (TOUCH, idempotent) and a long backfill continues as new with its cursor.
 A rate limit is kept with durable timers between batches. Safe beside live syncs: see
 ``activities/backfill.py``.
+
+In follow mode (``BackfillInput.follow``, docs/follow-mode.md) the same run walks the
+application's table in one lane and delivers a change to every user spicesync has never synced
+(``activities/follow_backfill.py``); the users' workflows then sync them, and the rate limit
+paces the deliveries.
 """
 
 from __future__ import annotations
@@ -16,12 +21,16 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.backfill import BackfillActivities
+    from activities.follow_backfill import FollowBackfillActivities
     from spicesync.models import (
         BackfillInput,
         BackfillPageInput,
+        BackfillPageResult,
         BackfillProgress,
         BackfillResult,
         CountBackfillInput,
+        CountFollowedBackfillInput,
+        FollowBackfillPageInput,
     )
     from spicesync.retries import STEP_RETRY
 
@@ -52,13 +61,24 @@ class BackfillWorkflow:
         Returns:
             The figures: users and relationships written, and the rates.
         """
+        if request.follow:
+            # The application's ids need not be UUIDs: one lane, in the table's id order.
+            request = request.model_copy(update={"lanes": 1})
         if request.progress is None:
-            total = await workflow.execute_activity_method(
-                BackfillActivities.count_backfill_candidates,
-                CountBackfillInput(),
-                start_to_close_timeout=timedelta(seconds=60),
-                retry_policy=STEP_RETRY,
-            )
+            if request.follow:
+                total = await workflow.execute_activity_method(
+                    FollowBackfillActivities.count_followed_backfill_candidates,
+                    CountFollowedBackfillInput(),
+                    start_to_close_timeout=timedelta(seconds=60),
+                    retry_policy=STEP_RETRY,
+                )
+            else:
+                total = await workflow.execute_activity_method(
+                    BackfillActivities.count_backfill_candidates,
+                    CountBackfillInput(),
+                    start_to_close_timeout=timedelta(seconds=60),
+                    retry_policy=STEP_RETRY,
+                )
             self._progress = BackfillProgress(total=total)
         else:
             self._progress = request.progress
@@ -103,23 +123,28 @@ class BackfillWorkflow:
                 return  # the run continues as new with every lane's cursor
             self._batches += 1
             began = workflow.now()
-            batch = await workflow.execute_activity_method(
-                BackfillActivities.backfill_batch,
-                BackfillPageInput(
-                    after_user_id=p.cursor if lane is None else p.lane_cursors[lane],
-                    before_user_id=upper,
-                    batch_size=request.batch_size,
-                    request_id=self._request_id,
-                ),
-                start_to_close_timeout=timedelta(minutes=2),
-                retry_policy=STEP_RETRY,
-            )
+            after = p.cursor if lane is None else p.lane_cursors[lane]
+            if request.follow:
+                batch = await self._deliver(request, after)
+            else:
+                batch = await workflow.execute_activity_method(
+                    BackfillActivities.backfill_batch,
+                    BackfillPageInput(
+                        after_user_id=after,
+                        before_user_id=upper,
+                        batch_size=request.batch_size,
+                        request_id=self._request_id,
+                    ),
+                    start_to_close_timeout=timedelta(minutes=2),
+                    retry_policy=STEP_RETRY,
+                )
             busy = (workflow.now() - began).total_seconds()
             p.busy_seconds += busy
             p.scanned += batch.scanned
             p.written_users += batch.written_users
             p.skipped += batch.skipped
             p.relationships_written += batch.relationships_written
+            p.delivered += batch.delivered
             if lane is None:
                 p.cursor = batch.next
                 p.done = batch.next is None
@@ -129,10 +154,21 @@ class BackfillWorkflow:
                 p.lanes_done[lane] = batch.next is None
                 finished = p.lanes_done[lane]
             if rate > 0 and not finished:
-                # Pace the batches: this one should have taken at least size / rate seconds.
-                pause = batch.scanned / rate - busy
+                # Pace the batches: this one should have taken at least size / rate seconds
+                # (follow mode: the users it delivered to; a synced user costs nothing).
+                pause = (batch.delivered if request.follow else batch.scanned) / rate - busy
                 if pause > 0:
                     await workflow.sleep(timedelta(seconds=pause))
+
+    async def _deliver(self, request: BackfillInput, after: str | None) -> BackfillPageResult:
+        """Follow mode's batch: deliver a change to each never-synced user of one page."""
+        return await workflow.execute_activity_method(
+            FollowBackfillActivities.deliver_backfill_batch,
+            FollowBackfillPageInput(after_user_id=after, batch_size=request.batch_size),
+            start_to_close_timeout=timedelta(minutes=2),
+            heartbeat_timeout=timedelta(seconds=20),
+            retry_policy=STEP_RETRY,
+        )
 
 
 def _bound(index: int, lanes: int, offset: int) -> uuid.UUID:

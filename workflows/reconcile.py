@@ -9,26 +9,38 @@ that looks empty because of a misconfiguration must not wipe SpiceDB.
 
 Long scans continue as new with their cursors; a crashed worker's page is scanned again by the
 next one, and a repeated repair request is answered from the user workflow's memory.
+
+In follow mode (``ReconcileInput.follow``, docs/follow-mode.md) the same run scans the
+application's table through the mapping and SpiceDB's managed relationships
+(``activities/follow_reconcile.py``), and repairs by delivering a change to each drifted user's
+workflow, which syncs level-triggered; the prune cap then weighs the relationships of users who
+would be left with none.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
+    from activities.follow_reconcile import FollowReconcileActivities
     from activities.reconcile import ReconcileActivities
     from spicesync.models import (
         CheckSchemaInput,
+        DeliverRepairsInput,
         Drift,
         ReconcileInput,
         ReconcileProgress,
         ReconcileReport,
         RepairUsersInput,
-        RepairUsersResult,
         SaveReportInput,
         ScanAppDBPageInput,
+        ScanFollowedRelationshipsInput,
+        ScanFollowedRowsInput,
+        ScanPageResult,
         ScanSpiceDBPageInput,
     )
     from spicesync.retries import STEP_RETRY
@@ -63,12 +75,18 @@ class ReconcileWorkflow:
             request: Dry run or apply, prune cap, page size; progress when continued as new.
 
         Returns:
-            The report (also kept in the App DB's ``reconcile_reports``).
+            The report (also kept in the App DB's ``reconcile_reports``; in follow mode in
+            ``spicesync_reconcile_reports``).
         """
         if request.progress is None:
             self._progress = ReconcileProgress(started_at=workflow.now().isoformat())
+            check = (
+                FollowReconcileActivities.check_follow_schema
+                if request.follow
+                else ReconcileActivities.check_schema_ready
+            )
             await workflow.execute_activity_method(
-                ReconcileActivities.check_schema_ready,
+                check,
                 CheckSchemaInput(),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=STEP_RETRY,
@@ -82,61 +100,82 @@ class ReconcileWorkflow:
                 workflow.continue_as_new(request.model_copy(update={"progress": p}))
             began = workflow.now()
             if p.phase == "app_db":
-                page = await workflow.execute_activity_method(
-                    ReconcileActivities.scan_app_db_page,
-                    ScanAppDBPageInput(
-                        after_user_id=p.app_cursor,
-                        page_size=request.page_size,
-                        unfinished_after_seconds=request.unfinished_after_seconds,
-                    ),
-                    start_to_close_timeout=_SCAN_TIMEOUT,
-                    # A page takes seconds; a dead worker's page is noticed and scanned again soon.
-                    heartbeat_timeout=_SCAN_HEARTBEAT,
-                    retry_policy=STEP_RETRY,
-                )
+                page = await self._scan_rows(request)
                 p.rows_scanned += page.scanned
                 p.app_db_scan_seconds += _seconds(workflow.now() - began)
                 p.app_cursor = page.next
                 if page.next is None:
                     p.phase = "spicedb"
             else:
-                page = await workflow.execute_activity_method(
-                    ReconcileActivities.scan_spicedb_page,
-                    ScanSpiceDBPageInput(
-                        cursor=p.spicedb_cursor,
-                        page_size=request.page_size,
-                        unfinished_after_seconds=request.unfinished_after_seconds,
-                    ),
-                    start_to_close_timeout=_SCAN_TIMEOUT,
-                    # A page takes seconds; a dead worker's page is noticed and scanned again soon.
-                    heartbeat_timeout=_SCAN_HEARTBEAT,
-                    retry_policy=STEP_RETRY,
-                )
+                page = await self._scan_relationships(request)
                 p.relationships_scanned += page.scanned
                 p.spicedb_scan_seconds += _seconds(workflow.now() - began)
                 p.spicedb_cursor = page.next
                 if page.next is None:
                     p.phase = "prune"
             p.in_flight_skipped += page.in_flight
+            # Rows whose id no workflow can have: unmappable, but never named (not opaque).
+            p.found.unmappable += page.unusable_ids
             additions = self._take(page.drift, request.prune_cap)
             if additions and not request.dry_run:
-                await self._repair([d.user_id for d in additions])
+                await self._repair(request, [d.user_id for d in additions])
             pages += 1
 
         cap_exceeded = p.deletions_planned > request.prune_cap
         if p.phase == "prune":
             if not request.dry_run and not cap_exceeded and p.deferred:
-                await self._repair([d.user_id for d in p.deferred])
+                await self._repair(request, [d.user_id for d in p.deferred])
             p.phase = "done"
         report = self._report(request, cap_exceeded)
         info = workflow.info()
+        save = (
+            FollowReconcileActivities.save_follow_report
+            if request.follow
+            else ReconcileActivities.save_report
+        )
         await workflow.execute_activity_method(
-            ReconcileActivities.save_report,
+            save,
             SaveReportInput(workflow_id=info.workflow_id, run_id=info.run_id, report=report),
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=STEP_RETRY,
         )
         return report
+
+    async def _scan_rows(self, request: ReconcileInput) -> ScanPageResult:
+        """One page of the App DB's users (follow mode: of the application's table)."""
+        p = self._progress
+        if request.follow:
+            return await _scan_page(
+                FollowReconcileActivities.scan_followed_rows,
+                ScanFollowedRowsInput(after_user_id=p.app_cursor, page_size=request.page_size),
+            )
+        return await _scan_page(
+            ReconcileActivities.scan_app_db_page,
+            ScanAppDBPageInput(
+                after_user_id=p.app_cursor,
+                page_size=request.page_size,
+                unfinished_after_seconds=request.unfinished_after_seconds,
+            ),
+        )
+
+    async def _scan_relationships(self, request: ReconcileInput) -> ScanPageResult:
+        """One page of SpiceDB's relationships (follow mode: the managed ones)."""
+        p = self._progress
+        if request.follow:
+            return await _scan_page(
+                FollowReconcileActivities.scan_followed_relationships,
+                ScanFollowedRelationshipsInput(
+                    cursor=p.spicedb_cursor, page_size=request.page_size
+                ),
+            )
+        return await _scan_page(
+            ReconcileActivities.scan_spicedb_page,
+            ScanSpiceDBPageInput(
+                cursor=p.spicedb_cursor,
+                page_size=request.page_size,
+                unfinished_after_seconds=request.unfinished_after_seconds,
+            ),
+        )
 
     def _take(self, drift: list[Drift], prune_cap: int) -> list[Drift]:
         """Count and sample the page's drift; return the additions to repair now."""
@@ -160,22 +199,31 @@ class ReconcileWorkflow:
                 deferred_ids.add(d.user_id)
         return additions
 
-    async def _repair(self, user_ids: list[str]) -> None:
+    async def _repair(self, request: ReconcileInput, user_ids: list[str]) -> None:
         p = self._progress
         began = workflow.now()
         info = workflow.info()
         request_id = f"reconcile:{info.workflow_id}:{info.first_execution_run_id}"
         for start in range(0, len(user_ids), REPAIR_BATCH):
-            done: RepairUsersResult = await workflow.execute_activity_method(
-                ReconcileActivities.repair_users,
-                RepairUsersInput(
-                    request_id=request_id, user_ids=user_ids[start : start + REPAIR_BATCH]
-                ),
-                start_to_close_timeout=timedelta(minutes=10),
-                heartbeat_timeout=timedelta(seconds=20),
-                retry_policy=STEP_RETRY,
-            )
+            batch = user_ids[start : start + REPAIR_BATCH]
+            if request.follow:
+                done = await workflow.execute_activity_method(
+                    FollowReconcileActivities.deliver_repairs,
+                    DeliverRepairsInput(user_ids=batch),
+                    start_to_close_timeout=timedelta(minutes=10),
+                    heartbeat_timeout=timedelta(seconds=20),
+                    retry_policy=STEP_RETRY,
+                )
+            else:
+                done = await workflow.execute_activity_method(
+                    ReconcileActivities.repair_users,
+                    RepairUsersInput(request_id=request_id, user_ids=batch),
+                    start_to_close_timeout=timedelta(minutes=10),
+                    heartbeat_timeout=timedelta(seconds=20),
+                    retry_policy=STEP_RETRY,
+                )
             r = p.repairs
+            r.delivered += done.delivered
             r.repaired += done.repaired
             r.consistent += done.consistent
             r.failed += done.failed
@@ -188,16 +236,22 @@ class ReconcileWorkflow:
         p = self._progress
         seconds = _seconds(workflow.now() - datetime.fromisoformat(p.started_at))
         total = p.found.total()
+        source = "the mapped table" if request.follow else "the App DB"
         if cap_exceeded:
             message = (
                 f"prune cap exceeded: the run would delete {p.deletions_planned} relationships,"
-                f" the cap is {request.prune_cap}; nothing was deleted. Check that the App DB is"
+                f" the cap is {request.prune_cap}; nothing was deleted. Check that {source} is"
                 " the right one, then run again with a higher --prune-cap."
             )
         elif total == 0:
-            message = "SpiceDB matches the App DB"
+            message = f"SpiceDB matches {source}"
         elif request.dry_run:
             message = f"{total} drifted users found, nothing changed"
+        elif request.follow:
+            message = (
+                f"{total} drifted users found; {p.repairs.delivered} changes delivered to their"
+                f" workflows (each syncs the user's row as it is now), {p.repairs.failed} failed"
+            )
         else:
             message = (
                 f"{total} drifted users found; {p.repairs.repaired} repaired,"
@@ -206,8 +260,9 @@ class ReconcileWorkflow:
                 f" {p.repairs.failed} failed"
             )
         if p.found.unsynced:
+            never = "synced" if request.follow else "wrote (inserted outside it)"
             message += (
-                f". {p.found.unsynced} rows spicesync never wrote (inserted outside it):"
+                f". {p.found.unsynced} rows spicesync never {never}:"
                 " `spicesync backfill` writes such rows in bulk"
             )
         return ReconcileReport(
@@ -229,6 +284,20 @@ class ReconcileWorkflow:
             seconds=seconds,
             message=message,
         )
+
+
+async def _scan_page(
+    step: Callable[[Any, Any], Awaitable[ScanPageResult]], request: Any
+) -> ScanPageResult:
+    """Run one scan step (a page), in either mode."""
+    return await workflow.execute_activity_method(
+        step,
+        request,
+        start_to_close_timeout=_SCAN_TIMEOUT,
+        # A page takes seconds; a dead worker's page is noticed and scanned again soon.
+        heartbeat_timeout=_SCAN_HEARTBEAT,
+        retry_policy=STEP_RETRY,
+    )
 
 
 def _seconds(delta: timedelta) -> float:

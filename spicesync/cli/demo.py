@@ -280,4 +280,8 @@ def summary(report: DemoReport, ui_url: str | None) -> str:
     lines.append(f"  result                   : {'OK' if report.ok else 'FAILED'}")
     if ui_url:
         lines.append(f"  Temporal UI              : {ui_url}/namespaces/default/workflows")
+        lines.append(
+            "  decrypted payloads in UI : sign in to the codec server (its /login page, token"
+            " from `spicesync stack env --show-secrets`): docs/security.md"
+        )
     return "\n".join(lines)

@@ -38,6 +38,8 @@ from spicesync.limits import (
 )
 
 if TYPE_CHECKING:
+    from pydantic import ValidationError
+
     from spicesync.settings import Settings
 
     # What add_subparsers returns: each command adds its own parser to it.
@@ -57,26 +59,33 @@ def load_settings() -> Settings:
 
 
 def _stack(args: argparse.Namespace) -> int:
-    from spicesync.stack.manager import stack_down, stack_status, stack_up
+    from spicesync.stack.manager import printable_env, stack_down, stack_status, stack_up
 
     settings = load_settings()
     if args.action == "up":
         from starters.reconcile import schedule_as_configured
 
         state = asyncio.run(stack_up(settings, on_ready=schedule_as_configured))
-        for key, value in state.env.items():
-            print(f"{key}={value}")
+        print("\n".join(printable_env(state.env, show_secrets=args.show_secrets)))
         return 0
     if args.action == "down":
         stopped = stack_down(settings)
         print("stopped: " + (", ".join(stopped) if stopped else "nothing (no stack recorded)"))
         return 0
+    if args.action == "env":
+        from spicesync.stack.manager import StackState
+
+        state = StackState.load(settings.state_dir.resolve())
+        if not state.env:
+            print("# no stack recorded; run `spicesync stack up`", file=sys.stderr)
+            return 1
+        print("\n".join(printable_env(state.env, show_secrets=args.show_secrets)))
+        return 0
     state, health = asyncio.run(stack_status(settings))
     if not state.components:
         print("# no stack recorded; run `spicesync stack up`")
         return 1
-    for key, value in state.env.items():
-        print(f"{key}={value}")
+    print("\n".join(printable_env(state.env, show_secrets=args.show_secrets)))
     for c in state.components:
         where = f" pid={c.pid}" if c.pid else ""
         log = f" log={c.log}" if c.log else ""
@@ -350,11 +359,15 @@ def _repair(args: argparse.Namespace) -> int:
 
 
 def _codec_server(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
-    from spicesync.codec_server import CodecServer
-    from spicesync.settings import MissingSetting
+    from spicesync.codec_server import CodecAuth, CodecServer
+    from spicesync.logs import configure_logging
+    from spicesync.settings import (
+        PLAINTEXT_OPT_OUT,
+        PLAINTEXT_OPT_OUT_VALUE,
+        MissingSetting,
+        UnsafeSetting,
+        is_loopback,
+    )
 
     settings = load_settings()
     codec = settings.codec()
@@ -362,13 +375,48 @@ def _codec_server(args: argparse.Namespace) -> int:
         raise MissingSetting(
             "SPICESYNC_ENCRYPTION_KEYS is not set: the codec server needs the keys"
         )
-    origins = args.ui_origin or [
-        settings.temporal_ui_url or f"http://127.0.0.1:{settings.stack_temporal_ui_port}",
-        f"http://localhost:{settings.stack_temporal_ui_port}",
-    ]
-    port = settings.stack_codec_port if args.port is None else args.port
+    if settings.codec_token is None and not settings.codec_jwks_url:
+        raise MissingSetting(
+            "SPICESYNC_CODEC_TOKEN or SPICESYNC_CODEC_JWKS_URL must be set: the codec server"
+            " decrypts for authenticated callers only"
+        )
     try:
-        server = CodecServer(codec, host=args.host, port=port, allowed_origins=origins)
+        origins = args.ui_origin or [arguments.origin(o) for o in settings.codec_origins()]
+    except argparse.ArgumentTypeError as err:
+        raise MissingSetting(f"SPICESYNC_CODEC_UI_ORIGINS: {err}") from err
+    auth = CodecAuth(
+        token=settings.codec_token.get_secret_value() if settings.codec_token else None,
+        jwks_url=settings.codec_jwks_url,
+        audience=settings.codec_jwt_audience,
+        issuer=settings.codec_jwt_issuer,
+        algorithms=tuple(a.strip() for a in settings.codec_jwt_algorithms.split(",") if a.strip()),
+    )
+    tls = None
+    if settings.codec_tls_cert and settings.codec_tls_key:
+        tls = (settings.codec_tls_cert, settings.codec_tls_key)
+    elif settings.environment == "production" and not is_loopback(args.host):
+        problem = (
+            f"SPICESYNC_CODEC_TLS_CERT and SPICESYNC_CODEC_TLS_KEY are not set and --host"
+            f" {args.host} is not this machine: tokens and decrypted payloads would cross the"
+            " network in clear"
+        )
+        if settings.allow_plaintext_in_production != PLAINTEXT_OPT_OUT_VALUE:
+            raise UnsafeSetting(problem)
+        logging.getLogger("spicesync.codec_server").warning(
+            "%s is set: %s", PLAINTEXT_OPT_OUT, problem
+        )
+    port = settings.stack_codec_port if args.port is None else args.port
+    configure_logging()  # the access log: JSON lines on stderr
+    try:
+        server = CodecServer(
+            codec,
+            host=args.host,
+            port=port,
+            allowed_origins=origins,
+            auth=auth,
+            allow_encode=settings.codec_allow_encode,
+            tls=tls,
+        )
     except OSError as err:  # an unknown host, a port in use or not ours to take
         print(
             f"spicesync codec-server: cannot listen on --host {args.host} --port {port}:"
@@ -376,16 +424,25 @@ def _codec_server(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.stop).start())
-    print(f"codec server on http://{args.host}:{server.port} for {', '.join(origins)}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.stop()
+    accepts = [name for name, on in (("token", auth.token), ("JWT", auth.jwks_url)) if on]
+    encode = "on" if settings.codec_allow_encode else "off"
+    print(
+        f"codec server on {server.scheme}://{args.host}:{server.port} for {', '.join(origins)};"
+        f" accepts {' and '.join(accepts)}; /encode {encode}",
+        flush=True,
+    )
+    # uvicorn stops gracefully on SIGINT and SIGTERM (it installs its handlers in this thread).
+    server.serve_forever()
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.follow:
+        from spicesync.cli.follow_demo import follow_summary, run_follow_demo
+
+        follow_report = asyncio.run(run_follow_demo(args.users, progress=note))
+        print(follow_summary(follow_report))
+        return 0 if follow_report.ok else 1
     from spicesync.cli.demo import run_demo, summary
 
     report = asyncio.run(run_demo(args.users, progress=note))
@@ -419,13 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_stack_parser(commands: Commands) -> None:
-    """Add ``stack up | status | down``."""
+    """Add ``stack up | status | env | down``."""
     stack = commands.add_parser("stack", help="run the local Temporal, PostgreSQL and SpiceDB")
     stack.add_argument(
         "action",
-        choices=["up", "status", "down"],
+        choices=["up", "status", "env", "down"],
         help="up: start what is missing and print KEY=value settings; status: settings and"
-        " health; down: stop what up started",
+        " health; env: the settings only; down: stop what up started",
+    )
+    stack.add_argument(
+        "--show-secrets",
+        action="store_true",
+        help="print the preshared key, encryption keys and codec token too (for scripts;"
+        " hidden by default)",
     )
     stack.set_defaults(func=_stack)
 
@@ -716,6 +779,12 @@ def _add_demo_parser(commands: Commands) -> None:
         default=100,
         help="valid users to create (default 100)",
     )
+    demo.add_argument(
+        "--follow",
+        action="store_true",
+        help="follow mode: an application's own table, written with plain SQL and the outbox,"
+        " followed through a mapping (examples/follow/)",
+    )
     demo.set_defaults(func=_demo)
 
 
@@ -741,17 +810,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as err:
         if err.title != "Settings":
             raise  # a bug, not the environment: keep its traceback
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: {e['msg']}"
-            for e in err.errors()
-        )
-        print(f"spicesync: invalid settings: {problems}", file=sys.stderr)
+        print(f"spicesync: invalid settings: {_settings_problems(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     finally:
         if provider is not None:
             provider.shutdown()  # flush the last spans
+
+
+def _settings_problems(err: ValidationError) -> str:
+    """One line naming each setting that is wrong and why; never the value (it may be a key).
+
+    The settings hide their inputs in errors, and only ``loc`` (the variable's name) and
+    ``msg`` are used here, so neither a value nor pydantic's ``input_value`` can reach it.
+    """
+    problems = []
+    for e in err.errors(include_url=False, include_input=False):
+        name = ".".join(str(part) for part in e["loc"])
+        message = str(e["msg"]).removeprefix("Value error, ")
+        problems.append(f"{name}: {message}" if name else message)
+    return "; ".join(problems)
 
 
 def entry() -> None:

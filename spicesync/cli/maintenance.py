@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from spicesync.cli.progress import show as _show
 
 if TYPE_CHECKING:
-    from temporalio.client import Client
+    from temporalio.client import Client, WorkflowHandle
 
     from spicesync.models import ReconcileReport
     from spicesync.settings import Settings
@@ -45,6 +45,22 @@ async def _connect(settings: Settings) -> Client:
     return client
 
 
+async def _query_progress(handle: WorkflowHandle[Any, Any], query: Any) -> Any | None:
+    """The run's progress, or ``None`` while no worker answers queries.
+
+    Workers restart and drain (SIGTERM gives in-flight activities a grace period, during which
+    that worker polls nothing): the progress line waits for the next one, and the wait for the
+    run's result goes on.
+    """
+    from temporalio.client import WorkflowQueryFailedError, WorkflowQueryRejectedError
+    from temporalio.service import RPCError
+
+    try:
+        return await handle.query(query, rpc_timeout=timedelta(seconds=5))
+    except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError):
+        return None
+
+
 def _bar(done: int, total: int, width: int = 30) -> str:
     filled = width if total <= 0 else min(width, width * done // total)
     return "[" + "#" * filled + "-" * (width - filled) + "]"
@@ -63,10 +79,14 @@ def reconcile_command(args: argparse.Namespace) -> int:
     from workflows.reconcile import ReconcileWorkflow
 
     settings = load_settings()
+    follow = _follow_mode(settings)
+    if follow is None:
+        return 2
     request = ReconcileInput(
         dry_run=not args.apply,
         prune_cap=settings.reconcile_prune_cap if args.prune_cap is None else args.prune_cap,
         page_size=args.page_size,
+        follow=follow,
     )
 
     async def schedule() -> str:
@@ -83,7 +103,9 @@ def reconcile_command(args: argparse.Namespace) -> int:
             await asyncio.wait([result], timeout=1.0)
             if result.done():
                 break
-            p = await handle.query(ReconcileWorkflow.progress)
+            p = await _query_progress(handle, ReconcileWorkflow.progress)
+            if p is None:
+                continue
             _show(
                 f"reconcile {p.phase}: {p.rows_scanned} rows, {p.relationships_scanned}"
                 f" relationships scanned; {p.found.total()} drifted users so far"
@@ -104,21 +126,43 @@ def reconcile_command(args: argparse.Namespace) -> int:
     if args.json:
         print(report.model_dump_json())
     else:
-        print(_reconcile_summary(report))
+        print(_reconcile_summary(report, follow=request.follow))
     return 3 if report.prune_cap_exceeded else 0
 
 
-def _reconcile_summary(r: ReconcileReport) -> str:
+def _follow_mode(settings: Settings) -> bool | None:
+    """Whether a mapping is configured (follow mode); ``None`` after saying why it is invalid."""
+    from spicesync.mapping import MappingError
+
+    try:
+        return settings.follow_mapping() is not None
+    except MappingError as err:
+        print(f"spicesync: {err}", file=sys.stderr)
+        return None
+
+
+def _reconcile_summary(r: ReconcileReport, *, follow: bool = False) -> str:
+    f = r.found
+    drift = (
+        f"missing {f.missing}, extra {f.extra}, orphan {f.orphan}, unmappable {f.unmappable},"
+        f" unsynced {f.unsynced}; {r.deletions_planned} relationships of users left with none"
+        if follow
+        else f"missing {f.missing}, mismatched {f.mismatched}, orphan {f.orphan}, unfinished"
+        f" {f.unfinished}, unsynced {f.unsynced}; {r.deletions_planned} relationships"
+    )
     lines = [
         f"{'dry run' if r.dry_run else 'reconcile'}: {r.message}",
-        f"  scanned      {r.rows_scanned} App DB rows ({r.rows_scanned_per_second:g}/s), "
-        f"{r.relationships_scanned} SpiceDB relationships "
+        f"  scanned      {r.rows_scanned} {'mapped table' if follow else 'App DB'} rows"
+        f" ({r.rows_scanned_per_second:g}/s), {r.relationships_scanned} SpiceDB relationships "
         f"({r.relationships_scanned_per_second:g}/s); {r.in_flight_skipped} live syncs skipped",
-        f"  drift        missing {r.found.missing}, mismatched {r.found.mismatched}, "
-        f"orphan {r.found.orphan}, unfinished {r.found.unfinished}, unsynced {r.found.unsynced};"
-        f" {r.deletions_planned} relationships to delete (cap {r.prune_cap})",
+        f"  drift        {drift} to delete (cap {r.prune_cap})",
     ]
-    if not r.dry_run:
+    if not r.dry_run and follow:
+        lines.append(
+            f"  repairs      {r.repairs.delivered} changes delivered to the users' workflows,"
+            f" {r.repairs.failed} failed"
+        )
+    elif not r.dry_run:
         lines.append(
             f"  repairs      {r.repairs.repaired} repaired, {r.repairs.removed_unfinished}"
             f" unfinished creations removed, {r.repairs.consistent} consistent by "
@@ -139,11 +183,20 @@ def backfill_command(args: argparse.Namespace) -> int:
     from workflows.backfill import BackfillWorkflow
 
     settings = load_settings()
+    follow = _follow_mode(settings)
+    if follow is None:
+        return 2
 
     async def run() -> int:
         client = await _connect(settings)
         handle = await start_backfill(
-            BackfillInput(batch_size=args.batch_size, max_rate=args.max_rate, lanes=args.lanes),
+            BackfillInput(
+                batch_size=args.batch_size,
+                max_rate=args.max_rate,
+                # Follow mode walks the application's ids in one lane.
+                lanes=1 if follow else args.lanes,
+                follow=follow,
+            ),
             client=client,
             task_queue=settings.task_queue,
         )
@@ -151,11 +204,15 @@ def backfill_command(args: argparse.Namespace) -> int:
         result = asyncio.ensure_future(handle.result())
         while not result.done():
             await asyncio.wait([result], timeout=0.5)
-            p = await handle.query(BackfillWorkflow.progress)
-            rate = p.written_users / max(time.monotonic() - began, 1e-9)
+            p = await _query_progress(handle, BackfillWorkflow.progress)
+            if p is None:
+                continue
+            done_users = p.delivered if follow else p.written_users
+            rate = done_users / max(time.monotonic() - began, 1e-9)
             _show(
-                f"backfill {_bar(p.scanned, p.total)} {p.scanned}/{p.total} users "
-                f"({p.written_users} written, {p.skipped} skipped) {rate:,.0f} users/s"
+                f"backfill {_bar(p.scanned, p.total)} {p.scanned}/{p.total} "
+                f"{'rows' if follow else 'users'} ({done_users} "
+                f"{'delivered' if follow else 'written'}, {p.skipped} skipped) {rate:,.0f} users/s"
             )
         print(file=sys.stderr)
         done = result.result()
@@ -164,12 +221,20 @@ def backfill_command(args: argparse.Namespace) -> int:
             "users_written": done.progress.written_users,
             "users_skipped": done.progress.skipped,
             "relationships_written": done.progress.relationships_written,
+            "changes_delivered": done.progress.delivered,
             "rows_scanned_per_second": done.rows_scanned_per_second,
             "relationships_written_per_second": done.relationships_written_per_second,
             "seconds": round(done.progress.elapsed_seconds, 2),
         }
         if args.json:
             print(json.dumps(figures))
+        elif follow:
+            print(
+                f"backfill: {figures['changes_delivered']} changes delivered to the users'"
+                f" workflows, which sync them ({figures['users_skipped']} rows skipped: synced"
+                f" before, or an id no workflow can have) in {figures['seconds']} s;"
+                f" {figures['rows_scanned_per_second']:g} rows scanned/s"
+            )
         else:
             print(
                 f"backfill: {figures['users_written']} users written "

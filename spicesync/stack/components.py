@@ -23,11 +23,12 @@ with warnings.catch_warnings():
 
 from spicesync.constants import SEARCH_ATTRIBUTES, dev_server_dynamic_config
 from spicesync.db import apply_migrations
-from spicesync.spicedb import connect_spicedb, write_schema
+from spicesync.spicedb import check_schema, connect_spicedb, write_schema
 from spicesync.stack.engine_library import ensure_engine_library
 from spicesync.stack.processes import spawn, tool_path
 
 __all__ = [
+    "embedded_postgres_group",
     "prepare_app_db",
     "prepare_spicedb",
     "spicedb_command",
@@ -79,12 +80,19 @@ def start_temporal(
     return spawn(command, log=log)
 
 
-def start_codec_server(*, port: int, keys: str, ui_port: int, log: Path) -> int:
-    """Start ``spicesync codec-server`` in the background; returns its pid."""
+def start_codec_server(*, port: int, keys: str, token: str, ui_port: int, log: Path) -> int:
+    """Start ``spicesync codec-server`` in the background; returns its pid.
+
+    The keys and the token go through the environment, never the command line (which every
+    local user can read in the process list).
+    """
+    command = [sys.executable, "-m", "spicesync", "codec-server", "--port", str(port)]
+    for host in ("127.0.0.1", "localhost"):  # the UI this stack starts, by either name
+        command += ["--ui-origin", f"http://{host}:{ui_port}"]
     return spawn(
-        [sys.executable, "-m", "spicesync", "codec-server", "--port", str(port)],
+        command,
         log=log,
-        env={"SPICESYNC_ENCRYPTION_KEYS": keys, "SPICESYNC_TEMPORAL_UI_PORT": str(ui_port)},
+        env={"SPICESYNC_ENCRYPTION_KEYS": keys, "SPICESYNC_CODEC_TOKEN": token},
     )
 
 
@@ -154,11 +162,17 @@ async def wait_for_spicedb(endpoint: str, preshared_key: str, *, timeout: float 
 
 
 async def prepare_spicedb(endpoint: str, preshared_key: str) -> None:
-    """Wait for SpiceDB, then write spicesync's schema."""
+    """Wait for SpiceDB, then write spicesync's schema unless it already holds all of it.
+
+    A schema that already defines everything spicesync writes is left alone: WriteSchema
+    replaces the whole schema, and a wider one (the follow demo's, say, which keeps
+    spicesync's definitions) must not lose its other definitions to a second ``stack up``.
+    """
     await wait_for_spicedb(endpoint, preshared_key)
     client = connect_spicedb(endpoint, preshared_key)
     try:
-        await write_schema(client)
+        if await check_schema(client):
+            await write_schema(client)
     finally:
         await client.close()
 
@@ -177,6 +191,27 @@ async def prepare_app_db(database_url: str, *, owned: bool = True) -> list[int]:
         await conn.close()
 
 
+def _embedded_postgres_user() -> str | None:
+    # Run as root, embedded-postgres runs the server as this user (PostgreSQL refuses root).
+    if platform.system() != "Windows" and os.geteuid() == 0:
+        return "embedded_postgres"
+    return None
+
+
+def embedded_postgres_group() -> int | None:
+    """The group the embedded PostgreSQL runs with, when it runs as another user than this one.
+
+    Run as root, embedded-postgres starts the server as its own user but switches only the
+    user (``subprocess`` with ``user=``): the server keeps root's group. It must pass through
+    the state folder to its data folder inside it (a checkpoint opens files by absolute path and
+    PANICs if it cannot), so the state folder is 0710 for that group rather than 0700. Every
+    pg_ctl call here runs the same way, so they all pass as well.
+    """
+    if _embedded_postgres_user() is None:
+        return None
+    return os.getegid()
+
+
 def start_embedded_postgres(data_dir: Path) -> str:
     """Start (or find running) the embedded PostgreSQL in ``data_dir``; returns its URL.
 
@@ -191,6 +226,6 @@ def stop_embedded_postgres(data_dir: Path) -> None:
     """Stop the embedded PostgreSQL in ``data_dir`` if it runs."""
     if not (data_dir / "postmaster.pid").exists():
         return
-    user = "embedded_postgres" if platform.system() != "Windows" and os.geteuid() == 0 else None
+    user = _embedded_postgres_user()  # and our group, as embedded-postgres started it
     pg_ctl = getattr(_commands, "pg_ctl")  # noqa: B009 - made at import time, untyped
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir.resolve(), user=user)

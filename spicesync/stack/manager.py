@@ -4,6 +4,10 @@
 ``SPICEDB_ENDPOINT`` in the environment mean "use mine"), records what it started in
 ``<state dir>/stack.json`` and writes the connection settings to ``<state dir>/stack.env``,
 which every other spicesync command reads. ``down`` stops exactly what ``up`` recorded.
+
+Secrets (the SpiceDB preshared key, the encryption keys, the codec token, a database password)
+live in ``stack.env`` alone, a 0600 file in a 0700 folder; ``stack.json`` holds none, and what
+the commands print hides them unless asked (:func:`printable_env`).
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from spicesync.codec import generate_key
-from spicesync.settings import STACK_ENV_FILE, Settings
+from spicesync.private_files import create_private, private_dir, write_private
+from spicesync.settings import STACK_ENV_FILE, Settings, read_env_file
 from spicesync.stack.components import (
+    embedded_postgres_group,
     prepare_app_db,
     prepare_spicedb,
     start_codec_server,
@@ -32,9 +39,50 @@ from spicesync.stack.components import (
 )
 from spicesync.stack.processes import pid_alive, port_open, stop_pid, wait_for_port
 
-__all__ = ["Component", "StackState", "stack_down", "stack_status", "stack_up"]
+__all__ = [
+    "SECRET_SETTINGS",
+    "Component",
+    "StackState",
+    "printable_env",
+    "stack_down",
+    "stack_status",
+    "stack_up",
+]
 
 _STATE_FILE = "stack.json"
+# The settings whose values are secrets: never in stack.json, never printed unless asked.
+SECRET_SETTINGS = ("SPICEDB_PRESHARED_KEY", "SPICESYNC_ENCRYPTION_KEYS", "SPICESYNC_CODEC_TOKEN")
+_HIDDEN = "<hidden>"
+
+
+def _hide_password(url: str) -> str:
+    parts = urlsplit(url)
+    if not parts.password:  # none, or empty (the embedded PostgreSQL trusts its socket)
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{_HIDDEN}@{host}"))
+
+
+def printable_env(env: dict[str, str], *, show_secrets: bool = False) -> list[str]:
+    """``KEY=value`` lines of the stack's settings, secrets hidden unless ``show_secrets``.
+
+    Hidden secrets are left out (a script that sources the lines gets no fake value) and a
+    comment line names them; a database URL keeps everything but its password.
+    """
+    if show_secrets:
+        return [f"{key}={value}" for key, value in env.items()]
+    lines = [
+        f"{key}={_hide_password(value) if key == 'DATABASE_URL' else value}"
+        for key, value in env.items()
+        if key not in SECRET_SETTINGS
+    ]
+    hidden = [key for key in env if key in SECRET_SETTINGS]
+    if hidden:
+        lines.append(
+            f"# secrets not shown: {', '.join(hidden)} (in {STACK_ENV_FILE}, mode 0600;"
+            " `spicesync stack env --show-secrets` prints them)"
+        )
+    return lines
 
 
 @dataclass
@@ -58,28 +106,37 @@ class StackState:
 
     @classmethod
     def load(cls, state_dir: Path) -> StackState:
-        """Read the state file; an absent one is an empty stack."""
+        """Read the state file (components) and ``stack.env`` (settings); absent: empty."""
         path = state_dir / _STATE_FILE
         if not path.is_file():
             return cls()
         raw = json.loads(path.read_text())
-        return cls(env=raw["env"], components=[Component(**c) for c in raw["components"]])
+        return cls(
+            env=read_env_file(state_dir / STACK_ENV_FILE),
+            components=[Component(**c) for c in raw["components"]],
+        )
 
     def save(self, state_dir: Path) -> None:
-        """Write the state file and ``stack.env``."""
-        state_dir.mkdir(parents=True, exist_ok=True)
-        (state_dir / _STATE_FILE).write_text(
-            json.dumps(
-                {"env": self.env, "components": [asdict(c) for c in self.components]}, indent=2
-            )
+        """Write ``stack.env`` (every setting, secrets included) and the state file (none)."""
+        _lock(state_dir)
+        write_private(
+            state_dir / STACK_ENV_FILE, "".join(f"{k}={v}\n" for k, v in self.env.items())
         )
-        env_file = state_dir / STACK_ENV_FILE
-        env_file.write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
-        env_file.chmod(0o600)  # it holds the preshared key
+        write_private(
+            state_dir / _STATE_FILE,
+            json.dumps({"components": [asdict(c) for c in self.components]}, indent=2),
+        )
 
     def component(self, name: str) -> Component | None:
         """The component called ``name``, if recorded."""
         return next((c for c in self.components if c.name == name), None)
+
+
+def _lock(state_dir: Path) -> Path:
+    # 0700; 0710 for the group the embedded PostgreSQL runs with when run as root (and
+    # embedded-postgres opens the folders above its data folder to all when it starts: this
+    # narrows them back).
+    return private_dir(state_dir, group=embedded_postgres_group())
 
 
 def _running(component: Component | None) -> bool:
@@ -112,7 +169,7 @@ async def stack_up(
     # SpiceDB schema, so neither spicesync's `users` table nor its packaged schema is written.
     # Loaded first, so a bad mapping stops `up` before anything starts.
     mapping = settings.follow_mapping()
-    state_dir = settings.state_dir.resolve()
+    state_dir = _lock(settings.state_dir.resolve())
     logs = state_dir / "logs"
     old = StackState.load(state_dir)
     new = StackState()
@@ -122,10 +179,7 @@ async def stack_up(
         keys = os.environ["SPICESYNC_ENCRYPTION_KEYS"]
     else:
         key_file = state_dir / "encryption-keys"
-        if not key_file.is_file():
-            state_dir.mkdir(parents=True, exist_ok=True)
-            key_file.write_text(f"local1:{generate_key()}\n")
-            key_file.chmod(0o600)
+        create_private(key_file, f"local1:{generate_key()}\n")  # kept if it exists
         keys = key_file.read_text().strip()
     new.env["SPICESYNC_ENCRYPTION_KEYS"] = keys
     codec_endpoint = f"http://127.0.0.1:{settings.stack_codec_port}"
@@ -162,16 +216,22 @@ async def stack_up(
         new.env["TEMPORAL_UI_URL"] = f"http://127.0.0.1:{ui_port}"
 
         codec = old.component("codec")
-        if not (_running(codec) and codec and codec.managed):
+        codec_token = old.env.get("SPICESYNC_CODEC_TOKEN")
+        if not (_running(codec) and codec and codec.managed and codec_token):
             port_c = settings.stack_codec_port
             if port_open("127.0.0.1", port_c):
                 raise RuntimeError(f"port {port_c} is taken; set SPICESYNC_CODEC_PORT")
+            # Generated per codec server, like the preshared key: it guards decrypted payloads.
+            codec_token = secrets.token_urlsafe(32)
             log = logs / "codec-server.log"
-            pid = start_codec_server(port=port_c, keys=keys, ui_port=ui_port, log=log)
+            pid = start_codec_server(
+                port=port_c, keys=keys, token=codec_token, ui_port=ui_port, log=log
+            )
             codec = Component("codec", "payload codec server for the UI", True, pid, str(log))
             wait_for_port("127.0.0.1", port_c, pid=pid, timeout=30, log=log)
         new.components.append(codec)
         new.env["SPICESYNC_CODEC_ENDPOINT"] = codec_endpoint
+        new.env["SPICESYNC_CODEC_TOKEN"] = codec_token
     new.env["TEMPORAL_NAMESPACE"] = os.environ.get("TEMPORAL_NAMESPACE", "default")
     new.env["SPICESYNC_TASK_QUEUE"] = settings.task_queue
 
@@ -183,6 +243,7 @@ async def stack_up(
         data_dir = state_dir / "postgres"
         log = data_dir / "log"
         url = await asyncio.to_thread(start_embedded_postgres, data_dir)
+        _lock(state_dir)
         new.components.append(
             Component("postgres", "embedded PostgreSQL", True, None, str(log), str(data_dir))
         )

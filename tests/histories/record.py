@@ -14,7 +14,10 @@ of its own and no payload encryption (the replay test has no key). Histories:
   the user; a backfill of 30 users in batches of 10, paced by timers;
 * ``followed_user_lifecycle`` (follow mode, recorded by name only): a followed user inserted,
   updated, changed in a burst, failing for good on an invalid object id, fixed, and deleted,
-  in an app-shaped table of its own with the application's SpiceDB schema.
+  in an app-shaped table of its own with the application's SpiceDB schema;
+* ``reconcile_follow`` and ``backfill_follow`` (follow mode, recorded by name only): a
+  reconcile that delivered repairs (a missing relationship at once, an orphan after the scan)
+  and a backfill of 30 never-synced rows in batches of 10, paced by timers.
 
 Older recordings are kept, not re-recorded, so workflows started by older workers keep
 replaying: ``user_sync_lifecycle`` and ``user_sync_compensated`` (every step a normal activity),
@@ -32,14 +35,18 @@ import contextlib
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+from authzed.api.v1 import RelationshipUpdate, WriteRelationshipsRequest
+from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
 from activities.user_rows import UserRowActivities
 from spicesync.client import FollowSyncFailed, deliver_change, user_changed
 from spicesync.constants import followed_user_workflow_id, user_workflow_id
 from spicesync.db import with_database
+from spicesync.mapping import Tuple
 from spicesync.models import (
     BackfillInput,
     CreateUserInput,
@@ -48,7 +55,7 @@ from spicesync.models import (
     UserChangedInput,
 )
 from spicesync.settings import Settings, load_settings
-from spicesync.spicedb import connect_spicedb, write_schema
+from spicesync.spicedb import SpiceDBClient, connect_spicedb, tuple_relationship, write_schema
 from spicesync.stack.components import prepare_app_db, prepare_spicedb, start_spicedb
 from spicesync.stack.processes import free_port, stop_pid, wait_for_port
 from spicesync.temporal import connect_temporal
@@ -74,7 +81,7 @@ ALL = (
     "user_sync_unfinished_removed",
     "reconcile_unfinished",
 )
-FOLLOW = ("followed_user_lifecycle",)
+FOLLOW = ("followed_user_lifecycle", "reconcile_follow", "backfill_follow")
 
 
 async def record(names: list[str]) -> None:
@@ -209,6 +216,7 @@ async def _run_follow(settings: Settings, names: list[str]) -> None:
     client = await connect_temporal(follow)
     queue = {"client": client, "task_queue": f"record-{uuid.uuid4()}"}
     uid, table = str(uuid.uuid4()), f"{schema}.accounts"
+    histories: dict[str, str] = {}
     try:
         async with (
             open_resources(follow) as resources,
@@ -243,16 +251,73 @@ async def _run_follow(settings: Settings, names: list[str]) -> None:
             await user_changed(uid, 13, wait="applied", **queue)  # type: ignore[arg-type]
             await pool.execute(f"DELETE FROM {table} WHERE account_id = $1", uuid.UUID(uid))
             await user_changed(uid, wait="applied", **queue)  # type: ignore[arg-type]
-        handle = client.get_workflow_handle(followed_user_workflow_id(uid))
-        history = (await handle.fetch_history()).to_json()
+            handle = client.get_workflow_handle(followed_user_workflow_id(uid))
+            histories["followed_user_lifecycle"] = (await handle.fetch_history()).to_json()
+            histories |= await _follow_maintenance(pool, spicedb, table, queue)
     finally:
         config.unlink(missing_ok=True)
         await spicedb.close()
         await pool.execute(f"DROP SCHEMA {schema} CASCADE")
         await pool.close()
     for name in names:
-        (HERE / f"{name}.json").write_text(history)
+        (HERE / f"{name}.json").write_text(histories[name])
         print(f"wrote {name}.json")
+
+
+async def _follow_maintenance(
+    pool: asyncpg.Pool, spicedb: SpiceDBClient, table: str, queue: dict[str, Any]
+) -> dict[str, str]:
+    """Follow mode's reconcile (repairing) and backfill (paced), on the same table."""
+    client: Client = queue["client"]
+    synced = [uuid.uuid4() for _ in range(2)]
+    await pool.executemany(
+        f"INSERT INTO {table} (account_id, email, team_id) VALUES ($1, 'r@example.com', 'r-org')",
+        [(u,) for u in synced],
+    )
+    for user in synced:
+        await user_changed(str(user), wait="applied", **queue)
+    lost = RelationshipUpdate.Operation.OPERATION_DELETE
+    orphan = RelationshipUpdate.Operation.OPERATION_TOUCH
+    await spicedb.WriteRelationships(
+        WriteRelationshipsRequest(
+            updates=[
+                RelationshipUpdate(
+                    operation=lost,
+                    relationship=tuple_relationship(
+                        Tuple("organization", "r-org", "member", "user", str(synced[0]))
+                    ),
+                ),
+                RelationshipUpdate(
+                    operation=orphan,
+                    relationship=tuple_relationship(
+                        Tuple("organization", "r-org", "member", "user", str(uuid.uuid4()))
+                    ),
+                ),
+            ]
+        )
+    )
+    reconcile = await start_reconcile(
+        ReconcileInput(dry_run=False, follow=True),
+        workflow_id=f"record-reconcile-{uuid.uuid4()}",
+        **queue,
+    )
+    await reconcile.result()
+    await pool.executemany(
+        f"INSERT INTO {table} (account_id, email, team_id) VALUES ($1, 'b@example.com', 'b-org')",
+        [(uuid.uuid4(),) for _ in range(30)],
+    )
+    backfill = await start_backfill(
+        BackfillInput(follow=True, batch_size=10, max_rate=5.0),
+        workflow_id=f"record-backfill-{uuid.uuid4()}",
+        **queue,
+    )
+    await backfill.result()
+    return {
+        "reconcile_follow": (await reconcile.fetch_history()).to_json(),
+        "backfill_follow": (
+            await client.get_workflow_handle(backfill.id).fetch_history()
+        ).to_json(),
+    }
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def worker_settings(database_url: str, spicedb: SpiceDBServer, key: str | None =
         database_url=database_url,
         spicedb_endpoint=spicedb.endpoint,
         spicedb_preshared_key=key or spicedb.preshared_key,
+        health_address="",  # in-process workers: no port to fight over
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from spicesync.settings import read_env_file
 from spicesync.stack.processes import free_port, pid_alive
 
 pytestmark = pytest.mark.integration
@@ -35,6 +37,13 @@ def parse_env(text: str) -> dict[str, str]:
     )
 
 
+def stack_settings(env: dict[str, str]) -> dict[str, str]:
+    """Every setting of the running stack, secrets included, as a script would fetch them."""
+    shown = run(["stack", "env", "--show-secrets"], env)
+    assert shown.returncode == 0, shown.stderr
+    return parse_env(shown.stdout)
+
+
 @pytest.fixture
 def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     """Settings for a stack in a temporary state dir, on free ports, torn down afterwards."""
@@ -50,16 +59,19 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         "SPICESYNC_SPICEDB_PORT": str(free_port()),
         "SPICESYNC_CODEC_PORT": str(free_port()),
         "SPICESYNC_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+        "SPICESYNC_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}",
         "SPICESYNC_TASK_QUEUE": f"cli-{tmp_path.name}",
     }
     yield env
     run(["stack", "down"], env)
 
 
+# Many CLI runs, each starting an interpreter: minutes on a busy 2-core box.
+@pytest.mark.timeout(600)
 def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
     up = run(["stack", "up"], stack_env)
     assert up.returncode == 0, up.stderr
-    settings = parse_env(up.stdout)
+    settings = read_env_file(Path(stack_env["SPICESYNC_STATE_DIR"]) / "stack.env")
     for key in (
         "SPICESYNC_ENCRYPTION_KEYS",
         "TEMPORAL_ADDRESS",
@@ -67,16 +79,22 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
         "DATABASE_URL",
         "SPICEDB_ENDPOINT",
         "SPICEDB_PRESHARED_KEY",
+        "SPICESYNC_CODEC_TOKEN",
     ):
         assert settings.get(key), key
     assert settings["TEMPORAL_ADDRESS"].endswith(stack_env["SPICESYNC_TEMPORAL_PORT"])
 
-    again = run(["stack", "up"], stack_env)  # idempotent: reuses what runs
-    assert again.returncode == 0 and parse_env(again.stdout) == settings
+    again = run(["stack", "up"], stack_env)  # idempotent: reuses what runs (and its secrets)
+    assert again.returncode == 0 and again.stdout == up.stdout
+    assert read_env_file(Path(stack_env["SPICESYNC_STATE_DIR"]) / "stack.env") == settings
 
     status = run(["stack", "status"], stack_env)
     assert status.returncode == 0, status.stdout
-    health = [line for line in status.stdout.splitlines() if line.startswith("# ")]
+    health = [
+        line
+        for line in status.stdout.splitlines()
+        if line.startswith("# ") and not line.startswith("# secrets not shown")
+    ]
     assert len(health) == 4 and all(" healthy " in line and "log=" in line for line in health)
     pids = [int(word[4:]) for line in health for word in line.split() if word.startswith("pid=")]
     assert len(pids) == 3 and all(pid_alive(p) for p in pids)
@@ -132,6 +150,10 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
         metrics_url = f"http://{stack_env['SPICESYNC_METRICS_ADDRESS']}/metrics"
         with urllib.request.urlopen(metrics_url, timeout=5) as response:
             assert b"spicesync_time_to_permission" in response.read()
+        # The worker on the local stack is ready: Temporal, PostgreSQL and SpiceDB all answer.
+        ready_url = f"http://{stack_env['SPICESYNC_HEALTH_ADDRESS']}/readyz"
+        with urllib.request.urlopen(ready_url, timeout=10) as response:
+            assert json.loads(response.read())["status"] == "ready"
         repaired = json.loads(run(["repair", "resume", "--user-id", uid], stack_env).stdout)
         assert repaired == {"user_id": uid, "action": "resume", "resumed": False}
         for args, version in (
@@ -167,6 +189,107 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
     assert down.returncode == 0 and "temporal" in down.stdout and "spicedb" in down.stdout
     assert not any(pid_alive(p) for p in pids)
     assert not (Path(stack_env["SPICESYNC_STATE_DIR"]) / "stack.env").exists()
+
+
+SECRETS = ("SPICEDB_PRESHARED_KEY", "SPICESYNC_ENCRYPTION_KEYS", "SPICESYNC_CODEC_TOKEN")
+
+
+def test_stack_keeps_its_secrets_private(stack_env: dict[str, str]) -> None:
+    up = run(["stack", "up"], stack_env)
+    assert up.returncode == 0, up.stderr
+    state = Path(stack_env["SPICESYNC_STATE_DIR"])
+    settings = read_env_file(state / "stack.env")
+    secrets = [value for key, value in settings.items() if key in SECRETS]
+    secrets.append(settings["SPICESYNC_ENCRYPTION_KEYS"].split(":", 1)[1])  # the bare key
+    assert all(len(s) >= 32 for s in secrets)
+    status = run(["stack", "status"], stack_env)
+    shown = run(["stack", "env"], stack_env)
+    for output in (up.stdout, up.stderr, status.stdout, status.stderr, shown.stdout):
+        assert not [s for s in secrets if s in output], output
+    for output in (up.stdout, status.stdout, shown.stdout):  # and they say where they are
+        assert "# secrets not shown" in output and "--show-secrets" in output
+    assert parse_env(shown.stdout)["TEMPORAL_ADDRESS"] == settings["TEMPORAL_ADDRESS"]
+    assert stack_settings(stack_env) == settings  # asked for: every secret, for scripts
+    assert len(secrets) == len(SECRETS) + 1  # the codec token is one of them
+
+    state_mode = state.stat().st_mode & 0o777
+    # 0700; as root, 0710 for the group the embedded PostgreSQL runs with (it lives inside).
+    assert state_mode == 0o700 or (os.geteuid() == 0 and state_mode == 0o710), oct(state_mode)
+    for name in ("stack.env", "encryption-keys", "stack.json"):
+        assert (state / name).stat().st_mode & 0o777 == 0o600, name
+    record = (state / "stack.json").read_text()
+    assert not [s for s in secrets if s in record]
+    # PostgreSQL still reaches its data through the narrowed folder: a checkpoint opens its files
+    # by absolute path (and PANICs when it cannot), then the stack is still healthy.
+    checkpoint = subprocess.run(
+        [sys.executable, "-c", _CHECKPOINT, settings["DATABASE_URL"]],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checkpoint.returncode == 0, checkpoint.stderr
+    # The codec server got its token through the environment, not its command line.
+    codec_pid = next(
+        int(word[4:])
+        for line in status.stdout.splitlines()
+        if line.startswith("# codec")
+        for word in line.split()
+        if word.startswith("pid=")
+    )
+    command_line = Path(f"/proc/{codec_pid}/cmdline").read_bytes().decode(errors="replace")
+    assert not [s for s in secrets if s in command_line]
+    again = run(["stack", "status"], stack_env)
+    assert again.returncode == 0, again.stdout
+
+
+def test_configuration_errors_are_one_line_naming_the_setting(tmp_path: Path) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TEMPORAL_", "SPICEDB_", "DATABASE_URL", "SPICESYNC_"))
+    } | {"SPICESYNC_STATE_DIR": str(tmp_path / "no-stack"), "TEMPORAL_ADDRESS": "127.0.0.1:1"}
+    key = base64.b64encode(bytes(range(65, 97))).decode()  # 32 bytes: a well-formed AES key
+    keys = f"k1:{key}"
+    preshared = "p" * 40
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        # A key that is not base64, one too short: the worker used to die with a traceback.
+        (
+            ["worker"],
+            {"SPICESYNC_ENCRYPTION_KEYS": f"k1:{key[:30]}!!"},
+            "SPICESYNC_ENCRYPTION_KEYS",
+        ),
+        (["worker"], {"SPICESYNC_ENCRYPTION_KEYS": f"k1:{key[:24]}"}, "SPICESYNC_ENCRYPTION_KEYS"),
+        (["stuck"], {"DATABASE_POOL_MIN": "many"}, "DATABASE_POOL_MIN"),
+        # The codec server decrypts for nobody unauthenticated: no token, or a guessable one.
+        (
+            ["codec-server", "--port", "0"],
+            {"SPICESYNC_ENCRYPTION_KEYS": keys},
+            "SPICESYNC_CODEC_TOKEN",
+        ),
+        (
+            ["codec-server", "--port", "0"],
+            {"SPICESYNC_ENCRYPTION_KEYS": keys, "SPICESYNC_CODEC_TOKEN": "short"},
+            "SPICESYNC_CODEC_TOKEN",
+        ),
+        # Production with the keys set but a service missing: the error names it, not the keys.
+        (
+            ["worker"],
+            {
+                "SPICESYNC_ENV": "production",
+                "SPICESYNC_ENCRYPTION_KEYS": keys,
+                "SPICEDB_PRESHARED_KEY": preshared,
+            },
+            "DATABASE_URL",
+        ),
+    ]
+    for command, extra, setting in cases:
+        done = run(command, env | extra, timeout=60)
+        assert done.returncode == 2, (command, extra, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and setting in lines[0], (command, extra, done.stderr)
+        assert "Traceback" not in done.stderr
+        for secret in (key, preshared):  # not even a part of one
+            assert secret[:16] not in done.stderr and secret[-16:] not in done.stderr
 
 
 def test_duplicate_after_a_worker_crash_is_a_no_op(stack_env: dict[str, str]) -> None:
@@ -206,6 +329,15 @@ def test_duplicate_after_a_worker_crash_is_a_no_op(stack_env: dict[str, str]) ->
     )
     assert rows.stdout.split() == ["1", "synced"]
 
+
+_CHECKPOINT = """
+import asyncio, sys, asyncpg
+async def main():
+    conn = await asyncpg.connect(sys.argv[1])
+    await conn.execute("CHECKPOINT")
+    await conn.close()
+asyncio.run(main())
+"""
 
 _COUNT = """
 import asyncio, sys, asyncpg

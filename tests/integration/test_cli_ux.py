@@ -33,6 +33,7 @@ from tests.integration.test_cli_stack import (  # noqa: F401 - stack_env is a fi
     parse_env,
     run,
     stack_env,
+    stack_settings,
 )
 
 pytestmark = pytest.mark.integration
@@ -69,12 +70,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "SPICESYNC_SPICEDB_PORT": str(free_port()),
         "SPICESYNC_CODEC_PORT": str(free_port()),
         "SPICESYNC_METRICS_ADDRESS": "",
+        "SPICESYNC_HEALTH_ADDRESS": "",
         "SPICESYNC_TASK_QUEUE": "ux-stack",
     }
     up = run(["stack", "up"], env)
     assert up.returncode == 0, up.stderr
     try:
-        yield Stack(env, parse_env(up.stdout))
+        yield Stack(env, stack_settings(env))
     finally:
         run(["stack", "down"], env)
 
@@ -215,9 +217,16 @@ async def test_worker_log_is_json_lines_and_a_stop_mid_repair_is_quiet(
 
     The core warns about every workflow task slower than the threshold: at 0 s, every task. And
     SIGTERM while a reconcile repair waits on a user's workflow (held by an injected PostgreSQL
-    fault) cancels that activity quietly; a second worker finishes the repair.
+    fault) cancels that activity quietly once the shutdown grace is over; a second worker
+    finishes the repair. The grace is 5 s here, below the repair's 20 s heartbeat timeout: with
+    a longer one the server times the blocked activity out first (the core then warns that the
+    late cancellation found no activity).
     """
-    env = stack.on_queue(tmp_path, TEMPORAL_WORKFLOW_TASK_DURATION_WARN_SECONDS="0")
+    env = stack.on_queue(
+        tmp_path,
+        TEMPORAL_WORKFLOW_TASK_DURATION_WARN_SECONDS="0",
+        SPICESYNC_SHUTDOWN_GRACE_SECONDS="5",
+    )
     first = start_worker(env, tmp_path / "first.log")
     second = None
     reconcile = None
@@ -315,3 +324,27 @@ def test_demo_says_what_it_is_doing(
         assert any(line.startswith(step) for line in progress), (step, progress)
     assert ANSI not in done.stdout + done.stderr
     assert "result                   : OK" in done.stdout
+
+
+def test_follow_demo_then_owned_demo_share_one_stack(
+    stack_env: dict[str, str],  # noqa: F811
+) -> None:
+    # The follow demo's application writes its own table with plain SQL and the outbox; its
+    # summary is the demo's own independent check of SpiceDB (exit 0 only if it held).
+    done = run(["demo", "--follow", "--users", "20"], stack_env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for line in (
+        "SpiceDB follows the table: 16 live accounts hold exactly what their row implies,"
+        " 3 deleted accounts hold nothing",
+        "workspace#owner of a deleted account kept",
+        "unmappable row           : recorded as failed",
+        "result                   : OK",
+    ):
+        assert line in done.stdout, done.stdout
+    # A later `stack up` (the owned demo's) leaves the application's wider schema alone: the
+    # follow demo runs again on the same SpiceDB, whose team relationships would otherwise
+    # refuse the schema write.
+    owned = run(["demo", "--users", "3"], stack_env, timeout=300)
+    assert owned.returncode == 0, owned.stdout + owned.stderr
+    again = run(["demo", "--follow", "--users", "20"], stack_env, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr

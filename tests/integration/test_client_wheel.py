@@ -25,6 +25,7 @@ from tests.integration.test_cli_stack import (  # noqa: F401 - stack_env is a fi
     parse_env,
     run,
     stack_env,
+    stack_settings,
 )
 from tests.integration.test_cli_ux import start_worker
 
@@ -126,7 +127,7 @@ def test_the_client_wheel_alone_runs_the_readme_example(
 
     up = run(["stack", "up"], stack_env)
     assert up.returncode == 0, up.stderr
-    settings = parse_env(up.stdout)
+    settings = stack_settings(stack_env)
     worker = start_worker(stack_env, tmp_path / "worker.log")
     try:
         env = {k: v for k, v in stack_env.items() if k != "PYTHONPATH"}

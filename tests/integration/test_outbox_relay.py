@@ -39,6 +39,7 @@ from spicesync.spicedb import SpiceDBClient, read_user_snapshot
 from spicesync.stack.processes import free_port
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import eventually
+from tests.integration.test_worker_lifecycle import get_json
 from workers.outbox_relay import LISTEN_APPLICATION_NAME
 from workers.worker import build_worker, open_resources
 
@@ -208,7 +209,12 @@ class Relays:
             spicedb_endpoint=self.spicedb.endpoint,
             spicedb_key=self.spicedb.preshared_key,
         )
-        tuning = {"POLL_SECONDS": "1", "RPC_TIMEOUT_SECONDS": "5", "METRICS_ADDRESS": ""}
+        tuning = {
+            "POLL_SECONDS": "1",
+            "RPC_TIMEOUT_SECONDS": "5",
+            "METRICS_ADDRESS": "",
+            "HEALTH_ADDRESS": "",
+        }
         tuning |= {key.upper(): value for key, value in outbox.items()}
         env |= {f"SPICESYNC_OUTBOX_{key}": value for key, value in tuning.items()}
         return env | {"SPICESYNC_TRACE_FILE": str(self.directory / "traces.jsonl")}
@@ -533,11 +539,24 @@ async def test_postgresql_down_the_relay_waits_then_delivers(
 ) -> None:
     """The relay's connections to PostgreSQL are reset and refused for a while (a fault proxy
     between them): it says so once, retries with backoff, and once PostgreSQL is reachable
-    again it delivers what was written meanwhile, LISTENing on a new connection."""
+    again it delivers what was written meanwhile, LISTENing on a new connection. Its /readyz
+    says so meanwhile: 503 naming postgres, then 200 again (issue 14; nothing listened before)."""
     target, through = postgres_route(app_db.url)
+    health = f"127.0.0.1:{free_port()}"
+
+    async def ready(postgres: str) -> bool:
+        status, body = await asyncio.to_thread(get_json, f"http://{health}/readyz")
+        checks = body.get("checks", {})
+        return (
+            status == (200 if postgres == "ok" else 503)
+            and checks.get("temporal") == "ok"
+            and checks.get("postgres", "").startswith(postgres)
+        )
+
     async with FaultProxy(target) as proxy:
         relays.database_url = through(proxy.port)
-        await relays.start()
+        await relays.start(health_address=health)
+        await eventually(lambda: ready("ok"), timeout=60)
         first = _new_ids(5)
         for user_id in first:
             await app_db.save(user_id)
@@ -549,19 +568,24 @@ async def test_postgresql_down_the_relay_waits_then_delivers(
         for user_id in during:
             await app_db.save(user_id)  # the app's own way to PostgreSQL still works
         await eventually(lambda: _logged(relays, "PostgreSQL is unavailable"), timeout=60)
+        await eventually(lambda: ready("failed"), timeout=60)
+        assert (await asyncio.to_thread(get_json, f"http://{health}/livez"))[0] == 200
         await asyncio.sleep(3)  # an outage of a few retries
         assert await app_db.outbox_rows() == len(during)
         assert not await user_changed_signals(client, during[0])
 
         await proxy.restore()
         await eventually(app_db.outbox_empty, timeout=120)
+        await eventually(lambda: ready("ok"), timeout=60)
         assert await all_delivered(client, during)
         await eventually(lambda: _logged(relays, "listening for outbox rows again"), timeout=60)
         after = _new_ids(1)
         await app_db.save(after[0])
         await eventually(lambda: all_delivered(client, after), timeout=60)
+        # Read before the proxy closes: closing it resets the relay's connections, a second
+        # outage of the test's own making.
+        log = relays.log()
     await eventually(lambda: in_step(app_db, spicedb, first + during + after), timeout=180)
-    log = relays.log()
     assert log.count("PostgreSQL is unavailable") == 1
     assert log.count("PostgreSQL is available again") == 1
 

@@ -14,12 +14,14 @@ from temporalio.api.common.v1 import Payloads
 from temporalio.client import Client
 
 from spicesync.codec import EncryptionCodec, generate_key, parse_keys
-from spicesync.codec_server import CodecServer
+from spicesync.codec_server import CodecAuth, CodecServer
 from spicesync.constants import user_workflow_id
 from starters.user_events import UserSyncFailed, create_user
 from tests.integration.conftest import Pipeline, new_event
 
 pytestmark = pytest.mark.integration
+
+CODEC_TOKEN = "pii-test-token-" + "y" * 32
 
 
 def _strings_and_payload_bytes(node: Any) -> list[bytes]:
@@ -67,7 +69,11 @@ def _post(port: int, path: str, body: bytes, origin: str) -> tuple[int, dict[str
         f"http://127.0.0.1:{port}{path}",
         data=body,
         method="POST",
-        headers={"Content-Type": "application/json", "Origin": origin},
+        headers={
+            "Content-Type": "application/json",
+            "Origin": origin,
+            "Authorization": f"Bearer {CODEC_TOKEN}",
+        },
     )
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -116,7 +122,8 @@ async def test_codec_server_decodes_what_the_worker_encoded(
     assert started  # the start input is encrypted the same way
 
     ui = "http://127.0.0.1:8233"
-    good = CodecServer(test_codec, host="127.0.0.1", port=0, allowed_origins=[ui])
+    auth = CodecAuth(token=CODEC_TOKEN)
+    good = CodecServer(test_codec, host="127.0.0.1", port=0, allowed_origins=[ui], auth=auth)
     good.start()
     try:
         status, decoded, cors = _post(good.port, "/decode", body, ui)
@@ -140,6 +147,7 @@ async def test_codec_server_decodes_what_the_worker_encoded(
         host="127.0.0.1",
         port=0,
         allowed_origins=[ui],
+        auth=auth,
     )
     wrong.start()
     try:

@@ -74,7 +74,7 @@ BAD = [
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """No stack: an empty state dir, Temporal on a closed port, keys for the codec server.
+    """No stack: an empty state dir, Temporal on a closed port, what the codec server needs.
 
     The stack's ports are free ones too: a regression that got as far as `stack up` must not
     collide with a stack on the default ports.
@@ -89,7 +89,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "SPICESYNC_STATE_DIR": str(state),
         "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
         "SPICESYNC_ENCRYPTION_KEYS": f"k1:{generate_key()}",
+        "SPICESYNC_CODEC_TOKEN": "argument-tests-" + "t" * 32,
         "SPICESYNC_METRICS_ADDRESS": "",
+        "SPICESYNC_HEALTH_ADDRESS": "",
         "SPICESYNC_TEMPORAL_PORT": str(free_port()),
         "SPICESYNC_TEMPORAL_UI_PORT": str(free_port()),
         "SPICESYNC_SPICEDB_PORT": str(free_port()),

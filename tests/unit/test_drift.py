@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from activities.drift import IN_FLIGHT, AppRow, classify
+from activities.drift import IN_FLIGHT, AppRow, classify, classify_followed
+from spicesync.mapping import Tuple
 from spicesync.models import Drift, Membership, MembershipsSnapshot
 
 U = "5b0e8a58-7d4e-4c1b-9a57-1f1f3c0e2a11"
@@ -63,3 +64,46 @@ def test_a_row_spicesync_never_wrote_is_unsynced_not_missing() -> None:
     by_hand = AppRow(user_id=U, org_id="acme", role="member", version=1, never_synced=True)
     assert classify(by_hand, snap(marker=None)) == Drift(user_id=U, kind="unsynced")
     assert classify(by_hand, snap(("acme", "member"), marker=None)) is None
+
+
+# Follow mode: what a row implies through the mapping against the managed relationships held.
+
+A = Tuple("organization", "acme", "member", "user", "7")
+B = Tuple("team", "alpha", "lead", "user", "7")
+C = Tuple("team", "beta", "member", "user", "7")
+
+
+def test_followed_user_agreeing_or_absent_everywhere_is_not_drift() -> None:
+    assert classify_followed("7", frozenset({A, B}), frozenset({A, B}), synced=True) is None
+    assert classify_followed("7", frozenset(), frozenset(), synced=False) is None
+    assert classify_followed("7", None, frozenset(), synced=False) is None
+
+
+def test_followed_user_lacking_relationships_is_missing_or_unsynced() -> None:
+    assert classify_followed("7", frozenset({A, B}), frozenset({A}), synced=True) == Drift(
+        user_id="7", kind="missing"
+    )
+    # Never synced by spicesync (no bookkeeping row): the backfill's kind.
+    assert classify_followed("7", frozenset({A, B}), frozenset(), synced=False) == Drift(
+        user_id="7", kind="unsynced"
+    )
+
+
+def test_followed_user_holding_more_than_the_row_implies_is_extra() -> None:
+    # Keeps some relationships: not what the prune cap guards.
+    assert classify_followed("7", frozenset({A}), frozenset({A, C}), synced=True) == Drift(
+        user_id="7", kind="extra"
+    )
+    assert classify_followed("7", frozenset({A, B}), frozenset({C}), synced=True) == Drift(
+        user_id="7", kind="extra"
+    )
+    # Would be left with none: every deletion counts against the prune cap.
+    assert classify_followed("7", frozenset(), frozenset({A, C}), synced=True) == Drift(
+        user_id="7", kind="extra", deletions=2
+    )
+
+
+def test_followed_relationships_without_a_row_are_an_orphan() -> None:
+    assert classify_followed("7", None, frozenset({A, B, C}), synced=True) == Drift(
+        user_id="7", kind="orphan", deletions=3
+    )

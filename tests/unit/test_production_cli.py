@@ -55,6 +55,12 @@ CASES = [
         {"SPICEDB_INSECURE": "true", "SPICESYNC_ALLOW_PLAINTEXT_IN_PRODUCTION": "yes"},
         "SPICESYNC_ALLOW_PLAINTEXT_IN_PRODUCTION",
     ),
+    # The codec server on the network without TLS would carry tokens and decrypted payloads.
+    (
+        ["codec-server", "--host", "0.0.0.0", "--port", "0"],
+        {"SPICESYNC_CODEC_TOKEN": "c" * 40},
+        "SPICESYNC_CODEC_TLS_CERT",
+    ),
 ]
 
 

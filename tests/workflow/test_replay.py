@@ -35,6 +35,8 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "reconcile_unfinished",
         "backfill_paced",
         "followed_user_lifecycle",
+        "reconcile_follow",
+        "backfill_follow",
     ],
 )
 async def test_saved_history_replays(name: str) -> None:
@@ -95,3 +97,13 @@ def test_histories_cover_every_workflow_and_path() -> None:
     assert '"status":"synced"' in payloads  # the decoding works
     for text in (payloads, followed):
         assert "@example.com" not in text and "not a team" not in text
+    # Follow mode's reconcile (both passes, a repair at once and one after the scan) and a
+    # backfill paced by timers, through the same workflows as owned mode.
+    reconcile_follow = read("reconcile_follow")
+    for step in ("check_follow_schema", "scan_followed_rows", "save_follow_report"):
+        assert reconcile_follow.count(f'"name": "{step}"') == 1
+    assert reconcile_follow.count('"name": "scan_followed_relationships"') == 2
+    assert reconcile_follow.count('"name": "deliver_repairs"') == 2
+    backfill_follow = read("backfill_follow")
+    assert '"name": "deliver_backfill_batch"' in backfill_follow
+    assert "EVENT_TYPE_TIMER_STARTED" in backfill_follow
