@@ -71,8 +71,12 @@ class FollowOutboxSystem:
 
     def process_env(self, ctx: BenchContext) -> dict[str, str]:
         """The worker's and the relay's environment beyond the cell's engines."""
-        # No metrics endpoint: the default port may be taken on a shared machine.
-        return {"SPICESYNC_CONFIG": str(MAPPING), "SPICESYNC_OUTBOX_METRICS_ADDRESS": ""}
+        # No relay metrics or health endpoint: their default ports may be taken on the machine.
+        return {
+            "SPICESYNC_CONFIG": str(MAPPING),
+            "SPICESYNC_OUTBOX_METRICS_ADDRESS": "",
+            "SPICESYNC_OUTBOX_HEALTH_ADDRESS": "",
+        }
 
     async def prepare(self, ctx: BenchContext) -> None:
         """The application's table, and every table of this system emptied for the cell."""

@@ -95,7 +95,7 @@ WHERE datname = current_database() AND application_name = $1 AND backend_start >
 # delivers to new workflows on a quiet 2-core box, and slow enough for a small run's stream to
 # last through four kills and restarts.
 APP_RATE: Final = 40.0
-_MIN_STREAM_SECONDS: Final = 30.0
+_MIN_STREAM_SECONDS: Final = 20.0
 # Changes to a user come this many insertions after its own.
 _LAG: Final = 10
 _RESTART_AFTER_SECONDS: Final = 1.0
@@ -303,7 +303,13 @@ async def relay_killed(scene: Scene) -> None:
         processes=[],
         command=("relay", "outbox"),
         log=scene.run.directory / "relay-relay_killed.log",
-        extra_env={"SPICESYNC_OUTBOX_METRICS_ADDRESS": "", "SPICESYNC_OUTBOX_POLL_SECONDS": "1"},
+        # No metrics or health endpoint (their default ports may be taken); a lost NOTIFY
+        # waits one second, not five.
+        extra_env={
+            "SPICESYNC_OUTBOX_METRICS_ADDRESS": "",
+            "SPICESYNC_OUTBOX_HEALTH_ADDRESS": "",
+            "SPICESYNC_OUTBOX_POLL_SECONDS": "1",
+        },
     )
     changes = list(app_changes(scene.run.users, org=scene.org_id))
     users = list(dict.fromkeys(c.user_id for c in changes))
