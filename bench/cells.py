@@ -33,7 +33,13 @@ class System(Protocol):
     has_rows: bool
 
     def worker_command(self) -> list[str] | None:
-        """The worker process to start, or ``None`` if the system needs none."""
+        """The worker process to start, or ``None`` if the system needs none.
+
+        Optional members, looked up when present: ``prepare(ctx)`` and ``close(ctx)`` around
+        the cell, ``relay_command()`` for a second process, ``process_env(ctx)`` for both
+        processes' extra environment, ``ready(ctx)`` for when the load may start, and
+        ``synced_query`` for :func:`bench.harness.wait_done`.
+        """
 
     async def submit(self, ctx: BenchContext, user: CreateUserInput) -> None:
         """Deliver one creation the way this system's application would."""
@@ -69,7 +75,15 @@ async def users_held(spicedb: SpiceDBClient, users: list[CreateUserInput]) -> se
 
 async def wait_ready(ctx: BenchContext, system: System) -> None:
     """Wait until the system's worker polls (or its consumer had time to subscribe)."""
-    if isinstance(system, EmptyWorkflowSystem | PipelineSystem):
+    ready = getattr(system, "ready", None)
+    if ready is not None:
+        # The system can tell (follow mode: its worker polls and its relay LISTENs).
+        deadline = time.monotonic() + 60
+        while not await ready(ctx):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{system.name}: not ready within 60 s")
+            await asyncio.sleep(0.2)
+    elif isinstance(system, EmptyWorkflowSystem | PipelineSystem):
         deadline = time.monotonic() + 60
         while not await workers_polling(ctx.client, ctx.task_queue):
             if time.monotonic() > deadline:
@@ -105,12 +119,28 @@ def cell_context(
 
 
 async def spawn_worker(
-    command: list[str], ctx: BenchContext, log_dir: Path
+    command: list[str],
+    ctx: BenchContext,
+    log_dir: Path,
+    *,
+    env: dict[str, str] | None = None,
+    role: str = "worker",
 ) -> asyncio.subprocess.Process:
-    """Start a system's worker process on the cell's engines, its output in ``log_dir``."""
-    with open(log_dir / f"worker-{ctx.run}.log", "wb") as log:  # noqa: ASYNC230
+    """Start a system's worker (or relay) process on the cell's engines, its output in ``log_dir``.
+
+    Args:
+        command: The process to run.
+        ctx: The cell.
+        log_dir: Where its log goes (``<role>-<run>.log``).
+        env: Variables added to the cell's worker environment.
+        role: What the process is, for its log's name.
+    """
+    with open(log_dir / f"{role}-{ctx.run}.log", "wb") as log:  # noqa: ASYNC230
         process = await asyncio.create_subprocess_exec(
-            *command, env=ctx.worker_env(), stdout=asyncio.subprocess.DEVNULL, stderr=log
+            *command,
+            env=ctx.worker_env() | (env or {}),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log,
         )
     children.record(process.pid)
     return process

@@ -21,6 +21,7 @@ import asyncpg
 from spicesync.models import CreateUserInput
 
 __all__ = [
+    "USERS_SYNCED",
     "Accounting",
     "CellResult",
     "Percentiles",
@@ -188,14 +189,25 @@ async def run_open_loop(
     return sent, latencies, failed
 
 
-async def wait_done(pool: asyncpg.Pool, user_ids: list[str], timeout: float) -> int:
-    """Wait until every user's row is synced, or ``timeout``; returns how many are not."""
+USERS_SYNCED = "SELECT count(*) FROM users WHERE id = ANY($1::uuid[]) AND synced_at IS NOT NULL"
+
+
+async def wait_done(
+    pool: asyncpg.Pool, user_ids: list[str], timeout: float, *, synced_query: str = USERS_SYNCED
+) -> int:
+    """Wait until every user is synced, or ``timeout``; returns how many are not.
+
+    Args:
+        pool: The benchmark's database.
+        user_ids: The users.
+        timeout: Seconds.
+        synced_query: Counts the synced users among ``$1`` (``uuid[]``); by default from the
+            ``users`` table every owned-mode system writes.
+    """
     ids = [uuid.UUID(u) for u in user_ids]
     deadline = time.monotonic() + timeout
     while True:
-        done = await pool.fetchval(
-            "SELECT count(*) FROM users WHERE id = ANY($1::uuid[]) AND synced_at IS NOT NULL", ids
-        )
+        done = await pool.fetchval(synced_query, ids)
         if done == len(ids) or time.monotonic() > deadline:
             return len(ids) - int(done)
         await asyncio.sleep(0.25)

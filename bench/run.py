@@ -25,7 +25,16 @@ from bench.backfill import run_backfill_bench
 from bench.ceiling import EmptyWorkflowSystem
 from bench.cells import System, cell_context, fresh_spicedb, spawn_worker, users_held, wait_ready
 from bench.dual_write import DualWriteSystem
-from bench.harness import CellResult, account, new_user, percentiles, run_open_loop, wait_done
+from bench.follow_mode import FollowOutboxSystem
+from bench.harness import (
+    USERS_SYNCED,
+    CellResult,
+    account,
+    new_user,
+    percentiles,
+    run_open_loop,
+    wait_done,
+)
 from bench.nats_sync import NatsSyncSystem
 from bench.outbox import OutboxSystem
 from bench.pipeline import PipelineSystem
@@ -72,6 +81,7 @@ def all_systems() -> list[System]:
         DualWriteSystem(),
         NatsSyncSystem(),
         OutboxSystem(),
+        FollowOutboxSystem(),
     ]
 
 
@@ -104,7 +114,12 @@ async def run_cell(
     if prepare is not None:
         await prepare(ctx)
     command = system.worker_command()
-    worker = await spawn_worker(command, ctx, log_dir) if command else None
+    process_env = getattr(system, "process_env", None)
+    env = process_env(ctx) if process_env is not None else None
+    processes = [await spawn_worker(command, ctx, log_dir, env=env)] if command else []
+    relay_command = getattr(system, "relay_command", None)
+    if relay_command is not None:
+        processes.append(await spawn_worker(relay_command(), ctx, log_dir, env=env, role="relay"))
     result = CellResult(system=system.name, offered_rate=rate, seconds=options.seconds)
     try:
         await wait_ready(ctx, system)
@@ -114,7 +129,10 @@ async def run_cell(
         )
         accepted = [u for u in users if u.user_id not in failed]
         if system.has_rows:
-            await wait_done(pool, [u.user_id for u in accepted], DRAIN_SECONDS)
+            synced_query = getattr(system, "synced_query", USERS_SYNCED)
+            await wait_done(
+                pool, [u.user_id for u in accepted], DRAIN_SECONDS, synced_query=synced_query
+            )
         # Every offered user: a call that raised (a timeout, say) may still have been accepted.
         done = await system.completions(ctx, [u.user_id for u in users])
         row_ms, perm_ms, finished = [], [], []
@@ -137,8 +155,8 @@ async def run_cell(
         result.time_to_row = percentiles(row_ms)
         result.time_to_permission = percentiles(perm_ms)
     finally:
-        if worker is not None:
-            await stop_process(worker)
+        for process in processes:
+            await stop_process(process)
         close = getattr(system, "close", None)
         if close is not None:
             with contextlib.suppress(Exception):

@@ -23,4 +23,5 @@ SCENARIO_SUMMARIES: Final[dict[str, str]] = {
     "worker_killed_during_compensation": "the worker killed while a rollback runs",
     "code_change_deployed": "syncs started on the previous release, finished by this code",
     "worker_killed_under_overload": "creations offered above the peak, the worker killed 3 times",
+    "relay_killed": "follow mode: app writes + outbox rows, the outbox relay SIGKILLed 4 times",
 }

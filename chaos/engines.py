@@ -94,7 +94,10 @@ class SpiceDBEngine:
 
 @dataclass
 class WorkerProcesses:
-    """``spicesync worker`` processes of one scenario, started, crashed and replaced at will."""
+    """``spicesync worker`` processes of one scenario, started, crashed and replaced at will.
+
+    Also any other long-running spicesync process (``command``), e.g. ``relay outbox``.
+    """
 
     settings: Settings
     task_queue: str
@@ -104,6 +107,9 @@ class WorkerProcesses:
     log: Path
     trace_file: Path
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
+    # The spicesync command each process runs, and variables beyond the engines' (a mapping).
+    command: tuple[str, ...] = ("worker",)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         """The worker's whole configuration, as an operator would set it.
@@ -119,10 +125,10 @@ class WorkerProcesses:
         )
         for otlp in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
             env.pop(otlp, None)
-        return env | {"SPICESYNC_TRACE_FILE": str(self.trace_file)}
+        return env | {"SPICESYNC_TRACE_FILE": str(self.trace_file)} | self.extra_env
 
     async def start(self, *, code_dir: Path | None = None) -> asyncio.subprocess.Process:
-        """Start one worker.
+        """Start one worker (or one process of :attr:`command`).
 
         Args:
             code_dir: Run the worker of another release, whose packages (``spicesync``,
@@ -139,7 +145,7 @@ class WorkerProcesses:
                 sys.executable,
                 "-m",
                 "spicesync",
-                "worker",
+                *self.command,
                 env=env,
                 cwd=str(code_dir) if code_dir is not None else None,
                 stdout=asyncio.subprocess.DEVNULL,

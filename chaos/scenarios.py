@@ -24,6 +24,7 @@ from authzed.api.v1 import RelationshipUpdate
 from temporalio.api.enums.v1 import EventType
 
 from chaos.faults import inject_fault, on_commits, on_spicedb_writes
+from chaos.follow import relay_killed
 from chaos.load import Delivery, collect_outcomes, offer, user_batch
 from chaos.poison import case_variants, poison_cases
 from chaos.proxy import FaultProxy, postgres_route
@@ -541,4 +542,5 @@ SCENARIOS: dict[str, Callable[[Scene], Awaitable[None]]] = {
     "worker_killed_during_compensation": worker_killed_during_compensation,
     "code_change_deployed": code_change_deployed,
     "worker_killed_under_overload": worker_killed_under_overload,
+    "relay_killed": relay_killed,
 }

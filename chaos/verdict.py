@@ -19,10 +19,19 @@ from authzed.api.v1 import Consistency, ReadRelationshipsRequest, RelationshipFi
 from temporalio.client import Client
 
 from chaos.leaks import find_leaks
+from spicesync.mapping import MARKER_RELATION, MARKER_TYPE
 from spicesync.models import CreateUserInput
 from spicesync.spicedb import MANAGED_RELATIONS, SpiceDBClient
 
-__all__ = ["ScenarioResult", "judge", "judge_leaks", "unsettled_workflows"]
+__all__ = [
+    "ScenarioResult",
+    "follow_in_step",
+    "held_by_user",
+    "judge",
+    "judge_follow",
+    "judge_leaks",
+    "unsettled_workflows",
+]
 
 _SETTLED_STAGES = ("idle", "failed", "closed_idle")
 
@@ -69,12 +78,122 @@ async def _memberships(spicedb: SpiceDBClient) -> dict[str, list[tuple[str, str]
     return held
 
 
-async def unsettled_workflows(client: Client, task_queue: str) -> int:
-    """Running user syncs on ``task_queue`` with an event still in flight (visibility API)."""
+async def held_by_user(spicedb: SpiceDBClient) -> dict[str, frozenset[tuple[str, str]]]:
+    """Every user's managed organization relationships, read fully consistently."""
+    return {user: frozenset(grants) for user, grants in (await _memberships(spicedb)).items()}
+
+
+async def _markers(spicedb: SpiceDBClient) -> dict[str, int]:
+    """Every user's marker (``user:<id>#sync_version``): each spicesync write moves it by one."""
+    markers: dict[str, int] = {}
+    stream = spicedb.ReadRelationships(
+        ReadRelationshipsRequest(
+            consistency=Consistency(fully_consistent=True),
+            relationship_filter=RelationshipFilter(
+                resource_type="user", optional_relation=MARKER_RELATION
+            ),
+        ),
+        timeout=60,
+    )
+    async for item in stream:
+        rel = item.relationship
+        if rel.subject.object.object_type == MARKER_TYPE:
+            markers[rel.resource.object_id] = int(rel.subject.object.object_id)
+    return markers
+
+
+def follow_in_step(
+    implied: dict[str, frozenset[tuple[str, str]]], held: dict[str, frozenset[tuple[str, str]]]
+) -> bool:
+    """Whether SpiceDB holds exactly what each row implies, and nothing for anyone else."""
+    return all(held.get(user, frozenset()) == want for user, want in implied.items()) and set(
+        held
+    ) <= set(implied)
+
+
+async def judge_follow(
+    result: ScenarioResult,
+    *,
+    spicedb: SpiceDBClient,
+    client: Client,
+    task_queue: str,
+    implied: dict[str, frozenset[tuple[str, str]]],
+    real_changes: dict[str, int],
+    outbox_rows: int,
+    settle_seconds: float = 30.0,
+) -> ScenarioResult:
+    """Judge a follow-mode scenario: SpiceDB against what every row implies now.
+
+    Args:
+        result: The row to fill.
+        spicedb: The scenario's SpiceDB (read directly).
+        client: Temporal.
+        task_queue: The scenario's queue.
+        implied: Every user the application ever wrote, with the ``(organization, relation)``
+            pairs its row implies now (none for a deleted row), read from the app's table.
+        real_changes: Per user, how many committed transactions changed what its row implies.
+            spicesync writes only to bring SpiceDB to a state a row implied, so a user's marker
+            can never exceed it; more would be a write that no change explains (a duplicate).
+        outbox_rows: Rows left in ``spicesync_outbox``; every one must have been delivered.
+        settle_seconds: How long visibility may lag behind the workflows' last stage update.
+    """
+    held = await held_by_user(spicedb)
+    markers = await _markers(spicedb)
+    for user, want in implied.items():
+        got = held.get(user, frozenset())
+        if got == want:
+            result.synced += 1
+        else:
+            result.lost += 1
+            result.problems.append(
+                f"{user}: SpiceDB holds {sorted(got)}, the row implies {sorted(want)}"
+            )
+        if markers.get(user, 0) > real_changes.get(user, 0):
+            result.duplicates += 1
+            result.problems.append(
+                f"{user}: {markers[user]} writes for {real_changes.get(user, 0)} changes"
+            )
+    for user, grants in held.items():
+        if user not in implied:
+            result.orphans += 1
+            result.problems.append(f"{user}: relationships {sorted(grants)} of no row written")
+    if outbox_rows:
+        result.problems.append(f"{outbox_rows} outbox rows never delivered")
+    deadline = time.monotonic() + settle_seconds
+    unsettled = await unsettled_workflows(client, task_queue, "FollowedUserWorkflow")
+    while unsettled and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+        unsettled = await unsettled_workflows(client, task_queue, "FollowedUserWorkflow")
+    result.unsettled = unsettled
+    if unsettled:
+        result.problems.append(f"{unsettled} followed users' workflows still mid-sync")
+    result.users = result.accepted = len(implied)
+    result.notes.append(
+        f"{sum(markers.get(u, 0) for u in implied)} SpiceDB writes (marker moves) for"
+        f" {sum(real_changes.values())} committed changes of what rows imply;"
+        f" {sum(1 for want in implied.values() if not want)} users' rows deleted, nothing held"
+    )
+    result.passed = not (
+        result.lost or result.orphans or result.duplicates or result.unsettled or result.problems
+    )
+    return result
+
+
+async def unsettled_workflows(
+    client: Client, task_queue: str, workflow_type: str = "UserSyncWorkflow"
+) -> int:
+    """Running user syncs on ``task_queue`` with an event still in flight (visibility API).
+
+    Args:
+        client: Temporal.
+        task_queue: The scenario's queue.
+        workflow_type: Owned mode's per-user workflow, or follow mode's
+            (``FollowedUserWorkflow``, whose stages have the same names).
+    """
     stages = ", ".join(f"'{s}'" for s in _SETTLED_STAGES)
     query = (
         f"TaskQueue = '{task_queue}' AND ExecutionStatus = 'Running'"
-        f" AND WorkflowType = 'UserSyncWorkflow' AND SpicesyncStage NOT IN ({stages})"
+        f" AND WorkflowType = '{workflow_type}' AND SpicesyncStage NOT IN ({stages})"
     )
     return (await client.count_workflows(query)).count
 
