@@ -15,13 +15,12 @@ told apart from a first start, and a reconcile due for it survives a crash of th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 import asyncpg
 
 from spicesync.app_table import quote
 from spicesync.mapping import FollowMapping
-from workers.pgoutput import format_lsn
 
 __all__ = [
     "CdcNotReady",
@@ -40,8 +39,8 @@ __all__ = [
 
 PLUGIN: Final = "pgoutput"
 
-# A connection of its own or one of a pool's.
-Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
+# A connection of its own or one of a pool's (a type for the checker only).
+Conn: TypeAlias = "asyncpg.Connection | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 _SLOT: Final = """
 SELECT database = current_database() AS here, plugin,
@@ -126,7 +125,7 @@ async def check_source(conn: Conn, mapping: FollowMapping) -> int:
     row = await conn.fetchrow(_KEY_COLUMNS, oid)
     assert row is not None
     if row["identity"] != "f" and mapping.source.id not in row["key_columns"]:
-        table = mapping.source.qualified
+        table = mapping.source.table
         raise CdcNotReady(
             f"{mapping.source.table}'s REPLICA IDENTITY does not include its id column"
             f" {mapping.source.id}, so a DELETE would not say whose row it was: make"
@@ -267,7 +266,8 @@ async def heartbeat(conn: Conn | asyncpg.Pool) -> None:
 
 async def advance_slot(conn: Conn, slot: str, lsn: int) -> None:
     """Move the slot's confirmed position to ``lsn``: WAL before it is no longer kept for it."""
-    await conn.execute("SELECT pg_replication_slot_advance($1, $2::pg_lsn)", slot, format_lsn(lsn))
+    # asyncpg carries a pg_lsn as an int.
+    await conn.execute("SELECT pg_replication_slot_advance($1, $2::pg_lsn)", slot, lsn)
 
 
 async def lag_bytes(conn: Conn | asyncpg.Pool, slot: str) -> int | None:
