@@ -31,6 +31,7 @@ __all__ = [
     "embedded_postgres_group",
     "prepare_app_db",
     "prepare_spicedb",
+    "restart_embedded_postgres",
     "spicedb_command",
     "start_codec_server",
     "start_embedded_postgres",
@@ -233,9 +234,20 @@ def start_embedded_postgres(data_dir: Path) -> str:
                 out.write(
                     f"\n# spicesync: change data capture (spicesync relay cdc)\n{_WAL_LEVEL_LINE}\n"
                 )
-        stop_embedded_postgres(data_dir)
-        with server._lock:  # as get_server starts it
-            server.ensure_postgres_running()
+        return restart_embedded_postgres(data_dir)
+    return str(server.get_uri())
+
+
+def restart_embedded_postgres(data_dir: Path) -> str:
+    """Stop the embedded PostgreSQL in ``data_dir`` (if it runs) and start it again.
+
+    Returns:
+        Its URL (the same as before: it listens on a socket in ``data_dir``).
+    """
+    stop_embedded_postgres(data_dir)
+    server = get_server(data_dir, cleanup_mode=None)
+    with server._lock:  # as get_server starts it
+        server.ensure_postgres_running()
     return str(server.get_uri())
 
 
