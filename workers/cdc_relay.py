@@ -36,6 +36,7 @@ from temporalio.runtime import Runtime
 
 from spicesync.constants import CDC_HEARTBEAT_BYTES, CDC_RECONCILE_WORKFLOW_PREFIX
 from spicesync.db import create_pool
+from spicesync.health import postgres_check, temporal_check
 from spicesync.mapping import FollowMapping, valid_user_id
 from spicesync.models import ReconcileInput
 from spicesync.settings import Settings
@@ -58,9 +59,9 @@ from workers.relay_support import (
     DELIVERY_ERRORS,
     POSTGRES_ERRORS,
     Backoff,
+    ChangeDelivery,
+    DependencyState,
     RelayNotStarted,
-    StateLog,
-    deliver_changes,
     describe_postgres,
     describe_refusal,
     first_of,
@@ -172,6 +173,14 @@ class CdcRelay:
         self._decoder = Decoder(
             keep=frozenset(c for c in (mapping.source.id, mapping.source.version) if c)
         )
+        self._delivery = ChangeDelivery(
+            client,
+            task_queue=settings.task_queue,
+            concurrency=settings.cdc_concurrency,
+            rpc_timeout=timedelta(seconds=settings.cdc_rpc_timeout_seconds),
+            delivered=metrics.delivered,
+            failures=metrics.failures,
+        )
         self._oid: int | None = None
         # A lost slot's reconcile, until Temporal accepted it (the bookkeeping keeps it too).
         self._due: str | None = None
@@ -276,15 +285,8 @@ class CdcRelay:
                 ",".join(format_lsn(c.commit_lsn) for c in rejected),
             )
             self._metrics.rejected.add(len(rejected))
-        accepted, refused = await deliver_changes(
-            [c for c in changes if valid_user_id(c.user_id)],
-            UserChange.change,
-            client=self._client,
-            task_queue=self._settings.task_queue,
-            concurrency=self._settings.cdc_concurrency,
-            rpc_timeout=timedelta(seconds=self._settings.cdc_rpc_timeout_seconds),
-            delivered=self._metrics.delivered,
-            failures=self._metrics.failures,
+        accepted, refused = await self._delivery.deliver(
+            [c for c in changes if valid_user_id(c.user_id)], UserChange.change
         )
         reconciled: set[int] = set()
         for transaction in transactions:
@@ -339,15 +341,18 @@ class CdcRelay:
 async def _relay_until_stopped(
     relay: CdcRelay, *, stop: asyncio.Event, poll_seconds: float
 ) -> None:
-    temporal = StateLog(
+    temporal = DependencyState(
+        log,
         "Temporal is not accepting changes (%s): changes wait in the slot; retrying with backoff",
         "Temporal accepts changes again (after %.0f s)",
     )
-    postgres = StateLog(
+    postgres = DependencyState(
+        log,
         "PostgreSQL is unavailable (%s): retrying with backoff",
         "PostgreSQL is available again (after %.0f s)",
     )
-    busy = StateLog(
+    busy = DependencyState(
+        log,
         "replication slot is in use by another process (%s): waiting for it",
         "reading the replication slot again (after %.0f s)",
     )
@@ -387,7 +392,8 @@ async def _watch_lag(
     stop: asyncio.Event,
 ) -> None:
     """Read the slot's lag in bytes; warn past the threshold; let an idle slot move on."""
-    retained = StateLog(
+    retained = DependencyState(
+        log,
         "replication slot lag is %s bytes, past SPICESYNC_CDC_LAG_WARN_BYTES: PostgreSQL keeps"
         " that WAL on disk until the relay catches up",
         "replication slot lag is back under SPICESYNC_CDC_LAG_WARN_BYTES (after %.0f s)",
@@ -441,10 +447,12 @@ async def run_cdc_relay(
             " (docs/follow-mode.md)"
         )
     if stop is None:
-        stop = stop_on_signals()
+        stop = stop_on_signals(log, "the batch in hand")
     dsn = settings.require_database_url()
     if client is None:
-        runtime = relay_runtime(settings.cdc_metrics_address, "SPICESYNC_CDC_METRICS_ADDRESS")
+        runtime = relay_runtime(
+            settings.cdc_metrics_address, setting="SPICESYNC_CDC_METRICS_ADDRESS"
+        )
         client = await connect_temporal(settings, runtime=runtime, lazy=True)
     else:
         runtime = client.service_client.config.runtime or Runtime.default()
@@ -459,7 +467,10 @@ async def run_cdc_relay(
         except POSTGRES_ERRORS:
             pass  # unreachable now: the loop waits for it
         health = await serve_health(
-            settings.cdc_health_address, "SPICESYNC_CDC_HEALTH_ADDRESS", client, pool
+            settings.cdc_health_address,
+            setting="SPICESYNC_CDC_HEALTH_ADDRESS",
+            ready=[temporal_check(client), postgres_check(pool)],
+            log=log,
         )
         helpers = [
             asyncio.create_task(

@@ -236,9 +236,7 @@ async def reconcile_done(conn: Conn | asyncpg.Pool, slot: str) -> None:
     )
 
 
-async def peek_changes(
-    conn: Conn, slot: str, publication: str, *, limit: int
-) -> list[bytes]:
+async def peek_changes(conn: Conn, slot: str, publication: str, *, limit: int) -> list[bytes]:
     """The slot's messages past its confirmed position, whole transactions, without consuming.
 
     Args:

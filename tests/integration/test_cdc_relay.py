@@ -406,7 +406,7 @@ async def test_a_table_whose_deletes_do_not_name_the_user_is_refused(cdc: Cdc) -
     await cdc.app_db.pool.execute("ALTER TABLE accounts DROP CONSTRAINT accounts_pkey")
     relay = await cdc.start()
     assert await asyncio.wait_for(relay.wait(), 60) == 2
-    assert 'ALTER TABLE accounts REPLICA IDENTITY FULL' in cdc.log()
+    assert "ALTER TABLE accounts REPLICA IDENTITY FULL" in cdc.log()
     identity = await cdc.app_db.pool.fetchval(
         "SELECT relreplident::text FROM pg_class WHERE oid = 'accounts'::regclass"
     )

@@ -16,8 +16,8 @@ from workers.cdc_changes import Transaction, coalesce, confirmable, read_transac
 from workers.pgoutput import (
     Begin,
     Commit,
-    Decoder,
     DecodeError,
+    Decoder,
     Relation,
     RowChange,
     Truncate,
