@@ -25,6 +25,7 @@ MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
 UNITS = {
     "spicesync-worker.service": ("worker", "spicesync"),
     "spicesync-outbox-relay.service": ("relay outbox", "spicesync-outbox-relay"),
+    "spicesync-cdc-relay.service": ("relay cdc", "spicesync-cdc-relay"),
 }
 # The oldest Kubernetes release the manifests are meant for, and the newest schema bundled.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
@@ -145,6 +146,7 @@ def test_every_pod_is_locked_down_and_has_a_writable_state_dir() -> None:
     assert set(templates) == {
         "spicesync-worker",
         "spicesync-outbox-relay",
+        "spicesync-cdc-relay",
         "spicesync-migrate",
         "spicesync-setup-namespace",
     }
@@ -180,6 +182,7 @@ def test_every_pod_is_locked_down_and_has_a_writable_state_dir() -> None:
             "SPICESYNC_OUTBOX_METRICS_ADDRESS",
             "SPICESYNC_OUTBOX_HEALTH_ADDRESS",
         ),
+        ("spicesync-cdc-relay", "SPICESYNC_CDC_METRICS_ADDRESS", "SPICESYNC_CDC_HEALTH_ADDRESS"),
     ],
 )
 def test_long_running_pods_probe_and_expose_what_their_settings_serve(
@@ -339,7 +342,9 @@ def test_the_unit_runs_with_a_dynamic_user_in_its_state_directory(unit: str) -> 
     stop = int(service["TimeoutStopSec"])
     defaults = Settings(_env_file=None)
     grace = defaults.shutdown_grace_seconds if command == "worker" else 0
-    assert stop > max(grace, defaults.outbox_rpc_timeout_seconds)
+    assert stop > max(
+        grace, defaults.outbox_rpc_timeout_seconds, defaults.cdc_rpc_timeout_seconds
+    )
     for hardening in (
         "ProtectHome",
         "PrivateDevices",
