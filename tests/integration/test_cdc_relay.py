@@ -38,9 +38,17 @@ from spicesync.stack.components import (
     start_embedded_postgres,
     stop_embedded_postgres,
 )
+from spicesync.stack.processes import free_port
 from tests.conftest import SpiceDBServer, launch_spicedb, stop_spicedb
 from tests.integration.conftest import eventually
-from tests.integration.test_outbox_relay import _APP_TABLE, AppDB, follow_worker, in_step
+from tests.integration.test_outbox_relay import (
+    _APP_TABLE,
+    AppDB,
+    follow_worker,
+    in_step,
+    metric,
+    metrics_page,
+)
 
 # Each test starts relays and a SpiceDB of its own on a loaded box.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
@@ -259,7 +267,9 @@ async def test_spicedb_follows_plain_sql_inserts_updates_and_deletes(
     await pool.execute(_UPDATE, early[0], "team-b", True)
     await pool.execute(_DELETE, early[1])
     assert not await cdc.in_step(early)  # nothing reads the slot yet
-    relay = await cdc.start()
+    metrics = f"127.0.0.1:{free_port()}"
+    # A threshold any lag passes: the warning is logged (once per crossing, not per look).
+    relay = await cdc.start(METRICS_ADDRESS=metrics, LAG_WARN_BYTES="1")
     await eventually(lambda: cdc.in_step(early), timeout=_SYNCED_WITHIN)
 
     live = _ids(6)
@@ -284,6 +294,12 @@ async def test_spicedb_follows_plain_sql_inserts_updates_and_deletes(
         return bool(confirmed > last_change)
 
     await eventually(confirmed_past_the_last_change, timeout=_SYNCED_WITHIN)
+    page = await metrics_page(metrics)
+    # One delivery per user per batch: at least one per changed user, never one per row.
+    assert len(everyone) <= metric(page, "spicesync_cdc_changes_delivered")
+    assert metric(page, "spicesync_cdc_row_changes") >= len(everyone) + 6
+    assert "spicesync_cdc_lag_bytes" in page and "spicesync_cdc_lag_seconds" in page
+    await eventually(lambda: cdc.logged("past SPICESYNC_CDC_LAG_WARN_BYTES"), timeout=30)
     relay.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(relay.wait(), 60) == 0, cdc.log()
     assert "cdc relay stopped" in cdc.log()
