@@ -342,9 +342,7 @@ def test_the_unit_runs_with_a_dynamic_user_in_its_state_directory(unit: str) -> 
     stop = int(service["TimeoutStopSec"])
     defaults = Settings(_env_file=None)
     grace = defaults.shutdown_grace_seconds if command == "worker" else 0
-    assert stop > max(
-        grace, defaults.outbox_rpc_timeout_seconds, defaults.cdc_rpc_timeout_seconds
-    )
+    assert stop > max(grace, defaults.outbox_rpc_timeout_seconds, defaults.cdc_rpc_timeout_seconds)
     for hardening in (
         "ProtectHome",
         "PrivateDevices",
