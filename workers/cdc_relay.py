@@ -246,9 +246,10 @@ class CdcRelay:
                     conn, self.slot, self._settings.cdc_publication, limit=limit
                 )
             except (asyncpg.UndefinedObjectError, asyncpg.ObjectNotInPrerequisiteStateError):
-                # The slot is gone or invalidated: prepare() tells which and recreates it.
+                # The slot (or the publication) is gone or invalidated: prepare() tells which and
+                # creates it again; the poll interval paces a retry that finds the same.
                 self._oid = None
-                return CdcBatch(full=True)
+                return CdcBatch()
             except asyncpg.ObjectInUseError:
                 raise _SlotBusy from None
             transactions = read_transactions(
@@ -279,7 +280,7 @@ class CdcRelay:
         if rejected:
             # No workflow can be named after these ids: skipping them keeps the slot moving.
             log.error(
-                "%d row changes (commits %s) name a user id that is not an opaque id (1-128"
+                "%d changed users (commits %s) have a user id that is not an opaque id (1-128"
                 " letters, digits and /_|-=+); skipped",
                 len(rejected),
                 ",".join(format_lsn(c.commit_lsn) for c in rejected),
