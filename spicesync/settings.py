@@ -283,9 +283,7 @@ class Settings(BaseSettings):
     nats_url: str = Field(default="nats://127.0.0.1:4222", validation_alias="SPICESYNC_NATS_URL")
     nats_stream: str | None = Field(default=None, validation_alias="SPICESYNC_NATS_STREAM")
     nats_subjects: str | None = Field(default=None, validation_alias="SPICESYNC_NATS_SUBJECTS")
-    nats_durable: str = Field(
-        default="spicesync-relay", validation_alias="SPICESYNC_NATS_DURABLE"
-    )
+    nats_durable: str = Field(default="spicesync-relay", validation_alias="SPICESYNC_NATS_DURABLE")
     nats_create: bool = Field(default=False, validation_alias="SPICESYNC_NATS_CREATE")
     nats_batch_size: int = Field(
         default=100, ge=1, le=OUTBOX_BATCH_SIZE_MAX, validation_alias="SPICESYNC_NATS_BATCH_SIZE"

@@ -126,9 +126,7 @@ def _is_debezium(document: Mapping[str, Any]) -> bool:
 def _seed(document: Mapping[str, Any]) -> NatsEvent:
     found = _user_id(document, _SEED_ID_FIELDS)
     if found is None:
-        inner = next(
-            (document[k] for k in _ENVELOPES if isinstance(document.get(k), dict)), None
-        )
+        inner = next((document[k] for k in _ENVELOPES if isinstance(document.get(k), dict)), None)
         if inner is None:
             raise UnusableMessage("no_user_id")
         return _seed(inner)

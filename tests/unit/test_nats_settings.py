@@ -55,9 +55,7 @@ def test_production_accepts_tls_with_credentials(
 def test_the_opt_out_allows_plaintext_with_a_warning_but_never_no_credentials(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = nats(
-        monkeypatch, SPICESYNC_NATS_TOKEN=TOKEN, **{PLAINTEXT_OPT_OUT: "i-understand"}
-    )
+    settings = nats(monkeypatch, SPICESYNC_NATS_TOKEN=TOKEN, **{PLAINTEXT_OPT_OUT: "i-understand"})
     with caplog.at_level(logging.WARNING, logger="spicesync.settings"):
         assert settings.nats_problems() == []
     assert "SPICESYNC_NATS_URL has no TLS" in caplog.text
