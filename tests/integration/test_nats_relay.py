@@ -49,6 +49,7 @@ from tests.integration.test_outbox_relay import (
     metrics_page,
     user_changed_signals,
 )
+from tests.integration.test_worker_lifecycle import get_json
 
 pytestmark = pytest.mark.integration
 
@@ -406,14 +407,25 @@ async def test_temporal_down_messages_wait_unacked_then_sync(
 ) -> None:
     """Temporal crashes while the app keeps publishing: nothing is ACKed (the consumer's
     pending and in-flight counts, and the oldest message's age, show on /metrics), the relay
-    logs the outage once however often it retries, /readyz says 503; once Temporal is back
+    logs the outage once however often it retries, /readyz says 503 naming Temporal (NATS
+    answers); once Temporal is back
     every change is delivered, every message ACKed and SpiceDB follows every row."""
     temporal = TemporalServer(tmp_path)
     await temporal.start()
     feed = await _feed(
         nats_url, app_db, spicedb_server, temporal.address, test_codec_keys, task_queue, tmp_path
     )
-    metrics = f"127.0.0.1:{free_port()}"
+    metrics, health = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+
+    async def ready(temporal_ok: bool) -> bool:
+        status, body = await asyncio.to_thread(get_json, f"http://{health}/readyz")
+        checks = body.get("checks", {})
+        return (
+            status == (200 if temporal_ok else 503)
+            and (checks.get("temporal") == "ok") == temporal_ok
+            and checks.get("nats") == "ok"
+        )
+
     worker = contextlib.AsyncExitStack()
     try:
         temporal_client = await Client.connect(
@@ -422,7 +434,8 @@ async def test_temporal_down_messages_wait_unacked_then_sync(
         await worker.enter_async_context(
             follow_worker(temporal_client, app_db, spicedb_server, task_queue, tmp_path)
         )
-        await feed.start(METRICS_ADDRESS=metrics)
+        await feed.start(METRICS_ADDRESS=metrics, HEALTH_ADDRESS=health)
+        await eventually(lambda: ready(temporal_ok=True), timeout=60)
         before = _new_ids(5)
         for user_id in before:
             await feed.publish({"user_id": user_id, "version": await _save(app_db, user_id)})
@@ -445,6 +458,7 @@ async def test_temporal_down_messages_wait_unacked_then_sync(
             )
 
         await eventually(waiting, timeout=180)
+        await eventually(lambda: ready(temporal_ok=False), timeout=60)
         info = await feed.consumer()
         assert info.ack_floor is not None and info.ack_floor.stream_seq == len(before)
 
@@ -452,6 +466,7 @@ async def test_temporal_down_messages_wait_unacked_then_sync(
         await eventually(lambda: feed.all_acked(len(before) + len(during)), timeout=240)
         assert await all_delivered(temporal_client, before + during)
         await eventually(lambda: in_step(app_db, spicedb, before + during), timeout=240)
+        await eventually(lambda: ready(temporal_ok=True), timeout=60)
         log = feed.log()
         assert log.count("Temporal is not accepting changes") == 1
         assert log.count("Temporal accepts changes again") == 1
