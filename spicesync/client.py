@@ -28,6 +28,7 @@ import asyncio
 import enum
 import random
 import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, Final, Literal, TypeVar
 
@@ -253,10 +254,8 @@ async def _accepted(
     accept_within: timedelta,
 ) -> WorkflowUpdateHandle[EventOutcome]:
     """Deliver the event until Temporal has durably accepted it, or the deadline has passed."""
-    deadline = time.monotonic() + accept_within.total_seconds()
-    attempts = 0
-    while True:
-        attempts += 1
+
+    async def attempt(left: float | None) -> WorkflowUpdateHandle[EventOutcome]:
         start: WithStartWorkflowOperation[Any, None] = WithStartWorkflowOperation(
             USER_SYNC_WORKFLOW,
             UserSyncInput(user_id=event.user_id),
@@ -266,9 +265,6 @@ async def _accepted(
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         )
         try:
-            # Bounded: the client's own retries of a refused connection must not outlast the
-            # caller's deadline (none when the caller gave none to spare: one plain try).
-            left = deadline - time.monotonic()
             return await asyncio.wait_for(
                 client.start_update_with_start_workflow(
                     SUBMIT_EVENT_UPDATE,
@@ -277,19 +273,47 @@ async def _accepted(
                     wait_for_stage=WorkflowUpdateStage.ACCEPTED,
                     result_type=EventOutcome,
                 ),
-                timeout=left if left > 0 else None,
+                timeout=left,
             )
+        finally:
+            _collect_start_error(start)
+
+    return await _retry_passing(
+        attempt,
+        accept_within,
+        lambda attempts, why: EventNotAccepted(workflow_id, event.event_id, attempts, why),
+    )
+
+
+async def _retry_passing(
+    attempt: Callable[[float | None], Awaitable[_Result]],
+    accept_within: timedelta,
+    refused: Callable[[int, str], Exception],
+) -> _Result:
+    """Call ``attempt`` until it returns; retry refusals for a passing reason with backoff.
+
+    Args:
+        attempt: One try, given the seconds left (bounded: the client's own retries of a refused
+            connection must not outlast the caller's deadline; none when the caller gave none to
+            spare: one plain try).
+        accept_within: How long to keep trying.
+        refused: The error to raise once the deadline is near, from the attempts made and the
+            last refusal's description.
+    """
+    deadline = time.monotonic() + accept_within.total_seconds()
+    attempts = 0
+    while True:
+        attempts += 1
+        left = deadline - time.monotonic()
+        try:
+            return await attempt(left if left > 0 else None)
         except (RPCError, WorkflowUpdateRPCTimeoutOrCancelledError, TimeoutError) as err:
             if not _passing(err):
                 raise
             pause = min(_MAX_PAUSE, _FIRST_PAUSE * 2 ** (attempts - 1)) * random.uniform(0.5, 1)
             if time.monotonic() + pause > deadline:
-                raise EventNotAccepted(
-                    workflow_id, event.event_id, attempts, _describe(err)
-                ) from err
+                raise refused(attempts, _describe(err)) from err
             await asyncio.sleep(pause)
-        finally:
-            _collect_start_error(start)
 
 
 async def _outcome(handle: WorkflowUpdateHandle[_Result]) -> _Result:
@@ -603,46 +627,45 @@ async def user_changed(
     _check_change(change)
     client, task_queue = await client_and_queue(client, task_queue)
     workflow_id = followed_user_workflow_id(user_id)
-    deadline = time.monotonic() + accept_within.total_seconds()
-    attempts = 0
-    while True:
-        attempts += 1
-        left = deadline - time.monotonic()
-        try:
-            if wait == "accepted":
-                await asyncio.wait_for(
-                    deliver_change(change, client=client, task_queue=task_queue),
-                    timeout=left if left > 0 else None,
-                )
-                return FollowSyncOutcome(user_id=user_id, status="skipped", version=version)
-            start: WithStartWorkflowOperation[Any, None] = WithStartWorkflowOperation(
-                FOLLOWED_USER_WORKFLOW,
-                FollowedUserInput(user_id=user_id),
-                id=workflow_id,
-                task_queue=task_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+    if wait == "accepted":
+
+        async def deliver(left: float | None) -> str:
+            return await asyncio.wait_for(
+                deliver_change(change, client=client, task_queue=task_queue), timeout=left
             )
-            try:
-                handle: WorkflowUpdateHandle[FollowSyncOutcome] = await asyncio.wait_for(
-                    client.start_update_with_start_workflow(
-                        SYNC_CHANGE_UPDATE,
-                        change,
-                        start_workflow_operation=start,
-                        wait_for_stage=WorkflowUpdateStage.ACCEPTED,
-                        result_type=FollowSyncOutcome,
-                    ),
-                    timeout=left if left > 0 else None,
-                )
-            finally:
-                _collect_start_error(start)
-            break
-        except (RPCError, WorkflowUpdateRPCTimeoutOrCancelledError, TimeoutError) as err:
-            if not _passing(err):
-                raise
-            pause = min(_MAX_PAUSE, _FIRST_PAUSE * 2 ** (attempts - 1)) * random.uniform(0.5, 1)
-            if time.monotonic() + pause > deadline:
-                raise ChangeNotAccepted(workflow_id, attempts, _describe(err)) from err
-            await asyncio.sleep(pause)
+
+        await _retry_passing(
+            deliver,
+            accept_within,
+            lambda attempts, why: ChangeNotAccepted(workflow_id, attempts, why),
+        )
+        return FollowSyncOutcome(user_id=user_id, status="skipped", version=version)
+
+    async def submit(left: float | None) -> WorkflowUpdateHandle[FollowSyncOutcome]:
+        start: WithStartWorkflowOperation[Any, None] = WithStartWorkflowOperation(
+            FOLLOWED_USER_WORKFLOW,
+            FollowedUserInput(user_id=user_id),
+            id=workflow_id,
+            task_queue=task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+        try:
+            return await asyncio.wait_for(
+                client.start_update_with_start_workflow(
+                    SYNC_CHANGE_UPDATE,
+                    change,
+                    start_workflow_operation=start,
+                    wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                    result_type=FollowSyncOutcome,
+                ),
+                timeout=left,
+            )
+        finally:
+            _collect_start_error(start)
+
+    handle = await _retry_passing(
+        submit, accept_within, lambda attempts, why: ChangeNotAccepted(workflow_id, attempts, why)
+    )
     outcome = await _outcome(handle)
     if outcome.status == "failed":
         raise FollowSyncFailed(outcome)

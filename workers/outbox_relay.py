@@ -23,9 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-import signal
-import time
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,18 +32,28 @@ from typing import Final
 import asyncpg
 from temporalio.client import Client
 from temporalio.common import MetricCounter, MetricGauge, MetricGaugeFloat, MetricMeter
-from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
-from temporalio.service import RPCError
+from temporalio.runtime import Runtime
 
-from spicesync.client import deliver_change
 from spicesync.constants import OUTBOX_CHANNEL
 from spicesync.db import create_pool
-from spicesync.health import HealthServer, parse_address, postgres_check, temporal_check
-from spicesync.logs import sdk_core_logging
+from spicesync.health import postgres_check, temporal_check
 from spicesync.mapping import valid_user_id
 from spicesync.models import UserChangedInput
 from spicesync.settings import Settings
+from spicesync.stack.relays import RelayRecord, listed_relay
 from spicesync.temporal import connect_temporal
+from workers.relay_support import (
+    POSTGRES_ERRORS,
+    Backoff,
+    ChangeDelivery,
+    DependencyState,
+    RelayNotStarted,
+    describe_postgres,
+    first_of,
+    relay_runtime,
+    serve_health,
+    stop_on_signals,
+)
 
 __all__ = [
     "LISTEN_APPLICATION_NAME",
@@ -55,7 +63,6 @@ __all__ = [
     "RelayMetrics",
     "RelayNotStarted",
     "coalesce",
-    "relay_runtime",
     "run_outbox_relay",
 ]
 
@@ -79,22 +86,10 @@ FROM spicesync_outbox
 """
 _TABLE_EXISTS: Final = "SELECT to_regclass('spicesync_outbox') IS NOT NULL"
 
-# What PostgreSQL being down or going away looks like to asyncpg (refused, reset, shut down,
-# timed out), and the errors of a statement; the relay waits all of them out.
-_POSTGRES_ERRORS: Final = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-# A refused or unanswered delivery: the server's refusal, or a client that cannot connect.
-_DELIVERY_ERRORS: Final = (RPCError, RuntimeError, TimeoutError)
-
-_FIRST_PAUSE: Final = 0.5
-_MAX_PAUSE: Final = 30.0
 # How often the backlog gauges are refreshed (one count over the outbox).
 _BACKLOG_EVERY_SECONDS: Final = 5.0
 # A LISTEN connection that stops answering is replaced (a silently dropped link sends no FIN).
 _PROBE_TIMEOUT_SECONDS: Final = 5.0
-
-
-class RelayNotStarted(RuntimeError):
-    """The relay could not be set up as configured (its metrics address, a missing outbox)."""
 
 
 @dataclass(frozen=True)
@@ -221,12 +216,16 @@ class OutboxRelay:
             metrics: Where deliveries and failures are counted.
         """
         self._pool = pool
-        self._client = client
-        self._task_queue = task_queue
         self.batch_size = batch_size
-        self._concurrency = concurrency
-        self._rpc_timeout = rpc_timeout
         self._metrics = metrics
+        self._delivery = ChangeDelivery(
+            client,
+            task_queue=task_queue,
+            concurrency=concurrency,
+            rpc_timeout=rpc_timeout,
+            delivered=metrics.delivered,
+            failures=metrics.failures,
+        )
 
     async def relay_batch(self) -> BatchOutcome:
         """Claim a batch, deliver one change per user, delete the rows Temporal accepted.
@@ -248,8 +247,8 @@ class OutboxRelay:
                 return BatchOutcome()
             changes = coalesce((r["seq"], r["user_id"], r["version"]) for r in rows)
             rejected = [c for c in changes if not valid_user_id(c.user_id)]
-            accepted, refused = await self._deliver(
-                [c for c in changes if valid_user_id(c.user_id)]
+            accepted, refused = await self._delivery.deliver(
+                [c for c in changes if valid_user_id(c.user_id)], PendingChange.change
             )
             done = [seq for c in (*accepted, *rejected) for seq in c.seqs]
             if rejected:
@@ -285,135 +284,51 @@ class OutboxRelay:
         """
         await conn.execute(_DELETE, list(seqs))
 
-    async def _deliver(
-        self, changes: Sequence[PendingChange]
-    ) -> tuple[list[PendingChange], str | None]:
-        gate = asyncio.Semaphore(self._concurrency)
-        refusals: list[str] = []
-
-        async def one(pending: PendingChange) -> bool:
-            async with gate:
-                if refusals:
-                    return False
-                try:
-                    await deliver_change(
-                        pending.change(),
-                        client=self._client,
-                        task_queue=self._task_queue,
-                        rpc_timeout=self._rpc_timeout,
-                    )
-                except _DELIVERY_ERRORS as err:
-                    refusals.append(_describe_refusal(err))
-                    reason = err.status.name if isinstance(err, RPCError) else type(err).__name__
-                    self._metrics.failures.with_additional_attributes({"reason": reason}).add(1)
-                    return False
-                self._metrics.delivered.add(1)
-                return True
-
-        results = await asyncio.gather(*(one(c) for c in changes))
-        accepted = [c for c, ok in zip(changes, results, strict=True) if ok]
-        return accepted, (refusals[0] if refusals else None)
-
-
-def _describe_refusal(err: BaseException) -> str:
-    if isinstance(err, RPCError):
-        return f"{err.status.name}: {err.message}"
-    if isinstance(err, TimeoutError):
-        return "no answer before the deadline"
-    return str(err).split(":", 1)[0]  # the SDK's "Failed client connect: <transport detail>"
-
-
-def _describe_postgres(err: BaseException) -> str:
-    # The class and SQLSTATE only: a server message may quote a row.
-    sqlstate = getattr(err, "sqlstate", None)
-    return f"{type(err).__name__}" + (f" (SQLSTATE {sqlstate})" if sqlstate else "")
-
-
-class _Backoff:
-    """Exponential pauses with jitter, from half a second up to thirty."""
-
-    def __init__(self) -> None:
-        self._tries = 0
-
-    def next(self) -> float:
-        pause: float = min(_MAX_PAUSE, _FIRST_PAUSE * 2.0**self._tries) * random.uniform(0.5, 1)
-        self._tries = min(self._tries + 1, 16)  # past the cap anyway; keeps 2**n finite
-        return pause
-
-    def reset(self) -> None:
-        self._tries = 0
-
-
-class _State:
-    """Whether something the relay depends on works; logs only when that changes."""
-
-    def __init__(self, lost: str, back: str) -> None:
-        self._lost = lost
-        self._back = back
-        self._since: float | None = None
-
-    def failed(self, reason: str) -> None:
-        if self._since is None:
-            self._since = time.monotonic()
-            log.warning(self._lost, reason)
-
-    def ok(self) -> None:
-        if self._since is not None:
-            log.info(self._back, time.monotonic() - self._since)
-            self._since = None
-
-
-async def _first(*events: asyncio.Event, timeout: float | None) -> None:
-    """Wait until one of ``events`` is set, or ``timeout`` has passed."""
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
-
 
 async def _deliver_until_stopped(
     relay: OutboxRelay, *, stop: asyncio.Event, wake: asyncio.Event, poll_seconds: float
 ) -> None:
-    temporal = _State(
+    temporal = DependencyState(
+        log,
         "Temporal is not accepting changes (%s): rows wait in the outbox; retrying with backoff",
         "Temporal accepts changes again (after %.0f s)",
     )
-    postgres = _State(
+    postgres = DependencyState(
+        log,
         "PostgreSQL is unavailable (%s): retrying with backoff",
         "PostgreSQL is available again (after %.0f s)",
     )
-    backoff = _Backoff()
+    backoff = Backoff()
     while not stop.is_set():
         wake.clear()  # a notification from now on means rows this claim may not see
         try:
             outcome = await relay.relay_batch()
-        except _POSTGRES_ERRORS as err:
-            postgres.failed(_describe_postgres(err))
-            await _first(stop, timeout=backoff.next())
+        except POSTGRES_ERRORS as err:
+            postgres.failed(describe_postgres(err))
+            await first_of(stop, timeout=backoff.next())
             continue
         postgres.ok()
         if outcome.refused is not None:
             temporal.failed(outcome.refused)
-            await _first(stop, timeout=backoff.next())
+            await first_of(stop, timeout=backoff.next())
             continue
         if outcome.delivered:
             temporal.ok()
         backoff.reset()
         if outcome.claimed < relay.batch_size:
-            await _first(stop, wake, timeout=poll_seconds)
+            await first_of(stop, wake, timeout=poll_seconds)
 
 
 async def _listen(
     dsn: str, *, stop: asyncio.Event, wake: asyncio.Event, probe_every: float
 ) -> None:
     """LISTEN on the outbox's channel on a connection of its own; reopen it when it drops."""
-    state = _State(
+    state = DependencyState(
+        log,
         "the LISTEN connection is down (%s): polling only until it is back",
         "listening for outbox rows again (after %.0f s)",
     )
-    backoff = _Backoff()
+    backoff = Backoff()
     while not stop.is_set():
         conn: asyncpg.Connection | None = None
         try:
@@ -427,12 +342,12 @@ async def _listen(
             backoff.reset()
             wake.set()  # rows may have come while nobody listened
             await _hold(conn, stop=stop, probe_every=probe_every)
-        except _POSTGRES_ERRORS as err:
-            state.failed(_describe_postgres(err))
-            await _first(stop, timeout=backoff.next())
+        except POSTGRES_ERRORS as err:
+            state.failed(describe_postgres(err))
+            await first_of(stop, timeout=backoff.next())
         finally:
             if conn is not None:
-                with contextlib.suppress(*_POSTGRES_ERRORS):
+                with contextlib.suppress(*POSTGRES_ERRORS):
                     await asyncio.wait_for(conn.close(), _PROBE_TIMEOUT_SECONDS)
                 if not conn.is_closed():
                     conn.terminate()
@@ -443,7 +358,7 @@ async def _hold(conn: asyncpg.Connection, *, stop: asyncio.Event, probe_every: f
     lost = asyncio.Event()
     conn.add_termination_listener(lambda _conn: lost.set())
     while not stop.is_set():
-        await _first(stop, lost, timeout=probe_every)
+        await first_of(stop, lost, timeout=probe_every)
         if lost.is_set():
             raise ConnectionResetError("the LISTEN connection was closed")
         if not stop.is_set():
@@ -455,51 +370,13 @@ async def _report_backlog(pool: asyncpg.Pool, metrics: RelayMetrics, stop: async
     while not stop.is_set():
         try:
             row = await pool.fetchrow(_BACKLOG)
-        except _POSTGRES_ERRORS:
+        except POSTGRES_ERRORS:
             pass  # the delivery loop says when PostgreSQL is down
         else:
             assert row is not None
             metrics.backlog.set(int(row["rows"]))
             metrics.oldest_age.set(float(row["oldest_age"]))
-        await _first(stop, timeout=_BACKLOG_EVERY_SECONDS)
-
-
-def relay_runtime(metrics_address: str | None) -> Runtime:
-    """The relay's Temporal runtime: metrics served, the SDK core's errors in the JSON log.
-
-    The core's warnings are left out: they are the client's retries of a refused call, which
-    the relay reports itself, once per change of state.
-
-    Args:
-        metrics_address: ``host:port`` of the Prometheus ``/metrics`` endpoint; none if empty.
-
-    Raises:
-        RelayNotStarted: The metrics endpoint cannot listen there (in use, say).
-    """
-    metrics = PrometheusConfig(bind_address=metrics_address) if metrics_address else None
-    try:
-        return Runtime(
-            telemetry=TelemetryConfig(logging=sdk_core_logging("ERROR"), metrics=metrics)
-        )
-    except ValueError as err:  # the SDK's "Failed starting Prometheus exporter: ..."
-        raise RelayNotStarted(
-            f"cannot serve metrics on {metrics_address} ({err}); set"
-            " SPICESYNC_OUTBOX_METRICS_ADDRESS to a free host:port, or to nothing for no metrics"
-        ) from None
-
-
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-
-    def stopping() -> None:
-        if not stop.is_set():
-            log.info("shutting down: finishing the batch in hand")
-            stop.set()
-
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping)
-    return stop
+        await first_of(stop, timeout=_BACKLOG_EVERY_SECONDS)
 
 
 async def run_outbox_relay(
@@ -518,7 +395,7 @@ async def run_outbox_relay(
             set it.
         client: An injected Temporal client, whose runtime's meter then takes the relay's
             metrics; otherwise one is connected (lazily) from the settings on
-            :func:`relay_runtime`, serving ``SPICESYNC_OUTBOX_METRICS_ADDRESS``.
+            ``relay_runtime``, serving ``SPICESYNC_OUTBOX_METRICS_ADDRESS``.
 
     Raises:
         RelayNotStarted: The metrics or health endpoint cannot listen, or
@@ -526,10 +403,14 @@ async def run_outbox_relay(
         MissingSetting: ``DATABASE_URL`` is not set.
     """
     if stop is None:
-        stop = _stop_on_signals()
+        stop = stop_on_signals(log, "the batch in hand")
     dsn = settings.require_database_url()
+    metrics_address = None  # an injected client's runtime serves what its owner set up
     if client is None:
-        runtime = relay_runtime(settings.outbox_metrics_address)
+        metrics_address = settings.outbox_metrics_address or None
+        runtime = relay_runtime(
+            settings.outbox_metrics_address, setting="SPICESYNC_OUTBOX_METRICS_ADDRESS"
+        )
         client = await connect_temporal(settings, runtime=runtime, lazy=True)
     else:
         runtime = client.service_client.config.runtime or Runtime.default()
@@ -539,14 +420,19 @@ async def run_outbox_relay(
     try:
         try:
             present = await pool.fetchval(_TABLE_EXISTS)
-        except _POSTGRES_ERRORS:
+        except POSTGRES_ERRORS:
             present = True  # unreachable now: the delivery loop waits for it
         if not present:
             raise RelayNotStarted(
                 "spicesync_outbox does not exist in DATABASE_URL's database: apply spicesync's"
                 " migrations first (`spicesync migrate`)"
             )
-        health = await _serve_health(settings.outbox_health_address, client, pool)
+        health = await serve_health(
+            settings.outbox_health_address,
+            setting="SPICESYNC_OUTBOX_HEALTH_ADDRESS",
+            ready=[temporal_check(client), postgres_check(pool)],
+            log=log,
+        )
         relay = OutboxRelay(
             pool,
             client,
@@ -572,10 +458,17 @@ async def run_outbox_relay(
             settings.outbox_concurrency,
             settings.outbox_poll_seconds,
         )
+        listed = RelayRecord(
+            "outbox",
+            os.getpid(),
+            health_address=settings.outbox_health_address or None,
+            metrics_address=metrics_address,
+        )
         try:
-            await _deliver_until_stopped(
-                relay, stop=stop, wake=wake, poll_seconds=settings.outbox_poll_seconds
-            )
+            with listed_relay(settings.state_dir.resolve(), listed):
+                await _deliver_until_stopped(
+                    relay, stop=stop, wake=wake, poll_seconds=settings.outbox_poll_seconds
+                )
         finally:
             stop.set()
             if health is not None:
@@ -586,26 +479,3 @@ async def run_outbox_relay(
     finally:
         await pool.close()
     log.info("outbox relay stopped")
-
-
-async def _serve_health(
-    address: str | None, client: Client, pool: asyncpg.Pool
-) -> HealthServer | None:
-    """The relay's ``/livez`` and ``/readyz`` (ready: Temporal and PostgreSQL answer), if asked.
-
-    Raises:
-        RelayNotStarted: ``address`` is not ``host:port`` or cannot be listened on.
-    """
-    if not address:
-        return None
-    try:
-        host, port = parse_address(address)
-        health = HealthServer(host, port, ready=[temporal_check(client), postgres_check(pool)])
-        await health.start()
-    except (ValueError, OSError) as err:
-        raise RelayNotStarted(
-            f"cannot serve health checks on {address} ({err}); set"
-            " SPICESYNC_OUTBOX_HEALTH_ADDRESS to a free host:port, or to nothing for none"
-        ) from None
-    log.info("health checks on http://%s/livez and /readyz", address)
-    return health

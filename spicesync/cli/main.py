@@ -59,7 +59,13 @@ def load_settings() -> Settings:
 
 
 def _stack(args: argparse.Namespace) -> int:
-    from spicesync.stack.manager import printable_env, stack_down, stack_status, stack_up
+    from spicesync.stack.manager import (
+        printable_env,
+        relay_statuses,
+        stack_down,
+        stack_status,
+        stack_up,
+    )
 
     settings = load_settings()
     if args.action == "up":
@@ -90,7 +96,18 @@ def _stack(args: argparse.Namespace) -> int:
         where = f" pid={c.pid}" if c.pid else ""
         log = f" log={c.log}" if c.log else ""
         print(f"# {c.name:<8} {health[c.name]:<10} {c.label}{where}{log}")
-    return 0 if all(h == "healthy" for h in health.values()) else 1
+    relays = asyncio.run(relay_statuses(settings))
+    for relay, said in relays:
+        addresses = {"health": relay.health_address, "metrics": relay.metrics_address}
+        endpoints = "".join(f" {name}={where}" for name, where in addresses.items() if where)
+        print(f"# relay   {said:<10} {relay.feed} pid={relay.pid}{endpoints}")
+    healthy = ("healthy", "running")
+    return (
+        0
+        if all(h == "healthy" for h in health.values())
+        and all(said in healthy for _, said in relays)
+        else 1
+    )
 
 
 def _worker(_args: argparse.Namespace) -> int:

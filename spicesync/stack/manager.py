@@ -38,6 +38,7 @@ from spicesync.stack.components import (
     wait_for_spicedb,
 )
 from spicesync.stack.processes import pid_alive, port_open, stop_pid, wait_for_port
+from spicesync.stack.relays import RelayRecord, relay_health, running_relays
 
 __all__ = [
     "SECRET_SETTINGS",
@@ -322,6 +323,13 @@ async def stack_status(settings: Settings) -> tuple[StackState, dict[str, str]]:
     state = StackState.load(settings.state_dir.resolve())
     health = {c.name: await _health(c, state.env) for c in state.components}
     return state, health
+
+
+async def relay_statuses(settings: Settings) -> list[tuple[RelayRecord, str]]:
+    """The relays running beside the stack (``spicesync relay ...``), each probed now."""
+    relays = running_relays(settings.state_dir.resolve())
+    health = await asyncio.gather(*(relay_health(r) for r in relays))
+    return list(zip(relays, health, strict=True))
 
 
 def stack_down(settings: Settings) -> list[str]:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -99,6 +100,8 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
     pids = [int(word[4:]) for line in health for word in line.split() if word.startswith("pid=")]
     assert len(pids) == 3 and all(pid_alive(p) for p in pids)
 
+    assert_relays_listed(stack_env)
+
     worker = subprocess.Popen(
         [*CLI, "worker"], env=stack_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -189,6 +192,59 @@ def test_stack_worker_and_users_create(stack_env: dict[str, str]) -> None:
     assert down.returncode == 0 and "temporal" in down.stdout and "spicedb" in down.stdout
     assert not any(pid_alive(p) for p in pids)
     assert not (Path(stack_env["SPICESYNC_STATE_DIR"]) / "stack.env").exists()
+
+
+def relay_lines(env: dict[str, str]) -> list[str]:
+    status = run(["stack", "status"], env)
+    return [line for line in status.stdout.splitlines() if line.startswith("# relay ")]
+
+
+def wait_for_relay_lines(env: dict[str, str], wanted: int, healthy: bool) -> list[str]:
+    deadline = time.monotonic() + 120
+    while True:
+        lines = relay_lines(env)
+        if len(lines) == wanted and all((" healthy " in line) == healthy for line in lines):
+            return lines
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.5)
+
+
+def assert_relays_listed(stack_env: dict[str, str]) -> None:
+    """Relays started beside the stack are listed, probed, and forgotten once gone."""
+    assert relay_lines(stack_env) == []
+    relays = []
+    for _ in range(2):
+        env = stack_env | {
+            "SPICESYNC_OUTBOX_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}",
+            "SPICESYNC_OUTBOX_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+        }
+        relays.append(
+            subprocess.Popen(
+                [*CLI, "relay", "outbox"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    try:
+        lines = wait_for_relay_lines(stack_env, 2, healthy=True)
+        assert {f"pid={r.pid}" for r in relays} == {
+            word for line in lines for word in line.split() if word.startswith("pid=")
+        }
+        for line in lines:
+            assert " outbox " in line and "health=" in line and "metrics=" in line, line
+        relays[0].send_signal(signal.SIGTERM)  # a relay that stops takes its line with it
+        relays[0].communicate(timeout=60)
+        relays[1].kill()  # one killed outright is pruned by the next status
+        relays[1].communicate(timeout=60)
+        assert relay_lines(stack_env) == []
+        assert list((Path(stack_env["SPICESYNC_STATE_DIR"]) / "relays").iterdir()) == []
+    finally:
+        for relay in relays:
+            if relay.poll() is None:
+                relay.kill()
+                relay.communicate(timeout=60)
 
 
 SECRETS = ("SPICEDB_PRESHARED_KEY", "SPICESYNC_ENCRYPTION_KEYS", "SPICESYNC_CODEC_TOKEN")

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 import asyncpg
 import pytest
@@ -32,8 +33,9 @@ from temporalio.service import RPCError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from activities.followed_users import FollowedUserActivities
+from chaos.proxy import FaultProxy
 from spicesync.app_table import AppTableMismatch, inspect_app_table
-from spicesync.client import FollowSyncFailed, deliver_change, user_changed
+from spicesync.client import ChangeNotAccepted, FollowSyncFailed, deliver_change, user_changed
 from spicesync.constants import followed_user_workflow_id
 from spicesync.mapping import Tuple, parse_mapping
 from spicesync.models import SyncFollowedUserInput, UserChangedInput
@@ -757,3 +759,56 @@ async def test_the_bookkeeping_never_goes_back_and_the_marker_only_grows(
         assert kept is not None and (kept["marker"], kept["zed_token"]) == (6, moved.zed_token)
     finally:
         await spicedb.close()
+
+
+@pytest.mark.parametrize("wait", ["accepted", "applied"])
+async def test_user_changed_retries_refused_calls_until_its_deadline(
+    follow_app: FollowApp, wait: Literal["accepted", "applied"]
+) -> None:
+    """Temporal unreachable: ``user_changed`` retries until ``accept_within``, then raises
+    ChangeNotAccepted (no workflow started); a call still retrying when Temporal is back syncs."""
+    app = follow_app
+    target = app.client.service_client.config.target_host
+    host, port = target.rsplit(":", 1)
+    async with FaultProxy((host, int(port))) as proxy:
+        through_proxy = await Client.connect(
+            proxy.address,
+            namespace=app.client.namespace,
+            data_converter=app.client.data_converter,
+        )
+        await proxy.refuse()
+        lost, team = new_user(), org()
+        await app.insert(lost, team_id=team)
+        with pytest.raises(ChangeNotAccepted) as refused:
+            await user_changed(
+                lost,
+                1,
+                wait=wait,
+                client=through_proxy,
+                task_queue=app.task_queue,
+                accept_within=timedelta(seconds=3),
+            )
+        assert refused.value.workflow_id == followed_user_workflow_id(lost)
+        with pytest.raises(RPCError):  # nothing was started
+            await app.client.get_workflow_handle(followed_user_workflow_id(lost)).describe()
+        assert await held_by(app.spicedb, lost) == set()
+
+        call = asyncio.create_task(
+            user_changed(
+                lost,
+                1,
+                wait=wait,
+                client=through_proxy,
+                task_queue=app.task_queue,
+                accept_within=timedelta(seconds=120),
+            )
+        )
+        await asyncio.sleep(2)
+        assert not call.done()
+        await proxy.restore()
+        await asyncio.wait_for(call, 120)
+
+    async def synced() -> bool:
+        return await held_by(app.spicedb, lost) == {f"organization:{team}#member"}
+
+    await eventually(synced, timeout=120)
