@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -44,6 +45,7 @@ from spicesync.constants import NATS_ACK_WAIT_SECONDS, NATS_FETCH_SECONDS
 from spicesync.health import HEALTH_CHECK_TIMEOUT_SECONDS, HealthCheck, temporal_check
 from spicesync.models import UserChangedInput
 from spicesync.settings import Settings
+from spicesync.stack.relays import RelayRecord, listed_relay
 from spicesync.temporal import connect_temporal
 from workers.nats_events import (
     EventFormat,
@@ -483,6 +485,7 @@ async def run_nats_relay(
     if problems:
         raise RelayNotStarted("; ".join(problems))
     event_format = EventFormat.of(settings.follow_mapping())
+    client_given = client is not None
     if stop is None:
         stop = stop_on_signals(log, "the batch in hand")
     if client is None:
@@ -539,8 +542,16 @@ async def run_nats_relay(
             settings.nats_batch_size,
             settings.nats_concurrency,
         )
+        listed = RelayRecord(
+            "nats",
+            os.getpid(),
+            health_address=settings.nats_health_address or None,
+            metrics_address=None if client_given else settings.nats_metrics_address or None,
+        )
         try:
-            await _deliver_until_stopped(relay, stop=stop)
+            # Listed in `spicesync stack status` while it runs beside a local stack.
+            with listed_relay(settings.state_dir.resolve(), listed):
+                await _deliver_until_stopped(relay, stop=stop)
         finally:
             stop.set()
             if health is not None:

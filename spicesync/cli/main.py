@@ -131,7 +131,6 @@ def _relay(args: argparse.Namespace) -> int:
     from spicesync.logs import configure_logging
     from spicesync.mapping import MappingError
     from workers.nats_relay import run_nats_relay
-    from workers.outbox_relay import RelayNotStarted as OutboxNotStarted
     from workers.outbox_relay import run_outbox_relay
     from workers.relay_support import RelayNotStarted
 
@@ -139,7 +138,7 @@ def _relay(args: argparse.Namespace) -> int:
     run = run_nats_relay if args.feed == "nats" else run_outbox_relay
     try:
         asyncio.run(run(load_settings()))
-    except (RelayNotStarted, OutboxNotStarted, MappingError) as err:
+    except (RelayNotStarted, MappingError) as err:
         reason = "; ".join(str(err).splitlines())
         logging.getLogger("spicesync.relay").error("not starting: %s", reason)
         return 2
