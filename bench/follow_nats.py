@@ -77,8 +77,7 @@ class FollowNatsSystem:
         }
 
     async def prepare(self, ctx: BenchContext) -> None:
-        """The application's table emptied, and a stream of the cell's own (the relay makes
-        its consumer)."""
+        """Empty the app's table; a stream of the cell's own (the relay adds its consumer)."""
         await self._tables.prepare(ctx)
         assert ctx.nats_url is not None
         self._nc = await nats.connect(ctx.nats_url)

@@ -735,9 +735,9 @@ def _add_bench_parser(commands: Commands) -> None:
     """Add ``bench``."""
     bench = commands.add_parser(
         "bench",
-        help="measure spicesync (owned mode, and follow mode fed by its outbox or NATS relay) beside the"
-        " empty-workflow ceiling, a dual write, a NATS JetStream sync and a naive outbox relay"
-        " (open loop); write a table, JSON and a plot",
+        help="measure spicesync (owned mode, and follow mode fed by its outbox or NATS relay)"
+        " beside the empty-workflow ceiling, a dual write, a NATS JetStream sync and a naive"
+        " outbox relay (open loop); write a table, JSON and a plot",
     )
     bench.add_argument(
         "--quick", action="store_true", help="one low rate, a few seconds, 2,000-user backfill"
