@@ -324,7 +324,14 @@ async def _bind_consumer(
                 " durable pull consumer, explicit acks, MaxDeliver -1) or set"
                 " SPICESYNC_NATS_CREATE=true"
             ) from None
-        info = await _create(js, stream, durable, subjects)
+        try:
+            info = await _create(js, stream, durable, subjects)
+        except nats.js.errors.BadRequestError as err:
+            # A subject outside the stream's, say: no retry can fix the settings.
+            raise RelayNotStarted(
+                f"JetStream refused to create consumer {durable!r} on stream {stream!r}:"
+                f" {err.description}"
+            ) from None
     _check_consumer(info, subjects)
     return await js.pull_subscribe_bind(durable=durable, stream=stream)
 
@@ -361,7 +368,9 @@ async def _create(
             ack_wait=NATS_ACK_WAIT_SECONDS,
             # Delivered until Temporal accepts it, however long Temporal is down.
             max_deliver=-1,
-            filter_subjects=subjects,
+            # One subject the way servers before 2.10 know too; several need 2.10.
+            filter_subject=subjects[0] if len(subjects) == 1 else None,
+            filter_subjects=subjects if len(subjects) > 1 else None,
         ),
     )
     log.info("created JetStream consumer %s on stream %s", durable, stream)
