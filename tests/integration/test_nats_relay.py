@@ -36,7 +36,7 @@ from chaos.engines import TemporalServer
 from spicesync.codec import EncryptionCodec, encrypted_data_converter
 from spicesync.settings import Settings
 from spicesync.spicedb import SpiceDBClient
-from spicesync.stack.processes import free_port
+from spicesync.stack.processes import free_port, wait_for_port
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import eventually
 from tests.integration.test_outbox_relay import (
@@ -76,18 +76,11 @@ async def nats_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[st
             str(binary), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store),
             stdout=out, stderr=out,
         )  # fmt: skip
-    url = f"nats://127.0.0.1:{port}"
     try:
-
-        async def answers() -> bool:
-            with contextlib.suppress(Exception):
-                connection = await nats.connect(url, connect_timeout=1, max_reconnect_attempts=0)
-                await connection.close()
-                return True
-            return False
-
-        await eventually(answers, timeout=60)
-        yield url
+        await asyncio.to_thread(
+            wait_for_port, "127.0.0.1", port, pid=server.pid, timeout=60, log=store / "nats.log"
+        )
+        yield f"nats://127.0.0.1:{port}"
     finally:
         server.terminate()
         await server.wait()
