@@ -256,33 +256,55 @@ async def _accepted(
     """Deliver the event until Temporal has durably accepted it, or the deadline has passed."""
 
     async def attempt(left: float | None) -> WorkflowUpdateHandle[EventOutcome]:
-        start: WithStartWorkflowOperation[Any, None] = WithStartWorkflowOperation(
-            USER_SYNC_WORKFLOW,
-            UserSyncInput(user_id=event.user_id),
-            id=workflow_id,
+        return await _update_with_start(
+            client,
+            (USER_SYNC_WORKFLOW, UserSyncInput(user_id=event.user_id)),
+            (SUBMIT_EVENT_UPDATE, SubmitEventInput(event=event, wait=_STAGE[wait])),
+            EventOutcome,
+            workflow_id=workflow_id,
             task_queue=task_queue,
-            # The user's workflow runs for as long as the user has events: join it.
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            timeout=left,
         )
-        try:
-            return await asyncio.wait_for(
-                client.start_update_with_start_workflow(
-                    SUBMIT_EVENT_UPDATE,
-                    SubmitEventInput(event=event, wait=_STAGE[wait]),
-                    start_workflow_operation=start,
-                    wait_for_stage=WorkflowUpdateStage.ACCEPTED,
-                    result_type=EventOutcome,
-                ),
-                timeout=left,
-            )
-        finally:
-            _collect_start_error(start)
 
     return await _retry_passing(
         attempt,
         accept_within,
         lambda attempts, why: EventNotAccepted(workflow_id, event.event_id, attempts, why),
     )
+
+
+async def _update_with_start(
+    client: Client,
+    workflow: tuple[str, BaseModel],
+    update: tuple[str, BaseModel],
+    result_type: type[_Result],
+    *,
+    workflow_id: str,
+    task_queue: str,
+    timeout: float | None,
+) -> WorkflowUpdateHandle[_Result]:
+    """Send ``update`` to the user's workflow, starting it if needed; return once accepted."""
+    start: WithStartWorkflowOperation[Any, None] = WithStartWorkflowOperation(
+        workflow[0],
+        workflow[1],
+        id=workflow_id,
+        task_queue=task_queue,
+        # The user's workflow runs for as long as the user has changes: join it.
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+    )
+    try:
+        return await asyncio.wait_for(
+            client.start_update_with_start_workflow(
+                update[0],
+                update[1],
+                start_workflow_operation=start,
+                wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                result_type=result_type,
+            ),
+            timeout=timeout,
+        )
+    finally:
+        _collect_start_error(start)
 
 
 async def _retry_passing(
@@ -642,26 +664,15 @@ async def user_changed(
         return FollowSyncOutcome(user_id=user_id, status="skipped", version=version)
 
     async def submit(left: float | None) -> WorkflowUpdateHandle[FollowSyncOutcome]:
-        start: WithStartWorkflowOperation[Any, None] = WithStartWorkflowOperation(
-            FOLLOWED_USER_WORKFLOW,
-            FollowedUserInput(user_id=user_id),
-            id=workflow_id,
+        return await _update_with_start(
+            client,
+            (FOLLOWED_USER_WORKFLOW, FollowedUserInput(user_id=user_id)),
+            (SYNC_CHANGE_UPDATE, change),
+            FollowSyncOutcome,
+            workflow_id=workflow_id,
             task_queue=task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            timeout=left,
         )
-        try:
-            return await asyncio.wait_for(
-                client.start_update_with_start_workflow(
-                    SYNC_CHANGE_UPDATE,
-                    change,
-                    start_workflow_operation=start,
-                    wait_for_stage=WorkflowUpdateStage.ACCEPTED,
-                    result_type=FollowSyncOutcome,
-                ),
-                timeout=left,
-            )
-        finally:
-            _collect_start_error(start)
 
     handle = await _retry_passing(
         submit, accept_within, lambda attempts, why: ChangeNotAccepted(workflow_id, attempts, why)

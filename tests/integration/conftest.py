@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,6 +14,7 @@ import pytest
 from temporalio.client import Client
 
 from chaos.faults import FAULTS_DDL
+from chaos.proxy import FaultProxy
 from spicesync.db import with_database
 from spicesync.models import CreateUserInput
 from spicesync.settings import Settings
@@ -212,3 +214,14 @@ async def own_pipeline(
         build_worker(client, resources, task_queue=task_queue),
     ):
         yield Pipeline(client, task_queue, own_stores.pool, own_stores.spicedb)
+
+
+@contextlib.asynccontextmanager
+async def temporal_through_proxy(client: Client) -> AsyncIterator[tuple[FaultProxy, Client]]:
+    """A fault proxy in front of ``client``'s Temporal server, and a client connected through it."""
+    host, port = client.service_client.config.target_host.rsplit(":", 1)
+    async with FaultProxy((host, int(port))) as proxy:
+        through = await Client.connect(
+            proxy.address, namespace=client.namespace, data_converter=client.data_converter
+        )
+        yield proxy, through

@@ -33,7 +33,6 @@ from temporalio.service import RPCError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from activities.followed_users import FollowedUserActivities
-from chaos.proxy import FaultProxy
 from spicesync.app_table import AppTableMismatch, inspect_app_table
 from spicesync.client import ChangeNotAccepted, FollowSyncFailed, deliver_change, user_changed
 from spicesync.constants import followed_user_workflow_id
@@ -49,7 +48,7 @@ from spicesync.spicedb import (
 )
 from starters.stuck import find_failed_followed, find_stuck
 from tests.conftest import SpiceDBServer, launch_spicedb, stop_spicedb
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, temporal_through_proxy
 from workers.worker import build_worker, open_resources
 from workflows.user_sync import LAST_ERROR, STAGE
 
@@ -768,14 +767,7 @@ async def test_user_changed_retries_refused_calls_until_its_deadline(
     """Temporal unreachable: ``user_changed`` retries until ``accept_within``, then raises
     ChangeNotAccepted (no workflow started); a call still retrying when Temporal is back syncs."""
     app = follow_app
-    target = app.client.service_client.config.target_host
-    host, port = target.rsplit(":", 1)
-    async with FaultProxy((host, int(port))) as proxy:
-        through_proxy = await Client.connect(
-            proxy.address,
-            namespace=app.client.namespace,
-            data_converter=app.client.data_converter,
-        )
+    async with temporal_through_proxy(app.client) as (proxy, through_proxy):
         await proxy.refuse()
         lost, team = new_user(), org()
         await app.insert(lost, team_id=team)

@@ -19,7 +19,6 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from activities.user_rows import UserRowActivities
 from chaos.engines import TemporalServer
-from chaos.proxy import FaultProxy
 from spicesync.codec import EncryptionCodec, encrypted_data_converter
 from spicesync.models import InsertCreatedRowInput, ReconcileInput, ReconcileReport
 from spicesync.settings import Settings
@@ -39,6 +38,7 @@ from tests.integration.conftest import (
     new_event,
     relationships_of,
     start_held,
+    temporal_through_proxy,
     user_row,
 )
 
@@ -234,14 +234,7 @@ async def test_the_starter_retries_refused_calls_until_its_deadline(
 ) -> None:
     """Temporal unreachable: the call is retried until ``accept_within``, then raises
     EventNotAccepted (nothing written); a call still retrying when Temporal is back succeeds."""
-    target = temporal_env.client.service_client.config.target_host
-    host, port = target.rsplit(":", 1)
-    async with FaultProxy((host, int(port))) as proxy:
-        app = await Client.connect(
-            proxy.address,
-            namespace=temporal_env.client.namespace,
-            data_converter=temporal_env.client.data_converter,
-        )
+    async with temporal_through_proxy(temporal_env.client) as (proxy, app):
         await proxy.refuse()
         lost = new_event()
         began = time.monotonic()
