@@ -26,6 +26,7 @@ from bench.ceiling import EmptyWorkflowSystem
 from bench.cells import System, cell_context, fresh_spicedb, spawn_worker, users_held, wait_ready
 from bench.dual_write import DualWriteSystem
 from bench.follow_mode import FollowCdcSystem, FollowOutboxSystem
+from bench.follow_nats import FollowNatsSystem
 from bench.harness import (
     USERS_SYNCED,
     CellResult,
@@ -83,6 +84,7 @@ def all_systems() -> list[System]:
         OutboxSystem(),
         FollowOutboxSystem(),
         FollowCdcSystem(),
+        FollowNatsSystem(),
     ]
 
 

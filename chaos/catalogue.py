@@ -24,4 +24,5 @@ SCENARIO_SUMMARIES: Final[dict[str, str]] = {
     "code_change_deployed": "syncs started on the previous release, finished by this code",
     "worker_killed_under_overload": "creations offered above the peak, the worker killed 3 times",
     "relay_killed": "follow mode: app writes + outbox rows, the outbox relay SIGKILLed 4 times",
+    "nats_relay_killed": "follow mode: app writes + NATS events, the NATS relay SIGKILLed 4 times",
 }

@@ -40,8 +40,10 @@ __all__ = [
     "MAPPING",
     "AppChange",
     "app_changes",
+    "app_statement",
     "implied",
     "real_changes_per_user",
+    "redeliveries",
     "relay_killed",
 ]
 
@@ -162,20 +164,30 @@ def app_changes(count: int, *, org: str) -> Iterator[AppChange]:
         yield from later(j)
 
 
+async def app_statement(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
+    change: AppChange,
+) -> int | None:
+    """The application's own statement for ``change``; the row's version after it.
+
+    ``None`` for a delete: no row, no version, so the change is synced whatever was before.
+    """
+    if change.kind == "delete":
+        await conn.execute(_DELETE, change.user_id)
+        return None
+    statement = _INSERT if change.kind == "insert" else _UPDATE
+    version = await conn.fetchval(
+        statement, change.user_id, change.display_name, change.team_id, change.is_admin
+    )
+    return int(version)
+
+
 async def _commit(
     conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], change: AppChange
 ) -> None:
     """The application's transaction for ``change``: its statement and the outbox row."""
     async with conn.transaction():
-        if change.kind == "delete":
-            await conn.execute(_DELETE, change.user_id)
-            # No row, no version: the change must be synced whatever was synced before.
-            version = None
-        else:
-            statement = _INSERT if change.kind == "insert" else _UPDATE
-            version = await conn.fetchval(
-                statement, change.user_id, change.display_name, change.team_id, change.is_admin
-            )
+        version = await app_statement(conn, change)
         await conn.execute(_OUTBOX_INSERT, change.user_id, version)
 
 
@@ -189,11 +201,11 @@ async def implied(pool: asyncpg.Pool, user_ids: list[str]) -> dict[str, State]:
     return {u: now.get(u, frozenset()) for u in user_ids}
 
 
-async def _redeliveries(client: Client, user_ids: list[str]) -> tuple[int, int]:
+async def redeliveries(client: Client, user_ids: list[str]) -> tuple[int, int]:
     """``user_changed`` signals the users' workflows hold, and how many repeat an earlier one.
 
-    A repeat carries the outbox position of a change already delivered: the relay delivered
-    those rows again after a kill (Temporal had accepted them; the delete had not happened).
+    A repeat carries the feed position of a change already delivered: a relay delivered it
+    again after a kill (Temporal had accepted it; the outbox delete or the ack had not happened).
     """
     gate = asyncio.Semaphore(16)
     total = repeated = 0
@@ -352,7 +364,7 @@ async def relay_killed(scene: Scene) -> None:
             f"the relay was killed {killer.kills} times, not {2 * len(marks)}"
         )
         scene.result.passed = False
-    signals, repeated = await _redeliveries(scene.client, users)
+    signals, repeated = await redeliveries(scene.client, users)
     deleted = sum(1 for c in changes if c.kind == "delete")
     scene.result.notes.append(
         f"{len(changes)} application transactions ({len(users)} inserts, {deleted} deletes) at"

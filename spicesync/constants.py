@@ -19,6 +19,8 @@ __all__ = [
     "HELD_CHANGE_GRACE",
     "LOCAL_STEP_TIMEOUT",
     "MAX_IN_FLIGHT_UPDATES",
+    "NATS_ACK_WAIT_SECONDS",
+    "NATS_FETCH_SECONDS",
     "OUTBOX_CHANNEL",
     "RECONCILE_SCHEDULE_ID",
     "RECONCILE_WORKFLOW_ID",
@@ -37,6 +39,13 @@ __all__ = [
 ]
 
 DEFAULT_TASK_QUEUE: Final = "spicesync-users"
+
+# `spicesync relay nats`: how long JetStream waits for a delivered message's ack before it
+# delivers the message again (the consumer's AckWait, when the relay creates it; NATS's own
+# default), and how long one pull waits for messages (a long poll: it returns as soon as any
+# arrive; a short one can expire while messages are on their way, delaying them by AckWait).
+NATS_ACK_WAIT_SECONDS: Final = 30.0
+NATS_FETCH_SECONDS: Final = 5.0
 
 USER_WORKFLOW_ID_PREFIX: Final = "user-"
 

@@ -211,7 +211,8 @@ class Settings(BaseSettings):
     # The worker's /livez and /readyz (spicesync/health.py); empty: none. Loopback by default:
     # in a pod it must be 0.0.0.0:<port> so the kubelet's probes reach it. Ports on one host:
     # worker metrics 9464, outbox relay metrics 9465, worker health 9466, relay health 9467,
-    # CDC relay metrics 9468, CDC relay health 9469.
+    # CDC relay metrics 9468, CDC relay health 9469,
+    # NATS relay metrics 9470, NATS relay health 9471.
     health_address: str | None = Field(
         default="127.0.0.1:9466", validation_alias="SPICESYNC_HEALTH_ADDRESS"
     )
@@ -316,6 +317,41 @@ class Settings(BaseSettings):
         default="127.0.0.1:9469", validation_alias="SPICESYNC_CDC_HEALTH_ADDRESS"
     )
 
+    # The NATS JetStream relay (`spicesync relay nats`, docs/follow-mode.md#nats-jetstream): a
+    # durable pull consumer named SPICESYNC_NATS_DURABLE on the stream's subjects (comma-
+    # separated); created, with the stream, only when SPICESYNC_NATS_CREATE says so.
+    nats_url: str = Field(default="nats://127.0.0.1:4222", validation_alias="SPICESYNC_NATS_URL")
+    nats_stream: str | None = Field(default=None, validation_alias="SPICESYNC_NATS_STREAM")
+    nats_subjects: str | None = Field(default=None, validation_alias="SPICESYNC_NATS_SUBJECTS")
+    nats_durable: str = Field(default="spicesync-relay", validation_alias="SPICESYNC_NATS_DURABLE")
+    nats_create: bool = Field(default=False, validation_alias="SPICESYNC_NATS_CREATE")
+    nats_batch_size: int = Field(
+        default=100, ge=1, le=OUTBOX_BATCH_SIZE_MAX, validation_alias="SPICESYNC_NATS_BATCH_SIZE"
+    )
+    nats_concurrency: int = Field(
+        default=32, ge=1, le=OUTBOX_CONCURRENCY_MAX, validation_alias="SPICESYNC_NATS_CONCURRENCY"
+    )
+    nats_rpc_timeout_seconds: float = Field(
+        default=10.0, gt=0, validation_alias="SPICESYNC_NATS_RPC_TIMEOUT_SECONDS"
+    )
+    # Credentials, one kind at most: a .creds file (JWT and nkey), a token, or user + password.
+    nats_creds_file: Path | None = Field(default=None, validation_alias="SPICESYNC_NATS_CREDS")
+    nats_token: SecretStr | None = Field(default=None, validation_alias="SPICESYNC_NATS_TOKEN")
+    nats_user: str | None = Field(default=None, validation_alias="SPICESYNC_NATS_USER")
+    nats_password: SecretStr | None = Field(
+        default=None, validation_alias="SPICESYNC_NATS_PASSWORD"
+    )
+    # TLS (on with a tls:// URL or any of these): a private CA, a client certificate (mTLS).
+    nats_tls_ca: Path | None = Field(default=None, validation_alias="SPICESYNC_NATS_TLS_CA")
+    nats_tls_cert: Path | None = Field(default=None, validation_alias="SPICESYNC_NATS_TLS_CERT")
+    nats_tls_key: Path | None = Field(default=None, validation_alias="SPICESYNC_NATS_TLS_KEY")
+    nats_metrics_address: str | None = Field(
+        default="127.0.0.1:9470", validation_alias="SPICESYNC_NATS_METRICS_ADDRESS"
+    )
+    nats_health_address: str | None = Field(
+        default="127.0.0.1:9471", validation_alias="SPICESYNC_NATS_HEALTH_ADDRESS"
+    )
+
     # Ports of the local stack (``spicesync stack up``); unused when pointing at real services.
     stack_temporal_port: int = Field(default=7233, validation_alias="SPICESYNC_TEMPORAL_PORT")
     stack_temporal_ui_port: int = Field(default=8233, validation_alias="SPICESYNC_TEMPORAL_UI_PORT")
@@ -330,6 +366,15 @@ class Settings(BaseSettings):
         "codec_ui_origins",
         "codec_tls_cert",
         "codec_tls_key",
+        "nats_stream",
+        "nats_subjects",
+        "nats_creds_file",
+        "nats_token",
+        "nats_user",
+        "nats_password",
+        "nats_tls_ca",
+        "nats_tls_cert",
+        "nats_tls_key",
         mode="before",
     )
     @classmethod
@@ -471,6 +516,72 @@ class Settings(BaseSettings):
                     " sslrootcert=<CA file> for a private CA)"
                 )
         return found
+
+    def nats_tls(self) -> bool:
+        """Whether the link to NATS is TLS (a ``tls://`` URL, or a TLS file configured)."""
+        urls = [u.strip() for u in self.nats_url.split(",") if u.strip()]
+        return all(u.lower().startswith("tls://") for u in urls) or any(
+            (self.nats_tls_ca, self.nats_tls_cert, self.nats_tls_key)
+        )
+
+    def nats_subject_list(self) -> list[str]:
+        """``SPICESYNC_NATS_SUBJECTS`` as a list (empty when unset)."""
+        return [s.strip() for s in (self.nats_subjects or "").split(",") if s.strip()]
+
+    def nats_problems(self) -> list[str]:
+        """What ``spicesync relay nats`` refuses to start with, each naming its setting.
+
+        Judged where the relay starts, not for every command: only the relay talks to NATS.
+        Production needs credentials and TLS (the plaintext opt-out allows the latter only).
+
+        Returns:
+            One sentence per problem; empty when the relay may connect.
+        """
+        problems = []
+        if not self.nats_stream:
+            problems.append("SPICESYNC_NATS_STREAM is not set (the JetStream stream to follow)")
+        if self.nats_create and not self.nats_subject_list():
+            problems.append("SPICESYNC_NATS_CREATE=true needs SPICESYNC_NATS_SUBJECTS")
+        if (self.nats_user is None) != (self.nats_password is None):
+            problems.append("SPICESYNC_NATS_USER and SPICESYNC_NATS_PASSWORD go together")
+        kinds = [
+            k
+            for k, v in (
+                ("SPICESYNC_NATS_CREDS", self.nats_creds_file),
+                ("SPICESYNC_NATS_TOKEN", self.nats_token),
+                ("SPICESYNC_NATS_USER", self.nats_user),
+            )
+            if v is not None
+        ]
+        if len(kinds) > 1:
+            problems.append(f"set one kind of NATS credentials, not {' and '.join(kinds)}")
+        for name, path in (
+            ("SPICESYNC_NATS_CREDS", self.nats_creds_file),
+            ("SPICESYNC_NATS_TLS_CA", self.nats_tls_ca),
+            ("SPICESYNC_NATS_TLS_CERT", self.nats_tls_cert),
+            ("SPICESYNC_NATS_TLS_KEY", self.nats_tls_key),
+        ):
+            if path is not None and not path.is_file():
+                problems.append(f"{name}: no such file {path}")
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            problems.append("SPICESYNC_NATS_TLS_CERT and SPICESYNC_NATS_TLS_KEY go together")
+        if self.environment != "production":
+            return problems
+        if not kinds:
+            problems.append(
+                "SPICESYNC_ENV=production needs NATS credentials: SPICESYNC_NATS_CREDS, or"
+                " SPICESYNC_NATS_TOKEN, or SPICESYNC_NATS_USER and SPICESYNC_NATS_PASSWORD"
+            )
+        if not self.nats_tls():
+            plaintext = (
+                "SPICESYNC_NATS_URL has no TLS: credentials and every message go in clear; use"
+                " a tls:// URL (SPICESYNC_NATS_TLS_CA for a private CA)"
+            )
+            if self.allow_plaintext_in_production != PLAINTEXT_OPT_OUT_VALUE:
+                problems.append(plaintext)
+            else:
+                log.warning("%s is set: %s", PLAINTEXT_OPT_OUT, plaintext)
+        return problems
 
     def mapping_path(self) -> Path | None:
         """The follow-mode mapping file, or ``None`` in owned mode.

@@ -129,16 +129,20 @@ def _worker(_args: argparse.Namespace) -> int:
 
 def _relay(args: argparse.Namespace) -> int:
     from spicesync.logs import configure_logging
+    from spicesync.mapping import MappingError
     from workers.cdc_relay import run_cdc_relay
+    from workers.nats_relay import run_nats_relay
     from workers.outbox_relay import run_outbox_relay
     from workers.relay_support import RelayNotStarted
 
     configure_logging()
-    run = run_cdc_relay if args.feed == "cdc" else run_outbox_relay
+    runs = {"cdc": run_cdc_relay, "nats": run_nats_relay}
+    run = runs.get(args.feed, run_outbox_relay)
     try:
         asyncio.run(run(load_settings()))
-    except RelayNotStarted as err:
-        logging.getLogger("spicesync.relay").error("not starting: %s", err)
+    except (RelayNotStarted, MappingError) as err:
+        reason = "; ".join(str(err).splitlines())
+        logging.getLogger("spicesync.relay").error("not starting: %s", reason)
         return 2
     return 0
 
@@ -520,7 +524,7 @@ def _add_worker_parser(commands: Commands) -> None:
 
 
 def _add_relay_parser(commands: Commands) -> None:
-    """Add ``relay outbox`` and ``relay cdc``."""
+    """Add ``relay outbox``, ``relay cdc`` and ``relay nats``."""
     relay = commands.add_parser(
         "relay", help="deliver an application's changes to the followed users' workflows"
     )
@@ -546,6 +550,15 @@ def _add_relay_parser(commands: Commands) -> None:
         " (docs/follow-mode.md#change-data-capture).",
     )
     cdc.set_defaults(func=_relay)
+    feed = feeds.add_parser(
+        "nats",
+        help="relay NATS JetStream messages (follow mode) until SIGINT/SIGTERM",
+        description="Pull batches from a durable JetStream consumer, deliver one change per user"
+        " named by a user.created-style event or a Debezium change event, ACK once Temporal"
+        " accepted it, TERMinate what names no user. Configured by SPICESYNC_NATS_URL, _STREAM,"
+        " _SUBJECTS, _DURABLE, _CREATE, credentials and TLS (docs/follow-mode.md#nats-jetstream).",
+    )
+    feed.set_defaults(func=_relay)
 
 
 def _add_users_parser(commands: Commands) -> None:
@@ -736,9 +749,9 @@ def _add_bench_parser(commands: Commands) -> None:
     """Add ``bench``."""
     bench = commands.add_parser(
         "bench",
-        help="measure spicesync (owned mode, and follow mode fed by its outbox relay) beside the"
-        " empty-workflow ceiling, a dual write, a NATS JetStream sync and a naive outbox relay"
-        " (open loop); write a table, JSON and a plot",
+        help="measure spicesync (owned mode, and follow mode fed by its outbox or NATS relay)"
+        " beside the empty-workflow ceiling, a dual write, a NATS JetStream sync and a naive"
+        " outbox relay (open loop); write a table, JSON and a plot",
     )
     bench.add_argument(
         "--quick", action="store_true", help="one low rate, a few seconds, 2,000-user backfill"

@@ -38,6 +38,7 @@ def test_quick_bench_measures_every_system_and_loses_nothing(
         "outbox + polling relay",
         "spicesync follow (outbox relay)",
         "spicesync follow (CDC relay)",
+        "spicesync follow (NATS relay)",
     }
     for cell in payload["cells"]:
         assert cell["completed"] == cell["submitted"] > 0, cell

@@ -26,6 +26,7 @@ UNITS = {
     "spicesync-worker.service": ("worker", "spicesync"),
     "spicesync-outbox-relay.service": ("relay outbox", "spicesync-outbox-relay"),
     "spicesync-cdc-relay.service": ("relay cdc", "spicesync-cdc-relay"),
+    "spicesync-nats-relay.service": ("relay nats", "spicesync-nats-relay"),
 }
 # The oldest Kubernetes release the manifests are meant for, and the newest schema bundled.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
@@ -147,6 +148,7 @@ def test_every_pod_is_locked_down_and_has_a_writable_state_dir() -> None:
         "spicesync-worker",
         "spicesync-outbox-relay",
         "spicesync-cdc-relay",
+        "spicesync-nats-relay",
         "spicesync-migrate",
         "spicesync-setup-namespace",
     }
@@ -183,6 +185,7 @@ def test_every_pod_is_locked_down_and_has_a_writable_state_dir() -> None:
             "SPICESYNC_OUTBOX_HEALTH_ADDRESS",
         ),
         ("spicesync-cdc-relay", "SPICESYNC_CDC_METRICS_ADDRESS", "SPICESYNC_CDC_HEALTH_ADDRESS"),
+        ("spicesync-nats-relay", "SPICESYNC_NATS_METRICS_ADDRESS", "SPICESYNC_NATS_HEALTH_ADDRESS"),
     ],
 )
 def test_long_running_pods_probe_and_expose_what_their_settings_serve(
@@ -279,6 +282,38 @@ def test_the_configmap_and_secret_make_valid_production_settings(
     assert settings.temporal_connect_config().get("tls")
 
 
+def test_the_nats_relay_pod_makes_valid_production_nats_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The ConfigMap and the NATS relay's pod (its credentials file where the Secret is mounted)
+    pass the relay's production checks: TLS and credentials."""
+    template = _one("Deployment", "spicesync-nats-relay")["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    assert container["args"] == ["relay", "nats"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    creds = Path(env["SPICESYNC_NATS_CREDS"])
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    mount = mounts["nats-credentials"]
+    assert mount["readOnly"] is True and Path(mount["mountPath"]) == creds.parent
+    secret = volumes["nats-credentials"]["secret"]
+    assert secret["secretName"] == "spicesync-nats"
+    assert {i["path"] for i in secret["items"]} == {creds.name}
+    assert {i["key"] for i in secret["items"]} <= set(
+        _one("Secret", "spicesync-nats")["stringData"]
+    )
+    for key, value in {**_config(), **_one("Secret", "spicesync")["stringData"]}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SPICEDB_PRESHARED_KEY", "p" * 44)
+    monkeypatch.setenv("SPICESYNC_ENCRYPTION_KEYS", f"k1:{generate_key()}")
+    local_creds = tmp_path / creds.name  # the mounted file, here
+    local_creds.write_text("-")
+    monkeypatch.setenv("SPICESYNC_NATS_CREDS", str(local_creds))
+    assert Settings(_env_file=None).nats_problems() == []
+    monkeypatch.delenv("SPICESYNC_NATS_CREDS")
+    assert Settings(_env_file=None).nats_problems() != []  # production: credentials needed
+
+
 def test_the_namespace_enforces_the_restricted_pod_security_standard() -> None:
     labels = _one("Namespace")["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
@@ -343,6 +378,8 @@ def test_the_unit_runs_with_a_dynamic_user_in_its_state_directory(unit: str) -> 
     defaults = Settings(_env_file=None)
     grace = defaults.shutdown_grace_seconds if command == "worker" else 0
     assert stop > max(grace, defaults.outbox_rpc_timeout_seconds, defaults.cdc_rpc_timeout_seconds)
+    deadline = max(defaults.outbox_rpc_timeout_seconds, defaults.nats_rpc_timeout_seconds)
+    assert stop > max(grace, deadline)
     for hardening in (
         "ProtectHome",
         "PrivateDevices",
