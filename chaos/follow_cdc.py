@@ -155,6 +155,7 @@ async def cdc_relay_killed(scene: Scene) -> None:
         log=log,
         # No metrics or health endpoint: their default ports may be taken.
         extra_env={
+            "SPICESYNC_CONFIG": str(mapping),
             "SPICESYNC_CDC_SLOT": slot,
             "SPICESYNC_CDC_PUBLICATION": "chaos_cdc",
             "SPICESYNC_CDC_POLL_SECONDS": "0.2",
