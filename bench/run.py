@@ -25,7 +25,7 @@ from bench.backfill import run_backfill_bench
 from bench.ceiling import EmptyWorkflowSystem
 from bench.cells import System, cell_context, fresh_spicedb, spawn_worker, users_held, wait_ready
 from bench.dual_write import DualWriteSystem
-from bench.follow_mode import FollowOutboxSystem
+from bench.follow_mode import FollowCdcSystem, FollowOutboxSystem
 from bench.follow_nats import FollowNatsSystem
 from bench.harness import (
     USERS_SYNCED,
@@ -83,6 +83,7 @@ def all_systems() -> list[System]:
         NatsSyncSystem(),
         OutboxSystem(),
         FollowOutboxSystem(),
+        FollowCdcSystem(),
         FollowNatsSystem(),
     ]
 

@@ -37,6 +37,7 @@ def test_quick_bench_measures_every_system_and_loses_nothing(
         "event-driven (NATS JetStream)",
         "outbox + polling relay",
         "spicesync follow (outbox relay)",
+        "spicesync follow (CDC relay)",
         "spicesync follow (NATS relay)",
     }
     for cell in payload["cells"]:
