@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,6 +41,7 @@ from spicesync.health import postgres_check, temporal_check
 from spicesync.mapping import FollowMapping, valid_user_id
 from spicesync.models import ReconcileInput
 from spicesync.settings import Settings
+from spicesync.stack.relays import RelayRecord, listed_relay
 from spicesync.temporal import connect_temporal
 from starters.reconcile import ReconcileAlreadyRunning, start_reconcile
 from workers.cdc_changes import Transaction, UserChange, coalesce, confirmable, read_transactions
@@ -450,7 +452,9 @@ async def run_cdc_relay(
     if stop is None:
         stop = stop_on_signals(log, "the batch in hand")
     dsn = settings.require_database_url()
+    metrics_address = None  # an injected client's runtime serves what its owner set up
     if client is None:
+        metrics_address = settings.cdc_metrics_address or None
         runtime = relay_runtime(
             settings.cdc_metrics_address, setting="SPICESYNC_CDC_METRICS_ADDRESS"
         )
@@ -485,8 +489,15 @@ async def run_cdc_relay(
             settings.cdc_publication,
             settings.task_queue,
         )
+        listed = RelayRecord(
+            "cdc",
+            os.getpid(),
+            health_address=settings.cdc_health_address or None,
+            metrics_address=metrics_address,
+        )
         try:
-            await _relay_until_stopped(relay, stop=stop, poll_seconds=settings.cdc_poll_seconds)
+            with listed_relay(settings.state_dir.resolve(), listed):
+                await _relay_until_stopped(relay, stop=stop, poll_seconds=settings.cdc_poll_seconds)
         except CdcNotReady as err:
             raise RelayNotStarted(str(err)) from None
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -14,10 +15,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from spicesync.settings import read_env_file
 from spicesync.stack.processes import free_port, pid_alive
+from tests.integration.test_outbox_relay import _APP_TABLE, _MAPPING
 
 pytestmark = pytest.mark.integration
 
@@ -209,18 +212,34 @@ def wait_for_relay_lines(env: dict[str, str], wanted: int, healthy: bool) -> lis
         time.sleep(0.5)
 
 
+async def create_app_table(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url, timeout=30)
+    try:
+        await conn.execute(_APP_TABLE)
+    finally:
+        await conn.close()
+
+
 def assert_relays_listed(stack_env: dict[str, str]) -> None:
-    """Relays started beside the stack are listed, probed, and forgotten once gone."""
+    """Relays started beside the stack are listed, probed, and forgotten once gone.
+
+    The CDC relay also proves the stack's PostgreSQL runs with ``wal_level = logical``.
+    """
     assert relay_lines(stack_env) == []
+    state = Path(stack_env["SPICESYNC_STATE_DIR"])
+    database_url = read_env_file(state / "stack.env")["DATABASE_URL"]
+    asyncio.run(create_app_table(database_url))
+    (state / "spicesync.toml").write_text(_MAPPING)
     relays = []
-    for _ in range(2):
+    for feed in ("outbox", "cdc"):
         env = stack_env | {
-            "SPICESYNC_OUTBOX_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}",
-            "SPICESYNC_OUTBOX_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+            f"SPICESYNC_{feed.upper()}_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}",
+            f"SPICESYNC_{feed.upper()}_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+            "SPICESYNC_CONFIG": str(state / "spicesync.toml"),
         }
         relays.append(
             subprocess.Popen(
-                [*CLI, "relay", "outbox"],
+                [*CLI, "relay", feed],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -232,8 +251,9 @@ def assert_relays_listed(stack_env: dict[str, str]) -> None:
         assert {f"pid={r.pid}" for r in relays} == {
             word for line in lines for word in line.split() if word.startswith("pid=")
         }
+        assert {line.split()[3] for line in lines} == {"outbox", "cdc"}
         for line in lines:
-            assert " outbox " in line and "health=" in line and "metrics=" in line, line
+            assert "health=" in line and "metrics=" in line, line
         relays[0].send_signal(signal.SIGTERM)  # a relay that stops takes its line with it
         relays[0].communicate(timeout=60)
         relays[1].kill()  # one killed outright is pruned by the next status
