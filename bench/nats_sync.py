@@ -40,6 +40,7 @@ class NatsSyncSystem:
     """Row + JetStream publish in the request; a consumer process does SpiceDB."""
 
     name = "event-driven (NATS JetStream)"
+    uses_nats = True  # the NATS server is one of its processes (CPU accounting)
     has_rows = True
 
     def __init__(self) -> None:
