@@ -42,6 +42,7 @@ class NatsSyncSystem:
     name = "event-driven (NATS JetStream)"
     uses_nats = True  # the NATS server is one of its processes (CPU accounting)
     has_rows = True
+    uses_temporal = False  # the dev server is not one of its processes (CPU accounting)
 
     def __init__(self) -> None:
         self._js: JetStreamContext | None = None

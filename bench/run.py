@@ -213,9 +213,19 @@ def _watched(
     spicedb_pid: int,
     processes: list[asyncio.subprocess.Process],
 ) -> list[Watched]:
-    """Every process a cell's users cost CPU in, by role (bench/cpu.py)."""
-    watched = [Watched(role, pid) for role, pid in shared["engines"].items()]
-    watched.append(Watched("spicedb", spicedb_pid))
+    """Every process a cell's users cost CPU in, by role (bench/cpu.py).
+
+    Only the processes the system uses: an idle dev server or store costs a little CPU too, which
+    would be charged to systems that never call it.
+    """
+    engines: dict[str, int] = shared["engines"]
+    watched = []
+    if "temporal" in engines and getattr(system, "uses_temporal", True):
+        watched.append(Watched("temporal", engines["temporal"]))
+    if system.has_rows:  # every system that keeps rows also writes SpiceDB
+        if "postgres" in engines:
+            watched.append(Watched("postgres", engines["postgres"]))
+        watched.append(Watched("spicedb", spicedb_pid))
     if getattr(system, "uses_nats", False) and shared.get("nats_pid"):
         watched.append(Watched("nats", shared["nats_pid"]))
     roles = ["worker", "relay"]
