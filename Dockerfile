@@ -57,7 +57,8 @@ COPY --from=build /opt/spicesync /opt/spicesync
 # The worker writes nothing by default in production; the state directory is where anything
 # would go (mount a writable volume there under a read-only root filesystem). Metrics and
 # health listen on every interface of the container, so Prometheus and the kubelet reach them
-# (worker 9464 and 9466; outbox relay 9465 and 9467; NATS relay 9470 and 9471).
+# (worker 9464 and 9466; outbox relay 9465 and 9467; CDC relay 9468 and 9469; NATS relay 9470
+# and 9471).
 ENV PATH=/opt/spicesync/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -67,11 +68,13 @@ ENV PATH=/opt/spicesync/bin:$PATH \
     SPICESYNC_HEALTH_ADDRESS=0.0.0.0:9466 \
     SPICESYNC_OUTBOX_METRICS_ADDRESS=0.0.0.0:9465 \
     SPICESYNC_OUTBOX_HEALTH_ADDRESS=0.0.0.0:9467 \
+    SPICESYNC_CDC_METRICS_ADDRESS=0.0.0.0:9468 \
+    SPICESYNC_CDC_HEALTH_ADDRESS=0.0.0.0:9469 \
     SPICESYNC_NATS_METRICS_ADDRESS=0.0.0.0:9470 \
     SPICESYNC_NATS_HEALTH_ADDRESS=0.0.0.0:9471
 WORKDIR /var/lib/spicesync
 USER 10001:10001
-EXPOSE 9464 9465 9466 9467 9470 9471
+EXPOSE 9464 9465 9466 9467 9468 9469 9470 9471
 # SIGTERM drains in-flight activities for SPICESYNC_SHUTDOWN_GRACE_SECONDS, then exits 0.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \

@@ -25,7 +25,14 @@ from spicesync.models import CreateUserInput
 from spicesync.temporal import workers_polling
 from workers.outbox_relay import LISTEN_APPLICATION_NAME
 
-__all__ = ["APP_SQL", "MAPPING", "SYNCED_QUERY", "FollowOutboxSystem"]
+__all__ = [
+    "APP_SQL",
+    "CDC_PUBLICATION",
+    "MAPPING",
+    "SYNCED_QUERY",
+    "FollowCdcSystem",
+    "FollowOutboxSystem",
+]
 
 APP_SQL: Final = Path(__file__).with_name("follow_app") / "app.sql"
 MAPPING: Final = Path(__file__).with_name("follow_app") / "spicesync.toml"
@@ -112,3 +119,68 @@ class FollowOutboxSystem:
         """The row's ``created_at`` and the bookkeeping's ``synced_at`` of every synced user."""
         rows = await ctx.pool.fetch(_COMPLETIONS, [uuid.UUID(u) for u in user_ids])
         return {str(r["account_id"]): (r["created_at"], r["synced_at"]) for r in rows}
+
+
+# The CDC system's publication; its slot is the cell's own (dropped when the cell closes).
+CDC_PUBLICATION: Final = "bench_cdc"
+_SLOT_EXISTS: Final = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1"
+_DROP_SLOTS: Final = """
+SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+WHERE slot_name LIKE 'bench_cdc_%' AND database = current_database() AND NOT active
+"""
+_INSERT_PLAIN: Final = """
+INSERT INTO bench_follow.accounts (account_id, email, full_name, team_id, is_admin)
+VALUES ($1, $2, $3, $4, $5)
+"""
+
+
+class FollowCdcSystem(FollowOutboxSystem):
+    """The app's own row only, plain SQL; ``relay cdc`` reads it from the WAL (logical slot).
+
+    Needs the App DB at ``wal_level = logical`` (the local stack's PostgreSQL is).
+    """
+
+    name = "spicesync follow (CDC relay)"
+
+    def relay_command(self) -> list[str]:
+        """The real CDC relay."""
+        return [sys.executable, "-m", "spicesync", "relay", "cdc"]
+
+    def process_env(self, ctx: BenchContext) -> dict[str, str]:
+        """The mapping, a slot of the cell's own, no metrics or health endpoint."""
+        return {
+            "SPICESYNC_CONFIG": str(MAPPING),
+            "SPICESYNC_CDC_SLOT": _slot(ctx),
+            "SPICESYNC_CDC_PUBLICATION": CDC_PUBLICATION,
+            "SPICESYNC_CDC_METRICS_ADDRESS": "",
+            "SPICESYNC_CDC_HEALTH_ADDRESS": "",
+        }
+
+    async def prepare(self, ctx: BenchContext) -> None:
+        """The table emptied before any slot of this cell exists (no truncate is read)."""
+        await ctx.pool.execute(_DROP_SLOTS)
+        await super().prepare(ctx)
+
+    async def close(self, ctx: BenchContext) -> None:
+        """Drop the cell's slot: a slot nobody reads keeps WAL."""
+        await ctx.pool.execute(_DROP_SLOTS)
+
+    async def ready(self, ctx: BenchContext) -> bool:
+        """A worker polls the cell's queue and the relay has its slot."""
+        has_slot = await ctx.pool.fetchval(_SLOT_EXISTS, _slot(ctx))
+        return bool(has_slot) and await workers_polling(ctx.client, ctx.task_queue) > 0
+
+    async def submit(self, ctx: BenchContext, user: CreateUserInput) -> None:
+        """The application's insert alone: nothing of spicesync's in its transaction."""
+        await ctx.pool.execute(
+            _INSERT_PLAIN,
+            uuid.UUID(user.user_id),
+            user.email,
+            user.name,
+            user.org_id,
+            user.role == "admin",
+        )
+
+
+def _slot(ctx: BenchContext) -> str:
+    return f"bench_cdc_{ctx.run}"

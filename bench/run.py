@@ -33,7 +33,7 @@ from bench.cells import System, cell_context, fresh_spicedb, spawn_worker, users
 from bench.context import BenchContext
 from bench.cpu import CpuWindow, Watched, parent_of_postgres_backend
 from bench.dual_write import DualWriteSystem
-from bench.follow_mode import FollowOutboxSystem
+from bench.follow_mode import FollowCdcSystem, FollowOutboxSystem
 from bench.follow_nats import FollowNatsSystem
 from bench.harness import (
     USERS_SYNCED,
@@ -97,6 +97,7 @@ def all_systems() -> list[System]:
         NatsSyncSystem(),
         OutboxSystem(),
         FollowOutboxSystem(),
+        FollowCdcSystem(),
         FollowNatsSystem(),
     ]
 

@@ -25,4 +25,5 @@ SCENARIO_SUMMARIES: Final[dict[str, str]] = {
     "worker_killed_under_overload": "creations offered above the peak, the worker killed 3 times",
     "relay_killed": "follow mode: app writes + outbox rows, the outbox relay SIGKILLed 4 times",
     "nats_relay_killed": "follow mode: app writes + NATS events, the NATS relay SIGKILLed 4 times",
+    "cdc_relay_killed": "follow mode: app writes plain SQL only, the CDC relay SIGKILLed 4 times",
 }

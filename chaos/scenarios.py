@@ -25,6 +25,7 @@ from temporalio.api.enums.v1 import EventType
 
 from chaos.faults import inject_fault, on_commits, on_spicedb_writes
 from chaos.follow import relay_killed
+from chaos.follow_cdc import cdc_relay_killed
 from chaos.follow_nats import nats_relay_killed
 from chaos.load import Delivery, collect_outcomes, offer, user_batch
 from chaos.poison import case_variants, poison_cases
@@ -545,4 +546,5 @@ SCENARIOS: dict[str, Callable[[Scene], Awaitable[None]]] = {
     "worker_killed_under_overload": worker_killed_under_overload,
     "relay_killed": relay_killed,
     "nats_relay_killed": nats_relay_killed,
+    "cdc_relay_killed": cdc_relay_killed,
 }

@@ -10,6 +10,8 @@ __all__ = [
     "ACTIVE_STAGES",
     "ACTIVITY_START_TO_CLOSE",
     "BACKFILL_WORKFLOW_ID",
+    "CDC_HEARTBEAT_BYTES",
+    "CDC_RECONCILE_WORKFLOW_PREFIX",
     "DEFAULT_TASK_QUEUE",
     "EVENTS_PER_RUN",
     "FOLLOWED_USER_WORKFLOW",
@@ -65,6 +67,12 @@ OUTBOX_CHANNEL: Final = "spicesync_outbox"
 
 # One on-demand reconcile at a time; the schedule's runs get this id plus their start time.
 RECONCILE_WORKFLOW_ID: Final = "spicesync-reconcile"
+# The CDC relay's reconciles (a lost slot, a truncated table): one id per incident, so a relay
+# that starts one again after a crash joins it (docs/follow-mode.md#change-data-capture).
+CDC_RECONCILE_WORKFLOW_PREFIX: Final = "spicesync-cdc-reconcile"
+# Slot lag past which an idle CDC relay writes a heartbeat (a logical decoding message of its
+# own, in its own transaction) so the slot can be confirmed past other tables' WAL.
+CDC_HEARTBEAT_BYTES: Final = 16 * 1024 * 1024
 RECONCILE_SCHEDULE_ID: Final = "spicesync-reconcile"
 # One backfill at a time: starting it again while it runs joins the running one.
 BACKFILL_WORKFLOW_ID: Final = "spicesync-backfill"

@@ -37,6 +37,10 @@ BACKFILL_LANES_MAX: Final = 16
 # Temporal has answered for every user in the batch.
 OUTBOX_BATCH_SIZE_MAX: Final = 10_000
 
+# Change messages the CDC relay reads from its slot at once (PostgreSQL returns whole
+# transactions, so a bigger transaction is still read whole).
+CDC_BATCH_SIZE_MAX: Final = 100_000
+
 # Deliveries one relay has in flight at once (signal-with-start calls on one Temporal client).
 OUTBOX_CONCURRENCY_MAX: Final = 1000
 

@@ -29,6 +29,7 @@ from temporalio.envconfig import ClientConfig, ClientConnectConfig
 from spicesync.codec import EncryptionCodec, parse_keys
 from spicesync.constants import DEFAULT_TASK_QUEUE
 from spicesync.limits import (
+    CDC_BATCH_SIZE_MAX,
     OUTBOX_BATCH_SIZE_MAX,
     OUTBOX_CONCURRENCY_MAX,
     PRESHARED_KEY_MIN_CHARS,
@@ -210,6 +211,7 @@ class Settings(BaseSettings):
     # The worker's /livez and /readyz (spicesync/health.py); empty: none. Loopback by default:
     # in a pod it must be 0.0.0.0:<port> so the kubelet's probes reach it. Ports on one host:
     # worker metrics 9464, outbox relay metrics 9465, worker health 9466, relay health 9467,
+    # CDC relay metrics 9468, CDC relay health 9469,
     # NATS relay metrics 9470, NATS relay health 9471.
     health_address: str | None = Field(
         default="127.0.0.1:9466", validation_alias="SPICESYNC_HEALTH_ADDRESS"
@@ -275,6 +277,44 @@ class Settings(BaseSettings):
     # The relay's /livez and /readyz (ready: Temporal and PostgreSQL answer); empty: none.
     outbox_health_address: str | None = Field(
         default="127.0.0.1:9467", validation_alias="SPICESYNC_OUTBOX_HEALTH_ADDRESS"
+    )
+
+    # The CDC relay (`spicesync relay cdc`, docs/follow-mode.md#change-data-capture): the
+    # publication and logical replication slot it reads the mapped table through (created by
+    # `spicesync migrate` in follow mode, or at the relay's first start), messages read at once
+    # (whole transactions: a bigger one is read whole), deliveries in flight, how often it looks
+    # for new commits, each delivery's deadline, the slot lag that logs a warning, and its own
+    # Prometheus and health endpoints.
+    cdc_publication: str = Field(
+        default="spicesync_follow",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        validation_alias="SPICESYNC_CDC_PUBLICATION",
+    )
+    cdc_slot: str = Field(
+        default="spicesync_follow",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        validation_alias="SPICESYNC_CDC_SLOT",
+    )
+    cdc_batch_size: int = Field(
+        default=1000, ge=1, le=CDC_BATCH_SIZE_MAX, validation_alias="SPICESYNC_CDC_BATCH_SIZE"
+    )
+    cdc_concurrency: int = Field(
+        default=32, ge=1, le=OUTBOX_CONCURRENCY_MAX, validation_alias="SPICESYNC_CDC_CONCURRENCY"
+    )
+    cdc_poll_seconds: float = Field(
+        default=0.5, gt=0, validation_alias="SPICESYNC_CDC_POLL_SECONDS"
+    )
+    cdc_rpc_timeout_seconds: float = Field(
+        default=10.0, gt=0, validation_alias="SPICESYNC_CDC_RPC_TIMEOUT_SECONDS"
+    )
+    cdc_lag_warn_bytes: int = Field(
+        default=1024**3, ge=1, validation_alias="SPICESYNC_CDC_LAG_WARN_BYTES"
+    )
+    cdc_metrics_address: str | None = Field(
+        default="127.0.0.1:9468", validation_alias="SPICESYNC_CDC_METRICS_ADDRESS"
+    )
+    cdc_health_address: str | None = Field(
+        default="127.0.0.1:9469", validation_alias="SPICESYNC_CDC_HEALTH_ADDRESS"
     )
 
     # The NATS JetStream relay (`spicesync relay nats`, docs/follow-mode.md#nats-jetstream): a

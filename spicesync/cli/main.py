@@ -130,12 +130,14 @@ def _worker(_args: argparse.Namespace) -> int:
 def _relay(args: argparse.Namespace) -> int:
     from spicesync.logs import configure_logging
     from spicesync.mapping import MappingError
+    from workers.cdc_relay import run_cdc_relay
     from workers.nats_relay import run_nats_relay
     from workers.outbox_relay import run_outbox_relay
     from workers.relay_support import RelayNotStarted
 
     configure_logging()
-    run = run_nats_relay if args.feed == "nats" else run_outbox_relay
+    runs = {"cdc": run_cdc_relay, "nats": run_nats_relay}
+    run = runs.get(args.feed, run_outbox_relay)
     try:
         asyncio.run(run(load_settings()))
     except (RelayNotStarted, MappingError) as err:
@@ -522,7 +524,7 @@ def _add_worker_parser(commands: Commands) -> None:
 
 
 def _add_relay_parser(commands: Commands) -> None:
-    """Add ``relay outbox`` and ``relay nats``."""
+    """Add ``relay outbox``, ``relay cdc`` and ``relay nats``."""
     relay = commands.add_parser(
         "relay", help="deliver an application's changes to the followed users' workflows"
     )
@@ -536,6 +538,18 @@ def _add_relay_parser(commands: Commands) -> None:
         " _METRICS_ADDRESS (docs/follow-mode.md#outbox).",
     )
     outbox.set_defaults(func=_relay)
+    cdc = feeds.add_parser(
+        "cdc",
+        help="follow the mapped table through PostgreSQL logical replication (follow mode) until"
+        " SIGINT/SIGTERM; the app changes nothing",
+        description="Read the mapped table's committed inserts, updates and deletes from a logical"
+        " replication slot (pgoutput), deliver one change per user to its workflow, and confirm"
+        " the slot only once Temporal accepted them. Needs wal_level = logical. Tuned by"
+        " SPICESYNC_CDC_SLOT, _PUBLICATION, _BATCH_SIZE, _CONCURRENCY, _POLL_SECONDS,"
+        " _RPC_TIMEOUT_SECONDS, _LAG_WARN_BYTES, _METRICS_ADDRESS and _HEALTH_ADDRESS"
+        " (docs/follow-mode.md#change-data-capture).",
+    )
+    cdc.set_defaults(func=_relay)
     feed = feeds.add_parser(
         "nats",
         help="relay NATS JetStream messages (follow mode) until SIGINT/SIGTERM",

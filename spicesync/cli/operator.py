@@ -13,7 +13,11 @@ from typing import TYPE_CHECKING
 from spicesync.cli import arguments
 
 if TYPE_CHECKING:
+    import asyncpg
+
     from spicesync.db import MigrationRun
+    from spicesync.mapping import FollowMapping
+    from spicesync.settings import Settings
     from spicesync.temporal import NamespaceSetup
 
     Commands = argparse._SubParsersAction[arguments.OneLineErrors]
@@ -42,6 +46,7 @@ def migrate_command(args: argparse.Namespace) -> int:
     from spicesync.db import MigrationRefused, migrate
     from spicesync.mapping import MappingError
     from spicesync.settings import load_settings
+    from workers.cdc_slot import CdcNotReady
 
     settings = load_settings()
     url = settings.require_database_url()
@@ -51,6 +56,9 @@ def migrate_command(args: argparse.Namespace) -> int:
         return _refused("migrate", err)
     # Follow mode: the application owns its users table, so only spicesync_* migrations run.
     mode = "owned mode" if mapping is None else f"follow mode ({settings.mapping_path()})"
+    if args.cdc and mapping is None:
+        return _refused("migrate", "--cdc follows a mapped table: set SPICESYNC_CONFIG")
+    cdc_lines: list[str] = []
 
     async def run() -> MigrationRun:
         try:
@@ -60,7 +68,10 @@ def migrate_command(args: argparse.Namespace) -> int:
             problem = f"cannot connect to PostgreSQL: {type(err).__name__}: {err}"
             raise _Unreachable(problem) from err
         try:
-            return await migrate(conn, owned=mapping is None, dry_run=args.dry_run)
+            run = await migrate(conn, owned=mapping is None, dry_run=args.dry_run)
+            if args.cdc and mapping is not None and not args.dry_run:
+                cdc_lines.extend(await _prepare_cdc(conn, settings, mapping))
+            return run
         finally:
             await conn.close()
 
@@ -70,8 +81,27 @@ def migrate_command(args: argparse.Namespace) -> int:
         return _refused("migrate", f"refused, nothing applied: {err}")
     except _Unreachable as err:
         return _refused("migrate", err)
-    print(_migrate_report(outcome, mode))
+    except CdcNotReady as err:
+        return _refused("migrate", f"migrations applied, but --cdc: {err}")
+    print("\n".join([_migrate_report(outcome, mode), *cdc_lines]))
     return 0
+
+
+async def _prepare_cdc(
+    conn: asyncpg.Connection, settings: Settings, mapping: FollowMapping
+) -> list[str]:
+    """Create the CDC relay's publication and slot (``migrate --cdc``); what was done."""
+    from workers.cdc_slot import check_source, ensure_publication, ensure_slot
+
+    oid = await check_source(conn, mapping)
+    publication, slot = settings.cdc_publication, settings.cdc_slot
+    made = await ensure_publication(conn, publication, mapping, oid)
+    state = await ensure_slot(conn, slot, publication)
+    return [
+        f"{'created' if made else 'kept'} publication {publication} of {mapping.source.table}",
+        f"{'created' if state.created else 'kept'} replication slot {slot}"
+        + (" (it had been lost: the relay starts a reconcile)" if state.lost else ""),
+    ]
 
 
 def _migrate_report(run: MigrationRun, mode: str) -> str:
@@ -139,6 +169,12 @@ def add_migrate_parser(commands: Commands) -> None:
     )
     migrate.add_argument(
         "--dry-run", action="store_true", help="list what would be applied; change nothing"
+    )
+    migrate.add_argument(
+        "--cdc",
+        action="store_true",
+        help="follow mode: also create `relay cdc`'s publication and replication slot (a slot"
+        " keeps WAL until the relay reads it: only when the relay will run)",
     )
     migrate.set_defaults(func=migrate_command)
 

@@ -31,6 +31,7 @@ __all__ = [
     "embedded_postgres_group",
     "prepare_app_db",
     "prepare_spicedb",
+    "restart_embedded_postgres",
     "spicedb_command",
     "start_codec_server",
     "start_embedded_postgres",
@@ -191,6 +192,10 @@ async def prepare_app_db(database_url: str, *, owned: bool = True) -> list[int]:
         await conn.close()
 
 
+# Logical decoding needs it; the WAL it adds is small (docs/follow-mode.md#change-data-capture).
+_WAL_LEVEL_LINE = "wal_level = logical"
+
+
 def _embedded_postgres_user() -> str | None:
     # Run as root, embedded-postgres runs the server as this user (PostgreSQL refuses root).
     if platform.system() != "Windows" and os.geteuid() == 0:
@@ -216,9 +221,33 @@ def start_embedded_postgres(data_dir: Path) -> str:
     """Start (or find running) the embedded PostgreSQL in ``data_dir``; returns its URL.
 
     The server keeps running after this process exits; :func:`stop_embedded_postgres` stops it.
+    It runs with ``wal_level = logical``, so ``spicesync relay cdc`` can follow a table in it:
+    a data folder without the setting (a new one, or a stack from before it) gets it, and a
+    server running without it is restarted once.
     """
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     server = get_server(data_dir, cleanup_mode=None)
+    if server.psql("SHOW wal_level;").split()[2] != "logical":
+        conf = data_dir / "postgresql.conf"
+        if _WAL_LEVEL_LINE not in conf.read_text(encoding="utf-8"):
+            with conf.open("a", encoding="utf-8") as out:
+                out.write(
+                    f"\n# spicesync: change data capture (spicesync relay cdc)\n{_WAL_LEVEL_LINE}\n"
+                )
+        return restart_embedded_postgres(data_dir)
+    return str(server.get_uri())
+
+
+def restart_embedded_postgres(data_dir: Path) -> str:
+    """Stop the embedded PostgreSQL in ``data_dir`` (if it runs) and start it again.
+
+    Returns:
+        Its URL (the same as before: it listens on a socket in ``data_dir``).
+    """
+    stop_embedded_postgres(data_dir)
+    server = get_server(data_dir, cleanup_mode=None)
+    with server._lock:  # as get_server starts it
+        server.ensure_postgres_running()
     return str(server.get_uri())
 
 

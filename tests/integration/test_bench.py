@@ -39,6 +39,7 @@ def test_quick_bench_measures_every_system_and_loses_nothing(
         "event-driven (NATS JetStream)",
         "outbox + polling relay",
         "spicesync follow (outbox relay)",
+        "spicesync follow (CDC relay)",
         "spicesync follow (NATS relay)",
     }
     for cell in payload["cells"]:
@@ -62,9 +63,14 @@ _TEMPORAL_BOUND = {
     "spicesync",
     "two-activity workflow (naive)",
     "spicesync follow (outbox relay)",
+    "spicesync follow (CDC relay)",
     "spicesync follow (NATS relay)",
 }
-_RELAYS = {"spicesync follow (outbox relay)", "spicesync follow (NATS relay)"}
+_RELAYS = {
+    "spicesync follow (outbox relay)",
+    "spicesync follow (CDC relay)",
+    "spicesync follow (NATS relay)",
+}
 
 
 def _assert_cpu_accounted(cell: dict[str, object]) -> None:

@@ -25,6 +25,7 @@ MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
 UNITS = {
     "spicesync-worker.service": ("worker", "spicesync"),
     "spicesync-outbox-relay.service": ("relay outbox", "spicesync-outbox-relay"),
+    "spicesync-cdc-relay.service": ("relay cdc", "spicesync-cdc-relay"),
     "spicesync-nats-relay.service": ("relay nats", "spicesync-nats-relay"),
 }
 # The oldest Kubernetes release the manifests are meant for, and the newest schema bundled.
@@ -146,6 +147,7 @@ def test_every_pod_is_locked_down_and_has_a_writable_state_dir() -> None:
     assert set(templates) == {
         "spicesync-worker",
         "spicesync-outbox-relay",
+        "spicesync-cdc-relay",
         "spicesync-nats-relay",
         "spicesync-migrate",
         "spicesync-setup-namespace",
@@ -182,6 +184,7 @@ def test_every_pod_is_locked_down_and_has_a_writable_state_dir() -> None:
             "SPICESYNC_OUTBOX_METRICS_ADDRESS",
             "SPICESYNC_OUTBOX_HEALTH_ADDRESS",
         ),
+        ("spicesync-cdc-relay", "SPICESYNC_CDC_METRICS_ADDRESS", "SPICESYNC_CDC_HEALTH_ADDRESS"),
         ("spicesync-nats-relay", "SPICESYNC_NATS_METRICS_ADDRESS", "SPICESYNC_NATS_HEALTH_ADDRESS"),
     ],
 )
@@ -374,6 +377,7 @@ def test_the_unit_runs_with_a_dynamic_user_in_its_state_directory(unit: str) -> 
     stop = int(service["TimeoutStopSec"])
     defaults = Settings(_env_file=None)
     grace = defaults.shutdown_grace_seconds if command == "worker" else 0
+    assert stop > max(grace, defaults.outbox_rpc_timeout_seconds, defaults.cdc_rpc_timeout_seconds)
     deadline = max(defaults.outbox_rpc_timeout_seconds, defaults.nats_rpc_timeout_seconds)
     assert stop > max(grace, deadline)
     for hardening in (
