@@ -19,6 +19,7 @@ class DualWriteSystem:
 
     name = "dual write (no durability)"
     has_rows = True
+    uses_temporal = False  # the dev server is not one of its processes (CPU accounting)
 
     def worker_command(self) -> list[str] | None:
         """No worker: the request does everything."""

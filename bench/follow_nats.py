@@ -44,6 +44,7 @@ class FollowNatsSystem:
     """The app's own row, then a JetStream publish; ``relay nats`` and a follow-mode worker."""
 
     name = "spicesync follow (NATS relay)"
+    uses_nats = True  # the NATS server is one of its processes (CPU accounting)
     has_rows = True
     synced_query = SYNCED_QUERY
 

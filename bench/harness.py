@@ -86,6 +86,8 @@ class CellResult:
     time_to_row: Percentiles = field(default_factory=lambda: Percentiles(None, None, None))
     time_to_permission: Percentiles = field(default_factory=lambda: Percentiles(None, None, None))
     lost: int = 0
+    # Milliseconds of CPU per completed user, by process role and in "total" (bench/cpu.py).
+    cpu_ms_per_user: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready."""
@@ -102,6 +104,7 @@ class CellResult:
             "start_call_ms": self.start_call.as_dict(),
             "time_to_row_ms": self.time_to_row.as_dict(),
             "time_to_permission_ms": self.time_to_permission.as_dict(),
+            "cpu_ms_per_user": self.cpu_ms_per_user,
         }
 
 

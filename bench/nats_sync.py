@@ -40,7 +40,9 @@ class NatsSyncSystem:
     """Row + JetStream publish in the request; a consumer process does SpiceDB."""
 
     name = "event-driven (NATS JetStream)"
+    uses_nats = True  # the NATS server is one of its processes (CPU accounting)
     has_rows = True
+    uses_temporal = False  # the dev server is not one of its processes (CPU accounting)
 
     def __init__(self) -> None:
         self._js: JetStreamContext | None = None

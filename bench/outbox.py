@@ -44,6 +44,7 @@ class OutboxSystem:
 
     name = "outbox + polling relay"
     has_rows = True
+    uses_temporal = False  # the dev server is not one of its processes (CPU accounting)
 
     def worker_command(self) -> list[str]:
         """The relay process."""

@@ -8,15 +8,36 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-__all__ = ["markdown", "plot", "write_json"]
+__all__ = ["CPU_ROLES", "cpu_table", "markdown", "plot", "write_json"]
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+# The CPU table's columns: the roles of bench/cpu.py, in the order a sync passes through them.
+CPU_ROLES = ("load generator", "temporal", "worker", "relay", "nats", "postgres", "spicedb")
+
+
+def cpu_table(results: list[dict[str, Any]]) -> list[str]:
+    """Milliseconds of CPU per completed user, per process and in total, one row per cell."""
+    lines = [
+        "| system | offered/s | " + " | ".join(CPU_ROLES) + " | total |",
+        "| --- | ---: | " + " | ".join("---:" for _ in CPU_ROLES) + " | ---: |",
+    ]
+    for r in results:
+        cpu = r.get("cpu_ms_per_user") or {}
+        cells = [_cpu(cpu.get(role)) for role in (*CPU_ROLES, "total")]
+        lines.append(f"| {r['system']} | {r['offered_rate']:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cpu(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
 def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    """One row per system and offered rate, then the targets."""
+    """One row per system and offered rate, the CPU each cost per user, then the targets."""
     lines = [
         "| system | offered/s | completed/s | start call p50/p99 ms | time-to-row p50/p99 ms"
         " | time-to-permission p50/p95/p99 ms | not done | lost |",
@@ -30,6 +51,8 @@ def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             f" | {_ms(perm['p50'])} / {_ms(perm['p95'])} / {_ms(perm['p99'])}"
             f" | {r['not_done']} | {r['lost']} |"
         )
+    lines += ["", "CPU per completed user (ms, measured window; `-`: no such process):", ""]
+    lines += cpu_table(results)
     if summary:
         lines.append("")
         for key, value in summary.items():

@@ -4,6 +4,12 @@ Each cell (one system at one rate) gets a SpiceDB engine of its own (the memory 
 as it grows, which would penalise whichever system ran last), an emptied ``users`` table in a
 database of the benchmark's own, and its own worker process; the load generator runs in this
 process. Temporal is the local stack's dev server for every system.
+
+Before its measured window each cell is warmed up: a short run at the first rate, waited for and
+not counted, so that the window does not pay for a fresh worker's and engine's first calls
+(imports, connections, caches, the sandbox's first workflow). Over the measured window the CPU
+every process of the system spent is read from ``/proc`` (:mod:`bench.cpu`) and divided by the
+users it completed.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from bench import children
 from bench.backfill import run_backfill_bench
 from bench.ceiling import EmptyWorkflowSystem
 from bench.cells import System, cell_context, fresh_spicedb, spawn_worker, users_held, wait_ready
+from bench.context import BenchContext
+from bench.cpu import CpuWindow, Watched, parent_of_postgres_backend
 from bench.dual_write import DualWriteSystem
 from bench.follow_mode import FollowCdcSystem, FollowOutboxSystem
 from bench.follow_nats import FollowNatsSystem
@@ -36,6 +44,7 @@ from bench.harness import (
     run_open_loop,
     wait_done,
 )
+from bench.naive import NaiveTwoActivitySystem
 from bench.nats_sync import NatsSyncSystem
 from bench.outbox import OutboxSystem
 from bench.pipeline import PipelineSystem
@@ -44,7 +53,7 @@ from spicesync.db import with_database
 from spicesync.settings import Settings, load_settings
 from spicesync.spicedb import connect_spicedb
 from spicesync.stack.components import prepare_app_db
-from spicesync.stack.manager import stack_up
+from spicesync.stack.manager import StackState, stack_up
 from spicesync.stack.processes import (
     free_port,
     spawn,
@@ -59,6 +68,10 @@ from starters.reconcile import schedule_as_configured
 __all__ = ["BenchOptions", "run_bench"]
 
 DRAIN_SECONDS = 45.0
+# The warm-up before each measured window: this long at the first rate (at most half the window),
+# then up to WARMUP_DRAIN_SECONDS for its users to finish.
+WARMUP_SECONDS = 3.0
+WARMUP_DRAIN_SECONDS = 30.0
 
 
 @dataclass
@@ -79,6 +92,7 @@ def all_systems() -> list[System]:
     return [
         EmptyWorkflowSystem(),
         PipelineSystem(),
+        NaiveTwoActivitySystem(),
         DualWriteSystem(),
         NatsSyncSystem(),
         OutboxSystem(),
@@ -126,18 +140,18 @@ async def run_cell(
     result = CellResult(system=system.name, offered_rate=rate, seconds=options.seconds)
     try:
         await wait_ready(ctx, system)
+        await _warm_up(system, ctx, options.rates[0], min(WARMUP_SECONDS, options.seconds / 2))
+        window = CpuWindow(_watched(system, shared, pid, processes))
+        window.start()
         users = [new_user(run, i) for i in range(max(1, int(rate * options.seconds)))]
         sent, latencies, failed = await run_open_loop(
             lambda u: system.submit(ctx, u), users, rate, _progress(f"{system.name} @ {rate:g}/s")
         )
         accepted = [u for u in users if u.user_id not in failed]
-        if system.has_rows:
-            synced_query = getattr(system, "synced_query", USERS_SYNCED)
-            await wait_done(
-                pool, [u.user_id for u in accepted], DRAIN_SECONDS, synced_query=synced_query
-            )
+        await _drain(system, ctx, [u.user_id for u in accepted], DRAIN_SECONDS)
         # Every offered user: a call that raised (a timeout, say) may still have been accepted.
         done = await system.completions(ctx, [u.user_id for u in users])
+        window.stop()
         row_ms, perm_ms, finished = [], [], []
         for user_id, (row_at, perm_at) in done.items():
             if row_at is not None:
@@ -157,6 +171,7 @@ async def run_cell(
         result.start_call = percentiles(latencies)
         result.time_to_row = percentiles(row_ms)
         result.time_to_permission = percentiles(perm_ms)
+        result.cpu_ms_per_user = window.ms_per_user(result.completed)
     finally:
         for process in processes:
             await stop_process(process)
@@ -174,6 +189,68 @@ async def run_cell(
         flush=True,
     )
     return result
+
+
+async def _drain(system: System, ctx: BenchContext, user_ids: list[str], timeout: float) -> None:
+    """Wait for the users' rows to be synced, for the systems that keep rows."""
+    if system.has_rows:
+        synced_query = getattr(system, "synced_query", USERS_SYNCED)
+        await wait_done(ctx.pool, user_ids, timeout, synced_query=synced_query)
+
+
+async def _warm_up(system: System, ctx: BenchContext, rate: float, seconds: float) -> None:
+    """Offer ``seconds`` of users at ``rate`` and wait for them; nothing of it is counted."""
+    users = [new_user(f"{ctx.run}-warm", i) for i in range(max(1, int(rate * seconds)))]
+    _, _, failed = await run_open_loop(lambda u: system.submit(ctx, u), users, rate)
+    accepted = [u.user_id for u in users if u.user_id not in failed]
+    await _drain(system, ctx, accepted, WARMUP_DRAIN_SECONDS)
+    if not system.has_rows:
+        await system.completions(ctx, accepted)  # the ceiling: waits for its closes
+
+
+def _watched(
+    system: System,
+    shared: dict[str, Any],
+    spicedb_pid: int,
+    processes: list[asyncio.subprocess.Process],
+) -> list[Watched]:
+    """Every process a cell's users cost CPU in, by role (bench/cpu.py).
+
+    Only the processes the system uses: an idle dev server or store costs a little CPU too, which
+    would be charged to systems that never call it.
+    """
+    engines: dict[str, int] = shared["engines"]
+    watched = []
+    if "temporal" in engines and getattr(system, "uses_temporal", True):
+        watched.append(Watched("temporal", engines["temporal"]))
+    if system.has_rows:  # every system that keeps rows also writes SpiceDB
+        if "postgres" in engines:
+            watched.append(Watched("postgres", engines["postgres"]))
+        watched.append(Watched("spicedb", spicedb_pid))
+    if getattr(system, "uses_nats", False) and shared.get("nats_pid"):
+        watched.append(Watched("nats", shared["nats_pid"]))
+    roles = ["worker", "relay"]
+    watched += [Watched(role, p.pid) for role, p in zip(roles, processes, strict=False)]
+    # The load generator is this process; its children are the processes above.
+    watched.append(Watched("load generator", os.getpid(), tree=False))
+    return watched
+
+
+async def engine_pids(state: StackState, pool: asyncpg.Pool) -> dict[str, int]:
+    """The pids of the shared engines this host runs: Temporal's dev server, the postmaster.
+
+    A Temporal server elsewhere (``TEMPORAL_ADDRESS``) cannot be read from ``/proc`` and is left
+    out; PostgreSQL is found from a backend of the benchmark's own pool (its parent is the
+    postmaster), if that backend runs on this host.
+    """
+    pids: dict[str, int] = {}
+    temporal = state.component("temporal")
+    if temporal is not None and temporal.managed and temporal.pid:
+        pids["temporal"] = temporal.pid
+    postmaster = parent_of_postgres_backend(int(await pool.fetchval("SELECT pg_backend_pid()")))
+    if postmaster is not None:
+        pids["postgres"] = postmaster
+    return pids
 
 
 def summarise(results: list[CellResult]) -> dict[str, Any]:
@@ -210,7 +287,7 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
     if options.nats_url is None:
         nats_pid, options.nats_url = await _start_nats(options.out)
     try:
-        return await _run_all(options)
+        return await _run_all(options, nats_pid)
     finally:
         if nats_pid is not None:
             stop_pid(nats_pid)
@@ -230,8 +307,8 @@ async def _start_nats(out: Path) -> tuple[int, str]:
     return pid, f"nats://127.0.0.1:{port}"
 
 
-async def _run_all(options: BenchOptions) -> dict[str, Any]:
-    await stack_up(load_settings(), on_ready=schedule_as_configured)
+async def _run_all(options: BenchOptions, nats_pid: int | None) -> dict[str, Any]:
+    state = await stack_up(load_settings(), on_ready=schedule_as_configured)
     settings = load_settings()
     client = await connect_temporal(settings)
     database = f"spicesync_bench_{uuid.uuid4().hex[:8]}"
@@ -244,7 +321,13 @@ async def _run_all(options: BenchOptions) -> dict[str, Any]:
         await prepare_app_db(url)
         pool = await asyncpg.create_pool(url, min_size=2, max_size=20)
         assert pool is not None
-        shared = {"client": client, "pool": pool, "database_url": url}
+        shared = {
+            "client": client,
+            "pool": pool,
+            "database_url": url,
+            "engines": await engine_pids(state, pool),
+            "nats_pid": nats_pid,
+        }
         systems = [s for s in all_systems() if not options.systems or s.name in options.systems]
         for rate in options.rates:
             for system in systems:

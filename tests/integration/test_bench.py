@@ -20,19 +20,21 @@ from tests.integration.test_cli_stack import (  # noqa: F401 - stack_env is a fi
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.timeout(400)
+# Eight systems, each cell warmed up before its window, on a loaded 2-core box.
+@pytest.mark.timeout(660)
 def test_quick_bench_measures_every_system_and_loses_nothing(
     stack_env: dict[str, str],  # noqa: F811
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "bench"
-    done = run(["bench", "--quick", "--out", str(out)], stack_env, timeout=360)
+    done = run(["bench", "--quick", "--out", str(out)], stack_env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     payload = json.loads((out / "bench.json").read_text())
     systems = {c["system"] for c in payload["cells"]}
     assert systems == {
         "empty workflow (ceiling)",
         "spicesync",
+        "two-activity workflow (naive)",
         "dual write (no durability)",
         "event-driven (NATS JetStream)",
         "outbox + polling relay",
@@ -44,11 +46,57 @@ def test_quick_bench_measures_every_system_and_loses_nothing(
         assert cell["completed"] == cell["submitted"] > 0, cell
         assert cell["lost"] == 0 and cell["not_done"] == 0, cell
         assert cell["time_to_permission_ms"]["p99"] is not None, cell
+        _assert_cpu_accounted(cell)
     backfill = payload["backfill"]
     assert backfill["spicesync_written_users"] == backfill["users"] == 2000
     assert backfill["sample_holding"] == backfill["sample_checked"]
     assert (out / "bench.png").stat().st_size > 10_000
-    assert "| spicesync |" in (out / "bench.md").read_text()
+    table = (out / "bench.md").read_text()
+    assert "| spicesync |" in table
+    assert "| two-activity workflow (naive) | 10 |" in table
+    assert "| system | offered/s | load generator | temporal | worker |" in table
+
+
+# Which processes each system runs beyond the load generator and the stores (bench/run.py).
+_TEMPORAL_BOUND = {
+    "empty workflow (ceiling)",
+    "spicesync",
+    "two-activity workflow (naive)",
+    "spicesync follow (outbox relay)",
+    "spicesync follow (CDC relay)",
+    "spicesync follow (NATS relay)",
+}
+_RELAYS = {
+    "spicesync follow (outbox relay)",
+    "spicesync follow (CDC relay)",
+    "spicesync follow (NATS relay)",
+}
+
+
+def _assert_cpu_accounted(cell: dict[str, object]) -> None:
+    """CPU per completed user was read for every process of the system, and some was spent."""
+    cpu = cell["cpu_ms_per_user"]
+    assert isinstance(cpu, dict), cell
+    name = cell["system"]
+    expected = {"load generator", "total"}
+    if name in _TEMPORAL_BOUND:
+        expected.add("temporal")
+    if name != "empty workflow (ceiling)":
+        expected |= {"postgres", "spicedb"}  # the ceiling writes neither store
+    if name != "dual write (no durability)":
+        expected.add("worker")
+    if name in _RELAYS:
+        expected.add("relay")
+    if "NATS" in str(name):
+        expected.add("nats")
+    assert set(cpu) == expected, cell
+    assert cpu["total"] == pytest.approx(sum(v for k, v in cpu.items() if k != "total"), abs=0.1)
+    assert cpu["load generator"] > 0, cell
+    if name in _TEMPORAL_BOUND:
+        assert cpu["temporal"] > 0 and cpu["worker"] > 0, cell
+    if name in {"spicesync", "two-activity workflow (naive)"}:
+        # Both write a row and a relationship per user: the stores' own processes worked.
+        assert cpu["postgres"] > 0 and cpu["spicedb"] > 0, cell
 
 
 def _children(pid: int) -> dict[int, str]:
