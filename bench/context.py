@@ -36,4 +36,11 @@ class BenchContext:
             spicedb_endpoint=self.spicedb_endpoint,
             spicedb_key=self.spicedb_key,
         )
-        return env | {"BENCH_NATS_URL": self.nats_url or "", "BENCH_RUN": self.run}
+        # The workers' spans go beside the stack's other logs (not to a folder at the root of
+        # the filesystem, which the workers' placeholder state folder would give).
+        traces = self.settings.state_dir.resolve() / "logs" / f"bench-{self.run}-traces.jsonl"
+        return env | {
+            "BENCH_NATS_URL": self.nats_url or "",
+            "BENCH_RUN": self.run,
+            "SPICESYNC_TRACE_FILE": str(traces),
+        }
