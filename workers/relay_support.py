@@ -45,8 +45,17 @@ __all__ = [
 ]
 
 # What PostgreSQL being down or going away looks like to asyncpg (refused, reset, shut down,
-# timed out), and the errors of a statement; a relay waits all of them out.
-POSTGRES_ERRORS: Final = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# timed out), and the errors of a statement; a relay waits all of them out. asyncpg's
+# InternalClientError is a pooled connection left mid-operation by such a failure ("cannot
+# switch to state ..."; seen when the server restarted under the CDC relay): the pool drops that
+# connection on release, so the next try gets a new one.
+POSTGRES_ERRORS: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 # A refused or unanswered delivery: the server's refusal, or a client that cannot connect.
 DELIVERY_ERRORS: Final = (RPCError, RuntimeError, TimeoutError)
 
