@@ -5,11 +5,18 @@ user's workflow by its registered names (:data:`~spicesync.constants.USER_SYNC_W
 its update :data:`~spicesync.constants.SUBMIT_EVENT_UPDATE`), so it imports no workflow code and
 an application needs none of the worker's dependencies.
 
-Every event goes to its user's workflow (id ``user-<uuid>``) through update-with-start: the
-first event of a user starts the workflow, later ones join it, duplicates get the first
-delivery's outcome. Three ways to wait, for three kinds of caller:
+Every event goes to its user's workflow (id ``user-<uuid>``): the first event of a user starts
+the workflow, later ones join it, duplicates get the first delivery's outcome. Four ways to wait,
+for four kinds of caller:
 
-* ``WaitFor.START``: return once Temporal has durably accepted the event;
+* ``WaitFor.START``: return once Temporal holds the event durably (signal-with-start: the
+  server's answer is enough, no worker is waited for, so a busy worker never slows the caller).
+  The user's workflow judges the event later: a reused event id with other content is then
+  logged, counted and not applied, and a later call for the same event with another wait
+  raises :class:`EventIdConflict`;
+* ``WaitFor.ACCEPTED``: return once the user's workflow has taken the event (update-with-start):
+  a worker has checked it against earlier deliveries, so a reused event id raises
+  :class:`EventIdConflict` here; under load this waits for a free worker;
 * ``WaitFor.ROW``: return once the App DB row reflects it (for a creation: the seed's
   "201 Created" moment, before SpiceDB is written);
 * ``WaitFor.PERMISSIONS``: return once SpiceDB reflects it too, with the ZedToken, so the
@@ -45,6 +52,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from spicesync.constants import (
+    DELIVER_EVENT_SIGNAL,
     FOLLOWED_USER_WORKFLOW,
     SUBMIT_EVENT_UPDATE,
     SYNC_CHANGE_UPDATE,
@@ -57,6 +65,7 @@ from spicesync.errors import EventIdConflict, InvalidUserInput
 from spicesync.mapping import valid_user_id
 from spicesync.models import (
     CreateUserInput,
+    DeliverEventInput,
     EventOutcome,
     FollowedUserInput,
     FollowSyncOutcome,
@@ -102,12 +111,14 @@ class WaitFor(enum.StrEnum):
     """How long a starter waits."""
 
     START = "start"
+    ACCEPTED = "accepted"
     ROW = "row"
     PERMISSIONS = "permissions"
 
 
 _STAGE: dict[WaitFor, WaitStage] = {
     WaitFor.START: "accepted",
+    WaitFor.ACCEPTED: "accepted",
     WaitFor.ROW: "row",
     WaitFor.PERMISSIONS: "applied",
 }
@@ -223,6 +234,10 @@ async def submit_event(
     validate_event(event)
     client, task_queue = await client_and_queue(client, task_queue)
     workflow_id = user_workflow_id(event.user_id)
+    if wait is WaitFor.START:
+        await _delivered(client, task_queue, workflow_id, event, accept_within)
+        outcome = EventOutcome(event_id=event.event_id, version=event.version, status="queued")
+        return _sync_outcome(event, workflow_id, outcome)
     try:
         handle = await _accepted(client, task_queue, workflow_id, event, wait, accept_within)
         outcome = await _outcome(handle)
@@ -235,6 +250,10 @@ async def submit_event(
         raise UserSyncFailed(
             workflow_id, event.event_id, outcome.error_type or "Failed", outcome.message or ""
         )
+    return _sync_outcome(event, workflow_id, outcome)
+
+
+def _sync_outcome(event: UserEvent, workflow_id: str, outcome: EventOutcome) -> SyncOutcome:
     return SyncOutcome(
         user_id=event.user_id,
         workflow_id=workflow_id,
@@ -242,6 +261,36 @@ async def submit_event(
         version=event.version,
         status=_STATUS[outcome.status],
         zed_token=outcome.zed_token,
+    )
+
+
+async def _delivered(
+    client: Client,
+    task_queue: str,
+    workflow_id: str,
+    event: UserEvent,
+    accept_within: timedelta,
+) -> None:
+    """Send the event with signal-with-start until Temporal holds it, or the deadline passed."""
+
+    async def attempt(left: float | None) -> None:
+        # A try that timed out may have landed: sending the event again is a no-op then.
+        await asyncio.wait_for(
+            client.start_workflow(
+                USER_SYNC_WORKFLOW,
+                UserSyncInput(user_id=event.user_id),
+                id=workflow_id,
+                task_queue=task_queue,
+                start_signal=DELIVER_EVENT_SIGNAL,
+                start_signal_args=[DeliverEventInput(event=event)],
+            ),
+            timeout=left,
+        )
+
+    await _retry_passing(
+        attempt,
+        accept_within,
+        lambda attempts, why: EventNotAccepted(workflow_id, event.event_id, attempts, why),
     )
 
 

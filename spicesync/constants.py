@@ -13,6 +13,7 @@ __all__ = [
     "CDC_HEARTBEAT_BYTES",
     "CDC_RECONCILE_WORKFLOW_PREFIX",
     "DEFAULT_TASK_QUEUE",
+    "DELIVER_EVENT_SIGNAL",
     "EVENTS_PER_RUN",
     "FOLLOWED_USER_WORKFLOW",
     "FOLLOWED_USER_WORKFLOW_ID_PREFIX",
@@ -53,6 +54,9 @@ USER_WORKFLOW_ID_PREFIX: Final = "user-"
 # (spicesync.client) addresses them by name so that an application needs no workflow code.
 USER_SYNC_WORKFLOW: Final = "UserSyncWorkflow"
 SUBMIT_EVENT_UPDATE: Final = "submit"
+# ``WaitFor.START`` delivers an event with signal-with-start instead: durable once the server
+# answers, so a busy worker never holds up the application's request.
+DELIVER_EVENT_SIGNAL: Final = "deliver"
 
 # Follow mode (docs/follow-mode.md): one workflow per followed user of the application's own table.
 # ``user_changed`` is a signal, so delivering a change (signal-with-start) is durable as soon as

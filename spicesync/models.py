@@ -27,6 +27,7 @@ __all__ = [
     "CountBackfillInput",
     "CountFollowedBackfillInput",
     "CreateUserInput",
+    "DeliverEventInput",
     "DeliverRepairsInput",
     "Drift",
     "DriftCounts",
@@ -138,6 +139,12 @@ class SubmitEventInput(_Model):
 
     event: UserEvent
     wait: WaitStage = "applied"
+
+
+class DeliverEventInput(_Model):
+    """Input of the ``deliver`` signal: an event handed over without waiting for its outcome."""
+
+    event: UserEvent
 
 
 class EventOutcome(_Model):

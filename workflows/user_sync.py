@@ -1,7 +1,9 @@
 """The per-user sync: one long-lived workflow per user applies that user's events in order.
 
 Events (created, role_changed, moved, deleted) arrive through the ``submit`` update, usually as
-update-with-start, so the first event of a user starts its workflow and later ones join it. The
+update-with-start, so the first event of a user starts its workflow and later ones join it; a
+caller that waits for nothing but durability sends the ``deliver`` signal instead, usually as
+signal-with-start. The
 workflow applies one event at a time, lowest version first; an event not newer than what is
 applied is a recorded no-op, and a duplicate event id gets the first delivery's outcome. Users
 never wait on each other: each has its own workflow, and a user whose event fails for good has
@@ -25,11 +27,16 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 with workflow.unsafe.imports_passed_through():
     from activities.memberships import MembershipActivities
     from activities.user_rows import UserRowActivities
-    from spicesync.constants import ACTIVITY_START_TO_CLOSE, HELD_CHANGE_GRACE
-    from spicesync.errors import NON_RETRYABLE_ERROR_TYPES, InvalidUserInput
+    from spicesync.constants import (
+        ACTIVITY_START_TO_CLOSE,
+        DELIVER_EVENT_SIGNAL,
+        HELD_CHANGE_GRACE,
+    )
+    from spicesync.errors import NON_RETRYABLE_ERROR_TYPES, EventIdConflict, InvalidUserInput
     from spicesync.models import (
         ApplyRowInput,
         CarriedState,
+        DeliverEventInput,
         EventOutcome,
         EventStatus,
         InsertCreatedRowInput,
@@ -207,14 +214,11 @@ class UserSyncWorkflow:
         ``accepted`` returns as soon as the event is durably recorded, ``row`` once the App DB
         row reflects it, ``applied`` once both stores do (or it was found stale, or failed).
         """
-        await workflow.wait_condition(lambda: self._ledger is not None)
-        ledger = self._ledger
-        assert ledger is not None
+        ledger = await self._ledger_ready()
         event = request.event
-        decided = ledger.offer(event)
+        decided = self._offer(ledger, event)
         if decided is not None:
             return decided
-        self._accepted_at.setdefault(event.event_id, workflow.now())
         if request.wait == "accepted":
             return EventOutcome(event_id=event.event_id, version=event.version, status="queued")
         await workflow.wait_condition(
@@ -234,6 +238,42 @@ class UserSyncWorkflow:
         if request.event.user_id != self._user_id and self._user_id:
             raise ValueError("the event belongs to another user's workflow")
         validate_event(request.event)
+
+    @workflow.signal(name=DELIVER_EVENT_SIGNAL)
+    async def deliver(self, request: DeliverEventInput) -> None:
+        """Take an event whose sender waits only until Temporal holds it durably.
+
+        A signal cannot be refused, so what the ``submit`` validator would reject is decided
+        here: an event addressed to another user is dropped, a malformed one fails when its
+        turn comes (``_apply`` validates every event), a reused event id is counted and logged
+        (opaque ids only); a later ``submit`` of the same event learns either outcome.
+        """
+        ledger = await self._ledger_ready()
+        event = request.event
+        if event.user_id != self._user_id:
+            workflow.logger.warning("dropped an event addressed to another user's workflow")
+            return
+        decided = self._offer(ledger, event)
+        if decided is not None and decided.error_type == EventIdConflict.__name__:
+            workflow.metric_meter().create_counter(
+                "spicesync_event_id_conflicts",
+                "Deliveries that reused an event id for other content (not applied)",
+            ).add(1)
+            workflow.logger.warning(
+                "event %s reused for other content; not applied", event.event_id
+            )
+
+    async def _ledger_ready(self) -> EventLedger:
+        # Signal-with-start and update-with-start deliver before the run has read the user's state.
+        await workflow.wait_condition(lambda: self._ledger is not None)
+        assert self._ledger is not None
+        return self._ledger
+
+    def _offer(self, ledger: EventLedger, event: UserEvent) -> EventOutcome | None:
+        decided = ledger.offer(event)
+        if decided is None:
+            self._accepted_at.setdefault(event.event_id, workflow.now())
+        return decided
 
     @workflow.update
     async def reconcile(self, request: ReconcileUserInput) -> ReconcileUserResult:

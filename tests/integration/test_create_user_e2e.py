@@ -27,7 +27,7 @@ from spicesync.models import (
     Membership,
     WriteMembershipsInput,
 )
-from spicesync.spicedb import connect_spicedb
+from spicesync.spicedb import SpiceDBClient, connect_spicedb
 from spicesync.stack.components import prepare_spicedb, start_spicedb
 from spicesync.stack.processes import free_port, stop_pid, wait_for_port
 from starters.user_events import UserSyncFailed, WaitFor, create_user, creation_event
@@ -184,6 +184,40 @@ async def test_wait_for_start_returns_at_once(pipeline: Pipeline) -> None:
     # Delivering the same event again waits for its outcome: duplicates are no-ops.
     result = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
     await assert_synced(pipeline, event, result.zed_token)
+
+
+async def test_wait_for_start_is_durable_before_any_worker_runs(
+    client: Client,
+    database_url: str,
+    app_db: asyncpg.Pool,
+    spicedb_server: SpiceDBServer,
+    spicedb: SpiceDBClient,
+) -> None:
+    """START returns on the server's answer (signal-with-start): no worker polls the queue yet,
+    so nothing is written; a worker started afterwards applies the event it holds."""
+    task_queue = f"no-worker-yet-{uuid.uuid4().hex[:8]}"
+    event = new_event()
+    outcome = await asyncio.wait_for(
+        create_user(event, wait=WaitFor.START, client=client, task_queue=task_queue), 30
+    )
+    assert outcome.status == "started"
+    history = await client.get_workflow_handle(outcome.workflow_id).fetch_history()
+    kinds = [e.event_type for e in history.events]
+    assert kinds == [
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
+        EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+    ]
+    assert await user_row(app_db, event.user_id) is None
+    async with (
+        open_resources(worker_settings(database_url, spicedb_server)) as resources,
+        build_worker(client, resources, task_queue=task_queue),
+    ):
+        # The same event again, waiting for its outcome: the signalled delivery is the one applied.
+        result = await create_user(event, client=client, task_queue=task_queue)
+        await assert_synced(
+            Pipeline(client, task_queue, app_db, spicedb), event, result.zed_token or ""
+        )
 
 
 async def test_duplicate_events_are_no_ops(pipeline: Pipeline) -> None:

@@ -16,7 +16,7 @@ from temporalio.client import Client
 from spicesync.codec import EncryptionCodec, generate_key, parse_keys
 from spicesync.codec_server import CodecAuth, CodecServer
 from spicesync.constants import user_workflow_id
-from starters.user_events import UserSyncFailed, create_user
+from starters.user_events import UserSyncFailed, WaitFor, create_user
 from tests.integration.conftest import Pipeline, new_event
 
 pytestmark = pytest.mark.integration
@@ -54,7 +54,13 @@ async def test_raw_history_holds_no_email_and_no_name(pipeline: Pipeline) -> Non
     clash = new_event(email=user.email.upper(), name="Yorick Pennyworth")
     with pytest.raises(UserSyncFailed):
         await create_user(clash, client=pipeline.client, task_queue=pipeline.task_queue)
-    for event in (user, clash):
+    # And one sent with WaitFor.START: the signal that carries it is encrypted as well.
+    signalled = new_event(name="Xavier Oldcastle")
+    await create_user(
+        signalled, wait=WaitFor.START, client=pipeline.client, task_queue=pipeline.task_queue
+    )
+    await create_user(signalled, client=pipeline.client, task_queue=pipeline.task_queue)
+    for event in (user, clash, signalled):
         blobs = _strings_and_payload_bytes(await raw_history(pipeline, event.user_id))
         assert blobs, "history was empty"
         for secret in (event.email, event.email.lower(), event.name):

@@ -138,16 +138,23 @@ async def test_a_reused_event_id_is_a_conflict_while_the_first_is_pending(
         **queue(pipeline),
     )
     assert held.status == "started"
-    with pytest.raises(EventIdConflict):
-        await move_user(
+    # START only hands the reuse to Temporal (the workflow finds it later, and drops it);
+    # ACCEPTED waits for the workflow's verdict.
+    for wait in (WaitFor.START, WaitFor.ACCEPTED):
+        reuse = move_user(
             user.user_id,
             org_id=f"{user.org_id}-b",
             role="member",
             version=2,
             event_id="held-change",
-            wait=WaitFor.START,
+            wait=wait,
             **queue(pipeline),
         )
+        if wait is WaitFor.START:
+            assert (await reuse).status == "started"
+        else:
+            with pytest.raises(EventIdConflict):
+                await reuse
     await create_user(user, **queue(pipeline))
     applied = await change_role(
         user.user_id,
@@ -158,6 +165,8 @@ async def test_a_reused_event_id_is_a_conflict_while_the_first_is_pending(
         **queue(pipeline),
     )
     assert applied.status == "synced"
+    row = await user_row(pipeline.pool, user.user_id)
+    assert row is not None and (row["org_id"], row["role"]) == (user.org_id, "admin")
     await assert_synced(pipeline, user.model_copy(update={"role": "admin"}), applied.zed_token)
 
 

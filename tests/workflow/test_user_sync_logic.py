@@ -31,6 +31,7 @@ from spicesync.errors import (
 from spicesync.models import (
     ApplyRowInput,
     ApplyRowResult,
+    DeliverEventInput,
     InsertCreatedRowInput,
     InsertCreatedRowResult,
     Membership,
@@ -489,3 +490,39 @@ async def test_reused_ids_and_changes_to_a_deleted_user_are_answered_at_once_and
         workflows=[UserSyncWorkflow], data_converter=time_skipping_env.client.data_converter
     ).replay_workflow(history, raise_on_replay_failure=True)
     assert replayed.replay_failure is None
+
+
+async def test_events_sent_by_signal_apply_in_version_order(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """``WaitFor.START`` sends the ``deliver`` signal: the events still apply one at a time,
+    lowest version first, and an event addressed to another user is dropped."""
+    steps = FakeSteps()
+    first = created()
+    moved = change_of(first, event_id="moved", kind="moved", version=2, org_id="globex")
+    async for h in running(time_skipping_env, task_queue, steps):
+        # The move comes first; it is held until its creation arrives.
+        assert (await h.submit(moved, wait=WaitFor.START)).status == "started"
+        assert (await h.submit(first, wait=WaitFor.START)).status == "started"
+        handle = h.env.client.get_workflow_handle(user_workflow_id(first.user_id))
+        await handle.signal("deliver", DeliverEventInput(event=created(event_id="stranger")))
+        assert (await h.submit(moved)).status == "synced"
+    assert [w.add[0].org_id for w in steps.writes] == ["acme", "globex"]
+    assert steps.calls.count("insert_created_row") == 1
+
+
+async def test_a_reused_event_id_sent_by_signal_is_not_applied(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """A signal cannot be refused: the reuse is found by the workflow, the first event stands,
+    and a caller that then waits for the reused delivery learns of the conflict."""
+    steps = FakeSteps()
+    first = created()
+    reused = first.model_copy(update={"role": "admin"})
+    async for h in running(time_skipping_env, task_queue, steps):
+        assert (await h.submit(first, wait=WaitFor.START)).status == "started"
+        assert (await h.submit(reused, wait=WaitFor.START)).status == "started"
+        assert (await h.submit(first)).status == "synced"
+        with pytest.raises(EventIdConflict):
+            await h.submit(reused, wait=WaitFor.ACCEPTED)
+    assert [w.add[0].role for w in steps.writes] == ["member"]
