@@ -251,6 +251,12 @@ class Settings(BaseSettings):
     worker_workflow_task_pollers: int | None = Field(
         default=None, ge=2, validation_alias="SPICESYNC_WORKER_WORKFLOW_TASK_POLLERS"
     )
+    # How long the server holds a cached workflow's next task for this worker before handing it
+    # to any worker, which must then replay the history. Past a busy worker's backlog the SDK's
+    # 10 s turns a backlog into replays, more work per user and a collapse (docs/performance.md).
+    worker_sticky_queue_seconds: float | None = Field(
+        default=None, gt=0, le=600, validation_alias="SPICESYNC_WORKER_STICKY_QUEUE_SECONDS"
+    )
 
     # The outbox relay (`spicesync relay outbox`, docs/follow-mode.md#outbox): rows claimed per
     # batch (their locks are held until Temporal has answered for them), deliveries in flight at

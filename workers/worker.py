@@ -64,6 +64,7 @@ __all__ = [
     "open_resources",
     "run_worker",
     "worker_runtime",
+    "worker_tuning",
 ]
 
 log = logging.getLogger("spicesync.worker")
@@ -169,6 +170,33 @@ async def open_resources(settings: Settings) -> AsyncIterator[WorkerResources]:
         await pool.close()
 
 
+def worker_tuning(settings: Settings | None) -> dict[str, int | timedelta]:
+    """The ``Worker`` options the settings change from the SDK's defaults.
+
+    Args:
+        settings: The worker's settings; the SDK's defaults without them.
+    """
+    if settings is None:
+        return {}
+    tuning: dict[str, int | timedelta] = {
+        "graceful_shutdown_timeout": timedelta(seconds=settings.shutdown_grace_seconds)
+    }
+    for option, value in (
+        ("max_cached_workflows", settings.worker_max_cached_workflows),
+        ("max_concurrent_workflow_tasks", settings.worker_max_concurrent_workflow_tasks),
+        ("max_concurrent_activities", settings.worker_max_concurrent_activities),
+        ("max_concurrent_local_activities", settings.worker_max_concurrent_activities),
+        ("max_concurrent_workflow_task_polls", settings.worker_workflow_task_pollers),
+    ):
+        if value is not None:
+            tuning[option] = value
+    if settings.worker_sticky_queue_seconds is not None:
+        tuning["sticky_queue_schedule_to_start_timeout"] = timedelta(
+            seconds=settings.worker_sticky_queue_seconds
+        )
+    return tuning
+
+
 def build_worker(
     client: Client,
     resources: WorkerResources,
@@ -213,22 +241,10 @@ def build_worker(
             follow_backfill.count_followed_backfill_candidates,
             follow_backfill.deliver_backfill_batch,
         ]
-    tuning: dict[str, int | timedelta] = {}
-    if settings is not None:
-        tuning["graceful_shutdown_timeout"] = timedelta(seconds=settings.shutdown_grace_seconds)
-        for option, value in (
-            ("max_cached_workflows", settings.worker_max_cached_workflows),
-            ("max_concurrent_workflow_tasks", settings.worker_max_concurrent_workflow_tasks),
-            ("max_concurrent_activities", settings.worker_max_concurrent_activities),
-            ("max_concurrent_local_activities", settings.worker_max_concurrent_activities),
-            ("max_concurrent_workflow_task_polls", settings.worker_workflow_task_pollers),
-        ):
-            if value is not None:
-                tuning[option] = value
     return Worker(
         client,
         task_queue=task_queue,
-        **tuning,  # type: ignore[arg-type]
+        **worker_tuning(settings),  # type: ignore[arg-type]
         workflows=workflows,
         activities=[
             rows.read_user_state,

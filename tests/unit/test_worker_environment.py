@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from pydantic import SecretStr
 from spicesync.codec import generate_key
 from spicesync.constants import ACTIVITY_START_TO_CLOSE
 from spicesync.settings import Settings, load_settings
+from workers.worker import worker_tuning
 
 
 def test_a_worker_gets_exactly_the_given_engines_and_the_callers_tuning(
@@ -87,3 +89,13 @@ def test_a_state_folder_it_may_not_enter_reads_as_no_stack_env(
 
     monkeypatch.setattr(Path, "is_file", is_file)
     assert load_settings().state_dir == state
+
+
+def test_worker_tuning_reaches_the_sdk_worker_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPICESYNC_WORKER_STICKY_QUEUE_SECONDS", "45")
+    monkeypatch.setenv("SPICESYNC_WORKER_MAX_CONCURRENT_ACTIVITIES", "64")
+    tuning = worker_tuning(Settings(_env_file=None))
+    assert tuning["sticky_queue_schedule_to_start_timeout"] == timedelta(seconds=45)
+    assert tuning["max_concurrent_activities"] == tuning["max_concurrent_local_activities"] == 64
+    assert "max_cached_workflows" not in tuning  # unset: the SDK's default
+    assert worker_tuning(None) == {}
