@@ -36,7 +36,7 @@ from workflows.followed_user import FollowedUserWorkflow
 from workflows.reconcile import ReconcileWorkflow
 from workflows.user_sync import UserSyncWorkflow
 
-__all__ = ["WORKFLOWS", "instance_cost", "main"]
+__all__ = ["WORKFLOWS", "instance_cost", "instance_details", "main"]
 
 WORKFLOWS: dict[str, type] = {
     "user": UserSyncWorkflow,
@@ -46,8 +46,14 @@ WORKFLOWS: dict[str, type] = {
 }
 
 
-def _details(cls: type) -> WorkflowInstanceDetails:
-    # The same details the SDK's own prepare_workflow validates a definition with.
+def instance_details(cls: type) -> WorkflowInstanceDetails:
+    """What a runner needs to create an instance of ``cls`` outside a worker.
+
+    The same details the SDK's own ``prepare_workflow`` validates a definition with.
+
+    Args:
+        cls: A ``@workflow.defn`` class.
+    """
     return WorkflowInstanceDetails(
         payload_converter_factory=temporalio.converter.DataConverter.default._new_payload_converter,
         failure_converter_class=temporalio.converter.DataConverter.default.failure_converter_class,
@@ -76,7 +82,7 @@ def instance_cost(runner: WorkflowRunner, cls: type, instances: int, rounds: int
     Returns:
         CPU milliseconds per instance.
     """
-    details = _details(cls)
+    details = instance_details(cls)
     runner.create_instance(details)  # warm-up: host-side imports, caches
     per_round = []
     for _ in range(rounds):
@@ -107,7 +113,7 @@ async def _main(argv: Sequence[str] | None) -> None:
     sandboxed = SandboxedWorkflowRunner()
     if args.profile:
         cls = WORKFLOWS[args.profile]
-        details = _details(cls)
+        details = instance_details(cls)
         sandboxed.create_instance(details)
         profiler = cProfile.Profile()
         profiler.enable()
