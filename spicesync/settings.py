@@ -257,6 +257,11 @@ class Settings(BaseSettings):
     worker_sticky_queue_seconds: float | None = Field(
         default=None, gt=0, le=600, validation_alias="SPICESYNC_WORKER_STICKY_QUEUE_SECONDS"
     )
+    # Workflows run in the SDK's sandbox, which refuses non-deterministic calls at run time but
+    # re-executes a workflow's module for every new instance (every user's first event) and
+    # wraps every activation; off trades that guard for the worker CPU docs/performance.md
+    # measures (the replay tests of recorded histories still guard determinism).
+    workflow_sandbox: bool = Field(default=True, validation_alias="SPICESYNC_WORKFLOW_SANDBOX")
 
     # The outbox relay (`spicesync relay outbox`, docs/follow-mode.md#outbox): rows claimed per
     # batch (their locks are held until Temporal has answered for them), deliveries in flight at
@@ -633,11 +638,13 @@ class Settings(BaseSettings):
         exactly this configuration; Temporal and encryption come from these settings. Used to
         start worker processes the benchmark and the fault suite control.
         """
-        # Worker tuning (SPICESYNC_WORKER_*) passes through, so a benchmark can vary it.
+        # Worker tuning (SPICESYNC_WORKER_*, the sandbox switch) passes through, so a benchmark
+        # can vary it.
         base = {
             k: v
             for k, v in os.environ.items()
             if k.startswith("SPICESYNC_WORKER_")
+            or k == "SPICESYNC_WORKFLOW_SANDBOX"
             or not k.startswith(("TEMPORAL_", "SPICEDB_", "DATABASE_URL", "SPICESYNC_"))
         }
         env = base | {

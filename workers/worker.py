@@ -23,7 +23,7 @@ import grpc
 import grpc.aio
 from temporalio.client import Client
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 
 from activities.backfill import BackfillActivities
 from activities.follow_backfill import FollowBackfillActivities
@@ -170,7 +170,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[WorkerResources]:
         await pool.close()
 
 
-def worker_tuning(settings: Settings | None) -> dict[str, int | timedelta]:
+def worker_tuning(settings: Settings | None) -> dict[str, int | timedelta | WorkflowRunner]:
     """The ``Worker`` options the settings change from the SDK's defaults.
 
     Args:
@@ -178,9 +178,13 @@ def worker_tuning(settings: Settings | None) -> dict[str, int | timedelta]:
     """
     if settings is None:
         return {}
-    tuning: dict[str, int | timedelta] = {
+    tuning: dict[str, int | timedelta | WorkflowRunner] = {
         "graceful_shutdown_timeout": timedelta(seconds=settings.shutdown_grace_seconds)
     }
+    if not settings.workflow_sandbox:
+        # Every workflow, not only those declared sandboxed=False: the SDK's default runner
+        # for them is the sandbox (docs/performance.md, "Worker profile of 2026-12-02").
+        tuning["workflow_runner"] = UnsandboxedWorkflowRunner()
     for option, value in (
         ("max_cached_workflows", settings.worker_max_cached_workflows),
         ("max_concurrent_workflow_tasks", settings.worker_max_concurrent_workflow_tasks),
@@ -210,7 +214,8 @@ def build_worker(
         client: A client built with ``pydantic_data_converter``.
         resources: The shared pool and SpiceDB client.
         task_queue: The queue to poll.
-        settings: Worker tuning (cache size, slots, pollers); the SDK's defaults without it.
+        settings: Worker tuning (cache size, slots, pollers, the workflow sandbox); the SDK's
+            defaults without it (workflows sandboxed).
 
     Returns:
         The (not yet running) worker.

@@ -1,5 +1,8 @@
-"""Workflows: one module per business process."""
+"""Workflows: one module per business process.
 
-from workflows.user_sync import UserSyncWorkflow
+Import each workflow from its own module (``from workflows.user_sync import UserSyncWorkflow``).
+This package imports nothing on purpose: the workflow sandbox executes it again for every new
+workflow instance, before the workflow's module, so whatever it imported would be paid per user.
+"""
 
-__all__ = ["UserSyncWorkflow"]
+__all__: list[str] = []

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from temporalio import workflow
@@ -32,13 +31,12 @@ with workflow.unsafe.imports_passed_through():
         DELIVER_EVENT_SIGNAL,
         HELD_CHANGE_GRACE,
     )
-    from spicesync.errors import NON_RETRYABLE_ERROR_TYPES, EventIdConflict, InvalidUserInput
+    from spicesync.errors import EventIdConflict, InvalidUserInput
     from spicesync.models import (
         ApplyRowInput,
         CarriedState,
         DeliverEventInput,
         EventOutcome,
-        EventStatus,
         InsertCreatedRowInput,
         Membership,
         MembershipsSnapshot,
@@ -62,6 +60,16 @@ with workflow.unsafe.imports_passed_through():
     from workflows.ledger import EventLedger
     from workflows.stages import LAST_ERROR, ORG_ID, STAGE, STAGE_SINCE, USER_ID, set_stage
     from workflows.steps import StepRunner
+    from workflows.user_sync_helpers import MembershipWrite as _MembershipWrite
+    from workflows.user_sync_helpers import cause_type as _cause_type
+    from workflows.user_sync_helpers import describe as _describe
+    from workflows.user_sync_helpers import failed as _failed
+    from workflows.user_sync_helpers import outcome as _outcome
+    from workflows.user_sync_helpers import refused as _refused
+    from workflows.user_sync_helpers import shielded as _shielded
+    from workflows.user_sync_helpers import state_after as _state_after
+    from workflows.user_sync_helpers import state_before as _state_before
+    from workflows.user_sync_helpers import target as _target
 
 __all__ = [
     "LAST_ERROR",
@@ -536,96 +544,3 @@ class UserSyncWorkflow:
 
     def _stage(self, stage: str, *, error: str | None = None) -> None:
         set_stage(stage, error=error)
-
-
-@dataclass
-class _MembershipWrite:
-    """One event's SpiceDB write, as far as a rollback needs to know it."""
-
-    snapshot: MembershipsSnapshot | None = None
-    # A write was sent and not refused: it may have landed, so a rollback must restore.
-    may_have_landed: bool = False
-
-
-def _target(event: UserEvent) -> Membership | None:
-    """The membership the user has after ``event`` (none after a deletion)."""
-    if event.kind == "deleted":
-        return None
-    return Membership(user_id=event.user_id, org_id=event.org_id, role=event.role)
-
-
-def _state_after(event: UserEvent, written: WriteMembershipsResult) -> UserState:
-    target = _target(event)
-    return UserState(
-        exists=target is not None,
-        version=event.version,
-        org_id=target.org_id if target is not None else "",
-        role=target.role if target is not None else "",
-        applied_event=event.event_id,
-        zed_token=None if target is None else written.zed_token,
-    )
-
-
-def _outcome(event: UserEvent, status: EventStatus, zed_token: str | None = None) -> EventOutcome:
-    return EventOutcome(
-        event_id=event.event_id, version=event.version, status=status, zed_token=zed_token
-    )
-
-
-def _state_before(
-    event: UserEvent, snapshot: MembershipsSnapshot | None, prior: UserState
-) -> MembershipsSnapshot | None:
-    """What a rollback of ``event`` restores in SpiceDB.
-
-    Normally the snapshot read before the write. But if the snapshot already carries this
-    event's own marker, an earlier attempt's write landed and the record of its steps was lost
-    (a worker killed while the steps ran as local activities, which then run again): the
-    snapshot shows the event, not what preceded it. Then what preceded it is what the App DB
-    had applied before the event.
-    """
-    if snapshot is None or snapshot.marker != event.version:
-        return snapshot
-    return MembershipsSnapshot(
-        memberships=[Membership(user_id=event.user_id, org_id=prior.org_id, role=prior.role)]
-        if prior.exists
-        else [],
-        marker=prior.version or None,
-    )
-
-
-def _cause_type(err: ActivityError) -> str | None:
-    return err.cause.type if isinstance(err.cause, ApplicationError) else None
-
-
-def _refused(err: ActivityError) -> bool:
-    cause = err.cause
-    return isinstance(cause, ApplicationError) and cause.type in NON_RETRYABLE_ERROR_TYPES
-
-
-def _describe(err: BaseException) -> tuple[str, str]:
-    cause = err.cause if isinstance(err, ActivityError) else err
-    if isinstance(cause, ApplicationError):
-        return cause.type or "ApplicationError", cause.message
-    return type(cause).__name__, str(cause)
-
-
-def _failed(event: UserEvent, error_type: str, message: str) -> EventOutcome:
-    return EventOutcome(
-        event_id=event.event_id,
-        version=event.version,
-        status="failed",
-        error_type=error_type,
-        message=message,
-    )
-
-
-async def _shielded(task: asyncio.Future[None]) -> None:
-    """Wait for ``task`` even if this workflow is cancelled again meanwhile."""
-    while True:
-        try:
-            await asyncio.shield(task)
-            return
-        except asyncio.CancelledError:
-            if task.done():
-                task.result()
-                return

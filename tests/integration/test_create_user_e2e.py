@@ -259,6 +259,43 @@ async def test_duplicate_email_fails_clearly_and_leaves_nothing(pipeline: Pipeli
     assert await relationships_of(pipeline.spicedb, first.user_id) == [(first.org_id, "member")]
 
 
+async def test_a_worker_without_the_sandbox_syncs_and_compensates_alike(
+    client: Client,
+    task_queue: str,
+    database_url: str,
+    app_db: asyncpg.Pool,
+    spicedb_server: SpiceDBServer,
+    spicedb: SpiceDBClient,
+) -> None:
+    """``SPICESYNC_WORKFLOW_SANDBOX=false``: same effects, same recorded steps, same failure."""
+    settings = worker_settings(database_url, spicedb_server).model_copy(
+        update={"workflow_sandbox": False}
+    )
+    async with (
+        open_resources(settings) as resources,
+        build_worker(client, resources, task_queue=task_queue, settings=settings),
+    ):
+        pipeline = Pipeline(client, task_queue, app_db, spicedb)
+        first = new_event()
+        outcome = await create_user(
+            first, wait=WaitFor.PERMISSIONS, client=client, task_queue=task_queue
+        )
+        await assert_synced(pipeline, first, outcome.zed_token or "")
+        history = await client.get_workflow_handle(outcome.workflow_id).fetch_history()
+        assert local_steps(history) == [
+            "read_user_state",
+            "read_memberships",
+            "write_memberships",
+            "apply_row",
+        ]
+        second = new_event(email=first.email.upper())
+        with pytest.raises(UserSyncFailed) as caught:
+            await create_user(second, client=client, task_queue=task_queue)
+        assert caught.value.error_type == "DuplicateEmail"
+        await assert_neither(pipeline, second)
+        assert await relationships_of(spicedb, first.user_id) == [(first.org_id, "member")]
+
+
 async def test_invalid_input_is_rejected_before_anything_starts(pipeline: Pipeline) -> None:
     event = new_event(email="not an email", org_id="bad org")
     with pytest.raises(InvalidUserInput, match=r"email:.*org_id:"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from spicesync.models import Membership, MembershipsSnapshot, UserEvent, UserState
-from workflows.user_sync import _state_before
+from workflows.user_sync_helpers import state_before as _state_before
 
 EVENT = UserEvent(event_id="u:role_changed:v3", user_id="u", version=3, kind="role_changed")
 
