@@ -15,6 +15,9 @@ $(UV):
 setup: $(UV)
 	$(UV) sync --frozen --all-extras --quiet
 	$(BIN)/python -c "from spicesync.stack.engine_library import ensure_engine_library as e; e()"
+	@# Bytecode for the workflow code the sandbox executes again for every new workflow: without
+	@# it (PYTHONDONTWRITEBYTECODE) every user's first event compiles the module anew.
+	$(BIN)/python -m compileall -q workflows activities spicesync
 
 demo: setup
 	$(BIN)/spicesync demo --users 100
