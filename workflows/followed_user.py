@@ -90,6 +90,10 @@ class FollowedUserWorkflow:
         marks.identify(user_id=request.user_id)
         marks.settle("idle")
         while True:
+            if not self._pending():
+                # About to wait, perhaps past this workflow task: the last sync's "idle" goes
+                # out now. A sync that is due starts in this task, and replaces it in one upsert.
+                marks.flush(ids_alone=False)
             try:
                 await workflow.wait_condition(
                     lambda: self._pending() or self._should_continue_as_new(request),
@@ -115,6 +119,8 @@ class FollowedUserWorkflow:
                 lambda: workflow.all_handlers_finished() or self._pending()
             )
             if not self._pending():
+                # The next run starts with this run's search attributes.
+                marks.flush()
                 workflow.continue_as_new(
                     FollowedUserInput(
                         user_id=request.user_id,

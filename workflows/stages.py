@@ -71,8 +71,9 @@ class StageMarks:
     a step runs as a normal activity (:meth:`step_visible`), or the sync enters a stage that is
     trouble in itself (:meth:`mark`: parked, compensating, failed, reconciling). Finishing
     (:meth:`settle`) writes the resting stage only over a stage that was written, so
-    ``spicesync stuck`` never sees a stale active stage. Ids (:meth:`identify`) wait for the
-    next write (or :meth:`flush`), so what one workflow task changes goes out as one upsert.
+    ``spicesync stuck`` never sees a stale active stage. Ids (:meth:`identify`) and the resting
+    stage wait for the next write, or for :meth:`flush`, which the workflow calls before it
+    waits: what one workflow task changes goes out as one upsert.
 
     A run recorded before this (``legacy``) writes every call at once, as it did.
     """
@@ -156,8 +157,8 @@ class StageMarks:
     def settle(self, stage: str = "idle", *, clear_error: bool = False) -> None:
         """Work is done: show ``stage`` if a working or failed stage is showing.
 
-        Ids still waiting go out with the stage if it is written; :meth:`flush` sends them
-        otherwise.
+        Queued, not written: the caller flushes before it waits (:meth:`flush`), so when
+        more work starts in the same workflow task, its stage replaces the rest in one upsert.
 
         Args:
             stage: The resting stage (``idle``, or ``closed_idle`` as the run closes).
@@ -170,16 +171,29 @@ class StageMarks:
         if self.shown is None or self.shown in _RESTING:
             # Nothing was shown but rest (or nothing at all): there is nothing to take back.
             return
-        self._write(stage, clear_error=clear_error)
+        self._write(stage, clear_error=clear_error, now=False)
 
-    def flush(self) -> None:
-        """Write what is waiting, in one upsert (nothing if nothing changed)."""
-        if not self._pending:
+    def flush(self, *, ids_alone: bool = True) -> None:
+        """Write what is waiting, in one upsert (nothing if nothing changed).
+
+        Args:
+            ids_alone: Write waiting ids even if no stage waits with them; ``False`` lets them
+                wait for the next stage written (or a later flush), e.g. while a run's first
+                event is still being delivered.
+        """
+        if not self._pending or (not ids_alone and STAGE.name not in self._pending):
             return
         workflow.upsert_search_attributes(list(self._pending.values()))
         self._pending.clear()
 
-    def _write(self, stage: str, *, error: str | None = None, clear_error: bool = False) -> None:
+    def _write(
+        self,
+        stage: str,
+        *,
+        error: str | None = None,
+        clear_error: bool = False,
+        now: bool = True,
+    ) -> None:
         if stage != self._written[STAGE.name]:
             # The same stage again keeps its "since": the sync has been in it all along.
             self._want(STAGE, stage)
@@ -189,7 +203,8 @@ class StageMarks:
         elif clear_error and self._written[LAST_ERROR.name] is not None:
             self._pending[LAST_ERROR.name] = LAST_ERROR.value_unset()
             self._written[LAST_ERROR.name] = None
-        self.flush()
+        if now:
+            self.flush()
 
     def _want(self, key: SearchAttributeKey[Any], value: Any) -> None:
         if self._written[key.name] != value:

@@ -148,6 +148,12 @@ class UserSyncWorkflow:
     async def _serve(self, request: UserSyncInput, ledger: EventLedger) -> None:
         marks = self._stage_marks()
         while True:
+            if ledger.next_ready() is None and not self._repair_wanted():
+                # About to wait, perhaps past this workflow task: what the last event or repair
+                # left queued (back to idle, its org) goes out now, in one upsert. Work that is
+                # ready starts in this task instead, and its first stage goes out with it. Ids
+                # alone wait: a run's first event may still be on its way to the ledger.
+                marks.flush(ids_alone=False)
             holding = ledger.is_holding()
             try:
                 await workflow.wait_condition(
@@ -192,6 +198,8 @@ class UserSyncWorkflow:
                     )
                 )
                 if workflow.all_handlers_finished() and not ledger.has_pending():
+                    # The next run starts with this run's search attributes.
+                    marks.flush()
                     workflow.continue_as_new(
                         UserSyncInput(
                             user_id=request.user_id,
@@ -219,7 +227,6 @@ class UserSyncWorkflow:
                 # Written only if a stage was shown while the event ran: a healthy event whose
                 # steps all ran locally has nothing to take back.
                 self._settle("idle")
-            marks.flush()
 
     @workflow.update
     async def submit(self, request: SubmitEventInput) -> EventOutcome:
