@@ -96,7 +96,7 @@ class StageMarks:
 
     @property
     def shown(self) -> str | None:
-        """The stage written last (what the UI and ``spicesync stuck`` see)."""
+        """The stage written last, or queued to be (what the UI and ``spicesync stuck`` see)."""
         stage = self._written[STAGE.name]
         return stage if isinstance(stage, str) else None
 

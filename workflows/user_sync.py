@@ -224,8 +224,9 @@ class UserSyncWorkflow:
             if outcome.status == "failed":
                 self._mark("failed", error=outcome.error_type)
             else:
-                # Written only if a stage was shown while the event ran: a healthy event whose
-                # steps all ran locally has nothing to take back.
+                # Only over a stage that was shown (normally the event's first write), and
+                # queued: it goes out with the org before the workflow waits, or gives way to
+                # the next event's first stage in this same task.
                 self._settle("idle")
 
     @workflow.update
