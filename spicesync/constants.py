@@ -134,6 +134,8 @@ SEARCH_ATTRIBUTES: Final[dict[str, str]] = {
 
 # Stages in which a sync is working on a store; one that stays in them too long is stuck.
 ACTIVE_STAGES: Final = (
+    # A run that starts afresh reads what the App DB has applied before its first event.
+    "reading_row",
     "inserting_row",
     "reading_permissions",
     "writing_permissions",

@@ -46,7 +46,7 @@ with workflow.unsafe.imports_passed_through():
         UserChangedInput,
     )
     from spicesync.retries import STEP_RETRY
-    from workflows.stages import USER_ID, set_stage
+    from workflows.stages import QUIET_STAGES_PATCH, StageMarks
 
 __all__ = ["FollowedUserWorkflow"]
 
@@ -76,6 +76,7 @@ class FollowedUserWorkflow:
         self._parked = False
         self._failed = False
         self._syncs_this_run = 0
+        self._marks: StageMarks | None = None
 
     @workflow.run
     async def run(self, request: FollowedUserInput) -> None:
@@ -84,9 +85,15 @@ class FollowedUserWorkflow:
         Args:
             request: The user, and what the previous run carried over, if any.
         """
-        workflow.upsert_search_attributes([USER_ID.value_set(request.user_id)])
-        self._stage("idle")
+        marks = self._marks = StageMarks(legacy=not workflow.patched(QUIET_STAGES_PATCH))
+        # Goes out with the first sync's stage: one upsert less for every run.
+        marks.identify(user_id=request.user_id)
+        marks.settle("idle")
         while True:
+            if not self._pending():
+                # About to wait, perhaps past this workflow task: the last sync's "idle" goes
+                # out now. A sync that is due starts in this task, and replaces it in one upsert.
+                marks.flush(ids_alone=False)
             try:
                 await workflow.wait_condition(
                     lambda: self._pending() or self._should_continue_as_new(request),
@@ -98,7 +105,10 @@ class FollowedUserWorkflow:
                     # The next change starts a fresh run, which reads the row as it is then:
                     # nothing depends on this run staying open. A failed user stays visible.
                     if not self._failed:
-                        self._stage("closed_idle")
+                        # Written only over a stage that was shown: a run that closes idle
+                        # stays "idle" (its status says it closed).
+                        marks.settle("closed_idle")
+                    marks.flush()
                     return
                 continue
             if self._pending():
@@ -109,6 +119,8 @@ class FollowedUserWorkflow:
                 lambda: workflow.all_handlers_finished() or self._pending()
             )
             if not self._pending():
+                # The next run starts with this run's search attributes.
+                marks.flush()
                 workflow.continue_as_new(
                     FollowedUserInput(
                         user_id=request.user_id,
@@ -195,7 +207,8 @@ class FollowedUserWorkflow:
     async def _sync(self) -> None:
         """One sync covering every change numbered so far."""
         covers = self._started = self._requested
-        self._stage("syncing")
+        # The sync is a normal activity, which retries as long as a store is down: shown.
+        self._stage_marks().mark("syncing")
         request = SyncFollowedUserInput(
             user_id=self._user_id, sync_id=str(workflow.uuid4()), position=self._position
         )
@@ -227,7 +240,7 @@ class FollowedUserWorkflow:
                 version=result.version,
                 zed_token=result.zed_token,
             )
-            self._stage("idle", clear_error=True)
+            self._stage_marks().settle("idle", clear_error=True)
             break
         workflow.metric_meter().create_counter(
             "spicesync_follow_syncs", "Syncs of followed users, by outcome"
@@ -247,14 +260,14 @@ class FollowedUserWorkflow:
         # Unknown now: the next change must sync, whatever its version.
         self._synced_version = None
         self._failed = True
-        self._stage("failed", error=error_type)
+        self._stage_marks().mark("failed", error=error_type)
         return FollowSyncOutcome(
             user_id=self._user_id, status="failed", error_type=error_type, message=message
         )
 
     async def _park(self, error_type: str) -> None:
         self._parked = True
-        self._stage("parked", error=error_type)
+        self._stage_marks().mark("parked", error=error_type)
         workflow.metric_meter().create_counter(
             "spicesync_parked", "Syncs parked until an operator resumes them"
         ).add(1)
@@ -262,7 +275,8 @@ class FollowedUserWorkflow:
             "sync parked until resumed: SpiceDB's schema lacks a managed relation"
         )
         await workflow.wait_condition(lambda: not self._parked)
-        self._stage("syncing")
+        self._stage_marks().mark("syncing")
 
-    def _stage(self, stage: str, *, error: str | None = None, clear_error: bool = False) -> None:
-        set_stage(stage, error=error, clear_error=clear_error)
+    def _stage_marks(self) -> StageMarks:
+        assert self._marks is not None  # set first thing in run()
+        return self._marks

@@ -21,10 +21,14 @@ Whatever fails a local try (an outage, a slow store) continues at once as a norm
 the step's retry policy, so a stuck sync is always a pending, retrying activity that the UI,
 ``spicesync stuck`` and the repair commands see, never retries hidden inside a workflow task.
 Every step is idempotent, so running it again after an attempt that did land is harmless.
+Just before a step runs as a normal activity the runner calls its ``on_visible`` hook (in the
+same workflow task), so the sync writes the stage of the step that may now last (see
+workflows/stages.py); steps that stay local write nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -58,9 +62,16 @@ _LOCAL_TIMEOUT = timedelta(seconds=LOCAL_STEP_TIMEOUT)
 class StepRunner:
     """Runs the forward steps of one event (or one repair), in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_visible: Callable[[str | None], None] | None = None) -> None:
+        """Start an event's (or a repair's) steps, all healthy so far.
+
+        Args:
+            on_visible: Called just before a step runs as a normal activity, with the error
+                type of the local try that failed first (``None`` if none was made).
+        """
         self._durable = False
         self._local = True
+        self._on_visible = on_visible
 
     async def read(
         self, activity: MethodAsyncSingleParam[Any, ParamType, ReturnType], arg: ParamType
@@ -85,6 +96,7 @@ class StepRunner:
         *,
         local: bool,
     ) -> ReturnType:
+        failed_locally: str | None = None
         if local and workflow.patched(LOCAL_STEPS_PATCH):
             try:
                 return await workflow.execute_local_activity_method(
@@ -107,6 +119,9 @@ class StepRunner:
                     # The store is slow or down: the event's next steps would only stretch
                     # workflow tasks too, so they go straight to normal activities.
                     self._local = False
+                failed_locally = _error_type(err)
+        if self._on_visible is not None:
+            self._on_visible(failed_locally)
         # WAIT_CANCELLATION_COMPLETED: on cancel, compensation must start only after an in-flight
         # write has really stopped, or the write could land after its undo.
         return await workflow.execute_activity_method(
@@ -116,6 +131,14 @@ class StepRunner:
             retry_policy=STEP_RETRY,
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
+
+
+def _error_type(err: FailureError) -> str:
+    refusal = _application_failure(err)
+    if refusal is not None and refusal.type:
+        return refusal.type
+    cause = err.cause if isinstance(err, ActivityError) and err.cause is not None else err
+    return type(cause).__name__
 
 
 def _application_failure(err: FailureError) -> ApplicationError | None:

@@ -58,7 +58,15 @@ with workflow.unsafe.imports_passed_through():
     from spicesync.retries import COMPENSATION_RETRY
     from spicesync.validation import validate_event
     from workflows.ledger import EventLedger
-    from workflows.stages import LAST_ERROR, ORG_ID, STAGE, STAGE_SINCE, USER_ID, set_stage
+    from workflows.stages import (
+        LAST_ERROR,
+        ORG_ID,
+        QUIET_STAGES_PATCH,
+        STAGE,
+        STAGE_SINCE,
+        USER_ID,
+        StageMarks,
+    )
     from workflows.steps import StepRunner
     from workflows.user_sync_helpers import MembershipWrite as _MembershipWrite
     from workflows.user_sync_helpers import cause_type as _cause_type
@@ -107,6 +115,7 @@ class UserSyncWorkflow:
         self._repair_request_id = ""
         # A reconcile run that asks again (its activity was retried) gets the first answer.
         self._repair_results: dict[str, ReconcileUserResult] = {}
+        self._marks: StageMarks | None = None
 
     @workflow.run
     async def run(self, request: UserSyncInput) -> None:
@@ -117,19 +126,26 @@ class UserSyncWorkflow:
         """
         self._user_id = request.user_id
         self._events_per_run = request.events_per_run
-        workflow.upsert_search_attributes([USER_ID.value_set(request.user_id)])
+        marks = self._marks = StageMarks(
+            legacy=not workflow.patched(QUIET_STAGES_PATCH),
+            # Only a run that starts afresh reads the row; a stuck read shows as reading_row.
+            stage="reading_row" if request.carried is None else "idle",
+        )
+        # Goes out with the first stage written (normally the event's first write), or at the
+        # end of the first event: one upsert less for every run.
+        marks.identify(user_id=request.user_id)
         if request.carried is not None:
             state, recent = request.carried.state, request.carried.recent_outcomes
         else:
             # A new run learns what is already applied from the App DB itself, so an event that
             # arrives after an earlier run ended is still judged stale or not correctly.
-            state = await StepRunner().read(
+            state = await StepRunner(marks.step_visible).read(
                 UserRowActivities.read_user_state, ReadUserStateInput(user_id=request.user_id)
             )
             recent = []
         legacy = not workflow.patched(LEDGER_RULES_PATCH)
         ledger = self._ledger = EventLedger(state, recent, legacy=legacy)
-        self._stage("idle")
+        marks.settle("idle")
         self._applied_this_run = 0
         try:
             await self._serve(request, ledger)
@@ -145,7 +161,14 @@ class UserSyncWorkflow:
             raise
 
     async def _serve(self, request: UserSyncInput, ledger: EventLedger) -> None:
+        marks = self._stage_marks()
         while True:
+            if ledger.next_ready() is None and not self._repair_wanted():
+                # About to wait, perhaps past this workflow task: what the last event or repair
+                # left queued (back to idle, its org) goes out now, in one upsert. Work that is
+                # ready starts in this task instead, and its first stage goes out with it. Ids
+                # alone wait: a run's first event may still be on its way to the ledger.
+                marks.flush(ids_alone=False)
             holding = ledger.is_holding()
             try:
                 await workflow.wait_condition(
@@ -167,7 +190,8 @@ class UserSyncWorkflow:
                 elif not ledger.has_pending() and workflow.all_handlers_finished():
                     # Idle: close. The next event starts a fresh run, which reads what is
                     # applied from the App DB, so nothing depends on this run staying open.
-                    self._stage("closed_idle")
+                    self._settle("closed_idle")
+                    marks.flush()
                     return
                 continue
             event = ledger.next_ready()
@@ -176,7 +200,7 @@ class UserSyncWorkflow:
                 ticket = self._repairs_asked
                 self._last_repair = await self._repair(ledger)
                 self._repairs_done = ticket
-                self._stage("idle")
+                self._settle("idle")
                 continue
             if event is None:
                 # Before continuing as new, let callers collect their outcomes; anything that
@@ -189,6 +213,8 @@ class UserSyncWorkflow:
                     )
                 )
                 if workflow.all_handlers_finished() and not ledger.has_pending():
+                    # The next run starts with this run's search attributes.
+                    marks.flush()
                     workflow.continue_as_new(
                         UserSyncInput(
                             user_id=request.user_id,
@@ -209,11 +235,14 @@ class UserSyncWorkflow:
                     "From an event's acceptance to both stores reflecting it",
                 ).record(workflow.now() - accepted_at, {"kind": event.kind})
             self._applied_this_run += 1
-            if new_state.org_id:
-                workflow.upsert_search_attributes([ORG_ID.value_set(new_state.org_id)])
-            self._stage(
-                "idle" if outcome.status != "failed" else "failed", error=outcome.error_type
-            )
+            marks.identify(org_id=new_state.org_id)
+            if outcome.status == "failed":
+                self._mark("failed", error=outcome.error_type)
+            else:
+                # Only over a stage that was shown (normally the event's first write), and
+                # queued: it goes out with the org before the workflow waits, or gives way to
+                # the next event's first stage in this same task.
+                self._settle("idle")
 
     @workflow.update
     async def submit(self, request: SubmitEventInput) -> EventOutcome:
@@ -315,8 +344,8 @@ class UserSyncWorkflow:
         itself. Such a row stands for an event Temporal never accepted (its caller was told the
         call failed), or for a sync an operator terminated.
         """
-        self._stage("reconciling")
-        steps = StepRunner()
+        self._mark("reconciling")
+        steps = StepRunner(self._stage_marks().step_visible)
         state = await steps.read(
             UserRowActivities.read_user_state, ReadUserStateInput(user_id=self._user_id)
         )
@@ -389,7 +418,7 @@ class UserSyncWorkflow:
 
     async def _park(self, err: ActivityError) -> None:
         self._parked = True
-        self._stage("parked", error=_cause_type(err))
+        self._mark("parked", error=_cause_type(err))
         workflow.metric_meter().create_counter(
             "spicesync_parked", "Syncs parked until an operator resumes them"
         ).add(1)
@@ -411,10 +440,10 @@ class UserSyncWorkflow:
         target = _target(event)
         row_created = False
         write = _MembershipWrite()
-        steps = StepRunner()
+        steps = StepRunner(self._stage_marks().step_visible)
         try:
             if event.kind == "created":
-                self._stage("inserting_row")
+                self._enter("inserting_row")
                 inserted = await steps.write(
                     UserRowActivities.insert_created_row, InsertCreatedRowInput(event=event)
                 )
@@ -437,7 +466,7 @@ class UserSyncWorkflow:
                 staged=True,
             )
             assert written is not None  # an event always writes
-            self._stage("recording_row")
+            self._enter("recording_row")
             recorded = await steps.write(
                 UserRowActivities.apply_row, ApplyRowInput(event=event, zed_token=written.zed_token)
             )
@@ -450,7 +479,7 @@ class UserSyncWorkflow:
             return _outcome(event, "applied", written.zed_token), _state_after(event, written)
         except (ActivityError, ApplicationError, asyncio.CancelledError) as err:
             cancelled = is_cancelled_exception(err)
-            self._stage("compensating")
+            self._mark("compensating")
             workflow.metric_meter().create_counter(
                 "spicesync_compensations", "Events rolled back to their prior state"
             ).add(1, {"kind": event.kind})
@@ -483,7 +512,7 @@ class UserSyncWorkflow:
         """
         while True:
             if staged:
-                self._stage("reading_permissions")
+                self._enter("reading_permissions")
             write.snapshot = await steps.read(
                 MembershipActivities.read_memberships, ReadMembershipsInput(user_id=self._user_id)
             )
@@ -491,7 +520,7 @@ class UserSyncWorkflow:
             if request is None:
                 return None
             if staged:
-                self._stage("writing_permissions")
+                self._enter("writing_permissions")
             write.may_have_landed = True
             try:
                 return await steps.write(MembershipActivities.write_memberships, request)
@@ -542,5 +571,18 @@ class UserSyncWorkflow:
                 retry_policy=COMPENSATION_RETRY,
             )
 
-    def _stage(self, stage: str, *, error: str | None = None) -> None:
-        set_stage(stage, error=error)
+    def _stage_marks(self) -> StageMarks:
+        assert self._marks is not None  # set first thing in run()
+        return self._marks
+
+    def _enter(self, stage: str) -> None:
+        """A step of ``stage`` starts: shown only if it runs as a normal activity."""
+        self._stage_marks().enter(stage)
+
+    def _mark(self, stage: str, *, error: str | None = None) -> None:
+        """A stage that matters in itself (trouble, or a repair): shown now."""
+        self._stage_marks().mark(stage, error=error)
+
+    def _settle(self, stage: str) -> None:
+        """Back to rest: shown only over a stage that was shown."""
+        self._stage_marks().settle(stage)

@@ -4,15 +4,15 @@ Runs against the local stack's Temporal and PostgreSQL (``spicesync stack up``),
 and a SpiceDB engine of its own (so a reconcile sees only what this script made), with a worker
 of its own and no payload encryption (the replay test has no key). Histories:
 
-* ``user_sync_durable_lifecycle``: a user created, changing role, moving, deleted;
-* ``user_sync_durable_compensated``: a creation refused (duplicate email) and compensated;
-* ``user_sync_durable_repaired``: a user whose membership SpiceDB lost, repaired by a reconcile;
+* ``user_sync_quiet_lifecycle``: a user created, changing role, moving, deleted;
+* ``user_sync_quiet_compensated``: a creation refused (duplicate email) and compensated;
+* ``user_sync_quiet_repaired``: a user whose membership SpiceDB lost, repaired by a reconcile;
 * ``user_sync_unfinished_removed``: a creation's row left pending with no sync (as a lost
   acceptance left it before the fix), removed by a reconcile;
 * ``reconcile_unfinished``: the reconcile that removed the unfinished creation;
 * ``reconcile_apply`` and ``backfill_paced`` (recorded by name only): a reconcile that repaired
   the user; a backfill of 30 users in batches of 10, paced by timers;
-* ``followed_user_lifecycle`` (follow mode, recorded by name only): a followed user inserted,
+* ``followed_user_quiet_lifecycle`` (follow mode, recorded by name only): a followed user inserted,
   updated, changed in a burst, failing for good on an invalid object id, fixed, and deleted,
   in an app-shaped table of its own with the application's SpiceDB schema;
 * ``reconcile_follow`` and ``backfill_follow`` (follow mode, recorded by name only): a
@@ -23,7 +23,10 @@ Older recordings are kept, not re-recorded, so workflows started by older worker
 replaying: ``user_sync_lifecycle`` and ``user_sync_compensated`` (every step a normal activity),
 ``user_sync_local_lifecycle``, ``user_sync_local_compensated`` and ``user_sync_repaired`` (every
 step local, patch ``local-activity-steps``, before writes waited for the event's durable
-acceptance, patch ``writes-after-durable-acceptance``).
+acceptance, patch ``writes-after-durable-acceptance``); ``user_sync_durable_lifecycle``,
+``user_sync_durable_compensated``, ``user_sync_durable_repaired`` and
+``followed_user_lifecycle`` (every stage upserted as the sync entered it, before patch
+``healthy-path-without-stage-upserts``).
 
 Re-record one when a workflow change is meant to be incompatible, and say so in the commit.
 """
@@ -75,13 +78,13 @@ from workers.worker import build_worker, open_resources
 
 HERE = Path(__file__).parent
 ALL = (
-    "user_sync_durable_lifecycle",
-    "user_sync_durable_compensated",
-    "user_sync_durable_repaired",
+    "user_sync_quiet_lifecycle",
+    "user_sync_quiet_compensated",
+    "user_sync_quiet_repaired",
     "user_sync_unfinished_removed",
     "reconcile_unfinished",
 )
-FOLLOW = ("followed_user_lifecycle", "reconcile_follow", "backfill_follow")
+FOLLOW = ("followed_user_quiet_lifecycle", "reconcile_follow", "backfill_follow")
 
 
 async def record(names: list[str]) -> None:
@@ -188,9 +191,9 @@ async def _run(settings: Settings, names: list[str]) -> None:
         await backfill.result()
         histories["backfill_paced"] = (await backfill.fetch_history()).to_json()
     for name, user in (
-        ("user_sync_durable_lifecycle", synced),
-        ("user_sync_durable_compensated", refused),
-        ("user_sync_durable_repaired", repaired),
+        ("user_sync_quiet_lifecycle", synced),
+        ("user_sync_quiet_compensated", refused),
+        ("user_sync_quiet_repaired", repaired),
         ("user_sync_unfinished_removed", unfinished),
     ):
         handle = client.get_workflow_handle(user_workflow_id(user.user_id))
@@ -252,7 +255,7 @@ async def _run_follow(settings: Settings, names: list[str]) -> None:
             await pool.execute(f"DELETE FROM {table} WHERE account_id = $1", uuid.UUID(uid))
             await user_changed(uid, wait="applied", **queue)  # type: ignore[arg-type]
             handle = client.get_workflow_handle(followed_user_workflow_id(uid))
-            histories["followed_user_lifecycle"] = (await handle.fetch_history()).to_json()
+            histories["followed_user_quiet_lifecycle"] = (await handle.fetch_history()).to_json()
             histories |= await _follow_maintenance(pool, spicedb, table, queue)
     finally:
         config.unlink(missing_ok=True)

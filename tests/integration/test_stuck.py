@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
+from temporalio.api.common.v1 import Payload
+from temporalio.api.enums.v1 import EventType
 
 from starters.stuck import find_stuck, parse_duration
 from starters.user_events import WaitFor, create_user
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import Pipeline, assert_synced, eventually, new_event
+from workflows.stages import ORG_ID, STAGE, USER_ID
 
 pytestmark = pytest.mark.integration
 
@@ -59,3 +63,82 @@ async def test_a_sync_held_by_spicedb_is_listed_then_completes(
         return all(s.user_id != user.user_id for s in stuck)
 
     await eventually(gone, timeout=30)
+
+
+async def test_a_row_insert_held_by_postgresql_is_listed_as_inserting_row(
+    pipeline: Pipeline,
+) -> None:
+    user = new_event()
+    async with pipeline.pool.acquire() as holder:
+        # SHARE mode lets the sync read the users table but holds every insert into it.
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute("LOCK TABLE users IN SHARE MODE")
+        try:
+            started = await create_user(
+                user, wait=WaitFor.START, client=pipeline.client, task_queue=pipeline.task_queue
+            )
+
+            async def listed() -> bool:
+                stuck = await find_stuck(pipeline.client, older_than=timedelta(seconds=1))
+                return any(s.user_id == user.user_id for s in stuck)
+
+            await eventually(listed, timeout=30)
+            [mine] = [
+                s
+                for s in await find_stuck(pipeline.client, older_than=timedelta(0))
+                if s.user_id == user.user_id
+            ]
+            assert mine.workflow_id == started.workflow_id
+            assert (mine.stage, mine.activity) == ("inserting_row", "insert_created_row")
+        finally:
+            await lock.rollback()
+    done = await create_user(user, client=pipeline.client, task_queue=pipeline.task_queue)
+    await assert_synced(pipeline, user, done.zed_token or "")
+    described = await pipeline.client.get_workflow_handle(done.workflow_id).describe()
+    assert described.typed_search_attributes.get(STAGE) == "idle"
+
+
+# A healthy created user's sync, counted from its real history: 6 upserts of 27 events, where
+# before stage marks were kept for trouble it made 11 of 31 (its ids, then every stage it went
+# through). 4 of the 6 are the SDK's own: each patch a run meets upserts TemporalChangeVersion.
+HEALTHY_CREATION_UPSERTS = 6
+SPICESYNC_UPSERTS = [
+    # The event's first write always runs as a normal activity: its stage is shown, with the id.
+    {"SpicesyncUserId": "", "SpicesyncStage": "inserting_row", "SpicesyncStageSince": ""},
+    # Once the event is applied: back to idle, with the org.
+    {"SpicesyncOrgId": "", "SpicesyncStage": "idle", "SpicesyncStageSince": ""},
+]
+
+
+async def test_a_healthy_creation_upserts_only_its_ids_and_the_first_write(
+    pipeline: Pipeline,
+) -> None:
+    user = new_event()
+    done = await create_user(user, client=pipeline.client, task_queue=pipeline.task_queue)
+    await assert_synced(pipeline, user, done.zed_token or "")
+    handle = pipeline.client.get_workflow_handle(done.workflow_id)
+    history = await handle.fetch_history()
+    upserts = [
+        e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
+    ]
+    assert len(upserts) <= HEALTHY_CREATION_UPSERTS
+    ours = [
+        {name: _keyword(fields[name]) if "Since" not in name else "" for name in fields}
+        for fields in upserts
+        if "TemporalChangeVersion" not in fields
+    ]
+    expected = [dict(u) for u in SPICESYNC_UPSERTS]
+    expected[0]["SpicesyncUserId"] = user.user_id
+    expected[1]["SpicesyncOrgId"] = user.org_id
+    assert ours == expected
+    attributes = (await handle.describe()).typed_search_attributes
+    assert attributes.get(USER_ID) == user.user_id
+    assert attributes.get(ORG_ID) == user.org_id
+    assert attributes.get(STAGE) == "idle"
+
+
+def _keyword(payload: Payload) -> str:
+    return str(json.loads(payload.data))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from pathlib import Path
 
@@ -30,11 +31,15 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "user_sync_durable_lifecycle",
         "user_sync_durable_compensated",
         "user_sync_durable_repaired",
+        "user_sync_quiet_lifecycle",
+        "user_sync_quiet_compensated",
+        "user_sync_quiet_repaired",
         "user_sync_unfinished_removed",
         "reconcile_apply",
         "reconcile_unfinished",
         "backfill_paced",
         "followed_user_lifecycle",
+        "followed_user_quiet_lifecycle",
         "reconcile_follow",
         "backfill_follow",
     ],
@@ -75,6 +80,19 @@ def test_histories_cover_every_workflow_and_path() -> None:
     assert durable.count('"name": "insert_created_row"') == 1
     assert durable.count('"name": "write_memberships"') == 3
     assert '"name": "write_memberships"' in read("user_sync_durable_repaired")
+    # Stages written only where they can last: the same lifecycle, with and without the patch.
+    for before, after in (
+        ("user_sync_durable_lifecycle", "user_sync_quiet_lifecycle"),
+        ("followed_user_lifecycle", "followed_user_quiet_lifecycle"),
+    ):
+        assert "healthy-path-without-stage-upserts" not in _decoded(read(before))
+        assert "healthy-path-without-stage-upserts" in _decoded(read(after))
+        assert _stage_upserts(read(after)) < _stage_upserts(read(before))
+    quiet = read("user_sync_quiet_lifecycle")
+    assert quiet.count("EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") == 4  # each event's first write
+    assert _stage_upserts(quiet) == 8  # that write's stage, then idle, for each of 4 events
+    assert "DuplicateEmail" in read("user_sync_quiet_compensated")
+    assert '"name": "write_memberships"' in read("user_sync_quiet_repaired")
     assert '"name": "undo_created_row"' in read("user_sync_unfinished_removed")
     assert '"name": "repair_users"' in read("reconcile_unfinished")
     reconcile = read("reconcile_apply")
@@ -107,3 +125,23 @@ def test_histories_cover_every_workflow_and_path() -> None:
     backfill_follow = read("backfill_follow")
     assert '"name": "deliver_backfill_batch"' in backfill_follow
     assert "EVENT_TYPE_TIMER_STARTED" in backfill_follow
+
+
+def _stage_upserts(history: str) -> int:
+    """Upserts that write ``SpicesyncStage`` (the SDK's own patch upserts are not counted)."""
+    return sum(
+        1
+        for event in json.loads(history)["events"]
+        if "SpicesyncStage"
+        in event.get("upsertWorkflowSearchAttributesEventAttributes", {})
+        .get("searchAttributes", {})
+        .get("indexedFields", {})
+    )
+
+
+def _decoded(history: str) -> str:
+    """Every payload of ``history``, decoded (patch ids are in the markers' payloads)."""
+    return " ".join(
+        base64.b64decode(data).decode("utf-8", "replace")
+        for data in re.findall(r'"data": "([A-Za-z0-9+/=]+)"', history)
+    )

@@ -49,7 +49,7 @@ from spicesync.models import (
     WriteMembershipsResult,
 )
 from starters.user_events import UserSyncFailed, WaitFor, submit_event
-from workflows.user_sync import UserSyncWorkflow
+from workflows.user_sync import LAST_ERROR, STAGE, UserSyncWorkflow
 
 Behaviour = Callable[[int], Awaitable[None]]
 
@@ -198,6 +198,41 @@ async def test_transient_failures_retry_until_success(
     write = steps.writes[0]
     assert write.add == [Membership(user_id=write.user_id, org_id="acme", role="member")]
     assert (write.expected_marker, write.set_marker, write.check_marker) == (None, 1, True)
+
+
+@pytest.mark.parametrize(
+    ("step", "stage"),
+    [
+        # Local steps: each is tried inside the workflow task first, then runs visibly.
+        ("read_user_state", "reading_row"),
+        ("write_memberships", "writing_permissions"),
+        ("apply_row", "recording_row"),
+    ],
+)
+async def test_a_local_step_that_keeps_failing_shows_its_stage_then_idle_once_it_succeeds(
+    time_skipping_env: WorkflowEnvironment, task_queue: str, step: str, stage: str
+) -> None:
+    released, retried = asyncio.Event(), asyncio.Event()
+
+    async def until_released(attempt: int) -> None:
+        if attempt >= 3:
+            # The local try and two attempts of the normal activity have been made.
+            retried.set()
+        if not released.is_set():
+            raise SpiceDBUnavailable("UNAVAILABLE")
+
+    steps = FakeSteps(**{step: until_released})
+    event = created()
+    async for h in running(time_skipping_env, task_queue, steps):
+        submitted = asyncio.ensure_future(h.submit(event))
+        handle = h.env.client.get_workflow_handle(user_workflow_id(event.user_id))
+        await asyncio.wait_for(retried.wait(), timeout=30)
+        shown = (await handle.describe()).typed_search_attributes
+        assert (shown.get(STAGE), shown.get(LAST_ERROR)) == (stage, "SpiceDBUnavailable")
+        released.set()
+        outcome = await submitted
+        assert outcome.status == "synced"
+        assert (await handle.describe()).typed_search_attributes.get(STAGE) == "idle"
 
 
 async def test_permanent_failure_restores_the_prior_state_in_reverse_order(
