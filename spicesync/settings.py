@@ -252,10 +252,12 @@ class Settings(BaseSettings):
         default=None, ge=2, validation_alias="SPICESYNC_WORKER_WORKFLOW_TASK_POLLERS"
     )
     # How long the server holds a cached workflow's next task for this worker before handing it
-    # to any worker, which must then replay the history. Past a busy worker's backlog the SDK's
-    # 10 s turns a backlog into replays, more work per user and a collapse (docs/performance.md).
-    worker_sticky_queue_seconds: float | None = Field(
-        default=None, gt=0, le=600, validation_alias="SPICESYNC_WORKER_STICKY_QUEUE_SECONDS"
+    # to any worker, which must then replay the history. Under overload the SDK's 10 s turned the
+    # backlog into replays, more work per user and a collapse; 60 s held throughput at 4x the
+    # peak (docs/performance.md). The cost: a task queued for a worker that was killed waits this
+    # long before another worker takes it.
+    worker_sticky_queue_seconds: float = Field(
+        default=60.0, gt=0, le=600, validation_alias="SPICESYNC_WORKER_STICKY_QUEUE_SECONDS"
     )
     # Workflows run in the SDK's sandbox, which refuses non-deterministic calls at run time but
     # re-executes a workflow's module for every new instance (every user's first event) and

@@ -194,10 +194,9 @@ def worker_tuning(settings: Settings | None) -> dict[str, int | timedelta | Work
     ):
         if value is not None:
             tuning[option] = value
-    if settings.worker_sticky_queue_seconds is not None:
-        tuning["sticky_queue_schedule_to_start_timeout"] = timedelta(
-            seconds=settings.worker_sticky_queue_seconds
-        )
+    tuning["sticky_queue_schedule_to_start_timeout"] = timedelta(
+        seconds=settings.worker_sticky_queue_seconds
+    )
     return tuning
 
 

@@ -99,3 +99,7 @@ def test_worker_tuning_reaches_the_sdk_worker_options(monkeypatch: pytest.Monkey
     assert tuning["max_concurrent_activities"] == tuning["max_concurrent_local_activities"] == 64
     assert "max_cached_workflows" not in tuning  # unset: the SDK's default
     assert worker_tuning(None) == {}
+    monkeypatch.delenv("SPICESYNC_WORKER_STICKY_QUEUE_SECONDS")
+    # Not the SDK's 10 s, under which an overloaded worker's backlog turned into replays.
+    default = worker_tuning(Settings(_env_file=None))["sticky_queue_schedule_to_start_timeout"]
+    assert default == timedelta(seconds=60)
