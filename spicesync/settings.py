@@ -238,12 +238,17 @@ class Settings(BaseSettings):
         default=1000, ge=0, validation_alias="SPICESYNC_RECONCILE_PRUNE_CAP"
     )
 
-    # Worker tuning; unset means the SDK's default. `spicesync bench` measures the effect.
+    # Worker tuning; unset means the SDK's default (two are spicesync's own). `spicesync bench`
+    # measures the effect.
     worker_max_cached_workflows: int | None = Field(
         default=None, ge=0, validation_alias="SPICESYNC_WORKER_MAX_CACHED_WORKFLOWS"
     )
-    worker_max_concurrent_workflow_tasks: int | None = Field(
-        default=None, ge=1, validation_alias="SPICESYNC_WORKER_MAX_CONCURRENT_WORKFLOW_TASKS"
+    # Workflow tasks one worker works on at once. The SDK's 100 let an overloaded worker take
+    # more than it could finish: its local steps overran their budget, went to normal activities
+    # and ran twice, and throughput fell (10 users/s at 100/s offered, 16 with 10 here; 2026-12-03,
+    # docs/performance.md). A task's steps are short, so a few at a time keep the worker busy.
+    worker_max_concurrent_workflow_tasks: int = Field(
+        default=10, ge=1, validation_alias="SPICESYNC_WORKER_MAX_CONCURRENT_WORKFLOW_TASKS"
     )
     worker_max_concurrent_activities: int | None = Field(
         default=None, ge=1, validation_alias="SPICESYNC_WORKER_MAX_CONCURRENT_ACTIVITIES"

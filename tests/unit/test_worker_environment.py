@@ -103,3 +103,5 @@ def test_worker_tuning_reaches_the_sdk_worker_options(monkeypatch: pytest.Monkey
     # Not the SDK's 10 s, under which an overloaded worker's backlog turned into replays.
     default = worker_tuning(Settings(_env_file=None))["sticky_queue_schedule_to_start_timeout"]
     assert default == timedelta(seconds=60)
+    # Not the SDK's 100, which let an overloaded worker's local steps overrun their budget.
+    assert worker_tuning(Settings(_env_file=None))["max_concurrent_workflow_tasks"] == 10
