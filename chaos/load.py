@@ -59,6 +59,7 @@ async def offer(
     give_up_after: float = 180.0,
     on_accept: Callable[[int], Awaitable[None]] | None = None,
     delivery: Delivery | None = None,
+    wait: WaitFor = WaitFor.START,
 ) -> Delivery:
     """Offer every user's creation; return once each is accepted, rejected, or given up.
 
@@ -70,6 +71,8 @@ async def offer(
         give_up_after: Seconds one event may keep failing before it counts as a failed call.
         on_accept: Called with the number accepted so far, after each acceptance (fault hooks).
         delivery: Accumulate into this record (a scenario that offers in several waves).
+        wait: How the app waits: ``START`` (durable at the server's answer), or ``ACCEPTED``
+            as an app of a release before ``WaitFor.START`` became a signal did.
     """
     record = delivery if delivery is not None else Delivery()
     gate = asyncio.Semaphore(concurrency)
@@ -79,9 +82,7 @@ async def offer(
             deadline = time.monotonic() + give_up_after
             while True:
                 try:
-                    await create_user(
-                        user, wait=WaitFor.START, client=client, task_queue=task_queue
-                    )
+                    await create_user(user, wait=wait, client=client, task_queue=task_queue)
                 except InvalidUserInput as err:
                     record.rejected[user.user_id] = f"InvalidUserInput: {err.message}"
                     return

@@ -406,14 +406,21 @@ async def code_change_deployed(scene: Scene) -> None:
     """Syncs started on the previous release, held mid-saga, then finished by this code."""
     previous = await asyncio.to_thread(_previous_release, scene.run.directory)
     half = scene.run.users // 2
+    early = max(1, scene.run.users // 20)
     old_users = user_batch(f"old-{scene.task_queue}", half, org_id=scene.org_id)
-    new_users = user_batch(f"new-{scene.task_queue}", scene.run.users - half, org_id=scene.org_id)
+    # Sent by an app upgraded before its workers: the previous release ignores the signal.
+    early_users = user_batch(f"early-{scene.task_queue}", early, org_id=scene.org_id)
+    new_users = user_batch(
+        f"new-{scene.task_queue}", scene.run.users - half - early, org_id=scene.org_id
+    )
     await scene.workers.start(code_dir=previous)
     await scene.wait_for_workers()
     # SpiceDB answers nothing (SIGSTOP): the previous release's syncs stop mid-saga.
     os.kill(scene.engine.pid, signal.SIGSTOP)
     try:
-        delivery = await offer(scene.client, scene.task_queue, old_users)
+        # The previous release's app: its WaitFor.START waited for a worker to take the event.
+        delivery = await offer(scene.client, scene.task_queue, old_users, wait=WaitFor.ACCEPTED)
+        await offer(scene.client, scene.task_queue, early_users, delivery=delivery)
         await asyncio.sleep(3)
         await scene.workers.stop_all()
     finally:
@@ -421,11 +428,12 @@ async def code_change_deployed(scene: Scene) -> None:
     await scene.workers.start()
     healed = time.monotonic()
     await offer(scene.client, scene.task_queue, new_users, delivery=delivery)
-    users = [*old_users, *new_users]
+    users = [*old_users, *early_users, *new_users]
     accepted = _accepted(users, delivery)
+    # Delivered again and waited for, as the load always does: an ignored signal is healed here.
     outcomes = await collect_outcomes(scene.client, scene.task_queue, accepted)
     failed_tasks = 0
-    for user in old_users[:25]:
+    for user in [*old_users[:25], *early_users]:
         history = await scene.client.get_workflow_handle(
             user_workflow_id(user.user_id)
         ).fetch_history()
@@ -435,8 +443,10 @@ async def code_change_deployed(scene: Scene) -> None:
     if failed_tasks:
         scene.result.problems.append(f"{failed_tasks} workflow task failures (non-determinism?)")
     scene.result.notes.append(
-        f"{len(old_users)} syncs started on {PREVIOUS_RELEASE[:8]} and held mid-saga;"
-        f" {len(new_users)} new ones in a burst on this code; 25 histories checked"
+        f"{len(old_users)} syncs started on {PREVIOUS_RELEASE[:8]} and held mid-saga,"
+        f" {len(early_users)} sent to it with this release's WaitFor.START;"
+        f" {len(new_users)} new ones in a burst on this code;"
+        f" {25 + len(early_users)} histories checked"
     )
     await scene.finish(accepted, healed_at=healed, outcomes=outcomes)
     _count_rejections(scene, users, delivery)

@@ -116,6 +116,7 @@ class UserSyncWorkflow:
         # A reconcile run that asks again (its activity was retried) gets the first answer.
         self._repair_results: dict[str, ReconcileUserResult] = {}
         self._marks: StageMarks | None = None
+        self._takes_deliveries = True
 
     @workflow.run
     async def run(self, request: UserSyncInput) -> None:
@@ -126,8 +127,11 @@ class UserSyncWorkflow:
         """
         self._user_id = request.user_id
         self._events_per_run = request.events_per_run
+        # Runs begun by a release before the ``deliver`` signal replay with it ignored, as that
+        # release ignored it (the same release brought the quiet stages).
+        self._takes_deliveries = workflow.patched(QUIET_STAGES_PATCH)
         marks = self._marks = StageMarks(
-            legacy=not workflow.patched(QUIET_STAGES_PATCH),
+            legacy=not self._takes_deliveries,
             # Only a run that starts afresh reads the row; a stuck read shows as reading_row.
             stage="reading_row" if request.carried is None else "idle",
         )
@@ -287,6 +291,13 @@ class UserSyncWorkflow:
         """
         ledger = await self._ledger_ready()
         event = request.event
+        if not self._takes_deliveries:
+            # Workers must be upgraded before the apps that send this signal (docs/design.md).
+            workflow.logger.warning(
+                "event %s ignored: this run began on a release without the deliver signal",
+                event.event_id,
+            )
+            return
         if event.user_id != self._user_id:
             workflow.logger.warning("dropped an event addressed to another user's workflow")
             return

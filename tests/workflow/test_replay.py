@@ -8,10 +8,14 @@ import re
 from pathlib import Path
 
 import pytest
+from google.protobuf.json_format import MessageToJson
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from spicesync.constants import DELIVER_EVENT_SIGNAL
+from spicesync.models import DeliverEventInput, UserEvent
 from workflows.backfill import BackfillWorkflow
 from workflows.followed_user import FollowedUserWorkflow
 from workflows.reconcile import ReconcileWorkflow
@@ -145,3 +149,59 @@ def _decoded(history: str) -> str:
         base64.b64decode(data).decode("utf-8", "replace")
         for data in re.findall(r'"data": "([A-Za-z0-9+/=]+)"', history)
     )
+
+
+def _with_deliver_signal(name: str, event: UserEvent) -> WorkflowHistory:
+    """A saved run of a release before the ``deliver`` signal, as if an app of this release had
+    sent it one with its start: the signal is event 2, so the first workflow task sees it."""
+    recorded = json.loads((HISTORIES / f"{name}.json").read_text())
+    started = recorded["events"][0]
+    payload = pydantic_data_converter.payload_converter.to_payloads(
+        [DeliverEventInput(event=event)]
+    )[0]
+    signal = {
+        "eventId": "2",
+        "eventTime": started["eventTime"],
+        "eventType": "EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED",
+        "workflowExecutionSignaledEventAttributes": {
+            "signalName": DELIVER_EVENT_SIGNAL,
+            "input": {"payloads": [json.loads(MessageToJson(payload))]},
+        },
+    }
+
+    def shifted(value: object, key: str = "") -> object:
+        # Every reference to a later event moves up by one, like the events themselves.
+        if isinstance(value, dict):
+            return {k: shifted(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [shifted(v) for v in value]
+        if key.endswith("EventId") or key == "eventId":
+            return str(int(str(value)) + 1) if int(str(value)) >= 2 else value
+        return value
+
+    events = [started, signal, *(shifted(e) for e in recorded["events"][1:])]
+    return WorkflowHistory.from_json(name, json.dumps({"events": events}))
+
+
+async def test_a_run_of_an_earlier_release_ignores_the_deliver_signal() -> None:
+    """An app upgraded before its workers sends ``deliver`` to runs an older worker began; that
+    worker ignored it (no handler), so this code must ignore it too when it replays them."""
+    recorded = json.loads((HISTORIES / "user_sync_durable_lifecycle.json").read_text())
+    started = recorded["events"][0]["workflowExecutionStartedEventAttributes"]
+    user_id = json.loads(base64.b64decode(started["input"]["payloads"][0]["data"]))["user_id"]
+    later = UserEvent(
+        event_id="sent-by-signal",
+        user_id=user_id,
+        version=99,
+        kind="role_changed",
+        org_id="acme",
+        role="admin",
+    )
+    history = _with_deliver_signal("user_sync_durable_lifecycle", later)
+    assert any(
+        e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED for e in history.events
+    )
+    result = await Replayer(
+        workflows=[UserSyncWorkflow], data_converter=pydantic_data_converter
+    ).replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None
