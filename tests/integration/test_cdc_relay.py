@@ -71,8 +71,14 @@ class LogicalPostgres:
     data_dir: Path
     url: str
 
-    def restart(self) -> None:
+    def stop(self) -> None:
+        stop_embedded_postgres(self.data_dir)
+
+    def start(self) -> None:
         assert restart_embedded_postgres(self.data_dir) == self.url
+
+    def restart(self) -> None:
+        self.start()  # stops it first
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +361,11 @@ async def test_postgresql_restarted_under_the_relay(cdc: Cdc, logical_pg: Logica
     for user_id in before:
         await pool.execute(_INSERT, user_id, "team-a", False)
     await eventually(lambda: cdc.in_step(before), timeout=_SYNCED_WITHIN)
-    await asyncio.to_thread(logical_pg.restart)
+    await asyncio.to_thread(logical_pg.stop)
+    # Down until the relay has seen it: a restart quicker than the relay's poll goes unnoticed
+    # (its pool reconnects), and there would be nothing to wait out.
+    await eventually(lambda: cdc.logged("PostgreSQL is unavailable"), timeout=60)
+    await asyncio.to_thread(logical_pg.start)
     pool.terminate()  # its connections died with the server
     cdc.app_db.pool = await asyncpg.create_pool(cdc.app_db.url, min_size=1, max_size=4)
     for user_id in after:
