@@ -59,20 +59,44 @@ def worker_settings(database_url: str, spicedb: SpiceDBServer, key: str | None =
     )
 
 
+@dataclass(frozen=True)
+class Engines:
+    """The session's engines, for a test that starts its worker itself (when, or how, it wants)."""
+
+    client: Client
+    database_url: str
+    app_db: asyncpg.Pool
+    spicedb_server: SpiceDBServer
+    spicedb: SpiceDBClient
+
+    @contextlib.asynccontextmanager
+    async def pipeline(
+        self, task_queue: str, settings: Settings | None = None
+    ) -> AsyncIterator[Pipeline]:
+        """A worker on ``task_queue``; tuned by ``settings`` if given, else the SDK's defaults."""
+        own = settings or worker_settings(self.database_url, self.spicedb_server)
+        async with (
+            open_resources(own) as resources,
+            build_worker(self.client, resources, task_queue=task_queue, settings=settings),
+        ):
+            yield Pipeline(self.client, task_queue, self.app_db, self.spicedb)
+
+
 @pytest.fixture
-async def pipeline(
+def engines(
     client: Client,
-    task_queue: str,
     database_url: str,
     app_db: asyncpg.Pool,
     spicedb_server: SpiceDBServer,
     spicedb: SpiceDBClient,
-) -> AsyncIterator[Pipeline]:
-    async with (
-        open_resources(worker_settings(database_url, spicedb_server)) as resources,
-        build_worker(client, resources, task_queue=task_queue),
-    ):
-        yield Pipeline(client, task_queue, app_db, spicedb)
+) -> Engines:
+    return Engines(client, database_url, app_db, spicedb_server, spicedb)
+
+
+@pytest.fixture
+async def pipeline(engines: Engines, task_queue: str) -> AsyncIterator[Pipeline]:
+    async with engines.pipeline(task_queue) as running:
+        yield running
 
 
 async def user_row(pool: asyncpg.Pool, user_id: str) -> asyncpg.Record | None:

@@ -27,12 +27,13 @@ from spicesync.models import (
     Membership,
     WriteMembershipsInput,
 )
-from spicesync.spicedb import SpiceDBClient, connect_spicedb
+from spicesync.spicedb import connect_spicedb
 from spicesync.stack.components import prepare_spicedb, start_spicedb
 from spicesync.stack.processes import free_port, stop_pid, wait_for_port
 from starters.user_events import UserSyncFailed, WaitFor, create_user, creation_event
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import (
+    Engines,
     Pipeline,
     assert_neither,
     assert_synced,
@@ -186,16 +187,10 @@ async def test_wait_for_start_returns_at_once(pipeline: Pipeline) -> None:
     await assert_synced(pipeline, event, result.zed_token)
 
 
-async def test_wait_for_start_is_durable_before_any_worker_runs(
-    client: Client,
-    database_url: str,
-    app_db: asyncpg.Pool,
-    spicedb_server: SpiceDBServer,
-    spicedb: SpiceDBClient,
-) -> None:
+async def test_wait_for_start_is_durable_before_any_worker_runs(engines: Engines) -> None:
     """START returns on the server's answer (signal-with-start): no worker polls the queue yet,
     so nothing is written; a worker started afterwards applies the event it holds."""
-    task_queue = f"no-worker-yet-{uuid.uuid4().hex[:8]}"
+    client, task_queue = engines.client, f"no-worker-yet-{uuid.uuid4().hex[:8]}"
     event = new_event()
     outcome = await asyncio.wait_for(
         create_user(event, wait=WaitFor.START, client=client, task_queue=task_queue), 30
@@ -208,16 +203,11 @@ async def test_wait_for_start_is_durable_before_any_worker_runs(
         EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
         EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
     ]
-    assert await user_row(app_db, event.user_id) is None
-    async with (
-        open_resources(worker_settings(database_url, spicedb_server)) as resources,
-        build_worker(client, resources, task_queue=task_queue),
-    ):
+    assert await user_row(engines.app_db, event.user_id) is None
+    async with engines.pipeline(task_queue) as pipeline:
         # The same event again, waiting for its outcome: the signalled delivery is the one applied.
         result = await create_user(event, client=client, task_queue=task_queue)
-        await assert_synced(
-            Pipeline(client, task_queue, app_db, spicedb), event, result.zed_token or ""
-        )
+        await assert_synced(pipeline, event, result.zed_token or "")
 
 
 async def test_duplicate_events_are_no_ops(pipeline: Pipeline) -> None:
@@ -260,22 +250,14 @@ async def test_duplicate_email_fails_clearly_and_leaves_nothing(pipeline: Pipeli
 
 
 async def test_a_worker_without_the_sandbox_syncs_and_compensates_alike(
-    client: Client,
-    task_queue: str,
-    database_url: str,
-    app_db: asyncpg.Pool,
-    spicedb_server: SpiceDBServer,
-    spicedb: SpiceDBClient,
+    engines: Engines, task_queue: str
 ) -> None:
     """``SPICESYNC_WORKFLOW_SANDBOX=false``: same effects, same recorded steps, same failure."""
-    settings = worker_settings(database_url, spicedb_server).model_copy(
+    settings = worker_settings(engines.database_url, engines.spicedb_server).model_copy(
         update={"workflow_sandbox": False}
     )
-    async with (
-        open_resources(settings) as resources,
-        build_worker(client, resources, task_queue=task_queue, settings=settings),
-    ):
-        pipeline = Pipeline(client, task_queue, app_db, spicedb)
+    client, spicedb = engines.client, engines.spicedb
+    async with engines.pipeline(task_queue, settings) as pipeline:
         first = new_event()
         outcome = await create_user(
             first, wait=WaitFor.PERMISSIONS, client=client, task_queue=task_queue
