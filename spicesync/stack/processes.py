@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -128,8 +129,56 @@ def wait_for_port(host: str, port: int, *, pid: int | None, timeout: float, log:
     raise RuntimeError(f"{host}:{port} not ready after {timeout:.0f}s; see {log}")
 
 
+# Ports handed out by this process, so two calls never return the same one.
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _port_pool() -> range:
+    """Where free ports are picked: below the kernel's ephemeral range when there is room.
+
+    A port the kernel hands out for bind(0) is in the ephemeral range, so any outgoing
+    connection may take it between the moment it is picked and the moment a server binds it;
+    on a busy box that happened (a SpiceDB port taken by a client's socket). Ports outside
+    that range are only ever taken by someone binding them on purpose.
+    """
+    low, high = _ephemeral_range()
+    if low - 20000 >= 1000:
+        return range(20000, low)
+    if 65535 - high >= 1000:
+        return range(high + 1, 65536)
+    return range(0)
+
+
 def free_port() -> int:
-    """An ephemeral TCP port free right now on 127.0.0.1."""
+    """A TCP port free right now on 127.0.0.1, outside the kernel's ephemeral range if it can.
+
+    Returns:
+        A port nothing listens on, not returned before by this process.
+    """
+    pool = _port_pool()
+    for _ in range(200):
+        if not pool:
+            break
+        port = random.choice(pool)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        port = int(sock.getsockname()[1])
+    _handed_out.add(port)
+    return port
