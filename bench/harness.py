@@ -79,6 +79,8 @@ class CellResult:
     seconds: float
     submitted: int = 0
     failed_calls: int = 0
+    # How long the calls that raised took: an admission refusal must be quick (issue 16).
+    failed_call: Percentiles = field(default_factory=lambda: Percentiles(None, None, None))
     completed: int = 0
     not_done: int = 0
     completed_per_second: float = 0.0
@@ -97,6 +99,7 @@ class CellResult:
             "seconds": self.seconds,
             "submitted": self.submitted,
             "failed_calls": self.failed_calls,
+            "failed_call_ms": self.failed_call.as_dict(),
             "completed": self.completed,
             "not_done": self.not_done,
             "lost": self.lost,
@@ -157,16 +160,16 @@ async def run_open_loop(
     users: list[CreateUserInput],
     rate: float,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[dict[str, float], list[float], set[str]]:
+) -> tuple[dict[str, float], list[float], dict[str, float]]:
     """Offer ``users`` at ``rate`` per second.
 
     Returns:
         When each user's call was sent (epoch seconds, by user id), the start-call latencies in
-        milliseconds, and the users whose call raised.
+        milliseconds, and the users whose call raised, with how long each took to raise.
     """
     sent: dict[str, float] = {}
     latencies: list[float] = []
-    failed: set[str] = set()
+    failed: dict[str, float] = {}
     began = time.monotonic()
 
     async def one(user: CreateUserInput) -> None:
@@ -175,7 +178,7 @@ async def run_open_loop(
         try:
             await submit(user)
         except Exception:
-            failed.add(user.user_id)
+            failed[user.user_id] = (time.perf_counter() - t) * 1000
             return
         latencies.append((time.perf_counter() - t) * 1000)
 

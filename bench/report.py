@@ -40,16 +40,19 @@ def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     """One row per system and offered rate, the CPU each cost per user, then the targets."""
     lines = [
         "| system | offered/s | completed/s | start call p50/p99 ms | time-to-row p50/p99 ms"
-        " | time-to-permission p50/p95/p99 ms | not done | lost |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        " | time-to-permission p50/p95/p99 ms | failed calls (p99 ms) | not done | lost |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         s, row, perm = r["start_call_ms"], r["time_to_row_ms"], r["time_to_permission_ms"]
+        refused = r.get("failed_calls", 0)
+        refused_p99 = (r.get("failed_call_ms") or {}).get("p99")
+        failed = f"{refused} ({_ms(refused_p99)})" if refused else "0"
         lines.append(
             f"| {r['system']} | {r['offered_rate']:g} | {r['completed_per_second']:.1f}"
             f" | {_ms(s['p50'])} / {_ms(s['p99'])} | {_ms(row['p50'])} / {_ms(row['p99'])}"
             f" | {_ms(perm['p50'])} / {_ms(perm['p95'])} / {_ms(perm['p99'])}"
-            f" | {r['not_done']} | {r['lost']} |"
+            f" | {failed} | {r['not_done']} | {r['lost']} |"
         )
     lines += ["", "CPU per completed user (ms, measured window; `-`: no such process):", ""]
     lines += cpu_table(results)

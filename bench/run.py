@@ -159,9 +159,12 @@ async def run_cell(
             perm_ms.append((perm_at.timestamp() - sent[user_id]) * 1000)
             finished.append(perm_at.timestamp())
         holding = await users_held(spicedb, accepted) if system.has_rows else None
-        counts = account([u.user_id for u in users], failed=failed, done=set(done), holding=holding)
+        counts = account(
+            [u.user_id for u in users], failed=set(failed), done=set(done), holding=holding
+        )
         result.submitted = counts.submitted
         result.failed_calls = counts.failed_calls
+        result.failed_call = percentiles(list(failed.values()))
         result.completed = counts.completed
         result.not_done = counts.not_done
         result.lost = counts.lost
