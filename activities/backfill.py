@@ -103,7 +103,10 @@ class BackfillActivities:
         size = min(request.batch_size, MAX_BATCH)
         try:
             async with self._pool.acquire() as conn:
-                ids = [r["id"] for r in await conn.fetch(_PAGE, after, size, before)]
+                # One id beyond the page says whether another page follows, so the last page
+                # ends the lane instead of an empty batch after it (one round trip per lane).
+                page = [r["id"] for r in await conn.fetch(_PAGE, after, size + 1, before)]
+                ids = page[:size]
                 async with conn.transaction():
                     rows = await conn.fetch(_LOCK, ids)
                     token = await self._write(rows, request.request_id) if rows else None
@@ -117,7 +120,7 @@ class BackfillActivities:
             skipped=len(ids) - len(rows),
             relationships_written=2 * len(rows),
             zed_token=token,
-            next=str(ids[-1]) if len(ids) == size else None,
+            next=str(ids[-1]) if len(page) > size else None,
         )
 
     async def _write(self, rows: list[asyncpg.Record], request_id: str) -> str:
