@@ -110,12 +110,16 @@ class CodecAuth:
 
 
 class _Verifier:
-    """Checks credentials; a JWKS is fetched once and cached by PyJWT's client."""
+    """Checks credentials; a JWKS is fetched once and cached by PyJWT's client (5 minutes)."""
 
     def __init__(self, auth: CodecAuth) -> None:
         self._auth = auth
         self._jwks = (
-            jwt.PyJWKClient(auth.jwks_url, cache_keys=True, lifespan=300, timeout=10)
+            # A token naming an unknown key refetches the set at most every 30 s, so made-up key
+            # ids cannot turn each request into a fetch from the identity provider.
+            jwt.PyJWKClient(
+                auth.jwks_url, cache_keys=True, lifespan=300, timeout=10, cooldown_duration=30
+            )
             if auth.jwks_url
             else None
         )

@@ -186,9 +186,11 @@ class _Jwks:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
         body = json.dumps({"keys": [jwk | {"kid": "idp-1", "use": "sig", "alg": "RS256"}]})
+        fetches = self.fetches = [0]
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                fetches[0] += 1
                 data = body.encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -203,12 +205,35 @@ class _Jwks:
         self.url = f"http://127.0.0.1:{self.http.server_address[1]}/.well-known/jwks.json"
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
 
-    def token(self, key: rsa.RSAPrivateKey | None = None, **claims: Any) -> str:
+    def token(self, key: rsa.RSAPrivateKey | None = None, kid: str = "idp-1", **claims: Any) -> str:
         now = int(time.time())
         payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "op", "iat": now, "exp": now + 300}
         return jwt.encode(
-            payload | claims, key or self.key, algorithm="RS256", headers={"kid": "idp-1"}
+            payload | claims, key or self.key, algorithm="RS256", headers={"kid": kid}
         )
+
+
+def test_made_up_key_ids_do_not_make_the_codec_server_refetch_the_jwks(
+    codec: EncryptionCodec, sealed_body: bytes
+) -> None:
+    idp = _Jwks()
+    server = serve(
+        codec, CodecAuth(jwks_url=idp.url, audience=AUDIENCE, issuer=ISSUER, algorithms=("RS256",))
+    )
+    url = f"http://127.0.0.1:{server.port}/decode?preserveStorageRefs=true"
+    try:
+        status, _, _ = call(url, sealed_body, headers={"Authorization": f"Bearer {idp.token()}"})
+        assert status == 200 and idp.fetches[0] == 1
+        for i in range(20):
+            forged = idp.token(kid=f"made-up-{i}")
+            status, answer, _ = call(
+                url, sealed_body, headers={"Authorization": f"Bearer {forged}"}
+            )
+            assert status == 401 and PLAIN not in answer
+        # One fetch: a rotated key is picked up after the cooldown, a flood of forgeries is not.
+        assert idp.fetches[0] == 1
+    finally:
+        server.stop()
 
 
 def test_a_forwarded_jwt_is_verified_against_the_jwks(
