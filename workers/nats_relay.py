@@ -26,6 +26,8 @@ import contextlib
 import logging
 import os
 import ssl
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -82,6 +84,9 @@ _NATS_ERRORS = (nats.errors.Error, OSError, asyncio.TimeoutError)
 # How often the consumer's gauges are refreshed (one consumer info, one message lookup).
 _GAUGES_EVERY_SECONDS = 5.0
 _FLUSH_SECONDS = 5
+# How often an idle relay asks whether its consumer still exists: a fetch from a deleted consumer
+# (or from a stream re-created without it) times out exactly like a fetch with nothing to fetch.
+_CONSUMER_CHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,7 @@ class NatsRelay:
         event_format: EventFormat,
         batch_size: int,
         metrics: NatsMetrics,
+        rebind: Callable[[], Awaitable[JetStreamContext.PullSubscription | None]] | None = None,
     ) -> None:
         """Set the relay up (nothing is fetched before :meth:`relay_batch`).
 
@@ -169,8 +175,12 @@ class NatsRelay:
             event_format: The mapping's id and version columns.
             batch_size: Messages fetched at once.
             metrics: Where acks and terminations are counted.
+            rebind: Binds the consumer again (creating it if the settings allow) once it has
+                gone; without it a vanished consumer is not looked for.
         """
         self._subscription = subscription
+        self._rebind = rebind
+        self._checked_at = time.monotonic()
         self._delivery = delivery
         self._stream = stream
         self._format = event_format
@@ -186,11 +196,18 @@ class NatsRelay:
 
         Raises:
             nats.errors.Error, OSError: NATS failed; nothing fetched was ACKed.
+            RelayNotStarted: The consumer has gone and may not be created again.
         """
         try:
             messages = await self._subscription.fetch(self.batch_size, timeout=NATS_FETCH_SECONDS)
         except nats.errors.TimeoutError:
+            await self._check_consumer()
             return NatsBatch()
+        except (nats.js.errors.ServiceUnavailableError, nats.js.errors.NotFoundError):
+            # What newer servers answer a fetch from a consumer that is not there.
+            if await self._check_consumer():
+                return NatsBatch()
+            raise
         by_seq: dict[int, Msg] = {}
         events: list[tuple[int, NatsEvent]] = []
         terminated = 0
@@ -227,6 +244,33 @@ class NatsRelay:
             refused=refused,
             unaccepted=[m for seq, m in by_seq.items() if seq not in done],
         )
+
+    async def _check_consumer(self) -> bool:
+        """Every few seconds at most: bind the consumer again if it has gone.
+
+        Returns:
+            Whether the relay is now bound to a consumer it was not bound to before.
+        """
+        if self._rebind is None or time.monotonic() - self._checked_at < _CONSUMER_CHECK_SECONDS:
+            return False
+        self._checked_at = time.monotonic()
+        try:
+            await self._subscription.consumer_info()
+            return False
+        except nats.js.errors.NotFoundError:
+            log.error(
+                "the JetStream consumer of stream %s is gone (deleted, or the stream re-created):"
+                " binding it again",
+                self._stream,
+            )
+            old, subscription = self._subscription, await self._rebind()
+            if subscription is None:
+                return False  # stopping
+            self._subscription = subscription
+            with contextlib.suppress(*_NATS_ERRORS):
+                await old.unsubscribe()
+            log.info("bound to the JetStream consumer of stream %s again", self._stream)
+            return True
 
     def _change(self, pending: PendingEvent) -> UserChangedInput:
         return UserChangedInput(
@@ -538,6 +582,7 @@ async def run_nats_relay(
             event_format=event_format,
             batch_size=settings.nats_batch_size,
             metrics=metrics,
+            rebind=lambda: _bound(js, settings, link, stop),
         )
         helpers = []
         if runtime.metric_meter is not MetricMeter.noop:

@@ -142,7 +142,8 @@ def _relay(args: argparse.Namespace) -> int:
         asyncio.run(run(load_settings()))
     except (RelayNotStarted, MappingError) as err:
         reason = "; ".join(str(err).splitlines())
-        logging.getLogger("spicesync.relay").error("not starting: %s", reason)
+        # At start, or later (a NATS consumer gone that may not be created again).
+        logging.getLogger("spicesync.relay").error("relay cannot run: %s", reason)
         return 2
     return 0
 

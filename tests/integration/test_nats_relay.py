@@ -26,7 +26,7 @@ import nats
 import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
-from nats.js.api import ConsumerInfo, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, StreamConfig
 from nats.js.client import JetStreamContext
 from pydantic import SecretStr
 from temporalio.client import Client
@@ -467,3 +467,52 @@ async def test_temporal_down_messages_wait_unacked_then_sync(
         await _close(feed)
         await worker.aclose()
         temporal.kill()
+
+
+async def test_a_deleted_consumer_is_created_again_and_nothing_stops(
+    feed: Feed, app_db: AppDB, client: Client, spicedb: SpiceDBClient
+) -> None:
+    """An operator deletes the relay's consumer while it runs: a fetch from it only times out,
+    as if nothing were published, so the idle relay asks for the consumer, creates it again
+    (SPICESYNC_NATS_CREATE=true) and delivers what was published meanwhile."""
+    first = _new_ids(3)
+    for user_id in first:
+        await feed.publish({"user_id": user_id, "version": await _save(app_db, user_id)})
+    await feed.start()
+    await eventually(lambda: feed.all_acked(len(first)), timeout=120)
+
+    await feed.js.delete_consumer(feed.stream, "spicesync-relay")
+    later = _new_ids(3)
+    for user_id in later:
+        await feed.publish({"user_id": user_id, "version": await _save(app_db, user_id)})
+    # The new consumer starts at the head of the stream: the first users come again (harmless).
+    await eventually(lambda: feed.all_acked(len(first) + len(later)), timeout=120)
+    assert await all_delivered(client, later)
+    await eventually(lambda: in_step(app_db, spicedb, first + later), timeout=180)
+    log = feed.log()
+    assert "is gone (deleted, or the stream re-created): binding it again" in log
+    assert "bound to the JetStream consumer of stream" in log
+
+
+async def test_a_deleted_consumer_it_may_not_create_stops_the_relay_loudly(
+    feed: Feed, app_db: AppDB
+) -> None:
+    """Without SPICESYNC_NATS_CREATE the relay cannot recreate it: it exits non-zero, saying
+    what to create, instead of idling forever on a consumer that is not there."""
+    await feed.js.add_consumer(
+        feed.stream,
+        ConsumerConfig(
+            durable_name="spicesync-relay",
+            ack_policy=AckPolicy.EXPLICIT,
+            max_deliver=-1,
+            filter_subject=feed.subject,
+        ),
+    )
+    user_id = _new_ids(1)[0]
+    await feed.publish({"user_id": user_id, "version": await _save(app_db, user_id)})
+    relay = await feed.start(CREATE="false")
+    await eventually(lambda: feed.all_acked(1), timeout=120)
+
+    await feed.js.delete_consumer(feed.stream, "spicesync-relay")
+    assert await asyncio.wait_for(relay.wait(), 60) == 2
+    assert "relay cannot run: JetStream has no consumer 'spicesync-relay'" in feed.log()
