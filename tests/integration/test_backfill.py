@@ -171,26 +171,17 @@ async def test_a_live_write_that_meets_a_backfilled_marker_re_plans(
 
 
 async def test_a_lane_ends_with_its_last_full_page(
-    client: Client, task_queue: str, own_stores: OwnStores
+    own_pipeline: Pipeline, own_stores: OwnStores
 ) -> None:
     """Exactly three full pages: three batches, not a fourth, empty one to find the end."""
     users = await seed(own_stores.pool, 300, orgs=3)
-    settings = Settings(
-        database_url=own_stores.database_url,
-        spicedb_endpoint=own_stores.server.endpoint,
-        spicedb_preshared_key=own_stores.server.preshared_key,
+    handle = await start_backfill(
+        BackfillInput(batch_size=100),
+        client=own_pipeline.client,
+        task_queue=own_pipeline.task_queue,
+        workflow_id=f"backfill-{uuid.uuid4()}",
     )
-    async with (
-        open_resources(settings) as resources,
-        build_worker(client, resources, task_queue=task_queue),
-    ):
-        handle = await start_backfill(
-            BackfillInput(batch_size=100),
-            client=client,
-            task_queue=task_queue,
-            workflow_id=f"backfill-{uuid.uuid4()}",
-        )
-        result = await handle.result()
+    result = await handle.result()
     assert result.progress.done and result.progress.written_users == 300
     batches = [
         e.activity_task_scheduled_event_attributes.activity_type.name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -213,15 +214,23 @@ class _Jwks:
         )
 
 
-def test_made_up_key_ids_do_not_make_the_codec_server_refetch_the_jwks(
-    codec: EncryptionCodec, sealed_body: bytes
-) -> None:
+@contextlib.contextmanager
+def _behind_sso(codec: EncryptionCodec) -> Iterator[tuple[_Jwks, str]]:
+    """A codec server taking the JWTs of an identity provider of the test's own; its /decode."""
     idp = _Jwks()
     server = serve(
         codec, CodecAuth(jwks_url=idp.url, audience=AUDIENCE, issuer=ISSUER, algorithms=("RS256",))
     )
-    url = f"http://127.0.0.1:{server.port}/decode?preserveStorageRefs=true"
     try:
+        yield idp, f"http://127.0.0.1:{server.port}/decode?preserveStorageRefs=true"
+    finally:
+        server.stop()
+
+
+def test_made_up_key_ids_do_not_make_the_codec_server_refetch_the_jwks(
+    codec: EncryptionCodec, sealed_body: bytes
+) -> None:
+    with _behind_sso(codec) as (idp, url):
         status, _, _ = call(url, sealed_body, headers={"Authorization": f"Bearer {idp.token()}"})
         assert status == 200 and idp.fetches[0] == 1
         for i in range(20):
@@ -232,20 +241,13 @@ def test_made_up_key_ids_do_not_make_the_codec_server_refetch_the_jwks(
             assert status == 401 and PLAIN not in answer
         # One fetch: a rotated key is picked up after the cooldown, a flood of forgeries is not.
         assert idp.fetches[0] == 1
-    finally:
-        server.stop()
 
 
 def test_a_forwarded_jwt_is_verified_against_the_jwks(
     codec: EncryptionCodec, sealed_body: bytes
 ) -> None:
-    idp = _Jwks()
-    server = serve(
-        codec, CodecAuth(jwks_url=idp.url, audience=AUDIENCE, issuer=ISSUER, algorithms=("RS256",))
-    )
-    url = f"http://127.0.0.1:{server.port}/decode?preserveStorageRefs=true"
     other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    try:
+    with _behind_sso(codec) as (idp, url):
         status, answer, _ = call(
             url, sealed_body, headers={"Authorization": f"Bearer {idp.token()}"}
         )
@@ -261,8 +263,6 @@ def test_a_forwarded_jwt_is_verified_against_the_jwks(
             status, answer, _ = call(url, sealed_body, headers={"Authorization": f"Bearer {token}"})
             assert status == 401, why
             assert PLAIN not in answer
-    finally:
-        server.stop()
         idp.http.shutdown()
 
 
