@@ -47,7 +47,13 @@ with workflow.unsafe.imports_passed_through():
     from spicesync.errors import NON_RETRYABLE_ERROR_TYPES
     from spicesync.retries import LOCAL_STEP_RETRY, STEP_RETRY
 
-__all__ = ["DURABLE_ACCEPTANCE_PATCH", "LOCAL_STEPS_PATCH", "StepRunner"]
+__all__ = [
+    "DURABLE_ACCEPTANCE_PATCH",
+    "LOCAL_STEPS_PATCH",
+    "RELEASE_PATCH",
+    "Patches",
+    "StepRunner",
+]
 
 # Runs recorded before the forward steps were tried as local activities replay without them.
 LOCAL_STEPS_PATCH = "local-activity-steps"
@@ -55,20 +61,47 @@ LOCAL_STEPS_PATCH = "local-activity-steps"
 # local try sent the rest of the event to normal activities) replay as they ran.
 DURABLE_ACCEPTANCE_PATCH = "writes-after-durable-acceptance"
 
+# Every run this release begins has every patch above (and the user workflow's own), and says so
+# with this one marker instead of one per patch.
+RELEASE_PATCH = "release-2026-12-03"
+
 _TIMEOUT = timedelta(seconds=ACTIVITY_START_TO_CLOSE)
 _LOCAL_TIMEOUT = timedelta(seconds=LOCAL_STEP_TIMEOUT)
+
+
+class Patches:
+    """Which of the workflow's patches a run has, asked of Temporal as little as it can be.
+
+    Each patch asked in a run that is not replaying records a marker and the SDK's upsert of
+    ``TemporalChangeVersion``: eight history events for four patches, in every user's first run.
+    A run begun by this release has them all and records one :data:`RELEASE_PATCH` marker
+    instead. A run begun by an earlier release has no such marker (it is replaying when asked,
+    at its start), so it is asked patch by patch, where that release asked, and replays
+    unchanged. Build it at the start of the run, before any patch is asked.
+    """
+
+    def __init__(self) -> None:
+        self._all = workflow.patched(RELEASE_PATCH)
+
+    def has(self, patch_id: str) -> bool:
+        """Whether the run takes the code path that ``patch_id`` brought."""
+        return self._all or workflow.patched(patch_id)
 
 
 class StepRunner:
     """Runs the forward steps of one event (or one repair), in order."""
 
-    def __init__(self, on_visible: Callable[[str | None], None] | None = None) -> None:
+    def __init__(
+        self, patches: Patches, on_visible: Callable[[str | None], None] | None = None
+    ) -> None:
         """Start an event's (or a repair's) steps, all healthy so far.
 
         Args:
+            patches: The run's patches.
             on_visible: Called just before a step runs as a normal activity, with the error
                 type of the local try that failed first (``None`` if none was made).
         """
+        self._patches = patches
         self._durable = False
         self._local = True
         self._on_visible = on_visible
@@ -83,7 +116,7 @@ class StepRunner:
         self, activity: MethodAsyncSingleParam[Any, ParamType, ReturnType], arg: ParamType
     ) -> ReturnType:
         """Run a step that writes: never locally before the event's acceptance is durable."""
-        local = self._local and (self._durable or not workflow.patched(DURABLE_ACCEPTANCE_PATCH))
+        local = self._local and (self._durable or not self._patches.has(DURABLE_ACCEPTANCE_PATCH))
         # Scheduling a normal activity completes the workflow task: from here on the event is
         # recorded in history, whatever happens to this attempt.
         self._durable = True
@@ -97,7 +130,7 @@ class StepRunner:
         local: bool,
     ) -> ReturnType:
         failed_locally: str | None = None
-        if local and workflow.patched(LOCAL_STEPS_PATCH):
+        if local and self._patches.has(LOCAL_STEPS_PATCH):
             try:
                 return await workflow.execute_local_activity_method(
                     activity,
@@ -115,7 +148,7 @@ class StepRunner:
                     # A local activity's failure reaches the workflow unwrapped; wrap it as a
                     # normal activity's is, so the saga handles a refusal the same either way.
                     raise _as_activity_error(activity, refusal) from refusal
-                if workflow.patched(DURABLE_ACCEPTANCE_PATCH):
+                if self._patches.has(DURABLE_ACCEPTANCE_PATCH):
                     # The store is slow or down: the event's next steps would only stretch
                     # workflow tasks too, so they go straight to normal activities.
                     self._local = False

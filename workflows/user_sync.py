@@ -67,7 +67,7 @@ with workflow.unsafe.imports_passed_through():
         USER_ID,
         StageMarks,
     )
-    from workflows.steps import StepRunner
+    from workflows.steps import Patches, StepRunner
     from workflows.user_sync_helpers import MembershipWrite as _MembershipWrite
     from workflows.user_sync_helpers import cause_type as _cause_type
     from workflows.user_sync_helpers import describe as _describe
@@ -129,7 +129,8 @@ class UserSyncWorkflow:
         self._events_per_run = request.events_per_run
         # Runs begun by a release before the ``deliver`` signal replay with it ignored, as that
         # release ignored it (the same release brought the quiet stages).
-        self._takes_deliveries = workflow.patched(QUIET_STAGES_PATCH)
+        patches = self._patches = Patches()
+        self._takes_deliveries = patches.has(QUIET_STAGES_PATCH)
         marks = self._marks = StageMarks(
             legacy=not self._takes_deliveries,
             # Only a run that starts afresh reads the row; a stuck read shows as reading_row.
@@ -143,11 +144,11 @@ class UserSyncWorkflow:
         else:
             # A new run learns what is already applied from the App DB itself, so an event that
             # arrives after an earlier run ended is still judged stale or not correctly.
-            state = await StepRunner(marks.step_visible).read(
+            state = await StepRunner(patches, marks.step_visible).read(
                 UserRowActivities.read_user_state, ReadUserStateInput(user_id=request.user_id)
             )
             recent = []
-        legacy = not workflow.patched(LEDGER_RULES_PATCH)
+        legacy = not patches.has(LEDGER_RULES_PATCH)
         ledger = self._ledger = EventLedger(state, recent, legacy=legacy)
         marks.settle("idle")
         self._applied_this_run = 0
@@ -356,7 +357,7 @@ class UserSyncWorkflow:
         call failed), or for a sync an operator terminated.
         """
         self._mark("reconciling")
-        steps = StepRunner(self._stage_marks().step_visible)
+        steps = StepRunner(self._patches, self._stage_marks().step_visible)
         state = await steps.read(
             UserRowActivities.read_user_state, ReadUserStateInput(user_id=self._user_id)
         )
@@ -451,7 +452,7 @@ class UserSyncWorkflow:
         target = _target(event)
         row_created = False
         write = _MembershipWrite()
-        steps = StepRunner(self._stage_marks().step_visible)
+        steps = StepRunner(self._patches, self._stage_marks().step_visible)
         try:
             if event.kind == "created":
                 self._enter("inserting_row")

@@ -99,10 +99,12 @@ async def test_a_row_insert_held_by_postgresql_is_listed_as_inserting_row(
     assert described.typed_search_attributes.get(STAGE) == "idle"
 
 
-# A healthy created user's sync, counted from its real history: 6 upserts of 27 events, where
+# A healthy created user's sync, counted from its real history: 3 upserts of 21 events, where
 # before stage marks were kept for trouble it made 11 of 31 (its ids, then every stage it went
-# through). 4 of the 6 are the SDK's own: each patch a run meets upserts TemporalChangeVersion.
-HEALTHY_CREATION_UPSERTS = 6
+# through), and before one release marker stood for every patch 6 of 27. 1 of the 3 is the SDK's
+# own: each patch a run asks upserts TemporalChangeVersion, and a run of this release asks one.
+HEALTHY_CREATION_UPSERTS = 3
+HEALTHY_CREATION_EVENTS = 21
 SPICESYNC_UPSERTS = [
     # The event's first write always runs as a normal activity: its stage is shown, with the id.
     {"SpicesyncUserId": "", "SpicesyncStage": "inserting_row", "SpicesyncStageSince": ""},
@@ -124,7 +126,8 @@ async def test_a_healthy_creation_upserts_only_its_ids_and_the_first_write(
         for e in history.events
         if e.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
     ]
-    assert len(upserts) <= HEALTHY_CREATION_UPSERTS
+    assert len(upserts) == HEALTHY_CREATION_UPSERTS
+    assert len(history.events) <= HEALTHY_CREATION_EVENTS
     ours = [
         {name: _keyword(fields[name]) if "Since" not in name else "" for name in fields}
         for fields in upserts

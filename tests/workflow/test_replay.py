@@ -38,6 +38,9 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "user_sync_quiet_lifecycle",
         "user_sync_quiet_compensated",
         "user_sync_quiet_repaired",
+        "user_sync_release_lifecycle",
+        "user_sync_release_compensated",
+        "user_sync_release_repaired",
         "user_sync_unfinished_removed",
         "reconcile_apply",
         "reconcile_unfinished",
@@ -96,6 +99,17 @@ def test_histories_cover_every_workflow_and_path() -> None:
     assert quiet.count("EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") == 4  # each event's first write
     assert _stage_upserts(quiet) == 8  # that write's stage, then idle, for each of 4 events
     assert "DuplicateEmail" in read("user_sync_quiet_compensated")
+    # One release marker instead of a marker (and the SDK's upsert) per patch; same steps.
+    for kind in ("lifecycle", "compensated", "repaired"):
+        before, after = read(f"user_sync_quiet_{kind}"), read(f"user_sync_release_{kind}")
+        assert _patch_markers(before) == 4 and _patch_markers(after) == 1
+        assert "release-2026-12-03" in _decoded(after)
+        assert "release-2026-12-03" not in _decoded(before)
+        assert after.count("EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") == before.count(
+            "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED"
+        )
+    assert "DuplicateEmail" in read("user_sync_release_compensated")
+    assert '"name": "write_memberships"' in read("user_sync_release_repaired")
     assert '"name": "write_memberships"' in read("user_sync_quiet_repaired")
     assert '"name": "undo_created_row"' in read("user_sync_unfinished_removed")
     assert '"name": "repair_users"' in read("reconcile_unfinished")
@@ -129,6 +143,14 @@ def test_histories_cover_every_workflow_and_path() -> None:
     backfill_follow = read("backfill_follow")
     assert '"name": "deliver_backfill_batch"' in backfill_follow
     assert "EVENT_TYPE_TIMER_STARTED" in backfill_follow
+
+
+def _patch_markers(history: str) -> int:
+    return sum(
+        1
+        for event in json.loads(history)["events"]
+        if event.get("markerRecordedEventAttributes", {}).get("markerName") == "core_patch"
+    )
 
 
 def _stage_upserts(history: str) -> int:
