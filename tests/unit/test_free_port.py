@@ -14,7 +14,8 @@ def test_ports_come_from_outside_the_kernels_ephemeral_range() -> None:
     # An ephemeral port can be taken by any outgoing connection before the server binds it.
     low, high = processes._ephemeral_range()
     ports = [free_port() for _ in range(50)]
-    assert all(not low <= port <= high for port in ports), ports
+    # (A kernel whose range leaves no room outside it is the third test's case.)
+    assert not processes._port_pool() or all(not low <= port <= high for port in ports), ports
     assert len(set(ports)) == len(ports), "a port was handed out twice"
 
 
