@@ -225,6 +225,7 @@ def _behind_sso(codec: EncryptionCodec) -> Iterator[tuple[_Jwks, str]]:
         yield idp, f"http://127.0.0.1:{server.port}/decode?preserveStorageRefs=true"
     finally:
         server.stop()
+        idp.http.shutdown()
 
 
 def test_made_up_key_ids_do_not_make_the_codec_server_refetch_the_jwks(
@@ -263,7 +264,6 @@ def test_a_forwarded_jwt_is_verified_against_the_jwks(
             status, answer, _ = call(url, sealed_body, headers={"Authorization": f"Bearer {token}"})
             assert status == 401, why
             assert PLAIN not in answer
-        idp.http.shutdown()
 
 
 def _self_signed(folder: Path) -> tuple[Path, Path]:

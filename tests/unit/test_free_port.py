@@ -24,10 +24,13 @@ def test_a_port_something_listens_on_is_skipped(monkeypatch: pytest.MonkeyPatch)
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         taken = listener.getsockname()[1]
-        picks = iter([taken, taken, 20011])
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]  # free again once the probe closes
+        picks = iter([taken, taken, free])
         monkeypatch.setattr(processes.random, "choice", lambda pool: next(picks))
         monkeypatch.setattr(processes, "_handed_out", set())
-        assert free_port() == 20011
+        assert free_port() == free
 
 
 def test_without_room_outside_the_range_the_kernel_picks(monkeypatch: pytest.MonkeyPatch) -> None:
