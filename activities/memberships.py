@@ -104,8 +104,13 @@ class MembershipActivities:
     async def write_memberships(self, request: WriteMembershipsInput) -> WriteMembershipsResult:
         """Remove and add memberships and move the version marker, in one atomic write.
 
+        With ``only_if`` set, the write first reads the user's memberships and marker (under the
+        row's lock, after the claim) and writes only if they are exactly ``only_if``, so the
+        state a rollback restores is the one the workflow already holds.
+
         Returns:
-            SpiceDB's ``written_at`` ZedToken.
+            SpiceDB's ``written_at`` ZedToken; or, when SpiceDB did not hold ``only_if``, what
+            it holds (``found``), with nothing written.
 
         Raises:
             SupersededWrite: The marker is neither the expected one nor this write's own (a newer
@@ -154,10 +159,20 @@ class MembershipActivities:
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(_CLAIM_ROW, uuid.UUID(uid))
+                if request.only_if is not None:
+                    current = await self._read(uid)
+                    if not _holds(current, request.only_if):
+                        if request.set_marker is not None and current.marker == request.set_marker:
+                            # This write wrote only after finding ``only_if``: an earlier
+                            # attempt of it landed, and this is its retry.
+                            return await self._token_of_landed(request)
+                        raise _Differs(current)  # rolls the claim back: nothing was written
                 response = await self._client.WriteRelationships(
                     write, timeout=SPICEDB_CALL_TIMEOUT_SECONDS
                 )
             return WriteMembershipsResult(zed_token=response.written_at.token)
+        except _Differs as differs:
+            return WriteMembershipsResult(found=differs.found)
         except grpc.aio.AioRpcError as err:
             if not failed_precondition(err):
                 raise _translate(err, uid) from None
@@ -182,22 +197,8 @@ class MembershipActivities:
             current = await self._read(request.user_id)
             if request.set_marker is not None and current.marker == request.set_marker:
                 # An earlier attempt of this very write landed (atomically) and this is its
-                # retry: success. Touch the marker again only to obtain a ZedToken.
-                response = await self._client.WriteRelationships(
-                    WriteRelationshipsRequest(
-                        updates=[
-                            RelationshipUpdate(
-                                operation=_TOUCH,
-                                relationship=marker_relationship(
-                                    request.user_id, request.set_marker
-                                ),
-                            )
-                        ],
-                        optional_transaction_metadata=_written_by(request.event_id),
-                    ),
-                    timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
-                )
-                return WriteMembershipsResult(zed_token=response.written_at.token)
+                # retry: success.
+                return await self._token_of_landed(request)
         except grpc.aio.AioRpcError as err:
             raise _translate(err, request.user_id) from None
         if (
@@ -215,3 +216,37 @@ class MembershipActivities:
             f"user {request.user_id}: SpiceDB is at version {current.marker}, this write expected"
             f" {request.expected_marker}; a newer sync has applied, nothing was written"
         )
+
+    async def _token_of_landed(self, request: WriteMembershipsInput) -> WriteMembershipsResult:
+        """A ZedToken for a write that already landed: touch its marker again, nothing else."""
+        assert request.set_marker is not None
+        response = await self._client.WriteRelationships(
+            WriteRelationshipsRequest(
+                updates=[
+                    RelationshipUpdate(
+                        operation=_TOUCH,
+                        relationship=marker_relationship(request.user_id, request.set_marker),
+                    )
+                ],
+                optional_transaction_metadata=_written_by(request.event_id),
+            ),
+            timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
+        )
+        return WriteMembershipsResult(zed_token=response.written_at.token)
+
+
+class _Differs(Exception):
+    """SpiceDB does not hold what a conditional write requires; carries what it holds."""
+
+    def __init__(self, found: MembershipsSnapshot) -> None:
+        super().__init__("SpiceDB holds another state than the write requires")
+        self.found = found
+
+
+def _holds(current: MembershipsSnapshot, expected: MembershipsSnapshot) -> bool:
+    """Whether SpiceDB's ``current`` state is ``expected``, in any order."""
+
+    def key(snapshot: MembershipsSnapshot) -> set[tuple[str, str, str]]:
+        return {(m.user_id, m.org_id, m.role) for m in snapshot.memberships}
+
+    return current.marker == expected.marker and key(current) == key(expected)

@@ -15,4 +15,4 @@ chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
   --disable-background-networking --disable-component-update --disable-sync \
   --user-data-dir="$(mktemp -d)" --window-size=1500,700 --virtual-time-budget=15000 \
   --screenshot=docs/stuck-sync-ui.png \
-  "http://127.0.0.1:8233/namespaces/default/workflows?query=SpicesyncStage%3D%22reading_permissions%22"
+  "http://127.0.0.1:8233/namespaces/default/workflows?query=SpicesyncStage%3D%22writing_permissions%22"

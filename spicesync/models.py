@@ -103,10 +103,23 @@ class Membership(_Model):
     role: str
 
 
-class WriteMembershipsResult(_Model):
-    """The ZedToken SpiceDB returned as ``written_at``."""
+class MembershipsSnapshot(_Model):
+    """The user's memberships and the version marker of the last sync that wrote them."""
 
-    zed_token: str
+    memberships: list[Membership]
+    marker: int | None
+
+
+class WriteMembershipsResult(_Model):
+    """The ZedToken SpiceDB returned as ``written_at``, or what stopped a conditional write.
+
+    ``found`` is set only when the write was conditional on a snapshot (``only_if``) and SpiceDB
+    held something else: then nothing was written, ``zed_token`` is empty, and ``found`` is what
+    SpiceDB holds, for the caller to plan again from.
+    """
+
+    zed_token: str = ""
+    found: MembershipsSnapshot | None = None
 
 
 # --- Lifecycle events (one per-user workflow applies them in version order) -------------------
@@ -242,13 +255,6 @@ class ReadMembershipsInput(_Model):
     user_id: str
 
 
-class MembershipsSnapshot(_Model):
-    """The user's memberships and the version marker of the last sync that wrote them."""
-
-    memberships: list[Membership]
-    marker: int | None
-
-
 class WriteMembershipsInput(_Model):
     """One atomic WriteRelationships: remove, add, and move the version marker.
 
@@ -266,6 +272,10 @@ class WriteMembershipsInput(_Model):
     remove_marker: int | None
     check_marker: bool = True
     event_id: str = ""
+    # Write only if SpiceDB holds exactly this (read inside the write, under the row's lock);
+    # otherwise write nothing and return what it holds. Lets a sync plan from the state it
+    # predicts from the App DB and skip a separate read step when the prediction is right.
+    only_if: MembershipsSnapshot | None = None
 
 
 class ResumeInput(_Model):

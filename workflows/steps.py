@@ -50,6 +50,7 @@ with workflow.unsafe.imports_passed_through():
 __all__ = [
     "DURABLE_ACCEPTANCE_PATCH",
     "LOCAL_STEPS_PATCH",
+    "READ_IN_WRITE_PATCH",
     "RELEASE_PATCH",
     "Patches",
     "StepRunner",
@@ -61,9 +62,15 @@ LOCAL_STEPS_PATCH = "local-activity-steps"
 # local try sent the rest of the event to normal activities) replay as they ran.
 DURABLE_ACCEPTANCE_PATCH = "writes-after-durable-acceptance"
 
+# Runs recorded before an event's SpiceDB write checked the state it predicted (instead of a
+# read step before the write) replay with the read step.
+READ_IN_WRITE_PATCH = "read-memberships-in-write"
+
 # Every run this release begins has every patch above (and the user workflow's own), and says so
 # with this one marker instead of one per patch.
-RELEASE_PATCH = "release-2026-12-03"
+RELEASE_PATCH = "release-2026-12-03b"
+# Earlier releases' markers, with the patches that came after each (asked one by one).
+_EARLIER_RELEASES = {"release-2026-12-03": frozenset({READ_IN_WRITE_PATCH})}
 
 _TIMEOUT = timedelta(seconds=ACTIVITY_START_TO_CLOSE)
 _LOCAL_TIMEOUT = timedelta(seconds=LOCAL_STEP_TIMEOUT)
@@ -77,15 +84,26 @@ class Patches:
     A run begun by this release has them all and records one :data:`RELEASE_PATCH` marker
     instead. A run begun by an earlier release has no such marker (it is replaying when asked,
     at its start), so it is asked patch by patch, where that release asked, and replays
-    unchanged. Build it at the start of the run, before any patch is asked.
+    unchanged; a run begun by a release that had a marker of its own is asked only for the
+    patches that came later. Build it at the start of the run, before any patch is asked.
     """
 
     def __init__(self) -> None:
-        self._all = workflow.patched(RELEASE_PATCH)
+        # The patches this run's release marker does not stand for; None: no marker at all.
+        self._after_release: frozenset[str] | None = None
+        if workflow.patched(RELEASE_PATCH):
+            self._after_release = frozenset()
+            return
+        for marker, later in _EARLIER_RELEASES.items():
+            if workflow.patched(marker):
+                self._after_release = later
+                return
 
     def has(self, patch_id: str) -> bool:
         """Whether the run takes the code path that ``patch_id`` brought."""
-        return self._all or workflow.patched(patch_id)
+        if self._after_release is not None and patch_id not in self._after_release:
+            return True
+        return workflow.patched(patch_id)
 
 
 class StepRunner:

@@ -67,12 +67,13 @@ with workflow.unsafe.imports_passed_through():
         USER_ID,
         StageMarks,
     )
-    from workflows.steps import Patches, StepRunner
+    from workflows.steps import READ_IN_WRITE_PATCH, Patches, StepRunner
     from workflows.user_sync_helpers import MembershipWrite as _MembershipWrite
     from workflows.user_sync_helpers import cause_type as _cause_type
     from workflows.user_sync_helpers import describe as _describe
     from workflows.user_sync_helpers import failed as _failed
     from workflows.user_sync_helpers import outcome as _outcome
+    from workflows.user_sync_helpers import predicted as _predicted
     from workflows.user_sync_helpers import refused as _refused
     from workflows.user_sync_helpers import shielded as _shielded
     from workflows.user_sync_helpers import state_after as _state_after
@@ -476,6 +477,11 @@ class UserSyncWorkflow:
                     event_id=event.event_id,
                 ),
                 staged=True,
+                # What SpiceDB holds when it matches the App DB: the write checks it as it
+                # writes, instead of a read step before it (one activation less per event).
+                predicted=_predicted(event.user_id, prior)
+                if self._patches.has(READ_IN_WRITE_PATCH)
+                else None,
             )
             assert written is not None  # an event always writes
             self._enter("recording_row")
@@ -511,41 +517,61 @@ class UserSyncWorkflow:
         plan: Callable[[MembershipsSnapshot], WriteMembershipsInput | None],
         *,
         staged: bool,
+        predicted: MembershipsSnapshot | None = None,
     ) -> WriteMembershipsResult | None:
-        """Read the user's memberships, then write what ``plan`` makes of them in one call.
+        """Write what ``plan`` makes of the user's memberships, in one call.
 
-        The write is compare-and-set on the version marker read with them: if the marker moved
-        meanwhile (a backfill wrote the user), read and plan again. A schema that lacks what
+        Without ``predicted`` the memberships are read first, a step of their own. With it, the
+        plan starts from ``predicted`` and the write goes through only if SpiceDB holds exactly
+        that (``only_if``); if not, it writes nothing and returns what SpiceDB holds, and the
+        plan starts again from that. Either way the state a rollback restores is in history
+        before any write that could change it.
+
+        The write is compare-and-set on the version marker: if the marker moved meanwhile (a
+        backfill wrote the user), plan again from a fresh state. A schema that lacks what
         spicesync writes parks the sync (only an operator can fix that) and tries again once
         resumed. Any other refusal is raised.
 
         Returns:
             The write's result; ``None`` if ``plan`` found nothing to write.
         """
+        snapshot = predicted
         while True:
-            if staged:
-                self._enter("reading_permissions")
-            write.snapshot = await steps.read(
-                MembershipActivities.read_memberships, ReadMembershipsInput(user_id=self._user_id)
-            )
-            request = plan(write.snapshot)
+            if snapshot is None:
+                if staged:
+                    self._enter("reading_permissions")
+                snapshot = await steps.read(
+                    MembershipActivities.read_memberships,
+                    ReadMembershipsInput(user_id=self._user_id),
+                )
+            write.snapshot = snapshot
+            request = plan(snapshot)
             if request is None:
                 return None
+            if predicted is not None:
+                request = request.model_copy(update={"only_if": snapshot})
             if staged:
                 self._enter("writing_permissions")
             write.may_have_landed = True
             try:
-                return await steps.write(MembershipActivities.write_memberships, request)
+                result = await steps.write(MembershipActivities.write_memberships, request)
             except ActivityError as err:
                 if _refused(err):
                     # SpiceDB applies a write whole or not at all: a refusal landed nothing.
                     write.may_have_landed = False
                 cause = _cause_type(err)
-                if cause == "MarkerMoved":
-                    continue
-                if cause != "SchemaMismatch":
+                if cause != "MarkerMoved" and cause != "SchemaMismatch":
                     raise
-                await self._park(err)
+                if cause == "SchemaMismatch":
+                    await self._park(err)
+                if predicted is None:
+                    snapshot = None  # read again; a conditional write reads for itself
+                continue
+            if result.found is None:
+                return result
+            # SpiceDB held something else: nothing was written; plan from what it holds.
+            write.may_have_landed = False
+            snapshot = result.found
 
     async def _compensate(
         self,

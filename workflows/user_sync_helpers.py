@@ -32,6 +32,7 @@ __all__ = [
     "describe",
     "failed",
     "outcome",
+    "predicted",
     "refused",
     "shielded",
     "state_after",
@@ -89,11 +90,21 @@ def state_before(
     """
     if snapshot is None or snapshot.marker != event.version:
         return snapshot
+    return predicted(event.user_id, prior)
+
+
+def predicted(user_id: str, state: UserState) -> MembershipsSnapshot:
+    """What SpiceDB holds for a user whose App DB state is ``state``, if the two agree.
+
+    Every write of a sync sets the marker to the version it applies and the memberships to that
+    version's, so this holds unless something else wrote the user (a backfill, an app's own
+    write, drift); a write conditional on it then learns what SpiceDB really holds.
+    """
     return MembershipsSnapshot(
-        memberships=[Membership(user_id=event.user_id, org_id=prior.org_id, role=prior.role)]
-        if prior.exists
+        memberships=[Membership(user_id=user_id, org_id=state.org_id, role=state.role)]
+        if state.exists
         else [],
-        marker=prior.version or None,
+        marker=state.version or None,
     )
 
 

@@ -36,7 +36,7 @@ async def test_retry_now_completes_without_waiting_for_the_backoff(
     finally:
         spicedb_server.resume()
     began = time.monotonic()
-    assert await repair.retry_now(pipeline.client, user.user_id) == ["read_memberships"]
+    assert await repair.retry_now(pipeline.client, user.user_id) == ["write_memberships"]
     done = await create_user(user, client=pipeline.client, task_queue=pipeline.task_queue)
     # The next natural attempt was 4 s away (1 s doubling); reset runs it now.
     assert time.monotonic() - began < 3.5

@@ -48,10 +48,10 @@ async def test_a_sync_held_by_spicedb_is_listed_then_completes(
             if s.user_id == user.user_id
         ]
         assert mine.workflow_id == started.workflow_id
-        assert mine.stage == "reading_permissions" and mine.activity == "read_memberships"
+        assert mine.stage == "writing_permissions" and mine.activity == "write_memberships"
         assert mine.last_error and "SpiceDB" in mine.last_error  # decoded through the codec
         # The same question as a saved view in the UI would ask it.
-        query = f"SpicesyncUserId = '{user.user_id}' AND SpicesyncStage = 'reading_permissions'"
+        query = f"SpicesyncUserId = '{user.user_id}' AND SpicesyncStage = 'writing_permissions'"
         assert [w.id async for w in pipeline.client.list_workflows(query)] == [started.workflow_id]
     finally:
         spicedb_server.resume()
@@ -99,12 +99,13 @@ async def test_a_row_insert_held_by_postgresql_is_listed_as_inserting_row(
     assert described.typed_search_attributes.get(STAGE) == "idle"
 
 
-# A healthy created user's sync, counted from its real history: 3 upserts of 21 events, where
+# A healthy created user's sync, counted from its real history: 3 upserts of 20 events, where
 # before stage marks were kept for trouble it made 11 of 31 (its ids, then every stage it went
-# through), and before one release marker stood for every patch 6 of 27. 1 of the 3 is the SDK's
+# through), before one release marker stood for every patch 6 of 27, and before the SpiceDB
+# write checked the predicted state itself (no read step) 3 of 21. 1 of the 3 is the SDK's
 # own: each patch a run asks upserts TemporalChangeVersion, and a run of this release asks one.
 HEALTHY_CREATION_UPSERTS = 3
-HEALTHY_CREATION_EVENTS = 21
+HEALTHY_CREATION_EVENTS = 20
 SPICESYNC_UPSERTS = [
     # The event's first write always runs as a normal activity: its stage is shown, with the id.
     {"SpicesyncUserId": "", "SpicesyncStage": "inserting_row", "SpicesyncStageSince": ""},

@@ -94,7 +94,6 @@ async def test_span_tree_of_one_user_creation(
         "RunWorkflow:UserSyncWorkflow",
         "HandleUpdate:submit",
         "RunActivity:insert_created_row",
-        "RunActivity:read_memberships",
         "RunActivity:write_memberships",
         "RunActivity:apply_row",
         "/authzed.api.v1.PermissionsService/WriteRelationships",

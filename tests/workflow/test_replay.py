@@ -41,6 +41,9 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "user_sync_release_lifecycle",
         "user_sync_release_compensated",
         "user_sync_release_repaired",
+        "user_sync_checked_lifecycle",
+        "user_sync_checked_compensated",
+        "user_sync_checked_repaired",
         "user_sync_unfinished_removed",
         "reconcile_apply",
         "reconcile_unfinished",
@@ -109,6 +112,21 @@ def test_histories_cover_every_workflow_and_path() -> None:
             "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED"
         )
     assert "DuplicateEmail" in read("user_sync_release_compensated")
+    # The next release's marker, and each event's write checking the state it predicted
+    # instead of a read step before it: the same activities scheduled and the same writes.
+    for kind in ("lifecycle", "compensated", "repaired"):
+        before, after = read(f"user_sync_release_{kind}"), read(f"user_sync_checked_{kind}")
+        assert _patch_markers(after) == 1 and "release-2026-12-03b" in _decoded(after)
+        assert after.count("EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") == before.count(
+            "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED"
+        )
+        assert _steps_of(after, "write_memberships") == _steps_of(before, "write_memberships")
+    # One read per event before (4 events), none now; the repair still reads (and its event not).
+    assert _steps_of(read("user_sync_release_lifecycle"), "read_memberships") == 4
+    assert _steps_of(read("user_sync_checked_lifecycle"), "read_memberships") == 0
+    assert _steps_of(read("user_sync_release_repaired"), "read_memberships") == 2
+    assert _steps_of(read("user_sync_checked_repaired"), "read_memberships") == 1
+    assert "DuplicateEmail" in read("user_sync_checked_compensated")
     assert '"name": "write_memberships"' in read("user_sync_release_repaired")
     assert '"name": "write_memberships"' in read("user_sync_quiet_repaired")
     assert '"name": "undo_created_row"' in read("user_sync_unfinished_removed")
@@ -151,6 +169,19 @@ def _patch_markers(history: str) -> int:
         for event in json.loads(history)["events"]
         if event.get("markerRecordedEventAttributes", {}).get("markerName") == "core_patch"
     )
+
+
+def _steps_of(history: str, activity_type: str) -> int:
+    """How often ``history`` ran ``activity_type``, as a local or a normal activity."""
+    count = 0
+    for event in WorkflowHistory.from_json("counted", history).events:
+        marker = event.marker_recorded_event_attributes
+        if marker.marker_name == "core_local_activity":
+            data = json.loads(marker.details["data"].payloads[0].data)
+            count += data["activity_type"] == activity_type
+        scheduled = event.activity_task_scheduled_event_attributes
+        count += scheduled.activity_type.name == activity_type
+    return count
 
 
 def _stage_upserts(history: str) -> int:

@@ -57,7 +57,15 @@ Behaviour = Callable[[int], Awaitable[None]]
 class FakeSteps:
     """Stand-ins for the six activities: record each attempt, fail when told to."""
 
-    def __init__(self, prior: MembershipsSnapshot | None = None, **behaviour: Behaviour) -> None:
+    def __init__(
+        self,
+        prior: MembershipsSnapshot | None = None,
+        *,
+        holds_writes: bool = True,
+        **behaviour: Behaviour,
+    ) -> None:
+        # ``prior`` is what the stand-in SpiceDB holds; with ``holds_writes`` the writes change it.
+        self.holds_writes = holds_writes
         self.calls: list[str] = []
         self.attempts: dict[str, int] = {}
         self.writes: list[WriteMembershipsInput] = []
@@ -89,7 +97,17 @@ class FakeSteps:
     async def write_memberships(self, request: WriteMembershipsInput) -> WriteMembershipsResult:
         name = "write_memberships" if request.check_marker else "restore_memberships"
         await self._step(name)
+        held = self.prior
+        if request.only_if is not None and request.only_if != held:
+            # As the real activity: a conditional write that finds another state writes nothing.
+            return WriteMembershipsResult(found=held)
         self.writes.append(request)
+        if self.holds_writes:
+            kept = [m for m in held.memberships if m not in request.remove]
+            self.prior = MembershipsSnapshot(
+                memberships=kept + [m for m in request.add if m not in kept],
+                marker=request.set_marker,
+            )
         return WriteMembershipsResult(zed_token=f"token-{len(self.writes)}")
 
     @activity.defn(name="apply_row")
@@ -246,8 +264,7 @@ async def test_permanent_failure_restores_the_prior_state_in_reverse_order(
     assert steps.calls == [
         "read_user_state",
         "insert_created_row",
-        "read_memberships",
-        "write_memberships",
+        "write_memberships",  # checks the predicted state itself: no read step before it
         "apply_row",  # one attempt: permanent errors are not retried
         "restore_memberships",
         "undo_created_row",
@@ -446,22 +463,33 @@ async def test_continue_as_new_carries_state_and_dedupe(
     assert steps.attempts["read_user_state"] == 1  # the new run started from the carried state
 
 
-async def test_a_marker_moved_by_a_backfill_makes_the_event_read_again_not_fail(
+async def test_a_marker_moved_by_a_backfill_makes_the_event_plan_again_not_fail(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
-    steps = FakeSteps(write_memberships=fail_first(1, MarkerMoved("moved to 1")))
+    event = created()
+    grant = Membership(user_id=event.user_id, org_id="globex", role="member")
+    backfilled = MembershipsSnapshot(memberships=[grant], marker=None)
+
+    async def backfill_wrote_meanwhile(attempt: int) -> None:
+        if attempt == 1:
+            steps.prior = backfilled
+            raise MarkerMoved("moved since the read")
+
+    steps = FakeSteps(write_memberships=backfill_wrote_meanwhile)
     async for h in running(time_skipping_env, task_queue, steps):
-        outcome = await h.submit(created())
+        outcome = await h.submit(event)
     assert outcome.status == "synced"
     assert steps.calls == [
         "read_user_state",
         "insert_created_row",
-        "read_memberships",
-        "write_memberships",  # refused: the marker moved since the read
-        "read_memberships",  # re-planned from a fresh read, nothing compensated
-        "write_memberships",
+        "write_memberships",  # refused: the marker moved since the state was read
+        "write_memberships",  # finds the backfill's state, writes nothing, returns it
+        "write_memberships",  # planned from that state, nothing compensated
         "apply_row",
     ]
+    final = steps.writes[-1]
+    assert final.only_if == backfilled and final.remove == [grant]
+    assert [m.org_id for m in final.add] == ["acme"]
 
 
 async def test_a_repair_waits_for_the_event_in_flight_then_reads_both_stores_afresh(
@@ -473,7 +501,8 @@ async def test_a_repair_waits_for_the_event_in_flight_then_reads_both_stores_afr
         started.set()
         await release.wait()
 
-    steps = FakeSteps(apply_row=held)
+    # The stand-in SpiceDB stays empty, as the stand-in App DB does.
+    steps = FakeSteps(apply_row=held, holds_writes=False)
     event = created()
     async for h in running(time_skipping_env, task_queue, steps):
         await h.submit(event, wait=WaitFor.ROW)

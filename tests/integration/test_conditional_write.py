@@ -1,0 +1,104 @@
+"""The SpiceDB write conditional on a predicted state (``only_if``), on the real engines.
+
+An event's write carries the state the workflow expects SpiceDB to hold (and will restore on a
+rollback). The write must go through only on exactly that state, write nothing otherwise, and
+recognise its own earlier attempt when retried.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from temporalio.testing import ActivityEnvironment
+
+from activities.memberships import MembershipActivities
+from spicesync.models import Membership, MembershipsSnapshot, WriteMembershipsInput
+from tests.integration.conftest import Pipeline, relationships_of
+
+pytestmark = pytest.mark.integration
+
+
+async def _row(pipeline: Pipeline) -> str:
+    """A user row of this test's own (the write claims it), never written to SpiceDB."""
+    user_id = uuid.uuid4()
+    await pipeline.pool.execute(
+        "INSERT INTO users (id, email, name, org_id, role) VALUES ($1, $2, 'C', 'org-c', 'member')",
+        user_id,
+        f"c-{user_id.hex[:12]}@example.com",
+    )
+    return str(user_id)
+
+
+async def _claimed_at(pipeline: Pipeline, user_id: str) -> object:
+    return await pipeline.pool.fetchval(
+        "SELECT permissions_written_at FROM users WHERE id = $1", uuid.UUID(user_id)
+    )
+
+
+def _write(user_id: str, org: str, only_if: MembershipsSnapshot) -> WriteMembershipsInput:
+    return WriteMembershipsInput(
+        user_id=user_id,
+        remove=list(only_if.memberships),
+        add=[Membership(user_id=user_id, org_id=org, role="admin")],
+        expected_marker=only_if.marker,
+        remove_marker=only_if.marker,
+        set_marker=(only_if.marker or 0) + 1,
+        event_id=f"{user_id}:test",
+        only_if=only_if,
+    )
+
+
+async def test_a_write_on_the_predicted_state_lands_once_and_its_retry_gets_a_token(
+    pipeline: Pipeline,
+) -> None:
+    user_id = await _row(pipeline)
+    activities = MembershipActivities(pipeline.spicedb, pipeline.pool)
+    env = ActivityEnvironment()
+    request = _write(user_id, "org-c", MembershipsSnapshot(memberships=[], marker=None))
+    first = await env.run(activities.write_memberships, request)
+    assert first.found is None and first.zed_token
+    assert await relationships_of(pipeline.spicedb, user_id) == [("org-c", "admin")]
+    assert await _claimed_at(pipeline, user_id) is not None
+    # The same write again, as a retry after a lost result sends it: SpiceDB no longer holds
+    # ``only_if`` but holds this write's own marker, so it is this write, landed.
+    again = await env.run(activities.write_memberships, request)
+    assert again.found is None and again.zed_token
+    assert await relationships_of(pipeline.spicedb, user_id) == [("org-c", "admin")]
+
+
+async def test_a_write_on_another_state_writes_nothing_and_returns_what_spicedb_holds(
+    pipeline: Pipeline,
+) -> None:
+    user_id = await _row(pipeline)
+    activities = MembershipActivities(pipeline.spicedb, pipeline.pool)
+    env = ActivityEnvironment()
+    # Something else wrote the user first: a grant of its own, no marker.
+    grant = Membership(user_id=user_id, org_id="org-other", role="member")
+    await env.run(
+        activities.write_memberships,
+        WriteMembershipsInput(
+            user_id=user_id,
+            remove=[],
+            add=[grant],
+            expected_marker=None,
+            remove_marker=None,
+            set_marker=None,
+            check_marker=False,
+        ),
+    )
+    await pipeline.pool.execute(
+        "UPDATE users SET permissions_written_at = NULL WHERE id = $1", uuid.UUID(user_id)
+    )
+    predicted = MembershipsSnapshot(memberships=[], marker=None)
+    result = await env.run(activities.write_memberships, _write(user_id, "org-c", predicted))
+    assert result.zed_token == ""
+    assert result.found == MembershipsSnapshot(memberships=[grant], marker=None)
+    assert await relationships_of(pipeline.spicedb, user_id) == [("org-other", "member")]
+    # The row's claim was rolled back with the write that did not happen.
+    assert await _claimed_at(pipeline, user_id) is None
+    # Planned again from what SpiceDB holds, it goes through, and replaces the grant.
+    assert result.found is not None
+    replanned = await env.run(activities.write_memberships, _write(user_id, "org-c", result.found))
+    assert replanned.found is None and replanned.zed_token
+    assert await relationships_of(pipeline.spicedb, user_id) == [("org-c", "admin")]
