@@ -2,7 +2,11 @@
 
 Every write moves the user's version marker (``user:<id>#sync_version@spicesync_version:<v>``)
 under a precondition on the marker it expects, so writes are compare-and-set: a write from an
-attempt that was given up on can never land after a newer one.
+attempt that was given up on can never land after a newer one. An event's write runs inside a
+PostgreSQL transaction on the user's row: it claims the row (the lock a backfill shares), checks
+that SpiceDB holds the state the workflow predicted (``only_if``), brings the row to the event
+(``record``), writes SpiceDB, stores the ZedToken, and commits; so a failure before the commit
+leaves the row as it was, and a retry recognises a SpiceDB write that landed by its marker.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ from authzed.api.v1 import (
 from google.protobuf.struct_pb2 import Struct
 from temporalio import activity
 
+from activities.user_rows import Connection, record_event, record_zed_token
 from spicesync.constants import SPICEDB_CALL_TIMEOUT_SECONDS
 from spicesync.errors import (
     AppDBRejected,
+    AppDBRejectedAfterWrite,
     AppDBUnavailable,
     FailureKind,
     MarkerMoved,
     SupersededWrite,
+    UserRowMissing,
     classify_sqlstate,
 )
 from spicesync.models import (
@@ -156,6 +163,7 @@ class MembershipActivities:
             optional_preconditions=preconditions,
             optional_transaction_metadata=_written_by(request.event_id),
         )
+        spicedb_called = False
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(_CLAIM_ROW, uuid.UUID(uid))
@@ -165,12 +173,22 @@ class MembershipActivities:
                         if request.set_marker is not None and current.marker == request.set_marker:
                             # This write wrote only after finding ``only_if``: an earlier
                             # attempt of it landed, and this is its retry.
-                            return await self._token_of_landed(request)
+                            spicedb_called = True
+                            landed = await self._token_of_landed(request)
+                            await _record(conn, request, landed.zed_token)
+                            return landed
                         raise _Differs(current)  # rolls the claim back: nothing was written
+                # The row first: a row that refuses the event refuses it before SpiceDB is
+                # called, and a SpiceDB failure rolls the row back with the claim.
+                await _record(conn, request, None)
+                spicedb_called = True
                 response = await self._client.WriteRelationships(
                     write, timeout=SPICEDB_CALL_TIMEOUT_SECONDS
                 )
-            return WriteMembershipsResult(zed_token=response.written_at.token)
+                token = response.written_at.token
+                if request.record is not None:
+                    await record_zed_token(conn, request.record, token)
+            return WriteMembershipsResult(zed_token=token)
         except _Differs as differs:
             return WriteMembershipsResult(found=differs.found)
         except grpc.aio.AioRpcError as err:
@@ -179,12 +197,18 @@ class MembershipActivities:
         except _DB_ERRORS as err:
             sqlstate = getattr(err, "sqlstate", None)
             if classify_sqlstate(sqlstate) is FailureKind.PERMANENT:
-                # Refused by the claim, the first statement: SpiceDB was not called.
-                raise AppDBRejected(
-                    f"user {uid}: PostgreSQL refused the write claim ({sqlstate})"
+                if not spicedb_called:
+                    # Refused before SpiceDB was called (the claim, or the event on the row).
+                    raise AppDBRejected(
+                        f"user {uid}: PostgreSQL refused the write ({sqlstate})"
+                    ) from None
+                # SpiceDB accepted the write, then the row's last statement was refused (a
+                # trigger, say): the row rolled back, so SpiceDB must be restored.
+                raise AppDBRejectedAfterWrite(
+                    f"user {uid}: PostgreSQL refused the row after the SpiceDB write ({sqlstate})"
                 ) from None
             # The write may have landed before the commit failed; the retry's precondition
-            # recognises its own earlier write.
+            # (or its ``only_if``) recognises its own earlier write.
             raise AppDBUnavailable(
                 f"user {uid}: PostgreSQL unavailable around the SpiceDB write: {type(err).__name__}"
             ) from None
@@ -198,7 +222,17 @@ class MembershipActivities:
             if request.set_marker is not None and current.marker == request.set_marker:
                 # An earlier attempt of this very write landed (atomically) and this is its
                 # retry: success.
-                return await self._token_of_landed(request)
+                landed = await self._token_of_landed(request)
+                if request.record is not None:
+                    try:
+                        async with self._pool.acquire() as conn, conn.transaction():
+                            await _record(conn, request, landed.zed_token)
+                    except _DB_ERRORS as err:
+                        raise AppDBUnavailable(
+                            f"user {request.user_id}: PostgreSQL unavailable recording the row:"
+                            f" {type(err).__name__}"
+                        ) from None
+                return landed
         except grpc.aio.AioRpcError as err:
             raise _translate(err, request.user_id) from None
         if (
@@ -233,6 +267,30 @@ class MembershipActivities:
             timeout=SPICEDB_CALL_TIMEOUT_SECONDS,
         )
         return WriteMembershipsResult(zed_token=response.written_at.token)
+
+
+async def _record(conn: Connection, request: WriteMembershipsInput, zed_token: str | None) -> None:
+    """Record ``request.record`` on the row before the SpiceDB write, or refuse the write.
+
+    With ``zed_token`` the SpiceDB write has already landed (an earlier attempt's): a refusal
+    then says so, for the saga to restore SpiceDB.
+    """
+    event = request.record
+    if event is None:
+        return
+    applied = await record_event(conn, event, zed_token)
+    if applied:
+        return
+    why = (
+        f"no row to record version {event.version} on"
+        if applied is None
+        else f"the App DB already holds a newer version than {event.version}"
+    )
+    if zed_token is not None:
+        raise AppDBRejectedAfterWrite(f"user {event.user_id}: {why}, after the SpiceDB write")
+    if applied is None:
+        raise UserRowMissing(f"user {event.user_id}: {why}")
+    raise SupersededWrite(f"user {event.user_id}: {why}; nothing was written")
 
 
 class _Differs(Exception):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from temporalio import activity
 
 from spicesync.errors import (
@@ -31,10 +32,14 @@ from spicesync.models import (
     ReadUserStateInput,
     RecordRepairInput,
     UndoCreatedRowInput,
+    UserEvent,
     UserState,
 )
 
-__all__ = ["UserRowActivities"]
+__all__ = ["Connection", "UserRowActivities", "record_event", "record_zed_token"]
+
+# A connection of its own or one borrowed from the pool.
+Connection = asyncpg.Connection | PoolConnectionProxy
 
 _EMAIL_INDEX = "users_email_lower_key"
 
@@ -71,6 +76,7 @@ ON CONFLICT (id) DO UPDATE SET version = GREATEST(user_tombstones.version, EXCLU
                                    ELSE user_tombstones.deleted_by_event END,
                                deleted_at = now()
 """
+_ZED_TOKEN = "UPDATE users SET zed_token = $3 WHERE id = $1 AND version = $2"
 _RECORD_REPAIR = """
 UPDATE users
 SET zed_token = $3, sync_status = 'synced', synced_at = now(), permissions_written_at = now()
@@ -94,6 +100,38 @@ def _translate(err: BaseException, user_id: str) -> Exception:
     if classify_sqlstate(sqlstate) is FailureKind.PERMANENT:
         return AppDBRejected(f"user {user_id}: PostgreSQL rejected the statement ({sqlstate})")
     return AppDBUnavailable(f"user {user_id}: PostgreSQL unavailable: {type(err).__name__}")
+
+
+async def record_event(conn: Connection, event: UserEvent, zed_token: str | None) -> bool | None:
+    """Bring the user's row to ``event``, inside the caller's transaction.
+
+    A ``deleted`` event deletes the row and leaves a tombstone; any other sets the membership,
+    version, ZedToken and ``synced``.
+
+    Returns:
+        True if recorded; False if the row already holds a newer version; None if a non-delete
+        event found no row.
+    """
+    user_id = uuid.UUID(event.user_id)
+    if event.kind == "deleted":
+        if await conn.fetchval(_NEWER_ROW, user_id, event.version):
+            return False
+        await conn.execute(_DELETE, user_id, event.version)
+        await conn.execute(_TOMBSTONE, user_id, event.version, event.event_id)
+        return True
+    updated = await conn.fetchval(
+        _RECORD, user_id, event.org_id, event.role, event.version, zed_token, event.event_id
+    )
+    if updated is not None:
+        return True
+    exists = await conn.fetchval("SELECT 1 FROM users WHERE id = $1", user_id)
+    return None if exists is None else False
+
+
+async def record_zed_token(conn: Connection, event: UserEvent, zed_token: str) -> None:
+    """Store the ZedToken of ``event``'s SpiceDB write on the row ``record_event`` brought to it."""
+    if event.kind != "deleted":
+        await conn.execute(_ZED_TOKEN, uuid.UUID(event.user_id), event.version, zed_token)
 
 
 class UserRowActivities:
@@ -184,26 +222,14 @@ class UserRowActivities:
             AppDBUnavailable: A transient PostgreSQL error; retried.
         """
         e = request.event
-        user_id = uuid.UUID(e.user_id)
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                if e.kind == "deleted":
-                    if await conn.fetchval(_NEWER_ROW, user_id, e.version):
-                        return ApplyRowResult(applied=False)
-                    await conn.execute(_DELETE, user_id, e.version)
-                    await conn.execute(_TOMBSTONE, user_id, e.version, e.event_id)
-                    return ApplyRowResult(applied=True)
-                updated = await conn.fetchval(
-                    _RECORD, user_id, e.org_id, e.role, e.version, request.zed_token, e.event_id
-                )
-                if updated is not None:
-                    return ApplyRowResult(applied=True)
-                exists = await conn.fetchval("SELECT 1 FROM users WHERE id = $1", user_id)
+                applied = await record_event(conn, e, request.zed_token)
         except _DB_ERRORS as err:
             raise _translate(err, e.user_id) from None
-        if exists is None:
+        if applied is None:
             raise UserRowMissing(f"user {e.user_id}: no row to record version {e.version} on")
-        return ApplyRowResult(applied=False)
+        return ApplyRowResult(applied=applied)
 
     @activity.defn
     async def undo_created_row(self, request: UndoCreatedRowInput) -> None:

@@ -33,8 +33,9 @@ DECLARE
 BEGIN
     SELECT f.sqlstate INTO state FROM injected_faults f
     WHERE f.user_id = (CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END) AND f.op = TG_OP;
-    -- 'UPDATE' faults target recording an event on the row (apply_row), not the claim a
-    -- SpiceDB write takes on the row (which changes only permissions_written_at).
+    -- 'UPDATE' faults target recording an event on the row (apply_row, or the ZedToken a
+    -- SpiceDB write stores on it), not the claim a SpiceDB write takes on the row (which
+    -- changes only permissions_written_at).
     IF TG_OP = 'UPDATE' AND NEW.version = OLD.version
        AND NEW.zed_token IS NOT DISTINCT FROM OLD.zed_token THEN
         state := NULL;

@@ -370,7 +370,8 @@ async def worker_killed_during_compensation(scene: Scene) -> None:
     """A fifth of the users fail for good at the last step; the worker is killed mid-rollback."""
     users = user_batch(scene.task_queue, scene.run.users, org_id=scene.org_id)
     doomed = [u.user_id for u in users[::5]]
-    # 23514 (check violation) is permanent: recording the row fails, so the event compensates.
+    # 23514 (check violation) is permanent: storing the ZedToken on the row fails after the
+    # SpiceDB write landed, so the event compensates (SpiceDB restored, the row removed).
     await inject_fault(scene.pool, doomed, "UPDATE", "23514")
     kills, restarted = 0, list[float]()
     lock = asyncio.Lock()
@@ -396,7 +397,7 @@ async def worker_killed_during_compensation(scene: Scene) -> None:
     await scene.finish(
         accepted,
         healed_at=_last(restarted),
-        expect_failed={u: "AppDBRejected" for u in doomed},
+        expect_failed={u: "AppDBRejectedAfterWrite" for u in doomed},
         outcomes=outcomes,
     )
     _count_rejections(scene, users, delivery)

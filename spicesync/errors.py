@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NON_RETRYABLE_ERROR_TYPES",
+    "WRITTEN_THEN_REFUSED_ERROR_TYPES",
     "AppDBRejected",
+    "AppDBRejectedAfterWrite",
     "AppDBUnavailable",
     "DuplicateEmail",
     "EventIdConflict",
@@ -99,6 +101,14 @@ class AppDBRejected(PermanentSyncError):
     """PostgreSQL refused the statement for a reason retrying cannot fix (e.g. a constraint)."""
 
 
+class AppDBRejectedAfterWrite(PermanentSyncError):
+    """PostgreSQL refused for good *after* SpiceDB accepted the write it was wrapped around.
+
+    The transaction rolled the row back; SpiceDB holds the event's write, so the saga restores
+    SpiceDB's prior state (unlike every other refusal, after which nothing was written).
+    """
+
+
 class SpiceDBRejected(PermanentSyncError):
     """SpiceDB refused the call for good (INVALID_ARGUMENT, FAILED_PRECONDITION, ...)."""
 
@@ -144,6 +154,7 @@ NON_RETRYABLE_ERROR_TYPES: Final[list[str]] = [
     InvalidUserInput.__name__,
     DuplicateEmail.__name__,
     AppDBRejected.__name__,
+    AppDBRejectedAfterWrite.__name__,
     SpiceDBRejected.__name__,
     UserRowMissing.__name__,
     SupersededWrite.__name__,
@@ -151,6 +162,12 @@ NON_RETRYABLE_ERROR_TYPES: Final[list[str]] = [
     MarkerMoved.__name__,
     RowUnmappable.__name__,
 ]
+
+
+# The refusals after which a SpiceDB write may have landed (after every other one, nothing was).
+WRITTEN_THEN_REFUSED_ERROR_TYPES: Final[frozenset[str]] = frozenset(
+    {AppDBRejectedAfterWrite.__name__}
+)
 
 
 class AppDBUnavailable(Exception):

@@ -276,6 +276,10 @@ class WriteMembershipsInput(_Model):
     # otherwise write nothing and return what it holds. Lets a sync plan from the state it
     # predicts from the App DB and skip a separate read step when the prediction is right.
     only_if: MembershipsSnapshot | None = None
+    # Record this event on the App DB row in the same PostgreSQL transaction: the row is brought
+    # to it before SpiceDB is written (a row that refuses it refuses it with nothing written),
+    # and the write's ZedToken is stored with it. One step for both stores instead of two.
+    record: UserEvent | None = None
 
 
 class ResumeInput(_Model):

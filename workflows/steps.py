@@ -51,6 +51,7 @@ __all__ = [
     "DURABLE_ACCEPTANCE_PATCH",
     "LOCAL_STEPS_PATCH",
     "READ_IN_WRITE_PATCH",
+    "RECORD_IN_WRITE_PATCH",
     "RELEASE_PATCH",
     "Patches",
     "StepRunner",
@@ -65,12 +66,18 @@ DURABLE_ACCEPTANCE_PATCH = "writes-after-durable-acceptance"
 # Runs recorded before an event's SpiceDB write checked the state it predicted (instead of a
 # read step before the write) replay with the read step.
 READ_IN_WRITE_PATCH = "read-memberships-in-write"
+# Runs recorded before the SpiceDB write recorded the event on the App DB row in its own
+# transaction replay with the row recorded by a step of its own (``apply_row``).
+RECORD_IN_WRITE_PATCH = "record-row-in-write"
 
 # Every run this release begins has every patch above (and the user workflow's own), and says so
 # with this one marker instead of one per patch.
-RELEASE_PATCH = "release-2026-12-03b"
+RELEASE_PATCH = "release-2026-12-03c"
 # Earlier releases' markers, with the patches that came after each (asked one by one).
-_EARLIER_RELEASES = {"release-2026-12-03": frozenset({READ_IN_WRITE_PATCH})}
+_EARLIER_RELEASES = {
+    "release-2026-12-03b": frozenset({RECORD_IN_WRITE_PATCH}),
+    "release-2026-12-03": frozenset({READ_IN_WRITE_PATCH, RECORD_IN_WRITE_PATCH}),
+}
 
 _TIMEOUT = timedelta(seconds=ACTIVITY_START_TO_CLOSE)
 _LOCAL_TIMEOUT = timedelta(seconds=LOCAL_STEP_TIMEOUT)

@@ -9,9 +9,12 @@ applied is a recorded no-op, and a duplicate event id gets the first delivery's 
 never wait on each other: each has its own workflow, and a user whose event fails for good has
 that event compensated and recorded as failed, then carries on.
 
-Applying an event is a small saga: read the prior state (kept in history), write SpiceDB in one
-atomic compare-and-set call, then record the event on the App DB row. A permanent failure (or
-cancellation) restores exactly the prior state.
+Applying an event is a small saga: a creation first inserts its row (pending); then one step
+writes SpiceDB in one atomic compare-and-set call, conditional on the prior state the workflow
+predicts (kept in history; if SpiceDB holds another, that is recorded and planned from), and
+records the event on the App DB row in the same PostgreSQL transaction. A permanent failure (or
+cancellation) restores exactly the prior state. Runs begun by earlier releases read the prior
+state and record the row in steps of their own.
 """
 
 from __future__ import annotations
@@ -67,7 +70,12 @@ with workflow.unsafe.imports_passed_through():
         USER_ID,
         StageMarks,
     )
-    from workflows.steps import READ_IN_WRITE_PATCH, Patches, StepRunner
+    from workflows.steps import (
+        READ_IN_WRITE_PATCH,
+        RECORD_IN_WRITE_PATCH,
+        Patches,
+        StepRunner,
+    )
     from workflows.user_sync_helpers import MembershipWrite as _MembershipWrite
     from workflows.user_sync_helpers import cause_type as _cause_type
     from workflows.user_sync_helpers import describe as _describe
@@ -454,6 +462,8 @@ class UserSyncWorkflow:
         row_created = False
         write = _MembershipWrite()
         steps = StepRunner(self._patches, self._stage_marks().step_visible)
+        # The SpiceDB write records the event on the row in the same step (and transaction).
+        one_step = self._patches.has(RECORD_IN_WRITE_PATCH)
         try:
             if event.kind == "created":
                 self._enter("inserting_row")
@@ -475,6 +485,7 @@ class UserSyncWorkflow:
                     remove_marker=snapshot.marker,
                     set_marker=event.version,
                     event_id=event.event_id,
+                    record=event if one_step else None,
                 ),
                 staged=True,
                 # What SpiceDB holds when it matches the App DB: the write checks it as it
@@ -484,16 +495,19 @@ class UserSyncWorkflow:
                 else None,
             )
             assert written is not None  # an event always writes
-            self._enter("recording_row")
-            recorded = await steps.write(
-                UserRowActivities.apply_row, ApplyRowInput(event=event, zed_token=written.zed_token)
-            )
-            self._rows_committed.add(event.event_id)
-            if not recorded.applied:
-                raise ApplicationError(
-                    f"user {event.user_id}: the App DB already holds a newer version",
-                    type="SupersededWrite",
+            if not one_step:
+                self._enter("recording_row")
+                recorded = await steps.write(
+                    UserRowActivities.apply_row,
+                    ApplyRowInput(event=event, zed_token=written.zed_token),
                 )
+                if not recorded.applied:
+                    self._rows_committed.add(event.event_id)
+                    raise ApplicationError(
+                        f"user {event.user_id}: the App DB already holds a newer version",
+                        type="SupersededWrite",
+                    )
+            self._rows_committed.add(event.event_id)
             return _outcome(event, "applied", written.zed_token), _state_after(event, written)
         except (ActivityError, ApplicationError, asyncio.CancelledError) as err:
             cancelled = is_cancelled_exception(err)

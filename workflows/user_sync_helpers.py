@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from spicesync.errors import NON_RETRYABLE_ERROR_TYPES
+from spicesync.errors import NON_RETRYABLE_ERROR_TYPES, WRITTEN_THEN_REFUSED_ERROR_TYPES
 from spicesync.models import (
     EventOutcome,
     EventStatus,
@@ -114,9 +114,13 @@ def cause_type(err: ActivityError) -> str | None:
 
 
 def refused(err: ActivityError) -> bool:
-    """Whether the activity failed for good (a non-retryable error: no write was made)."""
+    """Whether the activity was refused with no write made (a non-retryable error but one)."""
     cause = err.cause
-    return isinstance(cause, ApplicationError) and cause.type in NON_RETRYABLE_ERROR_TYPES
+    return (
+        isinstance(cause, ApplicationError)
+        and cause.type in NON_RETRYABLE_ERROR_TYPES
+        and cause.type not in WRITTEN_THEN_REFUSED_ERROR_TYPES
+    )
 
 
 def describe(err: BaseException) -> tuple[str, str]:

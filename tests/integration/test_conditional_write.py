@@ -1,8 +1,11 @@
-"""The SpiceDB write conditional on a predicted state (``only_if``), on the real engines.
+"""An event's one write step on the real engines: conditional on a predicted state
+(``only_if``), recording the event on the App DB row in the same transaction (``record``).
 
 An event's write carries the state the workflow expects SpiceDB to hold (and will restore on a
 rollback). The write must go through only on exactly that state, write nothing otherwise, and
-recognise its own earlier attempt when retried.
+recognise its own earlier attempt when retried. The row is brought to the event before SpiceDB
+is written, so a row that refuses the event refuses it with nothing written, and a SpiceDB
+refusal rolls the row back.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import pytest
 from temporalio.testing import ActivityEnvironment
 
 from activities.memberships import MembershipActivities
-from spicesync.models import Membership, MembershipsSnapshot, WriteMembershipsInput
-from tests.integration.conftest import Pipeline, relationships_of
+from spicesync.errors import MarkerMoved, SupersededWrite, UserRowMissing
+from spicesync.models import Membership, MembershipsSnapshot, UserEvent, WriteMembershipsInput
+from tests.integration.conftest import Pipeline, relationships_of, user_row
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +106,76 @@ async def test_a_write_on_another_state_writes_nothing_and_returns_what_spicedb_
     replanned = await env.run(activities.write_memberships, _write(user_id, "org-c", result.found))
     assert replanned.found is None and replanned.zed_token
     assert await relationships_of(pipeline.spicedb, user_id) == [("org-c", "admin")]
+
+
+def _recorded(user_id: str, version: int, role: str = "admin") -> WriteMembershipsInput:
+    """A created user's first write, recording the event on its row in the same transaction."""
+    event = UserEvent(
+        event_id=f"{user_id}:role_changed:v{version}",
+        user_id=user_id,
+        version=version,
+        kind="role_changed",
+        org_id="org-c",
+        role=role,
+    )
+    predicted = MembershipsSnapshot(memberships=[], marker=None)
+    return _write(user_id, "org-c", predicted).model_copy(
+        update={"set_marker": version, "record": event}
+    )
+
+
+async def test_the_write_records_the_event_on_the_row_and_a_retry_records_it_again(
+    pipeline: Pipeline,
+) -> None:
+    user_id = await _row(pipeline)
+    activities = MembershipActivities(pipeline.spicedb, pipeline.pool)
+    env = ActivityEnvironment()
+    request = _recorded(user_id, 2)
+    first = await env.run(activities.write_memberships, request)
+    row = await user_row(pipeline.pool, user_id)
+    assert row is not None and (row["version"], row["role"], row["sync_status"]) == (
+        2,
+        "admin",
+        "synced",
+    )
+    assert request.record is not None
+    assert row["zed_token"] == first.zed_token and row["applied_event"] == request.record.event_id
+    # A retry after a lost result: SpiceDB holds this write's marker, so it landed; the row is
+    # recorded again (idempotent), with the retry's token.
+    again = await env.run(activities.write_memberships, request)
+    row = await user_row(pipeline.pool, user_id)
+    assert again.zed_token and row is not None and row["zed_token"] == again.zed_token
+    assert await relationships_of(pipeline.spicedb, user_id) == [("org-c", "admin")]
+
+
+async def test_a_row_that_refuses_the_event_leaves_spicedb_unwritten(pipeline: Pipeline) -> None:
+    activities = MembershipActivities(pipeline.spicedb, pipeline.pool)
+    env = ActivityEnvironment()
+    missing = str(uuid.uuid4())  # no row at all
+    with pytest.raises(UserRowMissing):
+        await env.run(activities.write_memberships, _recorded(missing, 2))
+    assert await relationships_of(pipeline.spicedb, missing) == []
+    newer = await _row(pipeline)
+    await pipeline.pool.execute("UPDATE users SET version = 5 WHERE id = $1", uuid.UUID(newer))
+    with pytest.raises(SupersededWrite):
+        await env.run(activities.write_memberships, _recorded(newer, 2))
+    assert await relationships_of(pipeline.spicedb, newer) == []
+    row = await user_row(pipeline.pool, newer)
+    assert row is not None and (row["version"], row["role"]) == (5, "member")
+
+
+async def test_a_spicedb_refusal_rolls_the_row_back(pipeline: Pipeline) -> None:
+    user_id = await _row(pipeline)
+    activities = MembershipActivities(pipeline.spicedb, pipeline.pool)
+    # Its precondition expects a marker SpiceDB does not hold: SpiceDB refuses the whole write.
+    request = _recorded(user_id, 2).model_copy(update={"only_if": None, "expected_marker": 1})
+    with pytest.raises(MarkerMoved):
+        await ActivityEnvironment().run(activities.write_memberships, request)
+    row = await user_row(pipeline.pool, user_id)
+    assert row is not None and (row["version"], row["role"], row["sync_status"]) == (
+        1,
+        "member",
+        "pending",
+    )
+    assert row["permissions_written_at"] is None
+    assert await relationships_of(pipeline.spicedb, user_id) == []

@@ -75,8 +75,9 @@ async def test_a_healthy_sync_writes_nothing_before_its_event_is_durably_accepte
     outcome = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
     await assert_synced(pipeline, event, outcome.zed_token or "")
     history = await pipeline.client.get_workflow_handle(outcome.workflow_id).fetch_history()
-    # The SpiceDB write checks the state it expects itself: no read step before it.
-    assert local_steps(history) == ["read_user_state", "write_memberships", "apply_row"]
+    # The SpiceDB write checks the state it expects itself (no read step before it) and records
+    # the event on the row in its own transaction (no step after it).
+    assert local_steps(history) == ["read_user_state", "write_memberships"]
     scheduled = [
         e for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     ]
@@ -260,7 +261,7 @@ async def test_a_worker_without_the_sandbox_syncs_and_compensates_alike(
         )
         await assert_synced(pipeline, first, outcome.zed_token or "")
         history = await client.get_workflow_handle(outcome.workflow_id).fetch_history()
-        assert local_steps(history) == ["read_user_state", "write_memberships", "apply_row"]
+        assert local_steps(history) == ["read_user_state", "write_memberships"]
         second = new_event(email=first.email.upper())
         with pytest.raises(UserSyncFailed) as caught:
             await create_user(second, client=client, task_queue=task_queue)
@@ -302,7 +303,7 @@ async def test_spicedb_outage_waits_then_completes(
         for e in history.events
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     ]
-    assert scheduled == ["insert_created_row", "write_memberships", "apply_row"]
+    assert scheduled == ["insert_created_row", "write_memberships"]
 
 
 async def test_cancel_during_outage_compensates_to_neither(

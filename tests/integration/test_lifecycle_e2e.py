@@ -171,11 +171,12 @@ async def test_rollback_keeps_a_grant_that_existed_before(
         ),
         timeout=5,
     )
-    # The last step (recording the event on the row) fails for good: a check violation.
+    # The row's last statement (storing the ZedToken, after SpiceDB accepted the write) fails
+    # for good: a trigger's check violation. The row rolls back; SpiceDB is restored exactly.
     await faults.inject(user.user_id, "UPDATE", "23514")
     with pytest.raises(UserSyncFailed) as caught:
         await create_user(user, **queue(pipeline))
-    assert caught.value.error_type == "AppDBRejected"
+    assert caught.value.error_type == "AppDBRejectedAfterWrite"
     assert await user_row(pipeline.pool, user.user_id) is None  # the row it inserted is gone
     assert await relationships_of(pipeline.spicedb, user.user_id) == [(user.org_id, user.role)]
 

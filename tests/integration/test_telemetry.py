@@ -95,7 +95,6 @@ async def test_span_tree_of_one_user_creation(
         "HandleUpdate:submit",
         "RunActivity:insert_created_row",
         "RunActivity:write_memberships",
-        "RunActivity:apply_row",
         "/authzed.api.v1.PermissionsService/WriteRelationships",
         "/authzed.api.v1.PermissionsService/ReadRelationships",
     ):

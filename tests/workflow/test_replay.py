@@ -44,6 +44,9 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "user_sync_checked_lifecycle",
         "user_sync_checked_compensated",
         "user_sync_checked_repaired",
+        "user_sync_one_write_lifecycle",
+        "user_sync_one_write_compensated",
+        "user_sync_one_write_repaired",
         "user_sync_unfinished_removed",
         "reconcile_apply",
         "reconcile_unfinished",
@@ -127,6 +130,16 @@ def test_histories_cover_every_workflow_and_path() -> None:
     assert _steps_of(read("user_sync_release_repaired"), "read_memberships") == 2
     assert _steps_of(read("user_sync_checked_repaired"), "read_memberships") == 1
     assert "DuplicateEmail" in read("user_sync_checked_compensated")
+    # The release after: the write records the event on the row in its own transaction, so no
+    # apply_row step follows it; the same writes.
+    for kind in ("lifecycle", "compensated", "repaired"):
+        before, after = read(f"user_sync_checked_{kind}"), read(f"user_sync_one_write_{kind}")
+        assert _patch_markers(after) == 1 and "release-2026-12-03c" in _decoded(after)
+        assert _steps_of(after, "write_memberships") == _steps_of(before, "write_memberships")
+        assert _steps_of(after, "apply_row") == 0
+    assert _steps_of(read("user_sync_checked_lifecycle"), "apply_row") == 4
+    assert _steps_of(read("user_sync_one_write_lifecycle"), "read_memberships") == 0
+    assert "DuplicateEmail" in read("user_sync_one_write_compensated")
     assert '"name": "write_memberships"' in read("user_sync_release_repaired")
     assert '"name": "write_memberships"' in read("user_sync_quiet_repaired")
     assert '"name": "undo_created_row"' in read("user_sync_unfinished_removed")

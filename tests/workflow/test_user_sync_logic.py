@@ -21,6 +21,7 @@ from temporalio.worker import Replayer, Worker
 
 from spicesync.constants import HELD_CHANGE_GRACE, user_workflow_id
 from spicesync.errors import (
+    AppDBRejectedAfterWrite,
     DuplicateEmail,
     EventIdConflict,
     MarkerMoved,
@@ -78,6 +79,11 @@ class FakeSteps:
         if name in self._behaviour:
             await self._behaviour[name](self.attempts[name])
 
+    async def _after_landing(self) -> None:
+        # A ``written`` behaviour stands for a cancel (or a lost worker) after the write landed.
+        if "written" in self._behaviour:
+            await self._behaviour["written"](1)
+
     @activity.defn(name="read_user_state")
     async def read_user_state(self, _: ReadUserStateInput) -> UserState:
         await self._step("read_user_state")
@@ -99,8 +105,15 @@ class FakeSteps:
         await self._step(name)
         held = self.prior
         if request.only_if is not None and request.only_if != held:
+            if request.set_marker is not None and held.marker == request.set_marker:
+                # As the real activity: its own earlier attempt landed; success.
+                await self._after_landing()
+                return WriteMembershipsResult(zed_token=f"token-{len(self.writes)}")
             # As the real activity: a conditional write that finds another state writes nothing.
             return WriteMembershipsResult(found=held)
+        if request.record is not None:
+            # As the real activity: the row first, so a row that refuses writes nothing.
+            await self._step("apply_row")
         self.writes.append(request)
         if self.holds_writes:
             kept = [m for m in held.memberships if m not in request.remove]
@@ -108,6 +121,8 @@ class FakeSteps:
                 memberships=kept + [m for m in request.add if m not in kept],
                 marker=request.set_marker,
             )
+        if request.check_marker:
+            await self._after_landing()
         return WriteMembershipsResult(zed_token=f"token-{len(self.writes)}")
 
     @activity.defn(name="apply_row")
@@ -224,7 +239,8 @@ async def test_transient_failures_retry_until_success(
         # Local steps: each is tried inside the workflow task first, then runs visibly.
         ("read_user_state", "reading_row"),
         ("write_memberships", "writing_permissions"),
-        ("apply_row", "recording_row"),
+        # The event is recorded on the row by the write, in its transaction.
+        ("apply_row", "writing_permissions"),
     ],
 )
 async def test_a_local_step_that_keeps_failing_shows_its_stage_then_idle_once_it_succeeds(
@@ -253,7 +269,7 @@ async def test_a_local_step_that_keeps_failing_shows_its_stage_then_idle_once_it
         assert (await handle.describe()).typed_search_attributes.get(STAGE) == "idle"
 
 
-async def test_permanent_failure_restores_the_prior_state_in_reverse_order(
+async def test_a_row_that_refuses_the_event_refuses_it_before_spicedb_is_written(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
     steps = FakeSteps(apply_row=always(UserRowMissing("gone")))
@@ -265,13 +281,64 @@ async def test_permanent_failure_restores_the_prior_state_in_reverse_order(
         "read_user_state",
         "insert_created_row",
         "write_memberships",  # checks the predicted state itself: no read step before it
-        "apply_row",  # one attempt: permanent errors are not retried
-        "restore_memberships",
-        "undo_created_row",
+        "apply_row",  # the row, in the write's transaction; one attempt: permanent
+        "undo_created_row",  # SpiceDB was not written, so only the row is undone
     ]
+    assert steps.writes == []
+
+
+def hang_once_written(landed: asyncio.Event) -> Behaviour:
+    """The write has landed; then the step hangs until it is cancelled."""
+
+    async def behaviour(_attempt: int) -> None:
+        landed.set()
+        while True:  # heartbeating is how a normal activity learns it was cancelled
+            activity.heartbeat()
+            await asyncio.sleep(0.1)
+
+    return behaviour
+
+
+async def cancel_once(h: Harness, event: UserEvent, started: asyncio.Event) -> None:
+    """Submit ``event``, cancel its user's sync once ``started`` is set, wait until cancelled."""
+    pending = asyncio.create_task(h.submit(event))
+    await asyncio.wait_for(started.wait(), 30)
+    handle = h.env.client.get_workflow_handle(user_workflow_id(event.user_id))
+    await handle.cancel()
+    for _ in range(300):
+        if (await handle.describe()).status == WorkflowExecutionStatus.CANCELED:
+            break
+        await asyncio.sleep(0.1)
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+    with pytest.raises(Exception):  # noqa: B017 - the caller learns it did not go through
+        await pending
+
+
+async def test_a_cancel_after_the_write_restores_the_prior_state_in_reverse_order(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    landed = asyncio.Event()
+    steps = FakeSteps(written=hang_once_written(landed))
+    async for h in running(time_skipping_env, task_queue, steps):
+        await cancel_once(h, created(), landed)
+    assert steps.calls[-2:] == ["restore_memberships", "undo_created_row"]
+    assert [w.check_marker for w in steps.writes] == [True, False]  # landed, then restored
     restore = steps.writes[-1]
     assert restore.add == [] and [m.org_id for m in restore.remove] == ["acme"]
     assert (restore.remove_marker, restore.set_marker) == (1, None)
+
+
+async def test_a_row_refused_after_the_write_landed_restores_spicedb(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    steps = FakeSteps(written=always(AppDBRejectedAfterWrite("a trigger refused the token")))
+    async for h in running(time_skipping_env, task_queue, steps):
+        with pytest.raises(UserSyncFailed) as caught:
+            await h.submit(created())
+    assert caught.value.error_type == "AppDBRejectedAfterWrite"
+    # Unlike every other refusal, this one follows a landed write: SpiceDB is restored too.
+    assert steps.calls[-2:] == ["restore_memberships", "undo_created_row"]
+    assert [w.check_marker for w in steps.writes] == [True, False]
 
 
 async def test_compensation_keeps_a_grant_that_existed_before(
@@ -279,13 +346,13 @@ async def test_compensation_keeps_a_grant_that_existed_before(
 ) -> None:
     event = created()
     grant = Membership(user_id=event.user_id, org_id="acme", role="member")
+    landed = asyncio.Event()
     steps = FakeSteps(
         prior=MembershipsSnapshot(memberships=[grant], marker=None),
-        apply_row=always(UserRowMissing("x")),
+        written=hang_once_written(landed),
     )
     async for h in running(time_skipping_env, task_queue, steps):
-        with pytest.raises(UserSyncFailed):
-            await h.submit(event)
+        await cancel_once(h, event, landed)
     restore = steps.writes[-1]
     # SpiceDB #1903: the rollback puts the pre-existing grant back instead of deleting it.
     assert restore.remove == [] and restore.add == [grant]
@@ -317,15 +384,15 @@ async def test_duplicate_email_writes_nothing_to_spicedb(
 async def test_compensation_failures_retry_until_they_succeed(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
+    landed = asyncio.Event()
     steps = FakeSteps(
-        apply_row=always(UserRowMissing("gone")),
+        written=hang_once_written(landed),
         # Even a "permanent" error type is retried during compensation: it must finish.
         restore_memberships=fail_first(2, SpiceDBRejected("flaky")),
         undo_created_row=fail_first(4, ConnectionRefusedError("PostgreSQL down")),
     )
     async for h in running(time_skipping_env, task_queue, steps):
-        with pytest.raises(UserSyncFailed):
-            await h.submit(created())
+        await cancel_once(h, created(), landed)
     assert steps.attempts["restore_memberships"] == 3
     assert steps.attempts["undo_created_row"] == 5
 
@@ -414,19 +481,8 @@ async def test_cancellation_compensates_after_the_inflight_write_stops(
             await asyncio.sleep(0.1)
 
     steps = FakeSteps(write_memberships=hang_until_cancelled)
-    event = created()
     async for h in running(time_skipping_env, task_queue, steps):
-        pending = asyncio.create_task(h.submit(event))
-        await asyncio.wait_for(write_running.wait(), 30)
-        handle = h.env.client.get_workflow_handle(user_workflow_id(event.user_id))
-        await handle.cancel()
-        for _ in range(300):
-            if (await handle.describe()).status == WorkflowExecutionStatus.CANCELED:
-                break
-            await asyncio.sleep(0.1)
-        assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
-        with pytest.raises(Exception):  # noqa: B017 - the caller learns it did not go through
-            await pending
+        await cancel_once(h, created(), write_running)
     assert steps.calls[-2:] == ["restore_memberships", "undo_created_row"]
 
 
