@@ -24,7 +24,7 @@ from authzed.api.v1 import (
 from google.protobuf.struct_pb2 import Struct
 from temporalio import activity
 
-from activities.user_rows import Connection, record_event, record_zed_token
+from activities.user_rows import Connection, record_event, record_zed_token, recorded_already
 from spicesync.constants import SPICEDB_CALL_TIMEOUT_SECONDS
 from spicesync.errors import (
     AppDBRejected,
@@ -170,9 +170,12 @@ class MembershipActivities:
                 if request.only_if is not None:
                     current = await self._read(uid)
                     if not _holds(current, request.only_if):
-                        if request.set_marker is not None and current.marker == request.set_marker:
+                        if _holds(current, _intended(request)):
                             # This write wrote only after finding ``only_if``: an earlier
-                            # attempt of it landed, and this is its retry.
+                            # attempt of it landed (its marker and exactly its memberships),
+                            # and this is its retry. Anything else, even under this write's
+                            # marker (a backfill that wrote after the attempt's claim rolled
+                            # back), is another state: planned again from.
                             spicedb_called = True
                             landed = await self._token_of_landed(request)
                             await _record(conn, request, landed.zed_token)
@@ -228,6 +231,12 @@ class MembershipActivities:
                         async with self._pool.acquire() as conn, conn.transaction():
                             await _record(conn, request, landed.zed_token)
                     except _DB_ERRORS as err:
+                        sqlstate = getattr(err, "sqlstate", None)
+                        if classify_sqlstate(sqlstate) is FailureKind.PERMANENT:
+                            raise AppDBRejectedAfterWrite(
+                                f"user {request.user_id}: PostgreSQL refused the row after the"
+                                f" SpiceDB write ({sqlstate})"
+                            ) from None
                         raise AppDBUnavailable(
                             f"user {request.user_id}: PostgreSQL unavailable recording the row:"
                             f" {type(err).__name__}"
@@ -278,6 +287,10 @@ async def _record(conn: Connection, request: WriteMembershipsInput, zed_token: s
     event = request.record
     if event is None:
         return
+    if zed_token is not None and await recorded_already(conn, event):
+        # The attempt that landed also committed the row: nothing to record again (and no
+        # trigger to fire twice).
+        return
     applied = await record_event(conn, event, zed_token)
     if applied:
         return
@@ -299,6 +312,15 @@ class _Differs(Exception):
     def __init__(self, found: MembershipsSnapshot) -> None:
         super().__init__("SpiceDB holds another state than the write requires")
         self.found = found
+
+
+def _intended(request: WriteMembershipsInput) -> MembershipsSnapshot:
+    """What SpiceDB holds once ``request`` (with its ``only_if``) has landed."""
+    assert request.only_if is not None
+    kept = [m for m in request.only_if.memberships if m not in request.remove]
+    return MembershipsSnapshot(
+        memberships=kept + [m for m in request.add if m not in kept], marker=request.set_marker
+    )
 
 
 def _holds(current: MembershipsSnapshot, expected: MembershipsSnapshot) -> bool:

@@ -36,7 +36,13 @@ from spicesync.models import (
     UserState,
 )
 
-__all__ = ["Connection", "UserRowActivities", "record_event", "record_zed_token"]
+__all__ = [
+    "Connection",
+    "UserRowActivities",
+    "record_event",
+    "record_zed_token",
+    "recorded_already",
+]
 
 # A connection of its own or one borrowed from the pool.
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -126,6 +132,16 @@ async def record_event(conn: Connection, event: UserEvent, zed_token: str | None
         return True
     exists = await conn.fetchval("SELECT 1 FROM users WHERE id = $1", user_id)
     return None if exists is None else False
+
+
+async def recorded_already(conn: Connection, event: UserEvent) -> bool:
+    """Whether the row (or, for a deletion, the tombstone) already records ``event``."""
+    user_id = uuid.UUID(event.user_id)
+    if event.kind == "deleted":
+        query = "SELECT 1 FROM user_tombstones WHERE id = $1 AND deleted_by_event = $2"
+    else:
+        query = "SELECT 1 FROM users WHERE id = $1 AND applied_event = $2"
+    return await conn.fetchval(query, user_id, event.event_id) is not None
 
 
 async def record_zed_token(conn: Connection, event: UserEvent, zed_token: str) -> None:

@@ -517,7 +517,9 @@ class UserSyncWorkflow:
             ).add(1, {"kind": event.kind})
             restore = _state_before(event, write.snapshot, prior) if write.may_have_landed else None
             await _shielded(
-                asyncio.ensure_future(self._compensate(event, target, restore, row_created))
+                asyncio.ensure_future(
+                    self._compensate(event, target, restore, row_created, seen=write.seen)
+                )
             )
             if cancelled:
                 raise
@@ -550,6 +552,7 @@ class UserSyncWorkflow:
             The write's result; ``None`` if ``plan`` found nothing to write.
         """
         snapshot = predicted
+        write.seen = predicted is None
         while True:
             if snapshot is None:
                 if staged:
@@ -582,9 +585,11 @@ class UserSyncWorkflow:
                     snapshot = None  # read again; a conditional write reads for itself
                 continue
             if result.found is None:
+                write.seen = True  # the write went through only on exactly this snapshot
                 return result
             # SpiceDB held something else: nothing was written; plan from what it holds.
             write.may_have_landed = False
+            write.seen = True
             snapshot = result.found
 
     async def _compensate(
@@ -593,8 +598,24 @@ class UserSyncWorkflow:
         target: Membership | None,
         prior: MembershipsSnapshot | None,
         row_created: bool,
+        *,
+        seen: bool = True,
     ) -> None:
-        """Restore exactly the prior state, in reverse order; each step retries until done."""
+        """Restore exactly the prior state, in reverse order; each step retries until done.
+
+        ``prior`` not ``seen`` is a prediction that the write in flight would have checked: the
+        write lands only on exactly that state and always with the event's marker, so SpiceDB is
+        restored to it if it holds the event's marker, and left alone (it never changed) if not.
+        """
+        if prior is not None and not seen:
+            held = await workflow.execute_activity_method(
+                MembershipActivities.read_memberships,
+                ReadMembershipsInput(user_id=event.user_id),
+                start_to_close_timeout=_TIMEOUT,
+                retry_policy=COMPENSATION_RETRY,
+            )
+            if held.marker != event.version:
+                prior = None
         if prior is not None:
             # Put back precisely what the snapshot held: a grant that existed before the event
             # survives its rollback (SpiceDB issue #1903), one the event added goes away.

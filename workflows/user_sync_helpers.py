@@ -48,6 +48,10 @@ class MembershipWrite:
     snapshot: MembershipsSnapshot | None = None
     # A write was sent and not refused: it may have landed, so a rollback must restore.
     may_have_landed: bool = False
+    # The snapshot is what SpiceDB was seen to hold (read, or checked by a write that went
+    # through), not only predicted from the App DB: a prediction is restored only if the write
+    # it guarded is found to have landed.
+    seen: bool = False
 
 
 def target(event: UserEvent) -> Membership | None:

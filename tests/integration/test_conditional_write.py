@@ -124,7 +124,7 @@ def _recorded(user_id: str, version: int, role: str = "admin") -> WriteMembershi
     )
 
 
-async def test_the_write_records_the_event_on_the_row_and_a_retry_records_it_again(
+async def test_the_write_records_the_event_on_the_row_once_even_when_retried(
     pipeline: Pipeline,
 ) -> None:
     user_id = await _row(pipeline)
@@ -140,11 +140,25 @@ async def test_the_write_records_the_event_on_the_row_and_a_retry_records_it_aga
     )
     assert request.record is not None
     assert row["zed_token"] == first.zed_token and row["applied_event"] == request.record.event_id
-    # A retry after a lost result: SpiceDB holds this write's marker, so it landed; the row is
-    # recorded again (idempotent), with the retry's token.
+    # A retry after a lost result: SpiceDB holds exactly this write, so it landed; the row
+    # already records the event (the first attempt committed it), so it is left as it is.
     again = await env.run(activities.write_memberships, request)
     row = await user_row(pipeline.pool, user_id)
-    assert again.zed_token and row is not None and row["zed_token"] == again.zed_token
+    assert again.zed_token and again.found is None
+    assert row is not None and row["zed_token"] == first.zed_token
+    # Had the first attempt's commit failed, the row would be pending still: recorded now.
+    await pipeline.pool.execute(
+        "UPDATE users SET version = 1, role = 'member', applied_event = NULL, zed_token = NULL,"
+        " sync_status = 'pending' WHERE id = $1",
+        uuid.UUID(user_id),
+    )
+    third = await env.run(activities.write_memberships, request)
+    row = await user_row(pipeline.pool, user_id)
+    assert row is not None and (row["version"], row["role"], row["zed_token"]) == (
+        2,
+        "admin",
+        third.zed_token,
+    )
     assert await relationships_of(pipeline.spicedb, user_id) == [("org-c", "admin")]
 
 
@@ -179,3 +193,30 @@ async def test_a_spicedb_refusal_rolls_the_row_back(pipeline: Pipeline) -> None:
     )
     assert row["permissions_written_at"] is None
     assert await relationships_of(pipeline.spicedb, user_id) == []
+
+
+async def test_a_retry_takes_only_its_own_exact_write_for_landed(pipeline: Pipeline) -> None:
+    """A retry finds this write's marker, but also a membership it did not write (a backfill
+    that wrote after the first attempt's row claim rolled back): not landed, plan again."""
+    user_id = await _row(pipeline)
+    activities = MembershipActivities(pipeline.spicedb, pipeline.pool)
+    env = ActivityEnvironment()
+    request = _write(user_id, "org-c", MembershipsSnapshot(memberships=[], marker=None))
+    assert (await env.run(activities.write_memberships, request)).found is None
+    stray = Membership(user_id=user_id, org_id="org-stray", role="member")
+    await env.run(
+        activities.write_memberships,
+        WriteMembershipsInput(
+            user_id=user_id,
+            remove=[],
+            add=[stray],
+            expected_marker=None,
+            remove_marker=None,
+            set_marker=None,
+            check_marker=False,
+        ),
+    )
+    again = await env.run(activities.write_memberships, request)
+    assert again.zed_token == "" and again.found is not None
+    assert again.found.marker == request.set_marker
+    assert sorted(m.org_id for m in again.found.memberships) == ["org-c", "org-stray"]

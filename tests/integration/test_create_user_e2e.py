@@ -325,6 +325,40 @@ async def test_cancel_during_outage_compensates_to_neither(
     await assert_neither(pipeline, event)
 
 
+async def test_cancel_during_outage_leaves_a_grant_that_existed_before(
+    pipeline: Pipeline, spicedb_server: SpiceDBServer
+) -> None:
+    """The write was planned from the App DB's prediction (no grant) and never got through:
+    the rollback must leave SpiceDB as it was, the grant included (SpiceDB issue #1903)."""
+    event = new_event()
+    # The very membership the event grants: a blind rollback of the prediction would revoke it.
+    grant = Membership(user_id=event.user_id, org_id=event.org_id, role=event.role)
+    await ActivityEnvironment().run(
+        MembershipActivities(pipeline.spicedb, pipeline.pool).write_memberships,
+        WriteMembershipsInput(
+            user_id=event.user_id,
+            remove=[],
+            add=[grant],
+            expected_marker=None,
+            remove_marker=None,
+            set_marker=None,
+            check_marker=False,
+        ),
+    )
+    spicedb_server.pause()
+    try:
+        outcome = await start_held(pipeline.client, pipeline.task_queue, event)
+        await pipeline.client.get_workflow_handle(outcome.workflow_id).cancel()
+    finally:
+        spicedb_server.resume()
+    await eventually(
+        lambda: _closed_as(pipeline.client, outcome.workflow_id, WorkflowExecutionStatus.CANCELED),
+        timeout=60,
+    )
+    assert await user_row(pipeline.pool, event.user_id) is None
+    assert await relationships_of(pipeline.spicedb, event.user_id) == [(grant.org_id, grant.role)]
+
+
 async def _closed_as(client: Client, workflow_id: str, status: WorkflowExecutionStatus) -> bool:
     return (await client.get_workflow_handle(workflow_id).describe()).status == status
 

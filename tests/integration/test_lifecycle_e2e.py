@@ -181,9 +181,9 @@ async def test_rollback_keeps_a_grant_that_existed_before(
     assert await relationships_of(pipeline.spicedb, user.user_id) == [(user.org_id, user.role)]
 
 
-async def test_failed_row_delete_restores_exactly_the_revoked_relationships(
-    pipeline: Pipeline, faults: Faults
-) -> None:
+async def test_a_refused_row_delete_revokes_nothing(pipeline: Pipeline, faults: Faults) -> None:
+    """The row's delete runs in the write's transaction before SpiceDB is called: refused,
+    it leaves both stores as they were (nothing revoked, nothing to restore)."""
     user = new_event(role="admin")
     await create_user(user, **queue(pipeline))
     await faults.inject(user.user_id, "DELETE", "23503")  # a foreign key blocks the delete

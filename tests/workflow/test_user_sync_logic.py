@@ -82,7 +82,8 @@ class FakeSteps:
     async def _after_landing(self) -> None:
         # A ``written`` behaviour stands for a cancel (or a lost worker) after the write landed.
         if "written" in self._behaviour:
-            await self._behaviour["written"](1)
+            self.attempts["written"] = self.attempts.get("written", 0) + 1
+            await self._behaviour["written"](self.attempts["written"])
 
     @activity.defn(name="read_user_state")
     async def read_user_state(self, _: ReadUserStateInput) -> UserState:
@@ -104,9 +105,11 @@ class FakeSteps:
         name = "write_memberships" if request.check_marker else "restore_memberships"
         await self._step(name)
         held = self.prior
-        if request.only_if is not None and request.only_if != held:
-            if request.set_marker is not None and held.marker == request.set_marker:
-                # As the real activity: its own earlier attempt landed; success.
+        after = _applied(held if request.only_if is None else request.only_if, request)
+        if request.only_if is not None and not _same(request.only_if, held):
+            if _same(after, held):
+                # As the real activity: its own earlier attempt landed; success (the row is
+                # recorded again unless that attempt committed it, which the stand-in skips).
                 await self._after_landing()
                 return WriteMembershipsResult(zed_token=f"token-{len(self.writes)}")
             # As the real activity: a conditional write that finds another state writes nothing.
@@ -116,11 +119,7 @@ class FakeSteps:
             await self._step("apply_row")
         self.writes.append(request)
         if self.holds_writes:
-            kept = [m for m in held.memberships if m not in request.remove]
-            self.prior = MembershipsSnapshot(
-                memberships=kept + [m for m in request.add if m not in kept],
-                marker=request.set_marker,
-            )
+            self.prior = after
         if request.check_marker:
             await self._after_landing()
         return WriteMembershipsResult(zed_token=f"token-{len(self.writes)}")
@@ -148,6 +147,20 @@ class FakeSteps:
             self.undo_created_row,
             self.record_repair,
         ]
+
+
+def _applied(held: MembershipsSnapshot, request: WriteMembershipsInput) -> MembershipsSnapshot:
+    kept = [m for m in held.memberships if m not in request.remove]
+    return MembershipsSnapshot(
+        memberships=kept + [m for m in request.add if m not in kept], marker=request.set_marker
+    )
+
+
+def _same(a: MembershipsSnapshot, b: MembershipsSnapshot) -> bool:
+    """As the real activity compares them: the marker, and the memberships in any order."""
+    return a.marker == b.marker and {m.model_dump_json() for m in a.memberships} == {
+        m.model_dump_json() for m in b.memberships
+    }
 
 
 def fail_first(times: int, error: Exception) -> Behaviour:
@@ -321,7 +334,8 @@ async def test_a_cancel_after_the_write_restores_the_prior_state_in_reverse_orde
     steps = FakeSteps(written=hang_once_written(landed))
     async for h in running(time_skipping_env, task_queue, steps):
         await cancel_once(h, created(), landed)
-    assert steps.calls[-2:] == ["restore_memberships", "undo_created_row"]
+    # The snapshot was a prediction: the rollback first checks that the write landed.
+    assert steps.calls[-3:] == ["read_memberships", "restore_memberships", "undo_created_row"]
     assert [w.check_marker for w in steps.writes] == [True, False]  # landed, then restored
     restore = steps.writes[-1]
     assert restore.add == [] and [m.org_id for m in restore.remove] == ["acme"]
@@ -337,8 +351,33 @@ async def test_a_row_refused_after_the_write_landed_restores_spicedb(
             await h.submit(created())
     assert caught.value.error_type == "AppDBRejectedAfterWrite"
     # Unlike every other refusal, this one follows a landed write: SpiceDB is restored too.
-    assert steps.calls[-2:] == ["restore_memberships", "undo_created_row"]
+    assert steps.calls[-3:] == ["read_memberships", "restore_memberships", "undo_created_row"]
     assert [w.check_marker for w in steps.writes] == [True, False]
+
+
+async def test_a_cancel_before_the_write_got_through_leaves_a_grant_that_existed_before(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """The write was planned from a prediction (no grant) that SpiceDB would have refused; it
+    was cancelled before it got through, so the rollback must not remove the grant."""
+    event = created()
+    grant = Membership(user_id=event.user_id, org_id="acme", role="member")
+    running_write = asyncio.Event()
+
+    async def hang_until_cancelled(_attempt: int) -> None:
+        running_write.set()
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(0.1)
+
+    steps = FakeSteps(
+        prior=MembershipsSnapshot(memberships=[grant], marker=None),
+        write_memberships=hang_until_cancelled,
+    )
+    async for h in running(time_skipping_env, task_queue, steps):
+        await cancel_once(h, event, running_write)
+    assert steps.calls[-2:] == ["read_memberships", "undo_created_row"]
+    assert steps.writes == [] and steps.prior.memberships == [grant]
 
 
 async def test_compensation_keeps_a_grant_that_existed_before(
@@ -483,7 +522,9 @@ async def test_cancellation_compensates_after_the_inflight_write_stops(
     steps = FakeSteps(write_memberships=hang_until_cancelled)
     async for h in running(time_skipping_env, task_queue, steps):
         await cancel_once(h, created(), write_running)
-    assert steps.calls[-2:] == ["restore_memberships", "undo_created_row"]
+    # The write never got through (it hung before landing): SpiceDB is left as it was.
+    assert steps.calls[-2:] == ["read_memberships", "undo_created_row"]
+    assert steps.writes == []
 
 
 async def test_continue_as_new_carries_state_and_dedupe(
