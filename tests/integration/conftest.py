@@ -11,14 +11,20 @@ from dataclasses import dataclass
 
 import asyncpg
 import pytest
+from authzed.api.v1 import RelationshipUpdate, WriteRelationshipsRequest
 from temporalio.client import Client
 
 from chaos.faults import FAULTS_DDL
 from chaos.proxy import FaultProxy
 from spicesync.db import with_database
-from spicesync.models import CreateUserInput
+from spicesync.models import CreateUserInput, Membership
 from spicesync.settings import Settings
-from spicesync.spicedb import SpiceDBClient, has_org_permission, user_memberships
+from spicesync.spicedb import (
+    SpiceDBClient,
+    has_org_permission,
+    membership_relationship,
+    user_memberships,
+)
 from spicesync.stack.components import prepare_app_db
 from starters.user_events import SyncOutcome, WaitFor, create_user
 from tests.conftest import SpiceDBServer, launch_spicedb, stop_spicedb
@@ -105,6 +111,21 @@ async def user_row(pool: asyncpg.Pool, user_id: str) -> asyncpg.Record | None:
 
 async def relationships_of(spicedb: SpiceDBClient, user_id: str) -> list[tuple[str, str]]:
     return await user_memberships(spicedb, user_id)
+
+
+async def grant_outside_spicesync(spicedb: SpiceDBClient, membership: Membership) -> None:
+    """Write ``membership`` as something other than a sync would: no version marker."""
+    await spicedb.WriteRelationships(
+        WriteRelationshipsRequest(
+            updates=[
+                RelationshipUpdate(
+                    operation=RelationshipUpdate.Operation.OPERATION_TOUCH,
+                    relationship=membership_relationship(membership),
+                )
+            ]
+        ),
+        timeout=5,
+    )
 
 
 async def has_permission(

@@ -18,7 +18,12 @@ from temporalio.testing import ActivityEnvironment
 from activities.memberships import MembershipActivities
 from spicesync.errors import MarkerMoved, SupersededWrite, UserRowMissing
 from spicesync.models import Membership, MembershipsSnapshot, UserEvent, WriteMembershipsInput
-from tests.integration.conftest import Pipeline, relationships_of, user_row
+from tests.integration.conftest import (
+    Pipeline,
+    grant_outside_spicesync,
+    relationships_of,
+    user_row,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -79,18 +84,7 @@ async def test_a_write_on_another_state_writes_nothing_and_returns_what_spicedb_
     env = ActivityEnvironment()
     # Something else wrote the user first: a grant of its own, no marker.
     grant = Membership(user_id=user_id, org_id="org-other", role="member")
-    await env.run(
-        activities.write_memberships,
-        WriteMembershipsInput(
-            user_id=user_id,
-            remove=[],
-            add=[grant],
-            expected_marker=None,
-            remove_marker=None,
-            set_marker=None,
-            check_marker=False,
-        ),
-    )
+    await grant_outside_spicesync(pipeline.spicedb, grant)
     await pipeline.pool.execute(
         "UPDATE users SET permissions_written_at = NULL WHERE id = $1", uuid.UUID(user_id)
     )
@@ -204,18 +198,7 @@ async def test_a_retry_takes_only_its_own_exact_write_for_landed(pipeline: Pipel
     request = _write(user_id, "org-c", MembershipsSnapshot(memberships=[], marker=None))
     assert (await env.run(activities.write_memberships, request)).found is None
     stray = Membership(user_id=user_id, org_id="org-stray", role="member")
-    await env.run(
-        activities.write_memberships,
-        WriteMembershipsInput(
-            user_id=user_id,
-            remove=[],
-            add=[stray],
-            expected_marker=None,
-            remove_marker=None,
-            set_marker=None,
-            check_marker=False,
-        ),
-    )
+    await grant_outside_spicesync(pipeline.spicedb, stray)
     again = await env.run(activities.write_memberships, request)
     assert again.zed_token == "" and again.found is not None
     assert again.found.marker == request.set_marker

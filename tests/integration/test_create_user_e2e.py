@@ -38,6 +38,7 @@ from tests.integration.conftest import (
     assert_neither,
     assert_synced,
     eventually,
+    grant_outside_spicesync,
     new_event,
     relationships_of,
     start_held,
@@ -333,18 +334,7 @@ async def test_cancel_during_outage_leaves_a_grant_that_existed_before(
     event = new_event()
     # The very membership the event grants: a blind rollback of the prediction would revoke it.
     grant = Membership(user_id=event.user_id, org_id=event.org_id, role=event.role)
-    await ActivityEnvironment().run(
-        MembershipActivities(pipeline.spicedb, pipeline.pool).write_memberships,
-        WriteMembershipsInput(
-            user_id=event.user_id,
-            remove=[],
-            add=[grant],
-            expected_marker=None,
-            remove_marker=None,
-            set_marker=None,
-            check_marker=False,
-        ),
-    )
+    await grant_outside_spicesync(pipeline.spicedb, grant)
     spicedb_server.pause()
     try:
         outcome = await start_held(pipeline.client, pipeline.task_queue, event)

@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from authzed.api.v1 import RelationshipUpdate, WatchRequest, WriteRelationshipsRequest
+from authzed.api.v1 import WatchRequest
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import ActivityEnvironment
 
@@ -17,7 +17,6 @@ from activities.memberships import MembershipActivities
 from spicesync.constants import user_workflow_id
 from spicesync.errors import SupersededWrite
 from spicesync.models import Membership, UserEvent, WriteMembershipsInput
-from spicesync.spicedb import membership_relationship
 from starters.user_events import (
     UserSyncFailed,
     WaitFor,
@@ -32,6 +31,7 @@ from tests.integration.conftest import (
     Pipeline,
     assert_neither,
     assert_synced,
+    grant_outside_spicesync,
     new_event,
     relationships_of,
     user_row,
@@ -160,17 +160,7 @@ async def test_rollback_keeps_a_grant_that_existed_before(
     """SpiceDB issue #1903: compensation must not delete a relationship it did not create."""
     user = new_event()
     grant = Membership(user_id=user.user_id, org_id=user.org_id, role=user.role)
-    await pipeline.spicedb.WriteRelationships(
-        WriteRelationshipsRequest(
-            updates=[
-                RelationshipUpdate(
-                    operation=RelationshipUpdate.Operation.OPERATION_TOUCH,
-                    relationship=membership_relationship(grant),
-                )
-            ]
-        ),
-        timeout=5,
-    )
+    await grant_outside_spicesync(pipeline.spicedb, grant)
     # The row's last statement (storing the ZedToken, after SpiceDB accepted the write) fails
     # for good: a trigger's check violation. The row rolls back; SpiceDB is restored exactly.
     await faults.inject(user.user_id, "UPDATE", "23514")
