@@ -198,23 +198,7 @@ class MembershipActivities:
             if not failed_precondition(err):
                 raise _translate(err, uid) from None
         except _DB_ERRORS as err:
-            sqlstate = getattr(err, "sqlstate", None)
-            if classify_sqlstate(sqlstate) is FailureKind.PERMANENT:
-                if not spicedb_called:
-                    # Refused before SpiceDB was called (the claim, or the event on the row).
-                    raise AppDBRejected(
-                        f"user {uid}: PostgreSQL refused the write ({sqlstate})"
-                    ) from None
-                # SpiceDB accepted the write, then the row's last statement was refused (a
-                # trigger, say): the row rolled back, so SpiceDB must be restored.
-                raise AppDBRejectedAfterWrite(
-                    f"user {uid}: PostgreSQL refused the row after the SpiceDB write ({sqlstate})"
-                ) from None
-            # The write may have landed before the commit failed; the retry's precondition
-            # (or its ``only_if``) recognises its own earlier write.
-            raise AppDBUnavailable(
-                f"user {uid}: PostgreSQL unavailable around the SpiceDB write: {type(err).__name__}"
-            ) from None
+            raise _db_failure(err, uid, after_write=spicedb_called) from None
         return await self._after_failed_precondition(request)
 
     async def _after_failed_precondition(
@@ -231,16 +215,7 @@ class MembershipActivities:
                         async with self._pool.acquire() as conn, conn.transaction():
                             await _record(conn, request, landed.zed_token)
                     except _DB_ERRORS as err:
-                        sqlstate = getattr(err, "sqlstate", None)
-                        if classify_sqlstate(sqlstate) is FailureKind.PERMANENT:
-                            raise AppDBRejectedAfterWrite(
-                                f"user {request.user_id}: PostgreSQL refused the row after the"
-                                f" SpiceDB write ({sqlstate})"
-                            ) from None
-                        raise AppDBUnavailable(
-                            f"user {request.user_id}: PostgreSQL unavailable recording the row:"
-                            f" {type(err).__name__}"
-                        ) from None
+                        raise _db_failure(err, request.user_id, after_write=True) from None
                 return landed
         except grpc.aio.AioRpcError as err:
             raise _translate(err, request.user_id) from None
@@ -304,6 +279,32 @@ async def _record(conn: Connection, request: WriteMembershipsInput, zed_token: s
     if applied is None:
         raise UserRowMissing(f"user {event.user_id}: {why}")
     raise SupersededWrite(f"user {event.user_id}: {why}; nothing was written")
+
+
+def _db_failure(err: BaseException, user_id: str, *, after_write: bool) -> Exception:
+    """The typed error for a PostgreSQL failure around an event's SpiceDB write.
+
+    Args:
+        err: What PostgreSQL (or the connection) raised.
+        user_id: The user whose row it was.
+        after_write: Whether SpiceDB may already hold the write: a permanent refusal then means
+            SpiceDB must be restored (``AppDBRejectedAfterWrite``), where before the call nothing
+            was written (``AppDBRejected``).
+    """
+    sqlstate = getattr(err, "sqlstate", None)
+    if classify_sqlstate(sqlstate) is FailureKind.PERMANENT:
+        if after_write:
+            # The row's statement after SpiceDB accepted (a trigger, say) was refused: the row
+            # rolled back, so SpiceDB must be restored.
+            return AppDBRejectedAfterWrite(
+                f"user {user_id}: PostgreSQL refused the row after the SpiceDB write ({sqlstate})"
+            )
+        return AppDBRejected(f"user {user_id}: PostgreSQL refused the write ({sqlstate})")
+    # The write may have landed before the commit failed; the retry's precondition (or its
+    # ``only_if``) recognises its own earlier write.
+    return AppDBUnavailable(
+        f"user {user_id}: PostgreSQL unavailable around the SpiceDB write: {type(err).__name__}"
+    )
 
 
 class _Differs(Exception):

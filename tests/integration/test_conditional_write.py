@@ -11,13 +11,20 @@ refusal rolls the row back.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 
 import pytest
 from temporalio.testing import ActivityEnvironment
 
 from activities.memberships import MembershipActivities
 from spicesync.errors import MarkerMoved, SupersededWrite, UserRowMissing
-from spicesync.models import Membership, MembershipsSnapshot, UserEvent, WriteMembershipsInput
+from spicesync.models import (
+    Membership,
+    MembershipsSnapshot,
+    UserEvent,
+    WriteMembershipsInput,
+    WriteMembershipsResult,
+)
 from tests.integration.conftest import (
     Pipeline,
     grant_outside_spicesync,
@@ -26,6 +33,20 @@ from tests.integration.conftest import (
 )
 
 pytestmark = pytest.mark.integration
+
+Write = Callable[[WriteMembershipsInput], Awaitable[WriteMembershipsResult]]
+
+
+@pytest.fixture
+def write(pipeline: Pipeline) -> Write:
+    """The write step as a worker runs it (one activities object), on the real engines."""
+    activities = MembershipActivities(pipeline.spicedb, pipeline.pool)
+    env = ActivityEnvironment()
+
+    async def run(request: WriteMembershipsInput) -> WriteMembershipsResult:
+        return await env.run(activities.write_memberships, request)
+
+    return run
 
 
 async def _row(pipeline: Pipeline) -> str:
@@ -45,7 +66,7 @@ async def _claimed_at(pipeline: Pipeline, user_id: str) -> object:
     )
 
 
-def _write(user_id: str, org: str, only_if: MembershipsSnapshot) -> WriteMembershipsInput:
+def _replace_with(user_id: str, org: str, only_if: MembershipsSnapshot) -> WriteMembershipsInput:
     return WriteMembershipsInput(
         user_id=user_id,
         remove=list(only_if.memberships),
@@ -59,29 +80,25 @@ def _write(user_id: str, org: str, only_if: MembershipsSnapshot) -> WriteMembers
 
 
 async def test_a_write_on_the_predicted_state_lands_once_and_its_retry_gets_a_token(
-    pipeline: Pipeline,
+    pipeline: Pipeline, write: Write
 ) -> None:
     user_id = await _row(pipeline)
-    activities = MembershipActivities(pipeline.spicedb, pipeline.pool)
-    env = ActivityEnvironment()
-    request = _write(user_id, "org-c", MembershipsSnapshot(memberships=[], marker=None))
-    first = await env.run(activities.write_memberships, request)
+    request = _replace_with(user_id, "org-c", MembershipsSnapshot(memberships=[], marker=None))
+    first = await write(request)
     assert first.found is None and first.zed_token
     assert await relationships_of(pipeline.spicedb, user_id) == [("org-c", "admin")]
     assert await _claimed_at(pipeline, user_id) is not None
     # The same write again, as a retry after a lost result sends it: SpiceDB no longer holds
     # ``only_if`` but holds this write's own marker, so it is this write, landed.
-    again = await env.run(activities.write_memberships, request)
+    again = await write(request)
     assert again.found is None and again.zed_token
     assert await relationships_of(pipeline.spicedb, user_id) == [("org-c", "admin")]
 
 
 async def test_a_write_on_another_state_writes_nothing_and_returns_what_spicedb_holds(
-    pipeline: Pipeline,
+    pipeline: Pipeline, write: Write
 ) -> None:
     user_id = await _row(pipeline)
-    activities = MembershipActivities(pipeline.spicedb, pipeline.pool)
-    env = ActivityEnvironment()
     # Something else wrote the user first: a grant of its own, no marker.
     grant = Membership(user_id=user_id, org_id="org-other", role="member")
     await grant_outside_spicesync(pipeline.spicedb, grant)
@@ -89,7 +106,7 @@ async def test_a_write_on_another_state_writes_nothing_and_returns_what_spicedb_
         "UPDATE users SET permissions_written_at = NULL WHERE id = $1", uuid.UUID(user_id)
     )
     predicted = MembershipsSnapshot(memberships=[], marker=None)
-    result = await env.run(activities.write_memberships, _write(user_id, "org-c", predicted))
+    result = await write(_replace_with(user_id, "org-c", predicted))
     assert result.zed_token == ""
     assert result.found == MembershipsSnapshot(memberships=[grant], marker=None)
     assert await relationships_of(pipeline.spicedb, user_id) == [("org-other", "member")]
@@ -97,7 +114,7 @@ async def test_a_write_on_another_state_writes_nothing_and_returns_what_spicedb_
     assert await _claimed_at(pipeline, user_id) is None
     # Planned again from what SpiceDB holds, it goes through, and replaces the grant.
     assert result.found is not None
-    replanned = await env.run(activities.write_memberships, _write(user_id, "org-c", result.found))
+    replanned = await write(_replace_with(user_id, "org-c", result.found))
     assert replanned.found is None and replanned.zed_token
     assert await relationships_of(pipeline.spicedb, user_id) == [("org-c", "admin")]
 
@@ -113,19 +130,17 @@ def _recorded(user_id: str, version: int, role: str = "admin") -> WriteMembershi
         role=role,
     )
     predicted = MembershipsSnapshot(memberships=[], marker=None)
-    return _write(user_id, "org-c", predicted).model_copy(
+    return _replace_with(user_id, "org-c", predicted).model_copy(
         update={"set_marker": version, "record": event}
     )
 
 
 async def test_the_write_records_the_event_on_the_row_once_even_when_retried(
-    pipeline: Pipeline,
+    pipeline: Pipeline, write: Write
 ) -> None:
     user_id = await _row(pipeline)
-    activities = MembershipActivities(pipeline.spicedb, pipeline.pool)
-    env = ActivityEnvironment()
     request = _recorded(user_id, 2)
-    first = await env.run(activities.write_memberships, request)
+    first = await write(request)
     row = await user_row(pipeline.pool, user_id)
     assert row is not None and (row["version"], row["role"], row["sync_status"]) == (
         2,
@@ -136,7 +151,7 @@ async def test_the_write_records_the_event_on_the_row_once_even_when_retried(
     assert row["zed_token"] == first.zed_token and row["applied_event"] == request.record.event_id
     # A retry after a lost result: SpiceDB holds exactly this write, so it landed; the row
     # already records the event (the first attempt committed it), so it is left as it is.
-    again = await env.run(activities.write_memberships, request)
+    again = await write(request)
     row = await user_row(pipeline.pool, user_id)
     assert again.zed_token and again.found is None
     assert row is not None and row["zed_token"] == first.zed_token
@@ -146,7 +161,7 @@ async def test_the_write_records_the_event_on_the_row_once_even_when_retried(
         " sync_status = 'pending' WHERE id = $1",
         uuid.UUID(user_id),
     )
-    third = await env.run(activities.write_memberships, request)
+    third = await write(request)
     row = await user_row(pipeline.pool, user_id)
     assert row is not None and (row["version"], row["role"], row["zed_token"]) == (
         2,
@@ -156,29 +171,28 @@ async def test_the_write_records_the_event_on_the_row_once_even_when_retried(
     assert await relationships_of(pipeline.spicedb, user_id) == [("org-c", "admin")]
 
 
-async def test_a_row_that_refuses_the_event_leaves_spicedb_unwritten(pipeline: Pipeline) -> None:
-    activities = MembershipActivities(pipeline.spicedb, pipeline.pool)
-    env = ActivityEnvironment()
+async def test_a_row_that_refuses_the_event_leaves_spicedb_unwritten(
+    pipeline: Pipeline, write: Write
+) -> None:
     missing = str(uuid.uuid4())  # no row at all
     with pytest.raises(UserRowMissing):
-        await env.run(activities.write_memberships, _recorded(missing, 2))
+        await write(_recorded(missing, 2))
     assert await relationships_of(pipeline.spicedb, missing) == []
     newer = await _row(pipeline)
     await pipeline.pool.execute("UPDATE users SET version = 5 WHERE id = $1", uuid.UUID(newer))
     with pytest.raises(SupersededWrite):
-        await env.run(activities.write_memberships, _recorded(newer, 2))
+        await write(_recorded(newer, 2))
     assert await relationships_of(pipeline.spicedb, newer) == []
     row = await user_row(pipeline.pool, newer)
     assert row is not None and (row["version"], row["role"]) == (5, "member")
 
 
-async def test_a_spicedb_refusal_rolls_the_row_back(pipeline: Pipeline) -> None:
+async def test_a_spicedb_refusal_rolls_the_row_back(pipeline: Pipeline, write: Write) -> None:
     user_id = await _row(pipeline)
-    activities = MembershipActivities(pipeline.spicedb, pipeline.pool)
     # Its precondition expects a marker SpiceDB does not hold: SpiceDB refuses the whole write.
     request = _recorded(user_id, 2).model_copy(update={"only_if": None, "expected_marker": 1})
     with pytest.raises(MarkerMoved):
-        await ActivityEnvironment().run(activities.write_memberships, request)
+        await write(request)
     row = await user_row(pipeline.pool, user_id)
     assert row is not None and (row["version"], row["role"], row["sync_status"]) == (
         1,
@@ -189,17 +203,17 @@ async def test_a_spicedb_refusal_rolls_the_row_back(pipeline: Pipeline) -> None:
     assert await relationships_of(pipeline.spicedb, user_id) == []
 
 
-async def test_a_retry_takes_only_its_own_exact_write_for_landed(pipeline: Pipeline) -> None:
+async def test_a_retry_takes_only_its_own_exact_write_for_landed(
+    pipeline: Pipeline, write: Write
+) -> None:
     """A retry finds this write's marker, but also a membership it did not write (a backfill
     that wrote after the first attempt's row claim rolled back): not landed, plan again."""
     user_id = await _row(pipeline)
-    activities = MembershipActivities(pipeline.spicedb, pipeline.pool)
-    env = ActivityEnvironment()
-    request = _write(user_id, "org-c", MembershipsSnapshot(memberships=[], marker=None))
-    assert (await env.run(activities.write_memberships, request)).found is None
+    request = _replace_with(user_id, "org-c", MembershipsSnapshot(memberships=[], marker=None))
+    assert (await write(request)).found is None
     stray = Membership(user_id=user_id, org_id="org-stray", role="member")
     await grant_outside_spicesync(pipeline.spicedb, stray)
-    again = await env.run(activities.write_memberships, request)
+    again = await write(request)
     assert again.zed_token == "" and again.found is not None
     assert again.found.marker == request.set_marker
     assert sorted(m.org_id for m in again.found.memberships) == ["org-c", "org-stray"]

@@ -300,11 +300,14 @@ async def test_a_row_that_refuses_the_event_refuses_it_before_spicedb_is_written
     assert steps.writes == []
 
 
-def hang_once_written(landed: asyncio.Event) -> Behaviour:
-    """The write has landed; then the step hangs until it is cancelled."""
+def hang_until_cancelled(reached: asyncio.Event) -> Behaviour:
+    """Set ``reached``, then hang until the step is cancelled.
+
+    As ``written`` the write has landed when it hangs; as ``write_memberships`` it has not.
+    """
 
     async def behaviour(_attempt: int) -> None:
-        landed.set()
+        reached.set()
         while True:  # heartbeating is how a normal activity learns it was cancelled
             activity.heartbeat()
             await asyncio.sleep(0.1)
@@ -331,7 +334,7 @@ async def test_a_cancel_after_the_write_restores_the_prior_state_in_reverse_orde
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
     landed = asyncio.Event()
-    steps = FakeSteps(written=hang_once_written(landed))
+    steps = FakeSteps(written=hang_until_cancelled(landed))
     async for h in running(time_skipping_env, task_queue, steps):
         await cancel_once(h, created(), landed)
     # The snapshot was a prediction: the rollback first checks that the write landed.
@@ -363,16 +366,9 @@ async def test_a_cancel_before_the_write_got_through_leaves_a_grant_that_existed
     event = created()
     grant = Membership(user_id=event.user_id, org_id="acme", role="member")
     running_write = asyncio.Event()
-
-    async def hang_until_cancelled(_attempt: int) -> None:
-        running_write.set()
-        while True:
-            activity.heartbeat()
-            await asyncio.sleep(0.1)
-
     steps = FakeSteps(
         prior=MembershipsSnapshot(memberships=[grant], marker=None),
-        write_memberships=hang_until_cancelled,
+        write_memberships=hang_until_cancelled(running_write),
     )
     async for h in running(time_skipping_env, task_queue, steps):
         await cancel_once(h, event, running_write)
@@ -388,7 +384,7 @@ async def test_compensation_keeps_a_grant_that_existed_before(
     landed = asyncio.Event()
     steps = FakeSteps(
         prior=MembershipsSnapshot(memberships=[grant], marker=None),
-        written=hang_once_written(landed),
+        written=hang_until_cancelled(landed),
     )
     async for h in running(time_skipping_env, task_queue, steps):
         await cancel_once(h, event, landed)
@@ -425,7 +421,7 @@ async def test_compensation_failures_retry_until_they_succeed(
 ) -> None:
     landed = asyncio.Event()
     steps = FakeSteps(
-        written=hang_once_written(landed),
+        written=hang_until_cancelled(landed),
         # Even a "permanent" error type is retried during compensation: it must finish.
         restore_memberships=fail_first(2, SpiceDBRejected("flaky")),
         undo_created_row=fail_first(4, ConnectionRefusedError("PostgreSQL down")),
@@ -512,14 +508,7 @@ async def test_cancellation_compensates_after_the_inflight_write_stops(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
     write_running = asyncio.Event()
-
-    async def hang_until_cancelled(_attempt: int) -> None:
-        write_running.set()
-        while True:  # heartbeating is how an activity learns it was cancelled
-            activity.heartbeat()
-            await asyncio.sleep(0.1)
-
-    steps = FakeSteps(write_memberships=hang_until_cancelled)
+    steps = FakeSteps(write_memberships=hang_until_cancelled(write_running))
     async for h in running(time_skipping_env, task_queue, steps):
         await cancel_once(h, created(), write_running)
     # The write never got through (it hung before landing): SpiceDB is left as it was.
