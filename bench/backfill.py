@@ -124,8 +124,9 @@ async def run_backfill_bench(
         "raw_relationships_per_second": round(count / raw_seconds),
         "spicesync_users_per_second": round(ours),
         "spicesync_relationships_per_second": round(
-            2 * result.progress.written_users / spicesync_seconds
+            result.progress.relationships_written / spicesync_seconds
         ),
+        "spicesync_version_markers": result.progress.version_markers,
         "spicesync_reported_rows_scanned_per_second": result.rows_scanned_per_second,
         "spicesync_written_users": result.progress.written_users,
         "sample_checked": len(sample),

@@ -26,6 +26,7 @@ __all__ = [
     "CheckSchemaInput",
     "CountBackfillInput",
     "CountFollowedBackfillInput",
+    "CountUncheckedSyncsInput",
     "CreateUserInput",
     "DeliverEventInput",
     "DeliverRepairsInput",
@@ -543,10 +544,23 @@ class BackfillProgress(_Tally):
     busy_seconds: float = 0.0
     elapsed_seconds: float = 0.0
     done: bool = False
+    # Decided once, at the start (see ``BackfillPageInput.version_markers``).
+    version_markers: bool = True
 
 
 class CountBackfillInput(_Model):
     """Count the users a backfill has to write."""
+
+
+class CountUncheckedSyncsInput(_Model):
+    """Count the running user syncs that may write SpiceDB without first checking it.
+
+    Those are runs begun by a release before the write that checks SpiceDB under the row's lock.
+    """
+
+    task_queue: str
+    # ``TemporalChangeVersion`` values of runs that do check (workflows/steps.py).
+    checked_markers: list[str]
 
 
 class BackfillPageInput(_Model):
@@ -557,6 +571,9 @@ class BackfillPageInput(_Model):
     request_id: str
     # The lane's upper bound (exclusive); ``None``: the end of the id space.
     before_user_id: str | None = None
+    # Write each user's version marker too: needed while a sync that does not check SpiceDB
+    # under the row's lock may be running (the default, for batches scheduled before the check).
+    version_markers: bool = True
 
 
 class BackfillPageResult(_Model):

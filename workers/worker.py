@@ -222,7 +222,7 @@ def build_worker(
     rows = UserRowActivities(resources.pool)
     memberships = MembershipActivities(resources.spicedb, resources.pool)
     reconcile = ReconcileActivities(resources.pool, resources.spicedb, client, task_queue)
-    backfill = BackfillActivities(resources.pool, resources.spicedb)
+    backfill = BackfillActivities(resources.pool, resources.spicedb, client)
     workflows: list[type] = [UserSyncWorkflow, ReconcileWorkflow, BackfillWorkflow]
     follow_activities: list[Callable[..., Any]] = []
     if resources.app_table is not None:
@@ -265,6 +265,7 @@ def build_worker(
             reconcile.save_report,
             backfill.count_backfill_candidates,
             backfill.backfill_batch,
+            backfill.count_unchecked_syncs,
             *follow_activities,
         ],
     )

@@ -3,7 +3,8 @@
 Batches go in keyset order; the cursor lives in the workflow, so a crashed worker's batch is
 simply written again (TOUCH, idempotent) and a long backfill continues as new with its cursor.
 A rate limit is kept with durable timers between batches. Safe beside live syncs: see
-``activities/backfill.py``.
+``activities/backfill.py``: the run first counts the user syncs that may write without checking
+SpiceDB under the row's lock, and writes version markers only if there are any.
 
 In follow mode (``BackfillInput.follow``, docs/follow-mode.md) the same run walks the
 application's table in one lane and delivers a change to every user spicesync has never synced
@@ -30,11 +31,16 @@ with workflow.unsafe.imports_passed_through():
         BackfillResult,
         CountBackfillInput,
         CountFollowedBackfillInput,
+        CountUncheckedSyncsInput,
         FollowBackfillPageInput,
     )
     from spicesync.retries import STEP_RETRY
+    from workflows.steps import CHECKED_WRITE_MARKERS
 
-__all__ = ["BackfillWorkflow"]
+__all__ = ["BACKFILL_MARKERS_PATCH", "BackfillWorkflow"]
+
+# Runs recorded before the backfill asked whether it needs version markers write them always.
+BACKFILL_MARKERS_PATCH = "backfill-markers-only-if-needed"
 
 
 @workflow.defn
@@ -79,7 +85,9 @@ class BackfillWorkflow:
                     start_to_close_timeout=timedelta(seconds=60),
                     retry_policy=STEP_RETRY,
                 )
-            self._progress = BackfillProgress(total=total)
+            self._progress = BackfillProgress(
+                total=total, version_markers=await self._needs_version_markers(request)
+            )
         else:
             self._progress = request.progress
         p = self._progress
@@ -134,6 +142,7 @@ class BackfillWorkflow:
                         before_user_id=upper,
                         batch_size=request.batch_size,
                         request_id=self._request_id,
+                        version_markers=p.version_markers,
                     ),
                     start_to_close_timeout=timedelta(minutes=2),
                     retry_policy=STEP_RETRY,
@@ -159,6 +168,24 @@ class BackfillWorkflow:
                 pause = (batch.delivered if request.follow else batch.scanned) / rate - busy
                 if pause > 0:
                     await workflow.sleep(timedelta(seconds=pause))
+
+    async def _needs_version_markers(self, request: BackfillInput) -> bool:
+        """Whether a user sync that does not check SpiceDB under the row's lock may be running.
+
+        Follow mode writes nothing itself (the users' workflows do).
+        """
+        if request.follow or not workflow.patched(BACKFILL_MARKERS_PATCH):
+            return True
+        unchecked = await workflow.execute_activity_method(
+            BackfillActivities.count_unchecked_syncs,
+            CountUncheckedSyncsInput(
+                task_queue=workflow.info().task_queue,
+                checked_markers=sorted(CHECKED_WRITE_MARKERS),
+            ),
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=STEP_RETRY,
+        )
+        return unchecked > 0
 
     async def _deliver(self, request: BackfillInput, after: str | None) -> BackfillPageResult:
         """Follow mode's batch: deliver a change to each never-synced user of one page."""

@@ -48,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
     from spicesync.retries import LOCAL_STEP_RETRY, STEP_RETRY
 
 __all__ = [
+    "CHECKED_WRITE_MARKERS",
     "DURABLE_ACCEPTANCE_PATCH",
     "LOCAL_STEPS_PATCH",
     "READ_IN_WRITE_PATCH",
@@ -78,6 +79,13 @@ _EARLIER_RELEASES = {
     "release-2026-12-03b": frozenset({RECORD_IN_WRITE_PATCH}),
     "release-2026-12-03": frozenset({READ_IN_WRITE_PATCH, RECORD_IN_WRITE_PATCH}),
 }
+
+# A run whose ``TemporalChangeVersion`` holds one of these checks SpiceDB under the row's lock
+# before each event's write, so a backfill beside it needs no version marker to be safe.
+CHECKED_WRITE_MARKERS = frozenset(
+    {RELEASE_PATCH, READ_IN_WRITE_PATCH}
+    | {marker for marker, later in _EARLIER_RELEASES.items() if READ_IN_WRITE_PATCH not in later}
+)
 
 _TIMEOUT = timedelta(seconds=ACTIVITY_START_TO_CLOSE)
 _LOCAL_TIMEOUT = timedelta(seconds=LOCAL_STEP_TIMEOUT)

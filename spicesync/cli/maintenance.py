@@ -221,6 +221,7 @@ def backfill_command(args: argparse.Namespace) -> int:
             "users_written": done.progress.written_users,
             "users_skipped": done.progress.skipped,
             "relationships_written": done.progress.relationships_written,
+            "version_markers": done.progress.version_markers and not follow,
             "changes_delivered": done.progress.delivered,
             "rows_scanned_per_second": done.rows_scanned_per_second,
             "relationships_written_per_second": done.relationships_written_per_second,
@@ -236,10 +237,16 @@ def backfill_command(args: argparse.Namespace) -> int:
                 f" {figures['rows_scanned_per_second']:g} rows scanned/s"
             )
         else:
+            markers = (
+                " (with version markers: a user sync of an earlier release is running)"
+                if figures["version_markers"]
+                else ""
+            )
             print(
                 f"backfill: {figures['users_written']} users written "
                 f"({figures['users_skipped']} skipped: a live sync had written them), "
-                f"{figures['relationships_written']} relationships in {figures['seconds']} s; "
+                f"{figures['relationships_written']} relationships in {figures['seconds']} s"
+                f"{markers}; "
                 f"{figures['rows_scanned_per_second']:g} rows scanned/s, "
                 f"{figures['relationships_written_per_second']:g} relationships written/s"
             )

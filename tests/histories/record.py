@@ -11,8 +11,9 @@ of its own and no payload encryption (the replay test has no key). Histories:
 * ``user_sync_unfinished_removed``: a creation's row left pending with no sync (as a lost
   acceptance left it before the fix), removed by a reconcile;
 * ``reconcile_unfinished``: the reconcile that removed the unfinished creation;
-* ``reconcile_apply`` and ``backfill_paced`` (recorded by name only): a reconcile that repaired
-  the user; a backfill of 30 users in batches of 10, paced by timers;
+* ``reconcile_apply`` and ``backfill_checked`` (recorded by name only): a reconcile that
+  repaired the user; a backfill of 30 users in batches of 10, paced by timers, that first
+  counted the user syncs not checking SpiceDB under the row's lock (none: no version markers);
 * ``followed_user_quiet_lifecycle`` (follow mode, recorded by name only): a followed user inserted,
   updated, changed in a burst, failing for good on an invalid object id, fixed, and deleted,
   in an app-shaped table of its own with the application's SpiceDB schema;
@@ -35,7 +36,8 @@ before the one ``release-2026-12-03`` marker); ``user_sync_release_lifecycle``,
 write checked against the predicted state); ``user_sync_checked_lifecycle``,
 ``user_sync_checked_compensated`` and ``user_sync_checked_repaired`` (``release-2026-12-03b``:
 the row recorded by an ``apply_row`` step after the write, before ``release-2026-12-03c`` and
-the write recording it in its own transaction).
+the write recording it in its own transaction); ``backfill_paced`` (version markers always,
+before patch ``backfill-markers-only-if-needed``).
 
 Re-record one when a workflow change is meant to be incompatible, and say so in the commit.
 """
@@ -198,7 +200,7 @@ async def _run(settings: Settings, names: list[str]) -> None:
             workflow_id="record-backfill",  # type: ignore[arg-type]
         )
         await backfill.result()
-        histories["backfill_paced"] = (await backfill.fetch_history()).to_json()
+        histories["backfill_checked"] = (await backfill.fetch_history()).to_json()
     for name, user in (
         ("user_sync_one_write_lifecycle", synced),
         ("user_sync_one_write_compensated", refused),

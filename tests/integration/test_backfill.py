@@ -6,22 +6,36 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 from temporalio.testing import ActivityEnvironment
 
+from activities import backfill as backfill_activities
+from activities.backfill import BackfillActivities
 from activities.memberships import MembershipActivities
 from spicesync.errors import MarkerMoved
-from spicesync.models import BackfillInput, Membership, WriteMembershipsInput
+from spicesync.models import (
+    BackfillInput,
+    CountUncheckedSyncsInput,
+    Membership,
+    MembershipsSnapshot,
+    UserSyncInput,
+    WriteMembershipsInput,
+)
 from spicesync.settings import Settings
+from spicesync.spicedb import read_user_snapshot
 from starters.backfill import start_backfill
-from starters.user_events import change_role
+from starters.user_events import change_role, move_user
 from tests.integration.conftest import OwnStores, Pipeline, relationships_of
 from tests.integration.test_reconcile import holds_role
 from workers.worker import build_worker, open_resources
 from workflows.backfill import BackfillWorkflow
+from workflows.steps import CHECKED_WRITE_MARKERS
+from workflows.user_sync import UserSyncWorkflow
 
 
 async def seed(pool: asyncpg.Pool, count: int, orgs: int) -> list[tuple[str, str, str]]:
@@ -190,3 +204,119 @@ async def test_a_lane_ends_with_its_last_full_page(
     ]
     assert batches.count("backfill_batch") == 3, batches
     assert all(await holds_role(own_stores.spicedb, users))
+
+
+async def _activities_of(handle: WorkflowHandle[Any, Any]) -> list[str]:
+    return [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        async for e in handle.fetch_history_events()
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+
+
+def _snapshot(user_id: str, org: str, role: str, *, marker: int | None) -> MembershipsSnapshot:
+    return MembershipsSnapshot(
+        memberships=[Membership(user_id=user_id, org_id=org, role=role)], marker=marker
+    )
+
+
+async def test_beside_checked_syncs_the_backfill_writes_no_version_markers(
+    own_pipeline: Pipeline, own_stores: OwnStores
+) -> None:
+    """Every sync that may run checks SpiceDB under the row's lock: one relationship per user,
+    and a later event of a backfilled user still replaces its membership exactly."""
+    users = await seed(own_stores.pool, 200, orgs=4)
+    handle = await start_backfill(
+        BackfillInput(batch_size=100),
+        client=own_pipeline.client,
+        task_queue=own_pipeline.task_queue,
+        workflow_id=f"backfill-{uuid.uuid4()}",
+    )
+    result = await handle.result()
+    assert result.progress.written_users == 200 and not result.progress.version_markers
+    assert result.progress.relationships_written == 200
+    assert "count_unchecked_syncs" in await _activities_of(handle)
+    assert all(await holds_role(own_stores.spicedb, users))
+    (user_id, org, role), *_ = users
+    assert await read_user_snapshot(own_stores.spicedb, user_id) == _snapshot(
+        user_id, org, role, marker=None
+    )
+    # The user's next event predicted a marker the backfill did not write: it plans from what
+    # SpiceDB holds, and the move leaves the new org's membership alone.
+    moved = await move_user(
+        user_id,
+        org_id="org-elsewhere",
+        role="admin",
+        version=2,
+        client=own_pipeline.client,
+        task_queue=own_pipeline.task_queue,
+    )
+    assert moved.status == "synced"
+    assert await relationships_of(own_stores.spicedb, user_id) == [("org-elsewhere", "admin")]
+    assert (await read_user_snapshot(own_stores.spicedb, user_id)).marker == 2
+
+
+async def _earlier_release_run(client: Client, queue: str) -> WorkflowHandle[Any, Any]:
+    """A user sync with no checked-write marker, as one begun by an earlier release is (here its
+    first task is delayed, so no worker touches it), once visibility shows it running."""
+    old = await client.start_workflow(
+        UserSyncWorkflow.run,
+        UserSyncInput(user_id=str(uuid.uuid4())),
+        id=f"earlier-release-{uuid.uuid4()}",
+        task_queue=queue,
+        start_delay=timedelta(hours=1),
+    )
+    seen = f"WorkflowId = '{old.id}' AND ExecutionStatus = 'Running'"
+    for _ in range(100):  # visibility lags the start by a moment
+        if (await client.count_workflows(seen)).count:
+            break
+        await asyncio.sleep(0.1)
+    return old
+
+
+async def test_unchecked_syncs_are_counted_once_past_their_first_task_grace(
+    client: Client, task_queue: str, own_stores: OwnStores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    activities = BackfillActivities(own_stores.pool, own_stores.spicedb, client)
+    request = CountUncheckedSyncsInput(
+        task_queue=task_queue, checked_markers=sorted(CHECKED_WRITE_MARKERS)
+    )
+    old = await _earlier_release_run(client, task_queue)
+    try:
+        env = ActivityEnvironment()
+        # Just begun: taken for this release's run whose first task has not run yet.
+        assert await env.run(activities.count_unchecked_syncs, request) == 0
+        monkeypatch.setattr(backfill_activities, "YOUNG_RUN_GRACE", timedelta(0))
+        assert await env.run(activities.count_unchecked_syncs, request) == 1
+        other_queue = request.model_copy(update={"task_queue": f"{task_queue}-other"})
+        assert await env.run(activities.count_unchecked_syncs, other_queue) == 0
+    finally:
+        await old.terminate()
+
+
+async def test_a_running_sync_of_an_earlier_release_keeps_the_version_markers(
+    own_pipeline: Pipeline, own_stores: OwnStores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Such a sync may write after reading SpiceDB outside the row's lock: the backfill writes
+    each user's marker for it to meet."""
+    client, queue = own_pipeline.client, own_pipeline.task_queue
+    monkeypatch.setattr(backfill_activities, "YOUNG_RUN_GRACE", timedelta(0))
+    old = await _earlier_release_run(client, queue)
+    try:
+        users = await seed(own_stores.pool, 50, orgs=2)
+        result = await (
+            await start_backfill(
+                BackfillInput(),
+                client=client,
+                task_queue=queue,
+                workflow_id=f"backfill-{uuid.uuid4()}",
+            )
+        ).result()
+    finally:
+        await old.terminate()
+    assert result.progress.version_markers and result.progress.relationships_written == 100
+    assert all(await holds_role(own_stores.spicedb, users))
+    (user_id, org, role), *_ = users
+    assert await read_user_snapshot(own_stores.spicedb, user_id) == _snapshot(
+        user_id, org, role, marker=1
+    )

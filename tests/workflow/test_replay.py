@@ -51,6 +51,7 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "reconcile_apply",
         "reconcile_unfinished",
         "backfill_paced",
+        "backfill_checked",
         "followed_user_lifecycle",
         "followed_user_quiet_lifecycle",
         "reconcile_follow",
@@ -148,6 +149,8 @@ def test_histories_cover_every_workflow_and_path() -> None:
     for step in ("check_schema_ready", "scan_app_db_page", "scan_spicedb_page", "repair_users"):
         assert f'"name": "{step}"' in reconcile
     assert "EVENT_TYPE_TIMER_STARTED" in read("backfill_paced")
+    checked = read("backfill_checked")
+    assert "EVENT_TYPE_TIMER_STARTED" in checked and '"name": "count_unchecked_syncs"' in checked
 
     # Follow mode: signals and updates, syncs, a permanent failure recorded, no PII.
     followed = read("followed_user_lifecycle")
