@@ -20,6 +20,7 @@ from activities.memberships import MembershipActivities
 from spicesync.errors import MarkerMoved
 from spicesync.models import (
     BackfillInput,
+    BackfillResult,
     CountUncheckedSyncsInput,
     Membership,
     MembershipsSnapshot,
@@ -51,6 +52,16 @@ async def seed(pool: asyncpg.Pool, count: int, orgs: int) -> list[tuple[str, str
     return [(str(u), o, r) for u, o, r in users]
 
 
+async def start(pipeline: Pipeline, request: BackfillInput) -> WorkflowHandle[Any, BackfillResult]:
+    """Start a backfill of its own on the pipeline's queue (as ``spicesync backfill`` does)."""
+    return await start_backfill(
+        request,
+        client=pipeline.client,
+        task_queue=pipeline.task_queue,
+        workflow_id=f"backfill-{uuid.uuid4()}",
+    )
+
+
 async def test_backfill_of_20000_users_beside_live_syncs(
     own_pipeline: Pipeline, own_stores: OwnStores
 ) -> None:
@@ -58,12 +69,7 @@ async def test_backfill_of_20000_users_beside_live_syncs(
     users = await seed(own_stores.pool, 20_000, orgs=500)
     changed = random.Random(5).sample(users, 50)
 
-    handle = await start_backfill(
-        BackfillInput(lanes=3),
-        client=p.client,
-        task_queue=p.task_queue,
-        workflow_id=f"backfill-{uuid.uuid4()}",
-    )
+    handle = await start(p, BackfillInput(lanes=3))
     # Live role changes for some of the same users, while the backfill writes them.
     live = await asyncio.gather(
         *(
@@ -102,12 +108,7 @@ async def test_backfill_of_20000_users_beside_live_syncs(
     )
     assert unsynced == 0
 
-    again = await start_backfill(
-        BackfillInput(),
-        client=p.client,
-        task_queue=p.task_queue,
-        workflow_id=f"backfill-{uuid.uuid4()}",
-    )
+    again = await start(p, BackfillInput())
     assert (await again.result()).progress.written_users == 0  # nothing left to do
 
 
@@ -189,12 +190,7 @@ async def test_a_lane_ends_with_its_last_full_page(
 ) -> None:
     """Exactly three full pages: three batches, not a fourth, empty one to find the end."""
     users = await seed(own_stores.pool, 300, orgs=3)
-    handle = await start_backfill(
-        BackfillInput(batch_size=100),
-        client=own_pipeline.client,
-        task_queue=own_pipeline.task_queue,
-        workflow_id=f"backfill-{uuid.uuid4()}",
-    )
+    handle = await start(own_pipeline, BackfillInput(batch_size=100))
     result = await handle.result()
     assert result.progress.done and result.progress.written_users == 300
     batches = [
@@ -226,12 +222,7 @@ async def test_beside_checked_syncs_the_backfill_writes_no_version_markers(
     """Every sync that may run checks SpiceDB under the row's lock: one relationship per user,
     and a later event of a backfilled user still replaces its membership exactly."""
     users = await seed(own_stores.pool, 200, orgs=4)
-    handle = await start_backfill(
-        BackfillInput(batch_size=100),
-        client=own_pipeline.client,
-        task_queue=own_pipeline.task_queue,
-        workflow_id=f"backfill-{uuid.uuid4()}",
-    )
+    handle = await start(own_pipeline, BackfillInput(batch_size=100))
     result = await handle.result()
     assert result.progress.written_users == 200 and not result.progress.version_markers
     assert result.progress.relationships_written == 200
@@ -304,14 +295,7 @@ async def test_a_running_sync_of_an_earlier_release_keeps_the_version_markers(
     old = await _earlier_release_run(client, queue)
     try:
         users = await seed(own_stores.pool, 50, orgs=2)
-        result = await (
-            await start_backfill(
-                BackfillInput(),
-                client=client,
-                task_queue=queue,
-                workflow_id=f"backfill-{uuid.uuid4()}",
-            )
-        ).result()
+        result = await (await start(own_pipeline, BackfillInput())).result()
     finally:
         await old.terminate()
     assert result.progress.version_markers and result.progress.relationships_written == 100
