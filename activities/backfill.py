@@ -45,10 +45,11 @@ from spicesync.models import (
 )
 from spicesync.spicedb import SpiceDBClient, marker_relationship, membership_relationship
 
-__all__ = ["MAX_BATCH", "YOUNG_RUN_GRACE", "BackfillActivities"]
+__all__ = ["MARKED_BATCH_MAX", "YOUNG_RUN_GRACE", "BackfillActivities"]
 
-# Up to two updates per user, and SpiceDB accepts at most 1,000 updates per write by default.
-MAX_BATCH = 500
+# Users in a batch that writes version markers too: two updates a user, and SpiceDB accepts at
+# most 1,000 updates per write by default (BACKFILL_BATCH_SIZE_MAX: one update a user).
+MARKED_BATCH_MAX = 500
 
 # How long a run of this release may take to record its release marker (its first workflow task).
 YOUNG_RUN_GRACE = timedelta(seconds=60)
@@ -141,7 +142,11 @@ class BackfillActivities:
         """
         after = uuid.UUID(request.after_user_id) if request.after_user_id else None
         before = uuid.UUID(request.before_user_id) if request.before_user_id else None
-        size = min(request.batch_size, MAX_BATCH)
+        size = (
+            min(request.batch_size, MARKED_BATCH_MAX)
+            if request.version_markers
+            else request.batch_size
+        )
         try:
             async with self._pool.acquire() as conn:
                 # One id beyond the page says whether another page follows, so the last page

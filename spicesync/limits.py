@@ -26,9 +26,10 @@ RECONCILE_PAGE_SIZE_MAX: Final = 1000
 SCHEDULE_INTERVAL_SECONDS_MIN: Final = 1.0
 SCHEDULE_INTERVAL_SECONDS_MAX: Final = 10_000 * 365 * 86_400.0
 
-# Users one backfill batch writes: two relationship updates a user (membership and version
-# marker), and SpiceDB takes at most 1,000 updates in one WriteRelationships by default.
-BACKFILL_BATCH_SIZE_MAX: Final = 500
+# Users one backfill batch writes: SpiceDB takes at most 1,000 updates in one WriteRelationships
+# by default, one a user (its membership); a batch that writes version markers too (two a user)
+# writes half as many (activities/backfill.py).
+BACKFILL_BATCH_SIZE_MAX: Final = 1000
 
 # Disjoint id ranges a backfill writes side by side.
 BACKFILL_LANES_MAX: Final = 16

@@ -728,7 +728,10 @@ def _add_backfill_parser(commands: Commands) -> None:
         "--batch-size",
         type=arguments.integer(1, BACKFILL_BATCH_SIZE_MAX),
         default=BACKFILL_BATCH_SIZE_MAX,
-        help=f"users per write (1 to {BACKFILL_BATCH_SIZE_MAX}, the default)",
+        help=(
+            f"users per write (1 to {BACKFILL_BATCH_SIZE_MAX}, the default; at most half as many"
+            " while version markers are written)"
+        ),
     )
     backfill.add_argument(
         "--max-rate",

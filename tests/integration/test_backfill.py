@@ -20,6 +20,7 @@ from activities.memberships import MembershipActivities
 from spicesync.errors import MarkerMoved
 from spicesync.models import (
     BackfillInput,
+    BackfillPageInput,
     BackfillResult,
     CountUncheckedSyncsInput,
     Membership,
@@ -304,3 +305,22 @@ async def test_a_running_sync_of_an_earlier_release_keeps_the_version_markers(
     assert await read_user_snapshot(own_stores.spicedb, user_id) == _snapshot(
         user_id, org, role, marker=1
     )
+
+
+async def test_a_batch_with_version_markers_holds_half_as_many_users(
+    client: Client, own_stores: OwnStores
+) -> None:
+    """SpiceDB takes 1,000 updates a write: 1,000 users without markers, 500 with them."""
+    await seed(own_stores.pool, 1_600, orgs=4)
+    activities = BackfillActivities(own_stores.pool, own_stores.spicedb, client)
+    env = ActivityEnvironment()
+    page = BackfillPageInput(after_user_id=None, batch_size=1_000, request_id="batch-test")
+    marked = await env.run(activities.backfill_batch, page)
+    assert (marked.written_users, marked.relationships_written) == (500, 1_000)
+    assert marked.next is not None
+    unmarked = await env.run(
+        activities.backfill_batch,
+        page.model_copy(update={"after_user_id": marked.next, "version_markers": False}),
+    )
+    assert (unmarked.written_users, unmarked.relationships_written) == (1_000, 1_000)
+    assert unmarked.next is not None
