@@ -167,29 +167,9 @@ class UserRowActivities:
             AppDBUnavailable: A transient PostgreSQL error; retried.
         """
         try:
-            row = await self._pool.fetchrow(_READ_STATE, uuid.UUID(request.user_id))
+            return await _read_state(self._pool, uuid.UUID(request.user_id))
         except _DB_ERRORS as err:
             raise _translate(err, request.user_id) from None
-        assert row is not None
-        # A row spicesync inserted for a creation that never finished (its worker died before
-        # the workflow recorded the insert, say) is not applied: the creation, delivered again
-        # or replayed, is applied rather than judged stale. (A row the app wrote itself, never
-        # synced, is a user that exists: the backfill's business.)
-        if row["version"] is not None and not row["creating"]:
-            return UserState(
-                exists=True,
-                version=row["version"],
-                org_id=row["org_id"],
-                role=row["role"],
-                applied_event=row["applied_event"],
-                zed_token=row["zed_token"],
-            )
-        return UserState(
-            exists=False,
-            version=row["tombstone"] or 0,
-            applied_event=row["deleted_by_event"],
-            unfinished_creation=row["created_by_event"] if row["creating"] else None,
-        )
 
     @activity.defn
     async def insert_created_row(self, request: InsertCreatedRowInput) -> InsertCreatedRowResult:
@@ -199,6 +179,11 @@ class UserRowActivities:
         is still true; if the user exists from an older version, ``created`` is false; if a
         newer version (or a newer deletion) exists, ``stale`` is true and nothing is written.
 
+        With ``read_first`` (a new run's first event, instead of a read step before it) the
+        user's state is read first, in the same transaction, and returned as ``prior``; unless
+        the App DB has never seen the user (or holds only this event's own pending row), nothing
+        is written and ``skipped`` is true: the workflow judges the event against ``prior``.
+
         Raises:
             DuplicateEmail: Another user id has this email (case-insensitively).
             AppDBRejected: Another permanent PostgreSQL error.
@@ -206,22 +191,31 @@ class UserRowActivities:
         """
         e = request.event
         user_id = uuid.UUID(e.user_id)
+        prior: UserState | None = None
         try:
             async with self._pool.acquire() as conn, conn.transaction():
+                if request.read_first:
+                    prior = await _read_state(conn, user_id)
+                    if not _unseen(prior, e.event_id):
+                        return InsertCreatedRowResult(
+                            created=False, stale=False, prior=prior, skipped=True
+                        )
                 inserted = await conn.fetchval(
                     _INSERT, user_id, e.email, e.name, e.org_id, e.role, e.version, e.event_id
                 )
                 if inserted is not None:
                     await conn.execute("DELETE FROM user_tombstones WHERE id = $1", user_id)
-                    return InsertCreatedRowResult(created=True, stale=False)
+                    return InsertCreatedRowResult(created=True, stale=False, prior=prior)
                 existing = await conn.fetchrow(_EXISTING, user_id)
         except _DB_ERRORS as err:
             raise _translate(err, e.user_id) from None
         if existing is None:  # not inserted and not there: a newer deletion's tombstone
-            return InsertCreatedRowResult(created=False, stale=True)
+            return InsertCreatedRowResult(created=False, stale=True, prior=prior)
         if existing["created_by_event"] == e.event_id:
-            return InsertCreatedRowResult(created=True, stale=False)
-        return InsertCreatedRowResult(created=False, stale=existing["version"] >= e.version)
+            return InsertCreatedRowResult(created=True, stale=False, prior=prior)
+        return InsertCreatedRowResult(
+            created=False, stale=existing["version"] >= e.version, prior=prior
+        )
 
     @activity.defn
     async def apply_row(self, request: ApplyRowInput) -> ApplyRowResult:
@@ -272,3 +266,42 @@ class UserRowActivities:
             )
         except _DB_ERRORS as err:
             raise _translate(err, request.user_id) from None
+
+
+async def _read_state(conn: Connection | asyncpg.Pool, user_id: uuid.UUID) -> UserState:
+    """The user's App DB state: the version applied and where the user belongs.
+
+    A deleted user reads as not existing, at the version of its deletion; a user whose creation
+    is still pending reads as not existing yet.
+    """
+    row = await conn.fetchrow(_READ_STATE, user_id)
+    assert row is not None
+    # A row spicesync inserted for a creation that never finished (its worker died before the
+    # workflow recorded the insert, say) is not applied: the creation, delivered again or
+    # replayed, is applied rather than judged stale. (A row the app wrote itself, never synced,
+    # is a user that exists: the backfill's business.)
+    if row["version"] is not None and not row["creating"]:
+        return UserState(
+            exists=True,
+            version=row["version"],
+            org_id=row["org_id"],
+            role=row["role"],
+            applied_event=row["applied_event"],
+            zed_token=row["zed_token"],
+        )
+    return UserState(
+        exists=False,
+        version=row["tombstone"] or 0,
+        applied_event=row["deleted_by_event"],
+        unfinished_creation=row["created_by_event"] if row["creating"] else None,
+    )
+
+
+def _unseen(state: UserState, event_id: str) -> bool:
+    """Whether the App DB knows nothing of the user but, at most, this event's own pending row."""
+    return (
+        not state.exists
+        and state.version == 0
+        and state.applied_event is None
+        and state.unfinished_creation in (None, event_id)
+    )

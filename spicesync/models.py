@@ -241,13 +241,22 @@ class InsertCreatedRowInput(_Model):
     """Insert the row of a ``created`` event (pending until its permissions are written)."""
 
     event: UserEvent
+    # A new run's first event: read the user's App DB state first, in the same transaction, and
+    # insert only if the App DB has never seen the user (``InsertCreatedRowResult.prior``).
+    read_first: bool = False
 
 
 class InsertCreatedRowResult(_Model):
-    """``created``: this event inserted the row; ``stale``: a newer version already exists."""
+    """``created``: this event inserted the row; ``stale``: a newer version already exists.
+
+    With ``read_first``, ``prior`` is the user's state before the insert; ``skipped`` says the
+    App DB already knew the user, so nothing was done and the event must be judged against it.
+    """
 
     created: bool
     stale: bool
+    prior: UserState | None = None
+    skipped: bool = False
 
 
 class ReadMembershipsInput(_Model):

@@ -28,6 +28,7 @@ from collections import OrderedDict
 
 from spicesync.errors import EventIdConflict
 from spicesync.models import EventOutcome, UserEvent, UserState
+from workflows.user_sync_helpers import failed as _failed
 
 __all__ = ["EventLedger", "content_digest"]
 
@@ -79,6 +80,8 @@ class EventLedger:
     ) -> None:
         self.state = state
         self._legacy = legacy
+        # Set by ``abandon(..., refuse_later=True)``: the failure every later event gets.
+        self._refusal: tuple[str, str] | None = None
         self._pending: dict[str, UserEvent] = {}
         self._outcomes: OrderedDict[str, EventOutcome] = OrderedDict(
             (o.event_id, o) for o in (recent or [])
@@ -101,6 +104,9 @@ class EventLedger:
             if known.content_digest not in (None, digest) and not self._legacy:
                 return _conflict(event)
             return known
+        if self._refusal is not None:
+            error_type, message = self._refusal
+            return self._record(_failed(event, error_type, message), event)
         if (queued := self._pending.get(event.event_id)) is not None:
             same = self._legacy or content_digest(queued) == digest
             return None if same else _conflict(event)
@@ -168,20 +174,20 @@ class EventLedger:
         self.finish(held, outcome, self.state)
         return outcome
 
-    def abandon(self, error_type: str, message: str) -> None:
-        """Fail every pending event (the workflow is being cancelled)."""
+    def abandon(self, error_type: str, message: str, *, refuse_later: bool = False) -> None:
+        """Fail every pending event (the workflow is being cancelled).
+
+        Args:
+            error_type: The failure's type.
+            message: What the callers are told.
+            refuse_later: Fail every event offered from now on too (events delivered before the
+                run knew the user's state are offered only once it is cancelled).
+        """
         for event in list(self._pending.values()):
             del self._pending[event.event_id]
-            self._record(
-                EventOutcome(
-                    event_id=event.event_id,
-                    version=event.version,
-                    status="failed",
-                    error_type=error_type,
-                    message=message,
-                ),
-                event,
-            )
+            self._record(_failed(event, error_type, message), event)
+        if refuse_later:
+            self._refusal = (error_type, message)
 
     def is_holding(self) -> bool:
         """True if events are pending but none can be applied yet."""

@@ -50,6 +50,7 @@ with workflow.unsafe.imports_passed_through():
 __all__ = [
     "CHECKED_WRITE_MARKERS",
     "DURABLE_ACCEPTANCE_PATCH",
+    "INSERT_READS_STATE_PATCH",
     "LOCAL_STEPS_PATCH",
     "READ_IN_WRITE_PATCH",
     "RECORD_IN_WRITE_PATCH",
@@ -71,13 +72,20 @@ READ_IN_WRITE_PATCH = "read-memberships-in-write"
 # transaction replay with the row recorded by a step of its own (``apply_row``).
 RECORD_IN_WRITE_PATCH = "record-row-in-write"
 
+# Runs recorded before a new run's first creation read the App DB state in its insert (instead of
+# a read step before it) replay with the read step.
+INSERT_READS_STATE_PATCH = "insert-reads-state"
+
 # Every run this release begins has every patch above (and the user workflow's own), and says so
 # with this one marker instead of one per patch.
-RELEASE_PATCH = "release-2026-12-03c"
+RELEASE_PATCH = "release-2026-12-04"
 # Earlier releases' markers, with the patches that came after each (asked one by one).
 _EARLIER_RELEASES = {
-    "release-2026-12-03b": frozenset({RECORD_IN_WRITE_PATCH}),
-    "release-2026-12-03": frozenset({READ_IN_WRITE_PATCH, RECORD_IN_WRITE_PATCH}),
+    "release-2026-12-03c": frozenset({INSERT_READS_STATE_PATCH}),
+    "release-2026-12-03b": frozenset({RECORD_IN_WRITE_PATCH, INSERT_READS_STATE_PATCH}),
+    "release-2026-12-03": frozenset(
+        {READ_IN_WRITE_PATCH, RECORD_IN_WRITE_PATCH, INSERT_READS_STATE_PATCH}
+    ),
 }
 
 # A run whose ``TemporalChangeVersion`` holds one of these checks SpiceDB under the row's lock

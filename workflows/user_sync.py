@@ -9,7 +9,8 @@ applied is a recorded no-op, and a duplicate event id gets the first delivery's 
 never wait on each other: each has its own workflow, and a user whose event fails for good has
 that event compensated and recorded as failed, then carries on.
 
-Applying an event is a small saga: a creation first inserts its row (pending); then one step
+Applying an event is a small saga: a creation first inserts its row (pending; a new run's first
+creation reads the user's App DB state in that same step); then one step
 writes SpiceDB in one atomic compare-and-set call, conditional on the prior state the workflow
 predicts (kept in history; if SpiceDB holds another, that is recorded and planned from), and
 records the event on the App DB row in the same PostgreSQL transaction. A permanent failure (or
@@ -34,13 +35,14 @@ with workflow.unsafe.imports_passed_through():
         DELIVER_EVENT_SIGNAL,
         HELD_CHANGE_GRACE,
     )
-    from spicesync.errors import EventIdConflict, InvalidUserInput
+    from spicesync.errors import DuplicateEmail, EventIdConflict, InvalidUserInput
     from spicesync.models import (
         ApplyRowInput,
         CarriedState,
         DeliverEventInput,
         EventOutcome,
         InsertCreatedRowInput,
+        InsertCreatedRowResult,
         Membership,
         MembershipsSnapshot,
         ReadMembershipsInput,
@@ -71,6 +73,7 @@ with workflow.unsafe.imports_passed_through():
         StageMarks,
     )
     from workflows.steps import (
+        INSERT_READS_STATE_PATCH,
         READ_IN_WRITE_PATCH,
         RECORD_IN_WRITE_PATCH,
         Patches,
@@ -126,6 +129,13 @@ class UserSyncWorkflow:
         self._repair_results: dict[str, ReconcileUserResult] = {}
         self._marks: StageMarks | None = None
         self._takes_deliveries = True
+        # Events delivered before the run knew the user's state (with its start, normally).
+        self._arrived: list[UserEvent] = []
+        # A new run's first creation, inserted (or refused) before the ledger existed: the event,
+        # its step runner, and the insert's result or refusal.
+        self._preinserted: (
+            tuple[UserEvent, StepRunner, InsertCreatedRowResult | ActivityError] | None
+        ) = None
 
     @workflow.run
     async def run(self, request: UserSyncInput) -> None:
@@ -153,13 +163,23 @@ class UserSyncWorkflow:
         else:
             # A new run learns what is already applied from the App DB itself, so an event that
             # arrives after an earlier run ended is still judged stale or not correctly.
-            state = await StepRunner(patches, marks.step_visible).read(
-                UserRowActivities.read_user_state, ReadUserStateInput(user_id=request.user_id)
-            )
+            try:
+                state = await self._first_state(patches, marks)
+            except (ActivityError, asyncio.CancelledError) as err:
+                if not is_cancelled_exception(err):
+                    raise
+                # Cancelled before the user's state was known (the first insert's undo is done):
+                # the events delivered meanwhile are waiting for a ledger; they get one that
+                # fails them, so their callers learn it.
+                refusing = self._ledger = EventLedger(UserState(exists=False, version=0))
+                await self._abandon(refusing, refuse_later=True)
+                raise
             recent = []
         legacy = not patches.has(LEDGER_RULES_PATCH)
         ledger = self._ledger = EventLedger(state, recent, legacy=legacy)
-        marks.settle("idle")
+        if self._preinserted is None:
+            # (A creation already inserted is under way: its stage stays until it is applied.)
+            marks.settle("idle")
         self._applied_this_run = 0
         try:
             await self._serve(request, ledger)
@@ -168,11 +188,86 @@ class UserSyncWorkflow:
                 raise
             # Cancelled (an operator's "roll back this user"): the event in flight has been
             # compensated; every caller still waiting learns that its event did not apply.
-            ledger.abandon("Cancelled", "the user's sync was cancelled; the event was rolled back")
-            self._last_repair = ReconcileUserResult(action="failed", error_type="Cancelled")
-            self._repairs_done = self._repairs_asked
-            await workflow.wait_condition(workflow.all_handlers_finished)
+            pre, self._preinserted = self._preinserted, None
+            if pre is not None and isinstance(pre[2], InsertCreatedRowResult) and pre[2].created:
+                # Cancelled before the first creation's turn came: its pending row goes too.
+                await _shielded(asyncio.ensure_future(self._compensate(pre[0], None, None, True)))
+            await self._abandon(ledger)
             raise
+
+    async def _abandon(self, ledger: EventLedger, *, refuse_later: bool = False) -> None:
+        """Fail what is pending (and waiting repairs) as cancelled, once its callers have heard."""
+        ledger.abandon(
+            "Cancelled",
+            "the user's sync was cancelled; the event was rolled back",
+            refuse_later=refuse_later,
+        )
+        self._last_repair = ReconcileUserResult(action="failed", error_type="Cancelled")
+        self._repairs_done = self._repairs_asked
+        await workflow.wait_condition(workflow.all_handlers_finished)
+
+    async def _first_state(self, patches: Patches, marks: StageMarks) -> UserState:
+        """The user's App DB state, read before the run judges its first event.
+
+        A new user's first event is its creation, delivered with the start: its insert reads the
+        state in the same transaction (one step, and one workflow activation, fewer per new
+        user). Any other first event, or a creation the App DB may already know, is judged after
+        a read step of its own, as every run did before.
+        """
+        if patches.has(INSERT_READS_STATE_PATCH):
+            # Deliveries that came with the start reach their handlers in this workflow task.
+            await asyncio.sleep(0)
+            first = self._first_creation()
+            if first is not None:
+                state = await self._insert_first(first, patches, marks)
+                if state is not None:
+                    return state
+        return await StepRunner(patches, marks.step_visible).read(
+            UserRowActivities.read_user_state, ReadUserStateInput(user_id=self._user_id)
+        )
+
+    def _first_creation(self) -> UserEvent | None:
+        """The creation a user the App DB has never seen would apply first, if that is one."""
+        probe = EventLedger(UserState(exists=False, version=0))
+        for event in self._arrived:
+            if event.user_id == self._user_id:
+                probe.offer(event)
+        first = probe.next_ready()
+        if first is None or first.kind != "created":
+            return None
+        try:
+            validate_event(first)
+        except InvalidUserInput:
+            return None  # refused in its turn, with nothing written
+        return first
+
+    async def _insert_first(
+        self, event: UserEvent, patches: Patches, marks: StageMarks
+    ) -> UserState | None:
+        """Insert the first creation's row, reading the state first; ``None``: read it apart."""
+        steps = StepRunner(patches, marks.step_visible)
+        marks.enter("inserting_row")
+        try:
+            result = await steps.write(
+                UserRowActivities.insert_created_row,
+                InsertCreatedRowInput(event=event, read_first=True),
+            )
+        except (ActivityError, asyncio.CancelledError) as err:
+            if is_cancelled_exception(err):
+                # The insert may have landed before it stopped: undo this event's pending row.
+                await _shielded(asyncio.ensure_future(self._compensate(event, None, None, True)))
+                raise
+            if isinstance(err, ActivityError) and _cause_type(err) == DuplicateEmail.__name__:
+                # Refused by the insert itself, so the read before it found the user unseen:
+                # the event fails with this refusal in its turn, with nothing written.
+                self._preinserted = (event, steps, err)
+                return UserState(exists=False, version=0)
+            # Refused otherwise: read the state apart; the event meets the refusal in its turn.
+            return None
+        assert result.prior is not None
+        if not result.skipped:
+            self._preinserted = (event, steps, result)
+        return result.prior
 
     async def _serve(self, request: UserSyncInput, ledger: EventLedger) -> None:
         marks = self._stage_marks()
@@ -265,9 +360,10 @@ class UserSyncWorkflow:
         ``accepted`` returns as soon as the event is durably recorded, ``row`` once the App DB
         row reflects it, ``applied`` once both stores do (or it was found stale, or failed).
         """
-        ledger = await self._ledger_ready()
+        arrived = workflow.now()
+        ledger = await self._ledger_ready(request.event)
         event = request.event
-        decided = self._offer(ledger, event)
+        decided = self._offer(ledger, event, arrived)
         if decided is not None:
             return decided
         if request.wait == "accepted":
@@ -299,7 +395,8 @@ class UserSyncWorkflow:
         turn comes (``_apply`` validates every event), a reused event id is counted and logged
         (opaque ids only); a later ``submit`` of the same event learns either outcome.
         """
-        ledger = await self._ledger_ready()
+        arrived = workflow.now()
+        ledger = await self._ledger_ready(request.event)
         event = request.event
         if not self._takes_deliveries:
             # Workers must be upgraded before the apps that send this signal (docs/design.md).
@@ -311,7 +408,7 @@ class UserSyncWorkflow:
         if event.user_id != self._user_id:
             workflow.logger.warning("dropped an event addressed to another user's workflow")
             return
-        decided = self._offer(ledger, event)
+        decided = self._offer(ledger, event, arrived)
         if decided is not None and decided.error_type == EventIdConflict.__name__:
             workflow.metric_meter().create_counter(
                 "spicesync_event_id_conflicts",
@@ -321,16 +418,21 @@ class UserSyncWorkflow:
                 "event %s reused for other content; not applied", event.event_id
             )
 
-    async def _ledger_ready(self) -> EventLedger:
-        # Signal-with-start and update-with-start deliver before the run has read the user's state.
+    async def _ledger_ready(self, event: UserEvent) -> EventLedger:
+        # Signal-with-start and update-with-start deliver before the run has read the user's
+        # state; what arrives then may be the creation that reads it (``_first_state``).
+        if self._ledger is None:
+            self._arrived.append(event)
         await workflow.wait_condition(lambda: self._ledger is not None)
         assert self._ledger is not None
         return self._ledger
 
-    def _offer(self, ledger: EventLedger, event: UserEvent) -> EventOutcome | None:
+    def _offer(
+        self, ledger: EventLedger, event: UserEvent, arrived: datetime
+    ) -> EventOutcome | None:
         decided = ledger.offer(event)
         if decided is None:
-            self._accepted_at.setdefault(event.event_id, workflow.now())
+            self._accepted_at.setdefault(event.event_id, arrived)
         return decided
 
     @workflow.update
@@ -466,10 +568,19 @@ class UserSyncWorkflow:
         one_step = self._patches.has(RECORD_IN_WRITE_PATCH)
         try:
             if event.kind == "created":
-                self._enter("inserting_row")
-                inserted = await steps.write(
-                    UserRowActivities.insert_created_row, InsertCreatedRowInput(event=event)
-                )
+                pre = self._preinserted
+                if pre is not None and pre[0].event_id == event.event_id:
+                    # Inserted (durably accepted) before the run knew the user's state.
+                    self._preinserted = None
+                    _, steps, pre_result = pre
+                    if isinstance(pre_result, ActivityError):
+                        raise pre_result
+                    inserted = pre_result
+                else:
+                    self._enter("inserting_row")
+                    inserted = await steps.write(
+                        UserRowActivities.insert_created_row, InsertCreatedRowInput(event=event)
+                    )
                 if inserted.stale:
                     return _outcome(event, "stale"), prior
                 row_created = inserted.created

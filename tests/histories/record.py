@@ -4,9 +4,9 @@ Runs against the local stack's Temporal and PostgreSQL (``spicesync stack up``),
 and a SpiceDB engine of its own (so a reconcile sees only what this script made), with a worker
 of its own and no payload encryption (the replay test has no key). Histories:
 
-* ``user_sync_one_write_lifecycle``: a user created, changing role, moving, deleted;
-* ``user_sync_one_write_compensated``: a creation refused (duplicate email) and compensated;
-* ``user_sync_one_write_repaired``: a user whose membership SpiceDB lost, repaired by a
+* ``user_sync_first_insert_lifecycle``: a user created, changing role, moving, deleted;
+* ``user_sync_first_insert_compensated``: a creation refused (duplicate email) and compensated;
+* ``user_sync_first_insert_repaired``: a user whose membership SpiceDB lost, repaired by a
   reconcile;
 * ``user_sync_unfinished_removed``: a creation's row left pending with no sync (as a lost
   acceptance left it before the fix), removed by a reconcile;
@@ -36,8 +36,11 @@ before the one ``release-2026-12-03`` marker); ``user_sync_release_lifecycle``,
 write checked against the predicted state); ``user_sync_checked_lifecycle``,
 ``user_sync_checked_compensated`` and ``user_sync_checked_repaired`` (``release-2026-12-03b``:
 the row recorded by an ``apply_row`` step after the write, before ``release-2026-12-03c`` and
-the write recording it in its own transaction); ``backfill_paced`` (version markers always,
-before patch ``backfill-markers-only-if-needed``).
+the write recording it in its own transaction); ``user_sync_one_write_lifecycle``,
+``user_sync_one_write_compensated`` and ``user_sync_one_write_repaired``
+(``release-2026-12-03c``: a new run's ``read_user_state`` step before its first creation, before
+``release-2026-12-04`` and the insert reading the state in its own transaction);
+``backfill_paced`` (version markers always, before patch ``backfill-markers-only-if-needed``).
 
 Re-record one when a workflow change is meant to be incompatible, and say so in the commit.
 """
@@ -89,9 +92,9 @@ from workers.worker import build_worker, open_resources
 
 HERE = Path(__file__).parent
 ALL = (
-    "user_sync_one_write_lifecycle",
-    "user_sync_one_write_compensated",
-    "user_sync_one_write_repaired",
+    "user_sync_first_insert_lifecycle",
+    "user_sync_first_insert_compensated",
+    "user_sync_first_insert_repaired",
     "user_sync_unfinished_removed",
     "reconcile_unfinished",
 )
@@ -202,9 +205,9 @@ async def _run(settings: Settings, names: list[str]) -> None:
         await backfill.result()
         histories["backfill_checked"] = (await backfill.fetch_history()).to_json()
     for name, user in (
-        ("user_sync_one_write_lifecycle", synced),
-        ("user_sync_one_write_compensated", refused),
-        ("user_sync_one_write_repaired", repaired),
+        ("user_sync_first_insert_lifecycle", synced),
+        ("user_sync_first_insert_compensated", refused),
+        ("user_sync_first_insert_repaired", repaired),
         ("user_sync_unfinished_removed", unfinished),
     ):
         handle = client.get_workflow_handle(user_workflow_id(user.user_id))

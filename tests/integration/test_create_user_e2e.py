@@ -76,9 +76,10 @@ async def test_a_healthy_sync_writes_nothing_before_its_event_is_durably_accepte
     outcome = await create_user(event, client=pipeline.client, task_queue=pipeline.task_queue)
     await assert_synced(pipeline, event, outcome.zed_token or "")
     history = await pipeline.client.get_workflow_handle(outcome.workflow_id).fetch_history()
-    # The SpiceDB write checks the state it expects itself (no read step before it) and records
-    # the event on the row in its own transaction (no step after it).
-    assert local_steps(history) == ["read_user_state", "write_memberships"]
+    # The insert reads the user's App DB state (a new run's first creation: no read step before
+    # it); the SpiceDB write checks the state it expects itself (no read step before it either)
+    # and records the event on the row in its own transaction (no step after it).
+    assert local_steps(history) == ["write_memberships"]
     scheduled = [
         e for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     ]
@@ -99,7 +100,7 @@ async def test_a_healthy_sync_writes_nothing_before_its_event_is_durably_accepte
         for e in history.events
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
     )
-    writes = [i for i, step in local_step_events(history) if step != "read_user_state"]
+    writes = [i for i, _ in local_step_events(history)]
     assert writes and all(i > completed for i in writes)
 
 
@@ -262,7 +263,7 @@ async def test_a_worker_without_the_sandbox_syncs_and_compensates_alike(
         )
         await assert_synced(pipeline, first, outcome.zed_token or "")
         history = await client.get_workflow_handle(outcome.workflow_id).fetch_history()
-        assert local_steps(history) == ["read_user_state", "write_memberships"]
+        assert local_steps(history) == ["write_memberships"]
         second = new_event(email=first.email.upper())
         with pytest.raises(UserSyncFailed) as caught:
             await create_user(second, client=client, task_queue=task_queue)
@@ -298,7 +299,7 @@ async def test_spicedb_outage_waits_then_completes(
     # The step first failed as a local activity, then went on as a normal, visible activity,
     # and so did the rest of the event: no more local tries to stretch workflow tasks.
     history = await pipeline.client.get_workflow_handle(result.workflow_id).fetch_history()
-    assert local_steps(history) == ["read_user_state", "write_memberships"]
+    assert local_steps(history) == ["write_memberships"]
     scheduled = [
         e.activity_task_scheduled_event_attributes.activity_type.name
         for e in history.events

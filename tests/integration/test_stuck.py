@@ -99,14 +99,15 @@ async def test_a_row_insert_held_by_postgresql_is_listed_as_inserting_row(
     assert described.typed_search_attributes.get(STAGE) == "idle"
 
 
-# A healthy created user's sync, counted from its real history: 3 upserts of 19 events, where
+# A healthy created user's sync, counted from its real history: 3 upserts of 18 events, where
 # before stage marks were kept for trouble it made 11 of 31 (its ids, then every stage it went
-# through), before one release marker stood for every patch 6 of 27, and before the SpiceDB
-# write checked the predicted state itself and recorded the row (no step before or after it)
-# 3 of 21. 1 of the 3 is the SDK's own: each patch a run asks upserts TemporalChangeVersion,
-# and a run of this release asks one.
+# through), before one release marker stood for every patch 6 of 27, before the SpiceDB write
+# checked the predicted state itself and recorded the row (no step before or after it) 3 of 21,
+# and before the insert read the new run's App DB state (no read step before it) 3 of 19. 1 of
+# the 3 is the SDK's own: each patch a run asks upserts TemporalChangeVersion, and a run of this
+# release asks one.
 HEALTHY_CREATION_UPSERTS = 3
-HEALTHY_CREATION_EVENTS = 19
+HEALTHY_CREATION_EVENTS = 18
 SPICESYNC_UPSERTS = [
     # The event's first write always runs as a normal activity: its stage is shown, with the id.
     {"SpicesyncUserId": "", "SpicesyncStage": "inserting_row", "SpicesyncStageSince": ""},

@@ -47,6 +47,9 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "user_sync_one_write_lifecycle",
         "user_sync_one_write_compensated",
         "user_sync_one_write_repaired",
+        "user_sync_first_insert_lifecycle",
+        "user_sync_first_insert_compensated",
+        "user_sync_first_insert_repaired",
         "user_sync_unfinished_removed",
         "reconcile_apply",
         "reconcile_unfinished",
@@ -141,6 +144,14 @@ def test_histories_cover_every_workflow_and_path() -> None:
     assert _steps_of(read("user_sync_checked_lifecycle"), "apply_row") == 4
     assert _steps_of(read("user_sync_one_write_lifecycle"), "read_memberships") == 0
     assert "DuplicateEmail" in read("user_sync_one_write_compensated")
+    # The release after: a new run's first creation reads the user's state in its insert, so no
+    # read_user_state step runs before it (the repair's own read stays); the same writes.
+    for kind in ("lifecycle", "compensated", "repaired"):
+        before, after = read(f"user_sync_one_write_{kind}"), read(f"user_sync_first_insert_{kind}")
+        assert _patch_markers(after) == 1 and "release-2026-12-04" in _decoded(after)
+        assert _steps_of(after, "write_memberships") == _steps_of(before, "write_memberships")
+        assert _steps_of(after, "read_user_state") == _steps_of(before, "read_user_state") - 1
+    assert '"read_first":true' in _decoded(read("user_sync_first_insert_lifecycle"))
     assert '"name": "write_memberships"' in read("user_sync_release_repaired")
     assert '"name": "write_memberships"' in read("user_sync_quiet_repaired")
     assert '"name": "undo_created_row"' in read("user_sync_unfinished_removed")

@@ -63,6 +63,7 @@ class FakeSteps:
         prior: MembershipsSnapshot | None = None,
         *,
         holds_writes: bool = True,
+        state: UserState | None = None,
         **behaviour: Behaviour,
     ) -> None:
         # ``prior`` is what the stand-in SpiceDB holds; with ``holds_writes`` the writes change it.
@@ -71,6 +72,8 @@ class FakeSteps:
         self.attempts: dict[str, int] = {}
         self.writes: list[WriteMembershipsInput] = []
         self.prior = prior or MembershipsSnapshot(memberships=[], marker=None)
+        # What the stand-in App DB holds for the user (read by ``read_user_state``).
+        self.state = state or UserState(exists=False, version=0)
         self._behaviour = behaviour
 
     async def _step(self, name: str) -> None:
@@ -88,12 +91,20 @@ class FakeSteps:
     @activity.defn(name="read_user_state")
     async def read_user_state(self, _: ReadUserStateInput) -> UserState:
         await self._step("read_user_state")
-        return UserState(exists=False, version=0)
+        return self.state
 
     @activity.defn(name="insert_created_row")
-    async def insert_created_row(self, _: InsertCreatedRowInput) -> InsertCreatedRowResult:
+    async def insert_created_row(self, request: InsertCreatedRowInput) -> InsertCreatedRowResult:
         await self._step("insert_created_row")
-        return InsertCreatedRowResult(created=True, stale=False)
+        if not request.read_first:
+            return InsertCreatedRowResult(created=True, stale=False)
+        # As the real activity: a new run's first creation reads the state first, and inserts
+        # only if the stand-in App DB has never seen the user.
+        if self.state.exists or self.state.version:
+            return InsertCreatedRowResult(
+                created=False, stale=False, prior=self.state, skipped=True
+            )
+        return InsertCreatedRowResult(created=True, stale=False, prior=self.state)
 
     @activity.defn(name="read_memberships")
     async def read_memberships(self, _: ReadMembershipsInput) -> MembershipsSnapshot:
@@ -249,7 +260,8 @@ async def test_transient_failures_retry_until_success(
 @pytest.mark.parametrize(
     ("step", "stage"),
     [
-        # Local steps: each is tried inside the workflow task first, then runs visibly.
+        # Local steps: each is tried inside the workflow task first, then runs visibly. (A new
+        # run reads the user's state in a step of its own when its first event is a change.)
         ("read_user_state", "reading_row"),
         ("write_memberships", "writing_permissions"),
         # The event is recorded on the row by the write, in its transaction.
@@ -268,8 +280,17 @@ async def test_a_local_step_that_keeps_failing_shows_its_stage_then_idle_once_it
         if not released.is_set():
             raise SpiceDBUnavailable("UNAVAILABLE")
 
-    steps = FakeSteps(**{step: until_released})
     event = created()
+    if step == "read_user_state":
+        member = Membership(user_id=event.user_id, org_id="acme", role="member")
+        steps = FakeSteps(
+            MembershipsSnapshot(memberships=[member], marker=1),
+            state=UserState(exists=True, version=1, org_id="acme", role="member"),
+            **{step: until_released},
+        )
+        event = change_of(event, kind="role_changed", event_id="promoted", version=2, role="admin")
+    else:
+        steps = FakeSteps(**{step: until_released})
     async for h in running(time_skipping_env, task_queue, steps):
         submitted = asyncio.ensure_future(h.submit(event))
         handle = h.env.client.get_workflow_handle(user_workflow_id(event.user_id))
@@ -291,8 +312,7 @@ async def test_a_row_that_refuses_the_event_refuses_it_before_spicedb_is_written
             await h.submit(created())
     assert caught.value.error_type == "UserRowMissing"
     assert steps.calls == [
-        "read_user_state",
-        "insert_created_row",
+        "insert_created_row",  # a new run's first creation: reads the user's state too
         "write_memberships",  # checks the predicted state itself: no read step before it
         "apply_row",  # the row, in the write's transaction; one attempt: permanent
         "undo_created_row",  # SpiceDB was not written, so only the row is undone
@@ -413,7 +433,8 @@ async def test_duplicate_email_writes_nothing_to_spicedb(
         with pytest.raises(UserSyncFailed) as caught:
             await h.submit(created())
     assert caught.value.error_type == "DuplicateEmail"
-    assert steps.calls == ["read_user_state", "insert_created_row"]
+    # Refused by the insert that also read the state: no read step, no second try.
+    assert steps.calls == ["insert_created_row"]
 
 
 async def test_compensation_failures_retry_until_they_succeed(
@@ -546,7 +567,10 @@ async def test_continue_as_new_carries_state_and_dedupe(
         assert (await h.submit(third)).status == "synced"
     assert steps.attempts["insert_created_row"] == 1
     assert steps.attempts["write_memberships"] == 3
-    assert steps.attempts["read_user_state"] == 1  # the new run started from the carried state
+    # The new run started from the carried state: no read. (The first run, started without an
+    # event, read it in a step of its own, or in its insert if the creation came with its first
+    # workflow task.)
+    assert steps.attempts.get("read_user_state", 0) <= 1
 
 
 async def test_a_marker_moved_by_a_backfill_makes_the_event_plan_again_not_fail(
@@ -566,7 +590,6 @@ async def test_a_marker_moved_by_a_backfill_makes_the_event_plan_again_not_fail(
         outcome = await h.submit(event)
     assert outcome.status == "synced"
     assert steps.calls == [
-        "read_user_state",
         "insert_created_row",
         "write_memberships",  # refused: the marker moved since the state was read
         "write_memberships",  # finds the backfill's state, writes nothing, returns it
@@ -598,7 +621,7 @@ async def test_a_repair_waits_for_the_event_in_flight_then_reads_both_stores_afr
         )
         await started.wait()
         await asyncio.sleep(0.3)  # room for a wrongly eager repair to start
-        assert not repair.done() and steps.calls.count("read_user_state") == 1
+        assert not repair.done() and "read_user_state" not in steps.calls
         release.set()
         result = await repair
         again = await handle.execute_update(
@@ -676,3 +699,28 @@ async def test_a_reused_event_id_sent_by_signal_is_not_applied(
         with pytest.raises(EventIdConflict):
             await h.submit(reused, wait=WaitFor.ACCEPTED)
     assert [w.add[0].role for w in steps.writes] == ["member"]
+
+
+async def test_a_first_creation_of_a_user_the_app_db_knows_is_judged_against_its_state(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """A creation delivered again after the user's run closed starts a new run: its insert
+    finds the user at a newer version, writes nothing, and the event is found stale."""
+    steps = FakeSteps(state=UserState(exists=True, version=3, org_id="acme", role="admin"))
+    async for h in running(time_skipping_env, task_queue, steps):
+        outcome = await h.submit(created())
+    assert outcome.status == "stale"
+    assert steps.calls == ["insert_created_row"] and steps.writes == []
+
+
+async def test_a_cancel_during_a_new_runs_first_insert_undoes_its_row(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """The insert that also reads the state runs before the run's ledger exists; a cancel then
+    still removes the row it may have written (undo_created_row removes only this event's)."""
+    inserting = asyncio.Event()
+    steps = FakeSteps(insert_created_row=hang_until_cancelled(inserting))
+    async for h in running(time_skipping_env, task_queue, steps):
+        await cancel_once(h, created(), inserting)
+    assert steps.calls == ["insert_created_row", "undo_created_row"]
+    assert steps.writes == []
