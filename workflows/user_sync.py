@@ -129,6 +129,8 @@ class UserSyncWorkflow:
         self._repair_results: dict[str, ReconcileUserResult] = {}
         self._marks: StageMarks | None = None
         self._takes_deliveries = True
+        # Set once the run is cancelled: repairs asked from then on are answered at once.
+        self._cancelled = False
         # Events delivered before the run knew the user's state (with its start, normally).
         self._arrived: list[UserEvent] = []
         # A new run's first creation, inserted (or refused) before the ledger existed: the event,
@@ -188,12 +190,24 @@ class UserSyncWorkflow:
                 raise
             # Cancelled (an operator's "roll back this user"): the event in flight has been
             # compensated; every caller still waiting learns that its event did not apply.
-            pre, self._preinserted = self._preinserted, None
-            if pre is not None and isinstance(pre[2], InsertCreatedRowResult) and pre[2].created:
-                # Cancelled before the first creation's turn came: its pending row goes too.
-                await _shielded(asyncio.ensure_future(self._compensate(pre[0], None, None, True)))
-            await self._abandon(ledger)
+            # Cancelled before the first creation's turn came: its pending row goes too.
+            await self._drop_preinserted()
+            await self._abandon(ledger, refuse_later=True)
             raise
+
+    async def _drop_preinserted(self, unless: UserEvent | None = None) -> None:
+        """Undo the first creation's early insert unless ``unless`` is that creation.
+
+        The insert ran before the run knew which events would come: one that arrives meanwhile
+        may go first (a lower version, or a tie decided by event id), and then the creation is
+        inserted again in its own turn, as any other.
+        """
+        pre = self._preinserted
+        if pre is None or (unless is not None and unless.event_id == pre[0].event_id):
+            return
+        self._preinserted = None
+        if isinstance(pre[2], InsertCreatedRowResult) and pre[2].created:
+            await _shielded(asyncio.ensure_future(self._compensate(pre[0], None, None, True)))
 
     async def _abandon(self, ledger: EventLedger, *, refuse_later: bool = False) -> None:
         """Fail what is pending (and waiting repairs) as cancelled, once its callers have heard."""
@@ -204,6 +218,7 @@ class UserSyncWorkflow:
         )
         self._last_repair = ReconcileUserResult(action="failed", error_type="Cancelled")
         self._repairs_done = self._repairs_asked
+        self._cancelled = True
         await workflow.wait_condition(workflow.all_handlers_finished)
 
     async def _first_state(self, patches: Patches, marks: StageMarks) -> UserState:
@@ -299,11 +314,14 @@ class UserSyncWorkflow:
                 elif not ledger.has_pending() and workflow.all_handlers_finished():
                     # Idle: close. The next event starts a fresh run, which reads what is
                     # applied from the App DB, so nothing depends on this run staying open.
+                    await self._drop_preinserted()
                     self._settle("closed_idle")
                     marks.flush()
                     return
                 continue
             event = ledger.next_ready()
+            # The first creation's early insert stands only for that event, applied next.
+            await self._drop_preinserted(unless=event)
             if event is None and self._repair_wanted():
                 # Live events go first; a repair then reads what they left behind.
                 ticket = self._repairs_asked
@@ -445,6 +463,9 @@ class UserSyncWorkflow:
         await workflow.wait_condition(lambda: self._ledger is not None)
         if (known := self._repair_results.get(request.request_id)) is not None:
             return known
+        if self._cancelled:
+            # Asked after the run was cancelled (it was waiting for the user's state, say).
+            return ReconcileUserResult(action="failed", error_type="Cancelled")
         self._repair_request_id = request.request_id
         self._repairs_asked += 1
         ticket = self._repairs_asked

@@ -40,7 +40,9 @@ the write recording it in its own transaction); ``user_sync_one_write_lifecycle`
 ``user_sync_one_write_compensated`` and ``user_sync_one_write_repaired``
 (``release-2026-12-03c``: a new run's ``read_user_state`` step before its first creation, before
 ``release-2026-12-04`` and the insert reading the state in its own transaction);
-``backfill_paced`` (version markers always, before patch ``backfill-markers-only-if-needed``).
+``backfill_paced`` (version markers always, before patch ``backfill-markers-only-if-needed``);
+``user_sync_durable_unfinished_removed`` and ``reconcile_durable_unfinished`` (the unfinished
+creation's two, recorded with the ``writes-after-durable-acceptance`` code).
 
 Re-record one when a workflow change is meant to be incompatible, and say so in the commit.
 """

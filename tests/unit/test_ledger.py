@@ -427,3 +427,18 @@ def test_changes_to_a_deleted_user_never_wait_out_the_grace(
         highest = max(deliveries, key=lambda e: e.version)
         assert ledger.outcome(highest.event_id).status == "applied"  # type: ignore[union-attr]
         assert (ledger.state.version, ledger.state.org_id) == (highest.version, highest.org_id)
+
+
+def test_a_cancelled_ledger_fails_what_is_pending_and_refuses_what_comes_later() -> None:
+    ledger = EventLedger(NOBODY)
+    queued = event(1, "created")
+    assert ledger.offer(queued) is None
+    ledger.abandon("Cancelled", "rolled back", refuse_later=True)
+    assert ledger.outcome("e1") is not None and ledger.outcome("e1").error_type == "Cancelled"  # type: ignore[union-attr]
+    late = ledger.offer(event(2))
+    assert late is not None and (late.status, late.error_type) == ("failed", "Cancelled")
+    assert not ledger.has_pending() and ledger.outcome("e2") == late
+    # Without ``refuse_later`` (a cancel after the events were offered) later ones would queue.
+    plain = EventLedger(NOBODY)
+    plain.abandon("Cancelled", "rolled back")
+    assert plain.offer(event(1, "created")) is None

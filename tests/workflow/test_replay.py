@@ -51,8 +51,10 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "user_sync_first_insert_compensated",
         "user_sync_first_insert_repaired",
         "user_sync_unfinished_removed",
+        "user_sync_durable_unfinished_removed",
         "reconcile_apply",
         "reconcile_unfinished",
+        "reconcile_durable_unfinished",
         "backfill_paced",
         "backfill_checked",
         "followed_user_lifecycle",
@@ -155,6 +157,7 @@ def test_histories_cover_every_workflow_and_path() -> None:
     assert '"name": "write_memberships"' in read("user_sync_release_repaired")
     assert '"name": "write_memberships"' in read("user_sync_quiet_repaired")
     assert '"name": "undo_created_row"' in read("user_sync_unfinished_removed")
+    assert '"name": "undo_created_row"' in read("user_sync_durable_unfinished_removed")
     assert '"name": "repair_users"' in read("reconcile_unfinished")
     reconcile = read("reconcile_apply")
     for step in ("check_schema_ready", "scan_app_db_page", "scan_spicedb_page", "repair_users"):

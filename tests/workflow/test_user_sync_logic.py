@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from temporalio import activity
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import (
     WithStartWorkflowOperation,
     WorkflowExecutionStatus,
@@ -551,6 +552,13 @@ async def test_continue_as_new_carries_state_and_dedupe(
             id=user_workflow_id(first.user_id),
             task_queue=task_queue,
         )
+        # Started without an event: its first workflow task reads the user's state in a step of
+        # its own (a creation that came with that task would read it in its insert instead).
+        for _ in range(300):
+            kinds = [e.event_type async for e in handle.fetch_history_events()]
+            if EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED in kinds:
+                break
+            await asyncio.sleep(0.05)
         await h.submit(first)
         await h.submit(second)  # the run's second event: it continues as new after this
         for _ in range(100):
@@ -567,10 +575,7 @@ async def test_continue_as_new_carries_state_and_dedupe(
         assert (await h.submit(third)).status == "synced"
     assert steps.attempts["insert_created_row"] == 1
     assert steps.attempts["write_memberships"] == 3
-    # The new run started from the carried state: no read. (The first run, started without an
-    # event, read it in a step of its own, or in its insert if the creation came with its first
-    # workflow task.)
-    assert steps.attempts.get("read_user_state", 0) <= 1
+    assert steps.attempts["read_user_state"] == 1  # the new run started from the carried state
 
 
 async def test_a_marker_moved_by_a_backfill_makes_the_event_plan_again_not_fail(
@@ -724,3 +729,60 @@ async def test_a_cancel_during_a_new_runs_first_insert_undoes_its_row(
         await cancel_once(h, created(), inserting)
     assert steps.calls == ["insert_created_row", "undo_created_row"]
     assert steps.writes == []
+
+
+def block_first_attempt(started: asyncio.Event, go_on: asyncio.Event) -> Behaviour:
+    """Hold the step's first attempt until ``go_on`` is set; later attempts run at once."""
+
+    async def behaviour(attempt: int) -> None:
+        if attempt == 1:
+            started.set()
+            await go_on.wait()
+
+    return behaviour
+
+
+async def test_a_lower_creation_arriving_during_the_first_insert_goes_first(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """The first insert ran for version 3; version 1 arrives while it runs. Version order wins:
+    the early row is undone, version 1 applies, then version 3 is inserted again in its turn."""
+    started, go_on = asyncio.Event(), asyncio.Event()
+    steps = FakeSteps(insert_created_row=block_first_attempt(started, go_on))
+    later = created(version=3)
+    earlier = created(event_id="first", user_id=later.user_id, version=1, org_id="globex")
+    async for h in running(time_skipping_env, task_queue, steps):
+        pending = asyncio.ensure_future(h.submit(later))
+        await asyncio.wait_for(started.wait(), 30)
+        assert (await h.submit(earlier, wait=WaitFor.START)).status == "started"
+        go_on.set()
+        assert (await pending).status == "synced"
+        assert (await h.submit(earlier)).status == "synced"
+    assert steps.calls[:3] == ["insert_created_row", "undo_created_row", "insert_created_row"]
+    assert [w.add[0].org_id for w in steps.writes] == ["globex", "acme"]
+    assert steps.calls.count("insert_created_row") == 3
+
+
+async def test_a_repair_asked_while_the_first_insert_runs_is_answered_when_cancelled(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """Cancelled before the run knew the user's state, with a creation and a repair waiting:
+    the row is undone, and both callers are answered (the run closes, nothing hangs)."""
+    inserting = asyncio.Event()
+    steps = FakeSteps(insert_created_row=hang_until_cancelled(inserting))
+    event = created()
+    async for h in running(time_skipping_env, task_queue, steps):
+        submitted = asyncio.ensure_future(h.submit(event))
+        await asyncio.wait_for(inserting.wait(), 30)
+        handle = h.env.client.get_workflow_handle(user_workflow_id(event.user_id))
+        repair = asyncio.ensure_future(
+            handle.execute_update(UserSyncWorkflow.reconcile, ReconcileUserInput(request_id="r"))
+        )
+        await asyncio.sleep(0.3)  # the repair reaches the workflow and waits for its state
+        await handle.cancel()
+        assert (await asyncio.wait_for(repair, 30)).error_type == "Cancelled"
+        with pytest.raises(UserSyncFailed) as caught:
+            await asyncio.wait_for(submitted, 30)
+        assert caught.value.error_type == "Cancelled"
+        assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+    assert steps.calls == ["insert_created_row", "undo_created_row"]
