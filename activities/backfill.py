@@ -93,9 +93,9 @@ class BackfillActivities:
         by a release before the checked write (an idle one switches at its next event, but the
         count cannot tell it from one mid-write). Runs begun in the last
         :data:`YOUNG_RUN_GRACE` are not counted: once every worker runs this release (the
-        backfill's precondition, docs/operations.md) they are this release's runs whose first
-        workflow task has not recorded its marker yet, and counting them would keep the markers
-        whenever users sign up.
+        backfill's precondition, docs/reconcile-and-backfill.md) they are this release's runs
+        whose first workflow task has not recorded its marker yet, and counting them would keep
+        the markers whenever users sign up.
 
         Raises:
             Exception: Temporal's visibility failed; retried.
@@ -155,12 +155,9 @@ class BackfillActivities:
                 ids = page[:size]
                 async with conn.transaction():
                     rows = await conn.fetch(_LOCK, ids)
-                    token = (
-                        await self._write(rows, request.request_id, request.version_markers)
-                        if rows
-                        else None
-                    )
+                    token = None
                     if rows:
+                        token = await self._write(rows, request.request_id, request.version_markers)
                         await conn.execute(_MARK, [r["id"] for r in rows], token)
         except _DB_ERRORS as err:
             raise AppDBUnavailable(f"PostgreSQL unavailable: {type(err).__name__}") from None

@@ -172,9 +172,11 @@ class BackfillWorkflow:
     async def _needs_version_markers(self, request: BackfillInput) -> bool:
         """Whether a user sync that does not check SpiceDB under the row's lock may be running.
 
-        Follow mode writes nothing itself (the users' workflows do).
+        Follow mode writes no relationship itself (the users' workflows do): no markers.
         """
-        if request.follow or not workflow.patched(BACKFILL_MARKERS_PATCH):
+        if request.follow:
+            return False
+        if not workflow.patched(BACKFILL_MARKERS_PATCH):
             return True
         unchecked = await workflow.execute_activity_method(
             BackfillActivities.count_unchecked_syncs,

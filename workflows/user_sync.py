@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
@@ -103,6 +104,18 @@ __all__ = [
 
 
 _TIMEOUT = timedelta(seconds=ACTIVITY_START_TO_CLOSE)
+
+
+class _EarlyInsert(NamedTuple):
+    """A new run's first creation, inserted before its turn (``UserSyncWorkflow._first_state``)."""
+
+    event: UserEvent
+    # Its step runner: the insert made the event durable, so its later steps may run locally.
+    steps: StepRunner
+    # The insert's result, or its refusal (raised again when the event's turn comes).
+    outcome: InsertCreatedRowResult | ActivityError
+
+
 # Runs recorded before the ledger refused reused event ids and failed changes to a user that is
 # gone at once replay with the ledger's old rules (EventLedger's ``legacy``).
 LEDGER_RULES_PATCH = "ledger-event-id-conflicts"
@@ -133,11 +146,8 @@ class UserSyncWorkflow:
         self._cancelled = False
         # Events delivered before the run knew the user's state (with its start, normally).
         self._arrived: list[UserEvent] = []
-        # A new run's first creation, inserted (or refused) before the ledger existed: the event,
-        # its step runner, and the insert's result or refusal.
-        self._preinserted: (
-            tuple[UserEvent, StepRunner, InsertCreatedRowResult | ActivityError] | None
-        ) = None
+        # A new run's first creation, inserted (or refused) before the ledger existed.
+        self._preinserted: _EarlyInsert | None = None
 
     @workflow.run
     async def run(self, request: UserSyncInput) -> None:
@@ -203,11 +213,15 @@ class UserSyncWorkflow:
         inserted again in its own turn, as any other.
         """
         pre = self._preinserted
-        if pre is None or (unless is not None and unless.event_id == pre[0].event_id):
+        if pre is None or (unless is not None and unless.event_id == pre.event.event_id):
             return
         self._preinserted = None
-        if isinstance(pre[2], InsertCreatedRowResult) and pre[2].created:
-            await _shielded(asyncio.ensure_future(self._compensate(pre[0], None, None, True)))
+        if isinstance(pre.outcome, InsertCreatedRowResult) and pre.outcome.created:
+            await self._undo_insert(pre.event)
+
+    async def _undo_insert(self, event: UserEvent) -> None:
+        """Remove ``event``'s pending row (only its own), even if cancelled again meanwhile."""
+        await _shielded(asyncio.ensure_future(self._compensate(event, None, None, True)))
 
     async def _abandon(self, ledger: EventLedger, *, refuse_later: bool = False) -> None:
         """Fail what is pending (and waiting repairs) as cancelled, once its callers have heard."""
@@ -270,18 +284,18 @@ class UserSyncWorkflow:
         except (ActivityError, asyncio.CancelledError) as err:
             if is_cancelled_exception(err):
                 # The insert may have landed before it stopped: undo this event's pending row.
-                await _shielded(asyncio.ensure_future(self._compensate(event, None, None, True)))
+                await self._undo_insert(event)
                 raise
             if isinstance(err, ActivityError) and _cause_type(err) == DuplicateEmail.__name__:
                 # Refused by the insert itself, so the read before it found the user unseen:
                 # the event fails with this refusal in its turn, with nothing written.
-                self._preinserted = (event, steps, err)
+                self._preinserted = _EarlyInsert(event, steps, err)
                 return UserState(exists=False, version=0)
             # Refused otherwise: read the state apart; the event meets the refusal in its turn.
             return None
         assert result.prior is not None
         if not result.skipped:
-            self._preinserted = (event, steps, result)
+            self._preinserted = _EarlyInsert(event, steps, result)
         return result.prior
 
     async def _serve(self, request: UserSyncInput, ledger: EventLedger) -> None:
@@ -590,13 +604,13 @@ class UserSyncWorkflow:
         try:
             if event.kind == "created":
                 pre = self._preinserted
-                if pre is not None and pre[0].event_id == event.event_id:
+                if pre is not None and pre.event.event_id == event.event_id:
                     # Inserted (durably accepted) before the run knew the user's state.
                     self._preinserted = None
-                    _, steps, pre_result = pre
-                    if isinstance(pre_result, ActivityError):
-                        raise pre_result
-                    inserted = pre_result
+                    steps = pre.steps
+                    if isinstance(pre.outcome, ActivityError):
+                        raise pre.outcome
+                    inserted = pre.outcome
                 else:
                     self._enter("inserting_row")
                     inserted = await steps.write(

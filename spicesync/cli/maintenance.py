@@ -221,7 +221,7 @@ def backfill_command(args: argparse.Namespace) -> int:
             "users_written": done.progress.written_users,
             "users_skipped": done.progress.skipped,
             "relationships_written": done.progress.relationships_written,
-            "version_markers": done.progress.version_markers and not follow,
+            "version_markers": done.progress.version_markers,
             "changes_delivered": done.progress.delivered,
             "rows_scanned_per_second": done.rows_scanned_per_second,
             "relationships_written_per_second": done.relationships_written_per_second,
