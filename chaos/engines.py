@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spicesync.settings import Settings
-from spicesync.stack.components import prepare_spicedb, start_spicedb, start_temporal
+from spicesync.stack.components import (
+    prepare_spicedb,
+    start_spicedb,
+    start_temporal,
+    wait_for_temporal,
+)
 from spicesync.stack.processes import free_port, stop_process, wait_for_port
 
 __all__ = ["SpiceDBEngine", "TemporalServer", "WorkerProcesses", "kill_hard"]
@@ -44,7 +49,7 @@ class TemporalServer:
         return f"127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        """Start (or restart, on the same file and port) and wait until it accepts calls."""
+        """Start (or restart, on the same file and port) and wait until its frontend is healthy."""
         log = self.directory / "temporal.log"
         self.pid = start_temporal(
             port=self.port,
@@ -53,9 +58,7 @@ class TemporalServer:
             log=log,
             codec_endpoint=None,
         )
-        await asyncio.to_thread(
-            wait_for_port, "127.0.0.1", self.port, pid=self.pid, timeout=60, log=log
-        )
+        await wait_for_temporal(self.address, pid=self.pid, timeout=60, log=log)
 
     def kill(self) -> None:
         """Crash it."""

@@ -14,6 +14,7 @@ import asyncpg
 import grpc
 import grpc.aio
 from authzed.api.v1 import ReadSchemaRequest
+from temporalio.client import Client
 
 with warnings.catch_warnings():
     # It warns, on import, that XDG_RUNTIME_DIR is unset (normal in containers and CI).
@@ -25,7 +26,7 @@ from spicesync.constants import SEARCH_ATTRIBUTES, dev_server_dynamic_config
 from spicesync.db import apply_migrations
 from spicesync.spicedb import check_schema, connect_spicedb, write_schema
 from spicesync.stack.engine_library import ensure_engine_library
-from spicesync.stack.processes import spawn, tool_path
+from spicesync.stack.processes import pid_alive, spawn, tool_path, wait_for_port
 
 __all__ = [
     "embedded_postgres_group",
@@ -40,6 +41,7 @@ __all__ = [
     "stop_embedded_postgres",
     "temporal_command",
     "wait_for_spicedb",
+    "wait_for_temporal",
 ]
 
 
@@ -79,6 +81,30 @@ def start_temporal(
         port=port, ui_port=ui_port, db_file=db_file, codec_endpoint=codec_endpoint
     )
     return spawn(command, log=log)
+
+
+async def wait_for_temporal(address: str, *, pid: int, timeout: float, log: Path) -> None:
+    """Wait until the dev server's frontend answers a client, not only until its port is open.
+
+    The port opens before the frontend is healthy; a client connecting in that gap fails with
+    "Frontend is not healthy yet" (seen on a busy machine).
+
+    Raises:
+        RuntimeError: If the process died or the frontend stayed unhealthy; names the log file.
+    """
+    host, _, port = address.rpartition(":")
+    await asyncio.to_thread(wait_for_port, host, int(port), pid=pid, timeout=timeout, log=log)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await Client.connect(address)
+            return
+        except RuntimeError as err:
+            if not pid_alive(pid):
+                raise RuntimeError(f"process {pid} exited during start-up; see {log}") from err
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Temporal at {address} not ready: {err}; see {log}") from err
+        await asyncio.sleep(0.2)
 
 
 def start_codec_server(*, port: int, keys: str, token: str, ui_port: int, log: Path) -> int:

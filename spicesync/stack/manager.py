@@ -36,6 +36,7 @@ from spicesync.stack.components import (
     start_temporal,
     stop_embedded_postgres,
     wait_for_spicedb,
+    wait_for_temporal,
 )
 from spicesync.stack.processes import pid_alive, port_open, stop_pid, wait_for_port
 from spicesync.stack.relays import RelayRecord, relay_health, running_relays
@@ -211,7 +212,7 @@ async def stack_up(
             temporal = Component(
                 "temporal", "Temporal dev server (SQLite, WAL)", True, pid, str(log)
             )
-            wait_for_port("127.0.0.1", port, pid=pid, timeout=60, log=log)
+            await wait_for_temporal(f"127.0.0.1:{port}", pid=pid, timeout=60, log=log)
         new.components.append(temporal)
         new.env["TEMPORAL_ADDRESS"] = f"127.0.0.1:{port}"
         new.env["TEMPORAL_UI_URL"] = f"http://127.0.0.1:{ui_port}"
