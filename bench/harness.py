@@ -14,6 +14,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -83,6 +84,7 @@ class CellResult:
     failed_call: Percentiles = field(default_factory=lambda: Percentiles(None, None, None))
     completed: int = 0
     not_done: int = 0
+    late: int = 0
     completed_per_second: float = 0.0
     start_call: Percentiles = field(default_factory=lambda: Percentiles(None, None, None))
     time_to_row: Percentiles = field(default_factory=lambda: Percentiles(None, None, None))
@@ -102,6 +104,7 @@ class CellResult:
             "failed_call_ms": self.failed_call.as_dict(),
             "completed": self.completed,
             "not_done": self.not_done,
+            "late": self.late,
             "lost": self.lost,
             "completed_per_second": self.completed_per_second,
             "start_call_ms": self.start_call.as_dict(),
@@ -115,42 +118,53 @@ class CellResult:
 class Accounting:
     """Where each offered user ended; every count is a number of distinct users.
 
-    ``completed``: the system finished the user (a call that raised may still have been
-    accepted and finished: it counts here). ``not_done``: the call was accepted, the user is not
-    finished. ``lost``: accepted, and not finished or (for systems that keep rows) not granted
-    in SpiceDB. A user whose call raised and who never finished is in none of these: the app was
-    told it failed.
+    ``completed``: the system finished the user within the drain (a call that raised may still
+    have been accepted and finished: it counts here). ``not_done``: the call was accepted, the
+    user was not finished at the end of the drain. ``late``: of those, the users that finished
+    during the settle after it (queued, not dropped). ``lost``: accepted, and not finished even
+    after the settle, or (for systems that keep rows) not granted in SpiceDB. A user whose call
+    raised and who never finished is in none of these: the app was told it failed.
     """
 
     submitted: int
     failed_calls: int
     completed: int
     not_done: int
+    late: int
     lost: int
 
 
 def account(
-    offered: list[str], *, failed: set[str], done: set[str], holding: set[str] | None
+    offered: list[str],
+    *,
+    failed: set[str],
+    done: set[str],
+    late: AbstractSet[str] = frozenset(),
+    holding: set[str] | None,
 ) -> Accounting:
     """Sort the offered users into the counts of :class:`Accounting`.
 
     Args:
         offered: Every user id offered to the system.
         failed: The users whose start call raised.
-        done: The users the system finished (read from the stores).
-        holding: The users SpiceDB grants, for systems that keep rows; ``None`` otherwise.
+        done: The users the system finished within the drain (read from the stores).
+        late: The users it finished after the drain, during the settle.
+        holding: The users SpiceDB grants (read after the settle), for systems that keep rows;
+            ``None`` otherwise.
     """
     accepted = [u for u in offered if u not in failed]
     unfinished = [u for u in accepted if u not in done]
+    ever = done | late
     if holding is None:
-        lost = len(unfinished)
+        lost = sum(1 for u in accepted if u not in ever)
     else:
-        lost = sum(1 for u in accepted if u not in done or u not in holding)
+        lost = sum(1 for u in accepted if u not in ever or u not in holding)
     return Accounting(
         submitted=len(offered),
         failed_calls=len(failed),
         completed=sum(1 for u in offered if u in done),
         not_done=len(unfinished),
+        late=sum(1 for u in unfinished if u in late),
         lost=lost,
     )
 

@@ -40,8 +40,9 @@ def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     """One row per system and offered rate, the CPU each cost per user, then the targets."""
     lines = [
         "| system | offered/s | completed/s | start call p50/p99 ms | time-to-row p50/p99 ms"
-        " | time-to-permission p50/p95/p99 ms | failed calls (p99 ms) | not done | lost |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        " | time-to-permission p50/p95/p99 ms | failed calls (p99 ms) | not done at the drain"
+        " | of those, finished later | lost |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         s, row, perm = r["start_call_ms"], r["time_to_row_ms"], r["time_to_permission_ms"]
@@ -52,7 +53,7 @@ def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             f"| {r['system']} | {r['offered_rate']:g} | {r['completed_per_second']:.1f}"
             f" | {_ms(s['p50'])} / {_ms(s['p99'])} | {_ms(row['p50'])} / {_ms(row['p99'])}"
             f" | {_ms(perm['p50'])} / {_ms(perm['p95'])} / {_ms(perm['p99'])}"
-            f" | {failed} | {r['not_done']} | {r['lost']} |"
+            f" | {failed} | {r['not_done']} | {r.get('late', '-')} | {r['lost']} |"
         )
     lines += ["", "CPU per completed user (ms, measured window; `-`: no such process):", ""]
     lines += cpu_table(results)

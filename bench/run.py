@@ -68,6 +68,8 @@ from starters.reconcile import schedule_as_configured
 __all__ = ["BenchOptions", "run_bench"]
 
 DRAIN_SECONDS = 45.0
+# After the drain (and its measurements), how long unfinished users may still take to finish.
+SETTLE_SECONDS = 120.0
 # The warm-up before each measured window: this long at the first rate (at most half the window),
 # then up to WARMUP_DRAIN_SECONDS for its users to finish.
 WARMUP_SECONDS = 3.0
@@ -152,6 +154,9 @@ async def run_cell(
         # Every offered user: a call that raised (a timeout, say) may still have been accepted.
         done = await system.completions(ctx, [u.user_id for u in users])
         window.stop()
+        # Not measured: whether the users unfinished at the drain were queued or dropped.
+        unfinished = [u.user_id for u in accepted if u.user_id not in done]
+        late = await _settle(system, ctx, unfinished) if unfinished else {}
         row_ms, perm_ms, finished = [], [], []
         for user_id, (row_at, perm_at) in done.items():
             if row_at is not None:
@@ -160,13 +165,18 @@ async def run_cell(
             finished.append(perm_at.timestamp())
         holding = await users_held(spicedb, accepted) if system.has_rows else None
         counts = account(
-            [u.user_id for u in users], failed=set(failed), done=set(done), holding=holding
+            [u.user_id for u in users],
+            failed=set(failed),
+            done=set(done),
+            late=set(late),
+            holding=holding,
         )
         result.submitted = counts.submitted
         result.failed_calls = counts.failed_calls
         result.failed_call = percentiles(list(failed.values()))
         result.completed = counts.completed
         result.not_done = counts.not_done
+        result.late = counts.late
         result.lost = counts.lost
         if finished:
             span = max(finished) - min(sent.values())
@@ -187,7 +197,7 @@ async def run_cell(
     print(
         f"  {system.name} @ {rate:g}/s: {result.completed_per_second:.1f} completed/s,"
         f" time-to-permission p99 {result.time_to_permission.p99} ms,"
-        f" not done {result.not_done}, lost {result.lost}".ljust(90),
+        f" not done {result.not_done} (late {result.late}), lost {result.lost}".ljust(90),
         file=sys.stderr,
         flush=True,
     )
@@ -199,6 +209,18 @@ async def _drain(system: System, ctx: BenchContext, user_ids: list[str], timeout
     if system.has_rows:
         synced_query = getattr(system, "synced_query", USERS_SYNCED)
         await wait_done(ctx.pool, user_ids, timeout, synced_query=synced_query)
+
+
+async def _settle(
+    system: System, ctx: BenchContext, user_ids: list[str]
+) -> dict[str, tuple[datetime | None, datetime]]:
+    """Give the users unfinished at the drain up to SETTLE_SECONDS more, the worker still up.
+
+    A durable system's unfinished user is queued, not dropped; only one that never finishes is
+    lost. Nothing of this counts towards the cell's throughput, latency or CPU.
+    """
+    await _drain(system, ctx, user_ids, SETTLE_SECONDS)
+    return await system.completions(ctx, user_ids)
 
 
 async def _warm_up(system: System, ctx: BenchContext, rate: float, seconds: float) -> None:
