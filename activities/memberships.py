@@ -18,7 +18,9 @@ import grpc
 import grpc.aio
 from authzed.api.v1 import (
     Precondition,
+    RelationshipFilter,
     RelationshipUpdate,
+    SubjectFilter,
     WriteRelationshipsRequest,
 )
 from google.protobuf.struct_pb2 import Struct
@@ -43,6 +45,7 @@ from spicesync.models import (
     WriteMembershipsResult,
 )
 from spicesync.spicedb import (
+    MANAGED_RELATIONS,
     SpiceDBClient,
     failed_precondition,
     marker_filter,
@@ -111,9 +114,10 @@ class MembershipActivities:
     async def write_memberships(self, request: WriteMembershipsInput) -> WriteMembershipsResult:
         """Remove and add memberships and move the version marker, in one atomic write.
 
-        With ``only_if`` set, the write first reads the user's memberships and marker (under the
-        row's lock, after the claim) and writes only if they are exactly ``only_if``, so the
-        state a rollback restores is the one the workflow already holds.
+        With ``only_if`` set, the write goes through only if the user's memberships and marker
+        are exactly ``only_if`` (checked under the row's lock, after the claim), so the state a
+        rollback restores is the one the workflow already holds. An ``only_if`` of nothing is
+        checked by the write's own preconditions; any other is read first.
 
         Returns:
             SpiceDB's ``written_at`` ZedToken; or, when SpiceDB did not hold ``only_if``, what
@@ -167,6 +171,14 @@ class MembershipActivities:
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(_CLAIM_ROW, uuid.UUID(uid))
+                absent = _absent(request)
+                if absent:
+                    # Only_if says SpiceDB holds nothing of the user (a new user, most often):
+                    # the preconditions check that within the write, with no read before it.
+                    written = await self._write_if_absent(conn, request, write, absent)
+                    if written is not None:
+                        spicedb_called = True  # the commit, still to come, follows the write
+                        return written
                 if request.only_if is not None:
                     current = await self._read(uid)
                     if not _holds(current, request.only_if):
@@ -200,6 +212,50 @@ class MembershipActivities:
         except _DB_ERRORS as err:
             raise _db_failure(err, uid, after_write=spicedb_called) from None
         return await self._after_failed_precondition(request)
+
+    async def _write_if_absent(
+        self,
+        conn: Connection,
+        request: WriteMembershipsInput,
+        write: WriteRelationshipsRequest,
+        absent: list[Precondition],
+    ) -> WriteMembershipsResult | None:
+        """Record the row and write, on condition that SpiceDB holds nothing of the user.
+
+        Returns:
+            The written result; ``None`` when SpiceDB holds something of the user or the row
+            refused the event before the write, with nothing written and the row as it was:
+            the read path then judges the state exactly as if this try had not been made (a
+            state that differs from ``only_if`` goes before a refusal of the row, and a retry
+            recognises its own earlier write before the row is recorded again).
+        """
+        conditional = WriteRelationshipsRequest()
+        conditional.CopyFrom(write)
+        conditional.optional_preconditions.extend(absent)
+        called = False
+        try:
+            async with conn.transaction():  # a savepoint: a refusal rolls back the row only
+                await _record(conn, request, None)
+                called = True
+                response = await self._client.WriteRelationships(
+                    conditional, timeout=SPICEDB_CALL_TIMEOUT_SECONDS
+                )
+                token = response.written_at.token
+                if request.record is not None:
+                    await record_zed_token(conn, request.record, token)
+        except grpc.aio.AioRpcError as err:
+            if not failed_precondition(err):
+                raise
+            return None
+        except (SupersededWrite, UserRowMissing, *_DB_ERRORS) as err:
+            if not called:
+                # Refused before SpiceDB was called: a retry whose earlier attempt landed (and
+                # maybe committed) must be judged by the read, which recognises its own write.
+                return None
+            if isinstance(err, _DB_ERRORS):
+                raise _db_failure(err, request.user_id, after_write=True) from None
+            raise
+        return WriteMembershipsResult(zed_token=token)
 
     async def _after_failed_precondition(
         self, request: WriteMembershipsInput
@@ -313,6 +369,34 @@ class _Differs(Exception):
     def __init__(self, found: MembershipsSnapshot) -> None:
         super().__init__("SpiceDB holds another state than the write requires")
         self.found = found
+
+
+def _absent(request: WriteMembershipsInput) -> list[Precondition]:
+    """Preconditions that SpiceDB holds nothing of the user, when ``only_if`` says so.
+
+    Empty for any other ``only_if``: "exactly these memberships" has no precondition form
+    (a filter cannot say "and nothing else"), so those are read.
+    """
+    expected = request.only_if
+    if expected is None or expected.memberships or expected.marker is not None:
+        return []
+    uid = request.user_id
+    return [
+        Precondition(
+            operation=Precondition.Operation.OPERATION_MUST_NOT_MATCH,
+            filter=RelationshipFilter(
+                resource_type="organization",
+                optional_relation=relation,
+                optional_subject_filter=SubjectFilter(subject_type="user", optional_subject_id=uid),
+            ),
+        )
+        for relation in sorted(MANAGED_RELATIONS)
+    ] + [
+        Precondition(
+            operation=Precondition.Operation.OPERATION_MUST_NOT_MATCH,
+            filter=marker_filter(uid, None),
+        )
+    ]
 
 
 def _intended(request: WriteMembershipsInput) -> MembershipsSnapshot:

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 
 import asyncpg
 import pytest
-from authzed.api.v1 import RelationshipUpdate, WriteRelationshipsRequest
+from authzed.api.v1 import (
+    DeleteRelationshipsRequest,
+    RelationshipFilter,
+    RelationshipUpdate,
+    SubjectFilter,
+    WriteRelationshipsRequest,
+)
 from temporalio.client import Client
 
 from chaos.faults import FAULTS_DDL
@@ -125,6 +131,20 @@ async def grant_outside_spicesync(spicedb: SpiceDBClient, membership: Membership
             ]
         ),
         timeout=5,
+    )
+
+
+async def revoke_all(spicedb: SpiceDBClient, user_id: str) -> None:
+    """Delete every membership of the user (its marker stays), as an operator by hand might."""
+    await spicedb.DeleteRelationships(
+        DeleteRelationshipsRequest(
+            relationship_filter=RelationshipFilter(
+                resource_type="organization",
+                optional_subject_filter=SubjectFilter(
+                    subject_type="user", optional_subject_id=user_id
+                ),
+            )
+        )
     )
 
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from temporalio.testing import ActivityEnvironment
 
+import activities.memberships
 from activities.memberships import MembershipActivities
 from spicesync.errors import MarkerMoved, SupersededWrite, UserRowMissing
 from spicesync.models import (
@@ -25,10 +26,13 @@ from spicesync.models import (
     WriteMembershipsInput,
     WriteMembershipsResult,
 )
+from spicesync.spicedb import SpiceDBClient
 from tests.integration.conftest import (
+    Faults,
     Pipeline,
     grant_outside_spicesync,
     relationships_of,
+    revoke_all,
     user_row,
 )
 
@@ -47,6 +51,20 @@ def write(pipeline: Pipeline) -> Write:
         return await env.run(activities.write_memberships, request)
 
     return run
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The users whose SpiceDB state the write step reads (each read still goes to SpiceDB)."""
+    seen: list[str] = []
+    real = activities.memberships.read_user_snapshot
+
+    async def counted(client: SpiceDBClient, user_id: str) -> MembershipsSnapshot:
+        seen.append(user_id)
+        return await real(client, user_id)
+
+    monkeypatch.setattr(activities.memberships, "read_user_snapshot", counted)
+    return seen
 
 
 async def _row(pipeline: Pipeline) -> str:
@@ -217,3 +235,77 @@ async def test_a_retry_takes_only_its_own_exact_write_for_landed(
     assert again.zed_token == "" and again.found is not None
     assert again.found.marker == request.set_marker
     assert sorted(m.org_id for m in again.found.memberships) == ["org-c", "org-stray"]
+
+
+async def test_a_write_on_nothing_is_checked_in_the_write_itself_without_a_read(
+    pipeline: Pipeline, write: Write, reads: list[str]
+) -> None:
+    """A new user's write (``only_if``: SpiceDB holds nothing of the user) carries that as
+    preconditions: it lands without reading the user first; the state is read only when
+    SpiceDB does hold something of the user (then nothing is written)."""
+    new = await _row(pipeline)
+    landed = await write(_recorded(new, 2))
+    assert landed.found is None and landed.zed_token
+    assert await relationships_of(pipeline.spicedb, new) == [("org-c", "admin")]
+    row = await user_row(pipeline.pool, new)
+    assert row is not None and (row["version"], row["zed_token"]) == (2, landed.zed_token)
+    assert reads == []
+    # A user SpiceDB already holds a membership of (no marker: a write outside spicesync).
+    held = await _row(pipeline)
+    grant = Membership(user_id=held, org_id="org-held", role="admin")
+    await grant_outside_spicesync(pipeline.spicedb, grant)
+    result = await write(_recorded(held, 2))
+    assert result.zed_token == ""
+    assert result.found == MembershipsSnapshot(memberships=[grant], marker=None)
+    assert reads == [held]
+    row = await user_row(pipeline.pool, held)
+    assert row is not None and (row["version"], row["role"]) == (1, "member")
+    assert await relationships_of(pipeline.spicedb, held) == [("org-held", "admin")]
+
+
+async def test_a_marker_alone_is_something_held(
+    pipeline: Pipeline, write: Write, reads: list[str]
+) -> None:
+    """Memberships gone but the marker left (a user revoked by hand): not nothing; the write
+    on nothing writes nothing and returns the marker it found."""
+    user_id = await _row(pipeline)
+    first = _replace_with(user_id, "org-c", MembershipsSnapshot(memberships=[], marker=None))
+    assert (await write(first)).found is None
+    await revoke_all(pipeline.spicedb, user_id)
+    # Without the marker check a plain write would not look at the marker: only_if does.
+    result = await write(_recorded(user_id, 2).model_copy(update={"check_marker": False}))
+    assert result.found == MembershipsSnapshot(memberships=[], marker=first.set_marker)
+    assert reads == [user_id]
+
+
+async def test_a_state_that_differs_goes_before_a_row_that_refuses(
+    pipeline: Pipeline, write: Write
+) -> None:
+    """A row holding a newer version refuses the event, but SpiceDB holds something else than
+    predicted: as when the write read first, what SpiceDB holds is returned to plan from."""
+    user_id = await _row(pipeline)
+    await pipeline.pool.execute("UPDATE users SET version = 5 WHERE id = $1", uuid.UUID(user_id))
+    grant = Membership(user_id=user_id, org_id="org-other", role="member")
+    await grant_outside_spicesync(pipeline.spicedb, grant)
+    result = await write(_recorded(user_id, 2))
+    assert result.found == MembershipsSnapshot(memberships=[grant], marker=None)
+    row = await user_row(pipeline.pool, user_id)
+    assert row is not None and (row["version"], row["role"]) == (5, "member")
+
+
+async def test_a_retry_of_a_committed_write_is_judged_by_its_own_write_not_the_row_again(
+    pipeline: Pipeline, write: Write, faults: Faults
+) -> None:
+    """The first attempt landed and committed, its result lost; since then a trigger refuses
+    any change of the row for good. The retry recognises its own write in SpiceDB and leaves
+    the row alone (as a read-first write does), instead of failing the event with SpiceDB
+    written and nothing to restore it."""
+    user_id = await _row(pipeline)
+    request = _recorded(user_id, 2)
+    first = await write(request)
+    await faults.inject(user_id, "UPDATE", "23514")
+    again = await write(request)
+    assert again.found is None and again.zed_token
+    row = await user_row(pipeline.pool, user_id)
+    assert row is not None and (row["version"], row["zed_token"]) == (2, first.zed_token)
+    assert await relationships_of(pipeline.spicedb, user_id) == [("org-c", "admin")]

@@ -171,6 +171,21 @@ async def test_rollback_keeps_a_grant_that_existed_before(
     assert await relationships_of(pipeline.spicedb, user.user_id) == [(user.org_id, user.role)]
 
 
+async def test_a_new_users_row_refused_after_its_write_leaves_neither_store(
+    pipeline: Pipeline, faults: Faults
+) -> None:
+    """A new user's write is checked against "SpiceDB holds nothing" inside the write itself
+    (no read first); the row's ZedToken, stored after SpiceDB accepted, is refused for good:
+    the membership the write made is revoked and the row removed."""
+    user = new_event()
+    await faults.inject(user.user_id, "UPDATE", "23514")
+    with pytest.raises(UserSyncFailed) as caught:
+        await create_user(user, **queue(pipeline))
+    assert caught.value.error_type == "AppDBRejectedAfterWrite"
+    assert await user_row(pipeline.pool, user.user_id) is None
+    assert await relationships_of(pipeline.spicedb, user.user_id) == []
+
+
 async def test_a_refused_row_delete_revokes_nothing(pipeline: Pipeline, faults: Faults) -> None:
     """The row's delete runs in the write's transaction before SpiceDB is called: refused,
     it leaves both stores as they were (nothing revoked, nothing to restore)."""

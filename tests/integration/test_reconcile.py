@@ -9,13 +9,11 @@ import uuid
 import asyncpg
 from authzed.api.v1 import (
     Consistency,
-    DeleteRelationshipsRequest,
     ObjectReference,
     ReadRelationshipsRequest,
     Relationship,
     RelationshipFilter,
     RelationshipUpdate,
-    SubjectFilter,
     SubjectReference,
     WriteRelationshipsRequest,
 )
@@ -32,7 +30,7 @@ from spicesync.stack.processes import stop_pid
 from starters.reconcile import start_reconcile
 from starters.user_events import change_role, create_user
 from tests.conftest import launch_spicedb
-from tests.integration.conftest import OwnStores, Pipeline, new_event, relationships_of
+from tests.integration.conftest import OwnStores, Pipeline, new_event, relationships_of, revoke_all
 
 _TOUCH = RelationshipUpdate.Operation.OPERATION_TOUCH
 
@@ -79,19 +77,6 @@ async def touch(spicedb: SpiceDBClient, *memberships: Membership) -> None:
                 RelationshipUpdate(operation=_TOUCH, relationship=membership_relationship(m))
                 for m in memberships
             ]
-        )
-    )
-
-
-async def revoke_all(spicedb: SpiceDBClient, user_id: str) -> None:
-    await spicedb.DeleteRelationships(
-        DeleteRelationshipsRequest(
-            relationship_filter=RelationshipFilter(
-                resource_type="organization",
-                optional_subject_filter=SubjectFilter(
-                    subject_type="user", optional_subject_id=user_id
-                ),
-            )
         )
     )
 
