@@ -197,12 +197,7 @@ class MembershipActivities:
                 # called, and a SpiceDB failure rolls the row back with the claim.
                 await _record(conn, request, None)
                 spicedb_called = True
-                response = await self._client.WriteRelationships(
-                    write, timeout=SPICEDB_CALL_TIMEOUT_SECONDS
-                )
-                token = response.written_at.token
-                if request.record is not None:
-                    await record_zed_token(conn, request.record, token)
+                token = await self._write_and_store(conn, request, write)
             return WriteMembershipsResult(zed_token=token)
         except _Differs as differs:
             return WriteMembershipsResult(found=differs.found)
@@ -212,6 +207,18 @@ class MembershipActivities:
         except _DB_ERRORS as err:
             raise _db_failure(err, uid, after_write=spicedb_called) from None
         return await self._after_failed_precondition(request)
+
+    async def _write_and_store(
+        self, conn: Connection, request: WriteMembershipsInput, write: WriteRelationshipsRequest
+    ) -> str:
+        """Write SpiceDB, then store the ZedToken on the row in the caller's transaction."""
+        response = await self._client.WriteRelationships(
+            write, timeout=SPICEDB_CALL_TIMEOUT_SECONDS
+        )
+        token: str = response.written_at.token
+        if request.record is not None:
+            await record_zed_token(conn, request.record, token)
+        return token
 
     async def _write_if_absent(
         self,
@@ -237,12 +244,7 @@ class MembershipActivities:
             async with conn.transaction():  # a savepoint: a refusal rolls back the row only
                 await _record(conn, request, None)
                 called = True
-                response = await self._client.WriteRelationships(
-                    conditional, timeout=SPICEDB_CALL_TIMEOUT_SECONDS
-                )
-                token = response.written_at.token
-                if request.record is not None:
-                    await record_zed_token(conn, request.record, token)
+                token = await self._write_and_store(conn, request, conditional)
         except grpc.aio.AioRpcError as err:
             if not failed_precondition(err):
                 raise

@@ -22,12 +22,12 @@ from typing import IO
 
 import asyncpg
 import pytest
-from authzed.api.v1 import DeleteRelationshipsRequest, RelationshipFilter, SubjectFilter
 from temporalio.client import Client
 
 from chaos.faults import FAULTS_DDL
 from spicesync.spicedb import connect_spicedb, user_memberships
 from spicesync.stack.processes import free_port
+from tests.integration.conftest import revoke_all
 from tests.integration.test_cli_stack import (  # noqa: F401 - stack_env is a fixture
     CLI,
     parse_env,
@@ -242,16 +242,7 @@ async def test_worker_log_is_json_lines_and_a_stop_mid_repair_is_quiet(
         created = run([*create, "--user-id", user_id], env)
         assert created.returncode == 0, created.stdout + created.stderr
         # Drift for the reconcile to repair: the membership gone from SpiceDB behind its back.
-        await spicedb.DeleteRelationships(
-            DeleteRelationshipsRequest(
-                relationship_filter=RelationshipFilter(
-                    resource_type="organization",
-                    optional_subject_filter=SubjectFilter(
-                        subject_type="user", optional_subject_id=user_id
-                    ),
-                )
-            )
-        )
+        await revoke_all(spicedb, user_id)
         # Recording the repair on the row fails transiently (serialization failure) until the
         # fault is cleared, so the repair's update, and the activity waiting on it, stay open.
         await conn.execute(FAULTS_DDL)
