@@ -53,7 +53,7 @@ def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             f"| {r['system']} | {r['offered_rate']:g} | {r['completed_per_second']:.1f}"
             f" | {_ms(s['p50'])} / {_ms(s['p99'])} | {_ms(row['p50'])} / {_ms(row['p99'])}"
             f" | {_ms(perm['p50'])} / {_ms(perm['p95'])} / {_ms(perm['p99'])}"
-            f" | {failed} | {r['not_done']} | {r.get('late', '-')} | {r['lost']} |"
+            f" | {failed} | {r['not_done']} | {r['late']} | {r['lost']} |"
         )
     lines += ["", "CPU per completed user (ms, measured window; `-`: no such process):", ""]
     lines += cpu_table(results)

@@ -92,9 +92,9 @@ async def wait_for_temporal(address: str, *, pid: int, timeout: float, log: Path
     Raises:
         RuntimeError: If the process died or the frontend stayed unhealthy; names the log file.
     """
+    deadline = time.monotonic() + timeout  # one budget for the port and the frontend
     host, _, port = address.rpartition(":")
     await asyncio.to_thread(wait_for_port, host, int(port), pid=pid, timeout=timeout, log=log)
-    deadline = time.monotonic() + timeout
     while True:
         try:
             await Client.connect(address)
