@@ -48,15 +48,17 @@ from temporalio.client import (
     WorkflowUpdateRPCTimeoutOrCancelledError,
     WorkflowUpdateStage,
 )
-from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from spicesync.constants import (
     DELIVER_EVENT_SIGNAL,
     FOLLOWED_USER_WORKFLOW,
+    ORG_ID_ATTRIBUTE,
     SUBMIT_EVENT_UPDATE,
     SYNC_CHANGE_UPDATE,
     USER_CHANGED_SIGNAL,
+    USER_ID_ATTRIBUTE,
     USER_SYNC_WORKFLOW,
     followed_user_workflow_id,
     user_workflow_id,
@@ -264,6 +266,18 @@ def _sync_outcome(event: UserEvent, workflow_id: str, outcome: EventOutcome) -> 
     )
 
 
+def _found_by(event: UserEvent) -> TypedSearchAttributes:
+    """The ids that find a user's sync, set with its start (ignored if the run exists).
+
+    A creation's organization is the one it joins; other events' are left to the workflow,
+    which shows the organization once an event is applied there.
+    """
+    pairs: list[SearchAttributePair[str]] = [SearchAttributePair(USER_ID_ATTRIBUTE, event.user_id)]
+    if event.kind == "created" and event.org_id:
+        pairs.append(SearchAttributePair(ORG_ID_ATTRIBUTE, event.org_id))
+    return TypedSearchAttributes(pairs)
+
+
 async def _delivered(
     client: Client,
     task_queue: str,
@@ -283,6 +297,7 @@ async def _delivered(
                 task_queue=task_queue,
                 start_signal=DELIVER_EVENT_SIGNAL,
                 start_signal_args=[DeliverEventInput(event=event)],
+                search_attributes=_found_by(event),
             ),
             timeout=left,
         )
@@ -313,6 +328,7 @@ async def _accepted(
             workflow_id=workflow_id,
             task_queue=task_queue,
             timeout=left,
+            search_attributes=_found_by(event),
         )
 
     return await _retry_passing(
@@ -331,6 +347,7 @@ async def _update_with_start(
     workflow_id: str,
     task_queue: str,
     timeout: float | None,
+    search_attributes: TypedSearchAttributes | None = None,
 ) -> WorkflowUpdateHandle[_Result]:
     """Send ``update`` to the user's workflow, starting it if needed; return once accepted."""
     start: WithStartWorkflowOperation[Any, None] = WithStartWorkflowOperation(
@@ -338,6 +355,7 @@ async def _update_with_start(
         workflow[1],
         id=workflow_id,
         task_queue=task_queue,
+        search_attributes=search_attributes,
         # The user's workflow runs for as long as the user has changes: join it.
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
     )

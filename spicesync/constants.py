@@ -6,6 +6,8 @@ import uuid
 from datetime import timedelta
 from typing import Final
 
+from temporalio.common import SearchAttributeKey
+
 __all__ = [
     "ACTIVE_STAGES",
     "ACTIVITY_START_TO_CLOSE",
@@ -22,6 +24,7 @@ __all__ = [
     "MAX_IN_FLIGHT_UPDATES",
     "NATS_ACK_WAIT_SECONDS",
     "NATS_FETCH_SECONDS",
+    "ORG_ID_ATTRIBUTE",
     "OUTBOX_CHANNEL",
     "RECONCILE_SCHEDULE_ID",
     "RECONCILE_WORKFLOW_ID",
@@ -31,6 +34,7 @@ __all__ = [
     "SYNC_CHANGE_UPDATE",
     "TEMPORAL_DYNAMIC_CONFIG",
     "USER_CHANGED_SIGNAL",
+    "USER_ID_ATTRIBUTE",
     "USER_SYNC_WORKFLOW",
     "USER_WORKFLOW_ID_PREFIX",
     "dev_server_dynamic_config",
@@ -131,6 +135,10 @@ SEARCH_ATTRIBUTES: Final[dict[str, str]] = {
     "SpicesyncStageSince": "Datetime",
     "SpicesyncLastError": "Keyword",
 }
+# The two that find a user's sync; a starter sets them with the start, so a new run that stays
+# healthy never has to upsert them.
+USER_ID_ATTRIBUTE: Final = SearchAttributeKey.for_keyword("SpicesyncUserId")
+ORG_ID_ATTRIBUTE: Final = SearchAttributeKey.for_keyword("SpicesyncOrgId")
 
 # Stages in which a sync is working on a store; one that stays in them too long is stuck.
 ACTIVE_STAGES: Final = (

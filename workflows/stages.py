@@ -17,6 +17,8 @@ from typing import Any
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
 
+from spicesync.constants import ORG_ID_ATTRIBUTE, USER_ID_ATTRIBUTE
+
 __all__ = [
     "LAST_ERROR",
     "ORG_ID",
@@ -31,8 +33,8 @@ __all__ = [
 STAGE = SearchAttributeKey.for_keyword("SpicesyncStage")
 STAGE_SINCE = SearchAttributeKey.for_datetime("SpicesyncStageSince")
 LAST_ERROR = SearchAttributeKey.for_keyword("SpicesyncLastError")
-USER_ID = SearchAttributeKey.for_keyword("SpicesyncUserId")
-ORG_ID = SearchAttributeKey.for_keyword("SpicesyncOrgId")
+USER_ID = USER_ID_ATTRIBUTE
+ORG_ID = ORG_ID_ATTRIBUTE
 
 # Runs recorded before a healthy sync stopped writing every stage it passed through replay as
 # they ran: each stage, id and org written at once, in its own upsert.

@@ -55,6 +55,7 @@ __all__ = [
     "READ_IN_WRITE_PATCH",
     "RECORD_IN_WRITE_PATCH",
     "RELEASE_PATCH",
+    "SIGNALLED_LOCAL_PATCH",
     "Patches",
     "StepRunner",
 ]
@@ -76,15 +77,27 @@ RECORD_IN_WRITE_PATCH = "record-row-in-write"
 # a read step before it) replay with the read step.
 INSERT_READS_STATE_PATCH = "insert-reads-state"
 
+# Runs recorded before an event delivered by the ``deliver`` signal (in history before any worker
+# saw it) wrote locally from its first step replay with that first write a normal activity.
+SIGNALLED_LOCAL_PATCH = "signalled-events-write-locally"
+
 # Every run this release begins has every patch above (and the user workflow's own), and says so
 # with this one marker instead of one per patch.
-RELEASE_PATCH = "release-2026-12-04"
+RELEASE_PATCH = "release-2026-12-04b"
 # Earlier releases' markers, with the patches that came after each (asked one by one).
 _EARLIER_RELEASES = {
-    "release-2026-12-03c": frozenset({INSERT_READS_STATE_PATCH}),
-    "release-2026-12-03b": frozenset({RECORD_IN_WRITE_PATCH, INSERT_READS_STATE_PATCH}),
+    "release-2026-12-04": frozenset({SIGNALLED_LOCAL_PATCH}),
+    "release-2026-12-03c": frozenset({INSERT_READS_STATE_PATCH, SIGNALLED_LOCAL_PATCH}),
+    "release-2026-12-03b": frozenset(
+        {RECORD_IN_WRITE_PATCH, INSERT_READS_STATE_PATCH, SIGNALLED_LOCAL_PATCH}
+    ),
     "release-2026-12-03": frozenset(
-        {READ_IN_WRITE_PATCH, RECORD_IN_WRITE_PATCH, INSERT_READS_STATE_PATCH}
+        {
+            READ_IN_WRITE_PATCH,
+            RECORD_IN_WRITE_PATCH,
+            INSERT_READS_STATE_PATCH,
+            SIGNALLED_LOCAL_PATCH,
+        }
     ),
 }
 
@@ -133,7 +146,11 @@ class StepRunner:
     """Runs the forward steps of one event (or one repair), in order."""
 
     def __init__(
-        self, patches: Patches, on_visible: Callable[[str | None], None] | None = None
+        self,
+        patches: Patches,
+        on_visible: Callable[[str | None], None] | None = None,
+        *,
+        durable: bool = False,
     ) -> None:
         """Start an event's (or a repair's) steps, all healthy so far.
 
@@ -141,9 +158,11 @@ class StepRunner:
             patches: The run's patches.
             on_visible: Called just before a step runs as a normal activity, with the error
                 type of the local try that failed first (``None`` if none was made).
+            durable: The event is in history already (a signal delivered it), so even its first
+                write may run locally.
         """
         self._patches = patches
-        self._durable = False
+        self._durable = durable and patches.has(SIGNALLED_LOCAL_PATCH)
         self._local = True
         self._on_visible = on_visible
 

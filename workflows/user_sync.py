@@ -148,6 +148,9 @@ class UserSyncWorkflow:
         self._arrived: list[UserEvent] = []
         # A new run's first creation, inserted (or refused) before the ledger existed.
         self._preinserted: _EarlyInsert | None = None
+        # Events as the ``deliver`` signal brought them (in history before any worker saw them),
+        # by event id, until applied: their first write needs no workflow task to be durable.
+        self._signalled: dict[str, UserEvent] = {}
 
     @workflow.run
     async def run(self, request: UserSyncInput) -> None:
@@ -274,7 +277,7 @@ class UserSyncWorkflow:
         self, event: UserEvent, patches: Patches, marks: StageMarks
     ) -> UserState | None:
         """Insert the first creation's row, reading the state first; ``None``: read it apart."""
-        steps = StepRunner(patches, marks.step_visible)
+        steps = self._steps_for(event, marks)
         marks.enter("inserting_row")
         try:
             result = await steps.write(
@@ -297,6 +300,16 @@ class UserSyncWorkflow:
         if not result.skipped:
             self._preinserted = _EarlyInsert(event, steps, result)
         return result.prior
+
+    def _steps_for(self, event: UserEvent, marks: StageMarks) -> StepRunner:
+        """The step runner of ``event``; durable from its first step if a signal delivered it.
+
+        Only the very content a signal delivered counts: an update's event with the same id and
+        other content (refused as a conflict, or applied before the signal came) is not in
+        history until a workflow task records its acceptance.
+        """
+        signalled = self._signalled.get(event.event_id) == event
+        return StepRunner(self._patches, marks.step_visible, durable=signalled)
 
     async def _serve(self, request: UserSyncInput, ledger: EventLedger) -> None:
         marks = self._stage_marks()
@@ -368,6 +381,7 @@ class UserSyncWorkflow:
                     )
                 continue
             outcome, new_state = await self._apply(event, ledger.state)
+            self._signalled.pop(event.event_id, None)
             ledger.finish(event, outcome, new_state)
             accepted_at = self._accepted_at.pop(event.event_id, None)
             if outcome.status == "applied" and accepted_at is not None:
@@ -428,6 +442,8 @@ class UserSyncWorkflow:
         (opaque ids only); a later ``submit`` of the same event learns either outcome.
         """
         arrived = workflow.now()
+        # Before the ledger wait: a new run's first creation is inserted while it waits.
+        self._signalled.setdefault(request.event.event_id, request.event)
         ledger = await self._ledger_ready(request.event)
         event = request.event
         if not self._takes_deliveries:
@@ -598,7 +614,7 @@ class UserSyncWorkflow:
         target = _target(event)
         row_created = False
         write = _MembershipWrite()
-        steps = StepRunner(self._patches, self._stage_marks().step_visible)
+        steps = self._steps_for(event, self._stage_marks())
         # The SpiceDB write records the event on the row in the same step (and transaction).
         one_step = self._patches.has(RECORD_IN_WRITE_PATCH)
         try:

@@ -4,10 +4,12 @@ Runs against the local stack's Temporal and PostgreSQL (``spicesync stack up``),
 and a SpiceDB engine of its own (so a reconcile sees only what this script made), with a worker
 of its own and no payload encryption (the replay test has no key). Histories:
 
-* ``user_sync_first_insert_lifecycle``: a user created, changing role, moving, deleted;
-* ``user_sync_first_insert_compensated``: a creation refused (duplicate email) and compensated;
-* ``user_sync_first_insert_repaired``: a user whose membership SpiceDB lost, repaired by a
-  reconcile;
+* ``user_sync_delivered_lifecycle``: a user created and changing role (both delivered with
+  ``WaitFor.START``, the ``deliver`` signal), moving and deleted (updates);
+* ``user_sync_delivered_compensated``: a creation delivered with ``WaitFor.START``, refused
+  (duplicate email) and compensated;
+* ``user_sync_delivered_repaired``: a user (delivered with ``WaitFor.START``) whose membership
+  SpiceDB lost, repaired by a reconcile;
 * ``user_sync_unfinished_removed``: a creation's row left pending with no sync (as a lost
   acceptance left it before the fix), removed by a reconcile;
 * ``reconcile_unfinished``: the reconcile that removed the unfinished creation;
@@ -40,6 +42,9 @@ the write recording it in its own transaction); ``user_sync_one_write_lifecycle`
 ``user_sync_one_write_compensated`` and ``user_sync_one_write_repaired``
 (``release-2026-12-03c``: a new run's ``read_user_state`` step before its first creation, before
 ``release-2026-12-04`` and the insert reading the state in its own transaction);
+``user_sync_first_insert_lifecycle``, ``user_sync_first_insert_compensated`` and
+``user_sync_first_insert_repaired`` (``release-2026-12-04``: every event's first write a normal
+activity, before ``release-2026-12-04b`` and a signalled event's first write run locally);
 ``backfill_paced`` (version markers always, before patch ``backfill-markers-only-if-needed``);
 ``user_sync_durable_unfinished_removed`` and ``reconcile_durable_unfinished`` (the unfinished
 creation's two, recorded with the ``writes-after-durable-acceptance`` code).
@@ -82,6 +87,7 @@ from starters.backfill import start_backfill
 from starters.reconcile import start_reconcile
 from starters.user_events import (
     UserSyncFailed,
+    WaitFor,
     change_role,
     create_user,
     creation_event,
@@ -94,9 +100,9 @@ from workers.worker import build_worker, open_resources
 
 HERE = Path(__file__).parent
 ALL = (
-    "user_sync_first_insert_lifecycle",
-    "user_sync_first_insert_compensated",
-    "user_sync_first_insert_repaired",
+    "user_sync_delivered_lifecycle",
+    "user_sync_delivered_compensated",
+    "user_sync_delivered_repaired",
     "user_sync_unfinished_removed",
     "reconcile_unfinished",
 )
@@ -162,11 +168,15 @@ async def _run(settings: Settings, names: list[str]) -> None:
         build_worker(client, resources, task_queue=task_queue),
     ):
         uid = synced.user_id
-        await create_user(synced, **queue)  # type: ignore[arg-type]
-        await change_role(uid, org_id=org, role="member", version=2, **queue)  # type: ignore[arg-type]
+        start = {"wait": WaitFor.START, **queue}
+        await create_user(synced, **start)  # type: ignore[arg-type]
+        await change_role(uid, org_id=org, role="member", version=2, **start)  # type: ignore[arg-type]
+        # An update waits for every lower version too: both signalled events are applied first.
         await move_user(uid, org_id=f"{org}-b", role="member", version=3, **queue)  # type: ignore[arg-type]
         await delete_user(uid, version=4, **queue)  # type: ignore[arg-type]
+        await create_user(repaired, **start)  # type: ignore[arg-type]
         await create_user(repaired, **queue)  # type: ignore[arg-type]
+        await create_user(refused, **start)  # type: ignore[arg-type]
         with contextlib.suppress(UserSyncFailed):
             await create_user(refused, **queue)  # type: ignore[arg-type]
         endpoint, key = settings.require_spicedb()
@@ -207,9 +217,9 @@ async def _run(settings: Settings, names: list[str]) -> None:
         await backfill.result()
         histories["backfill_checked"] = (await backfill.fetch_history()).to_json()
     for name, user in (
-        ("user_sync_first_insert_lifecycle", synced),
-        ("user_sync_first_insert_compensated", refused),
-        ("user_sync_first_insert_repaired", repaired),
+        ("user_sync_delivered_lifecycle", synced),
+        ("user_sync_delivered_compensated", refused),
+        ("user_sync_delivered_repaired", repaired),
         ("user_sync_unfinished_removed", unfinished),
     ):
         handle = client.get_workflow_handle(user_workflow_id(user.user_id))

@@ -13,6 +13,7 @@ from starters.stuck import find_stuck, parse_duration
 from starters.user_events import WaitFor, create_user
 from tests.conftest import SpiceDBServer
 from tests.integration.conftest import Pipeline, assert_synced, eventually, new_event
+from workflows import steps as steps_module
 from workflows.stages import ORG_ID, STAGE, USER_ID
 
 pytestmark = pytest.mark.integration
@@ -105,20 +106,35 @@ async def test_a_row_insert_held_by_postgresql_is_listed_as_inserting_row(
 # checked the predicted state itself and recorded the row (no step before or after it) 3 of 21,
 # and before the insert read the new run's App DB state (no read step before it) 3 of 19. 1 of
 # the 3 is the SDK's own: each patch a run asks upserts TemporalChangeVersion, and a run of this
-# release asks one.
+# release asks one. The ids go with the start since release-2026-12-04b, so no upsert names them.
 HEALTHY_CREATION_UPSERTS = 3
 HEALTHY_CREATION_EVENTS = 18
 SPICESYNC_UPSERTS = [
-    # The event's first write always runs as a normal activity: its stage is shown, with the id.
-    {"SpicesyncUserId": "", "SpicesyncStage": "inserting_row", "SpicesyncStageSince": ""},
-    # Once the event is applied: back to idle, with the org.
-    {"SpicesyncOrgId": "", "SpicesyncStage": "idle", "SpicesyncStageSince": ""},
+    # The event's first write runs as a normal activity (an update is not in history until a
+    # workflow task records its acceptance): its stage is shown.
+    {"SpicesyncStage": "inserting_row", "SpicesyncStageSince": ""},
+    # Once the event is applied: back to idle.
+    {"SpicesyncStage": "idle", "SpicesyncStageSince": ""},
+]
+# The same creation delivered with WaitFor.START (the deliver signal, in history before any
+# worker sees it): its insert and its write run locally in the first workflow task, so neither
+# a stage nor an activity task is recorded. 16 events and 2 workflow tasks before
+# release-2026-12-04b (the insert a normal activity, its stage shown, the ids upserted).
+SIGNALLED_CREATION_EVENTS = [
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
+    EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+    EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+    EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
+    EventType.EVENT_TYPE_MARKER_RECORDED,  # the release's patch marker
+    EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES,  # the SDK's TemporalChangeVersion
+    EventType.EVENT_TYPE_MARKER_RECORDED,  # insert_created_row, a local activity
+    EventType.EVENT_TYPE_MARKER_RECORDED,  # write_memberships, a local activity
+    EventType.EVENT_TYPE_TIMER_STARTED,  # idle until the next event, or closing
 ]
 
 
-async def test_a_healthy_creation_upserts_only_its_ids_and_the_first_write(
-    pipeline: Pipeline,
-) -> None:
+async def test_a_healthy_creation_upserts_only_the_first_write(pipeline: Pipeline) -> None:
     user = new_event()
     done = await create_user(user, client=pipeline.client, task_queue=pipeline.task_queue)
     await assert_synced(pipeline, user, done.zed_token or "")
@@ -136,14 +152,45 @@ async def test_a_healthy_creation_upserts_only_its_ids_and_the_first_write(
         for fields in upserts
         if "TemporalChangeVersion" not in fields
     ]
-    expected = [dict(u) for u in SPICESYNC_UPSERTS]
-    expected[0]["SpicesyncUserId"] = user.user_id
-    expected[1]["SpicesyncOrgId"] = user.org_id
-    assert ours == expected
+    assert ours == SPICESYNC_UPSERTS
     attributes = (await handle.describe()).typed_search_attributes
     assert attributes.get(USER_ID) == user.user_id
     assert attributes.get(ORG_ID) == user.org_id
     assert attributes.get(STAGE) == "idle"
+
+
+async def test_a_signalled_creation_runs_in_one_workflow_task_and_is_findable(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A local try that overruns its 1 s goes on as a normal activity, as it should on a busy
+    # box; this test is about the healthy path, so the try gets all the time it needs.
+    monkeypatch.setattr(steps_module, "_LOCAL_TIMEOUT", timedelta(seconds=30))
+    user = new_event()
+    started = await create_user(
+        user, wait=WaitFor.START, client=pipeline.client, task_queue=pipeline.task_queue
+    )
+    # The same event again, waiting for its outcome: a duplicate, answered from the ledger.
+    done = await create_user(user, client=pipeline.client, task_queue=pipeline.task_queue)
+    await assert_synced(pipeline, user, done.zed_token or "")
+    handle = pipeline.client.get_workflow_handle(started.workflow_id)
+    history = await handle.fetch_history()
+    kinds = [e.event_type for e in history.events]
+    # The duplicate's update follows (accepted and completed in a workflow task of its own).
+    assert kinds[: len(SIGNALLED_CREATION_EVENTS)] == SIGNALLED_CREATION_EVENTS
+    assert EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED not in kinds
+    steps = [
+        json.loads(e.marker_recorded_event_attributes.details["data"].payloads[0].data)
+        for e in history.events[:10]
+        if e.marker_recorded_event_attributes.marker_name == "core_local_activity"
+    ]
+    assert [s["activity_type"] for s in steps] == ["insert_created_row", "write_memberships"]
+    # Found by the ids its start carried, with no upsert of its own.
+    query = f"SpicesyncUserId = '{user.user_id}' AND SpicesyncOrgId = '{user.org_id}'"
+
+    async def listed() -> bool:
+        return [w.id async for w in pipeline.client.list_workflows(query)] == [handle.id]
+
+    await eventually(listed, timeout=30)
 
 
 def _keyword(payload: Payload) -> str:

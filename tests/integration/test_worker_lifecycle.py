@@ -5,6 +5,7 @@ connections, as a crashed host does."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from chaos.proxy import FaultProxy, postgres_route
 from spicesync.constants import user_workflow_id
 from spicesync.stack.processes import free_port, stop_process
 from spicesync.temporal import workers_polling
-from starters.user_events import WaitFor, create_user
+from starters.user_events import SyncOutcome, WaitFor, create_user
 from tests.integration.conftest import OwnStores, eventually, new_event, user_row
 from tests.integration.test_reconcile_crash import worker_env
 
@@ -73,6 +74,7 @@ async def test_sigterm_lets_the_activity_in_flight_finish_then_the_worker_exits_
     worker = await _spawn(env, log)
     user = new_event()
     handle = client.get_workflow_handle(user_workflow_id(user.user_id))
+    call: asyncio.Future[SyncOutcome] | None = None
     try:
         await eventually(lambda: _polling(client, task_queue), timeout=60)
         lock = blocker.transaction()
@@ -84,8 +86,12 @@ async def test_sigterm_lets_the_activity_in_flight_finish_then_the_worker_exits_
             uuid.UUID(user.user_id),
             f"lock-{user.user_id[:8]}@example.com",
         )
-        outcome = await create_user(user, wait=WaitFor.START, client=client, task_queue=task_queue)
-        assert outcome.status == "started"
+        # An update (ACCEPTED), so the insert is a normal activity: a WaitFor.START signal is
+        # in history at once, so its insert would run locally, inside a workflow task. A new
+        # run's first update is answered once the insert is done: it runs on its own.
+        call = asyncio.ensure_future(
+            create_user(user, wait=WaitFor.ACCEPTED, client=client, task_queue=task_queue)
+        )
         me = await blocker.fetchval("SELECT pg_backend_pid()")
 
         async def insert_waits_on_the_lock() -> bool:
@@ -104,6 +110,11 @@ async def test_sigterm_lets_the_activity_in_flight_finish_then_the_worker_exits_
         await lock.rollback()  # the insert goes ahead now, if it was let finish
         assert await asyncio.wait_for(worker.wait(), 120) == 0
     finally:
+        if call is not None:
+            # Its answer needed a workflow task after the insert, with no worker left to run it.
+            call.cancel()
+            with contextlib.suppress(BaseException):
+                await call
         await stop_process(worker, timeout=5)
     text = log.read_text(errors="replace")
     row = await user_row(own_stores.pool, user.user_id)

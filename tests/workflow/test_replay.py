@@ -50,6 +50,9 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "user_sync_first_insert_lifecycle",
         "user_sync_first_insert_compensated",
         "user_sync_first_insert_repaired",
+        "user_sync_delivered_lifecycle",
+        "user_sync_delivered_compensated",
+        "user_sync_delivered_repaired",
         "user_sync_unfinished_removed",
         "user_sync_durable_unfinished_removed",
         "reconcile_apply",
@@ -154,6 +157,21 @@ def test_histories_cover_every_workflow_and_path() -> None:
         assert _steps_of(after, "write_memberships") == _steps_of(before, "write_memberships")
         assert _steps_of(after, "read_user_state") == _steps_of(before, "read_user_state") - 1
     assert '"read_first":true' in _decoded(read("user_sync_first_insert_lifecycle"))
+    # The release after: an event the deliver signal brought (in history before any worker saw
+    # it) writes locally from its first step; an update's event still writes first as a normal
+    # activity, in the workflow task that records its acceptance.
+    for kind in ("lifecycle", "compensated", "repaired"):
+        after = read(f"user_sync_delivered_{kind}")
+        assert _patch_markers(after) == 1 and "release-2026-12-04b" in _decoded(after)
+        assert "EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED" in after
+        assert _steps_of(after, "insert_created_row") == 1
+        assert '"name": "insert_created_row"' not in after  # a local activity's marker only
+    delivered = read("user_sync_delivered_lifecycle")
+    assert _steps_of(delivered, "write_memberships") == 4
+    # Two signalled events (created, role_changed), then two updates (moved, deleted).
+    assert delivered.count("EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") == 2
+    assert read("user_sync_first_insert_lifecycle").count("EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") == 4
+    assert "DuplicateEmail" in read("user_sync_delivered_compensated")
     assert '"name": "write_memberships"' in read("user_sync_release_repaired")
     assert '"name": "write_memberships"' in read("user_sync_quiet_repaired")
     assert '"name": "undo_created_row"' in read("user_sync_unfinished_removed")
