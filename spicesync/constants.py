@@ -103,8 +103,8 @@ EVENTS_PER_RUN: Final = 500
 TEMPORAL_DYNAMIC_CONFIG: Final[dict[str, bool | int]] = {
     # Without it, a burst of events for one user past 10 waiting callers is refused.
     "history.maxInFlightUpdates": MAX_IN_FLIGHT_UPDATES,
-    # The first write of every event is a normal activity (workflows/steps.py explains why):
-    # eager dispatch hands it back to the worker that scheduled it, without a poll.
+    # The first write of an update's event is a normal activity (workflows/steps.py explains
+    # why): eager dispatch hands it back to the worker that scheduled it, without a poll.
     "system.enableActivityEagerExecution": True,
 }
 

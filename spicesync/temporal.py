@@ -185,14 +185,14 @@ async def execute_update_with_start(
 
 
 async def sync_is_active(client: Client, user_id: str | uuid.UUID) -> bool:
-    """Whether the user's workflow is running and working on a store (an active stage).
+    """Whether the user's workflow is running and working on a store (an active stage, or none).
 
     Args:
         client: A Temporal client.
         user_id: The user.
 
     Returns:
-        False when the workflow does not exist, has closed, or is idle.
+        False when the workflow does not exist, has closed, or shows a resting or failed stage.
     """
     handle = client.get_workflow_handle(user_workflow_id(user_id))
     try:
@@ -204,7 +204,9 @@ async def sync_is_active(client: Client, user_id: str | uuid.UUID) -> bool:
     if description.status != WorkflowExecutionStatus.RUNNING:
         return False
     stage = {k.name: v for k, v in description.typed_search_attributes}.get("SpicesyncStage")
-    return stage in ACTIVE_STAGES
+    # No stage at all: the run has not finished its first event (a healthy one shows none while
+    # its steps run inside a workflow task; a failing task shows none either).
+    return stage is None or stage in ACTIVE_STAGES
 
 
 def _indexed_type(kind: str) -> IndexedValueType.ValueType:

@@ -120,6 +120,13 @@ class StageMarks:
         if org_id:
             self._want(ORG_ID, org_id)
 
+    def forget_org(self) -> None:
+        """The user has no organization now (deleted): show none (written with the next write)."""
+        if self._legacy or self._written[ORG_ID.name] is None:
+            return
+        self._pending[ORG_ID.name] = ORG_ID.value_unset()
+        self._written[ORG_ID.name] = None
+
     def enter(self, stage: str) -> None:
         """The sync starts a step of ``stage``; written only if the step becomes visible.
 

@@ -3,15 +3,16 @@
 A local activity skips the activity task's round trip through the server, which is most of a
 healthy sync's latency. But it runs *inside* the workflow task, and two things follow:
 
-* **Nothing is durable until that workflow task completes.** The event's acceptance (the update
-  that delivered it) is recorded only then. A write made by a local step of the same workflow
-  task is a side effect of an event Temporal may still lose: if the worker dies, or the task
-  times out behind a backlog, the update is never accepted, the caller is told it failed, and the
-  write stays behind with nothing to finish or undo it. So the first write of every event runs
-  as a normal activity: scheduling it completes the workflow task, which records the acceptance
-  and the schedule together. Reads may run locally at any time (a lost read changes nothing),
-  and once the first write has been scheduled the event is durable and later writes may run
-  locally again.
+* **Nothing the task decides is durable until it completes.** An update's acceptance is
+  recorded only then. A write made by a local step of the same workflow task is a side effect of
+  an event Temporal may still lose: if the worker dies, or the task times out behind a backlog,
+  the update is never accepted, the caller is told it failed, and the write stays behind with
+  nothing to finish or undo it. So the first write of an update's event runs as a normal
+  activity: scheduling it completes the workflow task, which records the acceptance and the
+  schedule together. Reads may run locally at any time (a lost read changes nothing), and once
+  the first write has been scheduled the event is durable and later writes may run locally
+  again. An event the ``deliver`` signal brought is in history before any worker sees it
+  (``durable``), so all its writes may run locally: a lost task is run again from the signal.
 * **A slow local step stretches the workflow task** (and a caller waiting for acceptance). Each
   local try is bounded, including its wait for a free local-activity slot; after one fails or
   times out, the rest of the event's steps run as normal activities, so a busy box turns slow

@@ -77,6 +77,7 @@ with workflow.unsafe.imports_passed_through():
         INSERT_READS_STATE_PATCH,
         READ_IN_WRITE_PATCH,
         RECORD_IN_WRITE_PATCH,
+        SIGNALLED_LOCAL_PATCH,
         Patches,
         StepRunner,
     )
@@ -170,8 +171,8 @@ class UserSyncWorkflow:
             # Only a run that starts afresh reads the row; a stuck read shows as reading_row.
             stage="reading_row" if request.carried is None else "idle",
         )
-        # Goes out with the first stage written (normally the event's first write), or at the
-        # end of the first event: one upsert less for every run.
+        # Normally set with the start by the starter; otherwise it goes out with the first stage
+        # written, or before the run first waits.
         marks.identify(user_id=request.user_id)
         if request.carried is not None:
             state, recent = request.carried.state, request.carried.recent_outcomes
@@ -190,6 +191,13 @@ class UserSyncWorkflow:
                 await self._abandon(refusing, refuse_later=True)
                 raise
             recent = []
+            if patches.has(SIGNALLED_LOCAL_PATCH):
+                # The starter showed a creation's organization; the App DB has the last word
+                # where it has seen the user (the creation may be stale, the user deleted).
+                if state.exists:
+                    marks.identify(org_id=state.org_id)
+                elif state.version:
+                    marks.forget_org()
         legacy = not patches.has(LEDGER_RULES_PATCH)
         ledger = self._ledger = EventLedger(state, recent, legacy=legacy)
         if self._preinserted is None:
@@ -301,6 +309,10 @@ class UserSyncWorkflow:
             self._preinserted = _EarlyInsert(event, steps, result)
         return result.prior
 
+    def _forget_signalled(self, event: UserEvent) -> None:
+        if self._signalled.get(event.event_id) == event:
+            del self._signalled[event.event_id]
+
     def _steps_for(self, event: UserEvent, marks: StageMarks) -> StepRunner:
         """The step runner of ``event``; durable from its first step if a signal delivered it.
 
@@ -308,7 +320,8 @@ class UserSyncWorkflow:
         other content (refused as a conflict, or applied before the signal came) is not in
         history until a workflow task records its acceptance.
         """
-        signalled = self._signalled.get(event.event_id) == event
+        # A run begun before the deliver signal ignores it: its events come by update only.
+        signalled = self._takes_deliveries and self._signalled.get(event.event_id) == event
         return StepRunner(self._patches, marks.step_visible, durable=signalled)
 
     async def _serve(self, request: UserSyncInput, ledger: EventLedger) -> None:
@@ -318,8 +331,9 @@ class UserSyncWorkflow:
                 # About to wait, perhaps past this workflow task: what the last event or repair
                 # left queued (back to idle, its org) goes out now, in one upsert. Work that is
                 # ready starts in this task instead, and its first stage goes out with it. Ids
-                # alone wait: a run's first event may still be on its way to the ledger.
-                marks.flush(ids_alone=False)
+                # changed by an event that showed no stage (it ran locally) go out alone; runs
+                # begun before the starter set them waited for a stage.
+                marks.flush(ids_alone=self._patches.has(SIGNALLED_LOCAL_PATCH))
             holding = ledger.is_holding()
             try:
                 await workflow.wait_condition(
@@ -446,6 +460,8 @@ class UserSyncWorkflow:
         self._signalled.setdefault(request.event.event_id, request.event)
         ledger = await self._ledger_ready(request.event)
         event = request.event
+        if not self._takes_deliveries or event.user_id != self._user_id:
+            self._forget_signalled(event)
         if not self._takes_deliveries:
             # Workers must be upgraded before the apps that send this signal (docs/design.md).
             workflow.logger.warning(
@@ -457,6 +473,9 @@ class UserSyncWorkflow:
             workflow.logger.warning("dropped an event addressed to another user's workflow")
             return
         decided = self._offer(ledger, event, arrived)
+        if decided is not None:
+            # Stale, a duplicate or a conflict: decided at once, never applied from here.
+            self._forget_signalled(event)
         if decided is not None and decided.error_type == EventIdConflict.__name__:
             workflow.metric_meter().create_counter(
                 "spicesync_event_id_conflicts",
@@ -612,7 +631,7 @@ class UserSyncWorkflow:
         except InvalidUserInput as err:
             return _failed(event, "InvalidUserInput", err.message), prior
         target = _target(event)
-        row_created = False
+        row_created = inserting = False
         write = _MembershipWrite()
         steps = self._steps_for(event, self._stage_marks())
         # The SpiceDB write records the event on the row in the same step (and transaction).
@@ -629,9 +648,11 @@ class UserSyncWorkflow:
                     inserted = pre.outcome
                 else:
                     self._enter("inserting_row")
+                    inserting = True
                     inserted = await steps.write(
                         UserRowActivities.insert_created_row, InsertCreatedRowInput(event=event)
                     )
+                    inserting = False
                 if inserted.stale:
                     return _outcome(event, "stale"), prior
                 row_created = inserted.created
@@ -673,6 +694,10 @@ class UserSyncWorkflow:
             return _outcome(event, "applied", written.zed_token), _state_after(event, written)
         except (ActivityError, ApplicationError, asyncio.CancelledError) as err:
             cancelled = is_cancelled_exception(err)
+            if cancelled and inserting and self._patches.has(SIGNALLED_LOCAL_PATCH):
+                # Cancelled inside the insert (a local one is interrupted, perhaps after its
+                # commit): undo this event's row if it is there (only its own is deleted).
+                row_created = True
             self._mark("compensating")
             workflow.metric_meter().create_counter(
                 "spicesync_compensations", "Events rolled back to their prior state"

@@ -628,8 +628,10 @@ def _add_event_options(sub: argparse.ArgumentParser, default_version: int | None
     sub.add_argument(
         "--wait",
         default="permissions",
-        choices=["start", "row", "permissions"],
-        help="return once accepted, once the row reflects it, or once SpiceDB does too",
+        choices=["start", "accepted", "row", "permissions"],
+        help="return once Temporal holds the event, once the user's workflow has taken it"
+        " (checked against earlier deliveries), once the row reflects it, or once SpiceDB does"
+        " too",
     )
     sub.set_defaults(func=_users)
 

@@ -44,7 +44,9 @@ the write recording it in its own transaction); ``user_sync_one_write_lifecycle`
 ``release-2026-12-04`` and the insert reading the state in its own transaction);
 ``user_sync_first_insert_lifecycle``, ``user_sync_first_insert_compensated`` and
 ``user_sync_first_insert_repaired`` (``release-2026-12-04``: every event's first write a normal
-activity, before ``release-2026-12-04b`` and a signalled event's first write run locally);
+activity, before ``release-2026-12-04b`` and a signalled event's first write run locally), and
+``user_sync_first_insert_signalled_lifecycle`` (the same code, recorded from 14fe3c7 with the
+creation and the role change sent with ``WaitFor.START``);
 ``backfill_paced`` (version markers always, before patch ``backfill-markers-only-if-needed``);
 ``user_sync_durable_unfinished_removed`` and ``reconcile_durable_unfinished`` (the unfinished
 creation's two, recorded with the ``writes-after-durable-acceptance`` code).

@@ -118,7 +118,7 @@ SPICESYNC_UPSERTS = [
 ]
 # The same creation delivered with WaitFor.START (the deliver signal, in history before any
 # worker sees it): its insert and its write run locally in the first workflow task, so neither
-# a stage nor an activity task is recorded. 16 events and 2 workflow tasks before
+# a stage nor an activity task is recorded. 17 events and 2 workflow tasks before
 # release-2026-12-04b (the insert a normal activity, its stage shown, the ids upserted).
 SIGNALLED_CREATION_EVENTS = [
     EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
@@ -169,14 +169,21 @@ async def test_a_signalled_creation_runs_in_one_workflow_task_and_is_findable(
     started = await create_user(
         user, wait=WaitFor.START, client=pipeline.client, task_queue=pipeline.task_queue
     )
+    handle = pipeline.client.get_workflow_handle(started.workflow_id)
+
+    async def waiting() -> bool:
+        events = (await handle.fetch_history()).events
+        return any(e.event_type == EventType.EVENT_TYPE_TIMER_STARTED for e in events)
+
+    # Done and waiting for more before the duplicate below is sent, so that it cannot join the
+    # first workflow task.
+    await eventually(waiting, timeout=60)
+    history = await handle.fetch_history()
+    kinds = [e.event_type for e in history.events]
+    assert kinds == SIGNALLED_CREATION_EVENTS
     # The same event again, waiting for its outcome: a duplicate, answered from the ledger.
     done = await create_user(user, client=pipeline.client, task_queue=pipeline.task_queue)
     await assert_synced(pipeline, user, done.zed_token or "")
-    handle = pipeline.client.get_workflow_handle(started.workflow_id)
-    history = await handle.fetch_history()
-    kinds = [e.event_type for e in history.events]
-    # The duplicate's update follows (accepted and completed in a workflow task of its own).
-    assert kinds[: len(SIGNALLED_CREATION_EVENTS)] == SIGNALLED_CREATION_EVENTS
     assert EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED not in kinds
     steps = [
         json.loads(e.marker_recorded_event_attributes.details["data"].payloads[0].data)

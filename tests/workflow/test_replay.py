@@ -50,6 +50,7 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "user_sync_first_insert_lifecycle",
         "user_sync_first_insert_compensated",
         "user_sync_first_insert_repaired",
+        "user_sync_first_insert_signalled_lifecycle",
         "user_sync_delivered_lifecycle",
         "user_sync_delivered_compensated",
         "user_sync_delivered_repaired",
@@ -172,6 +173,14 @@ def test_histories_cover_every_workflow_and_path() -> None:
     assert delivered.count("EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") == 2
     assert read("user_sync_first_insert_lifecycle").count("EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") == 4
     assert "DuplicateEmail" in read("user_sync_delivered_compensated")
+    # The release before, its creation and role change delivered by the deliver signal (the
+    # usual shape of a run open at an upgrade): each first write a normal activity, so it
+    # replays on the branch where the patch is not there.
+    old_signalled = read("user_sync_first_insert_signalled_lifecycle")
+    assert "EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED" in old_signalled
+    assert old_signalled.count("EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") == 4
+    assert "signalled-events-write-locally" not in _decoded(old_signalled)
+    assert "release-2026-12-04b" not in _decoded(old_signalled)
     assert '"name": "write_memberships"' in read("user_sync_release_repaired")
     assert '"name": "write_memberships"' in read("user_sync_quiet_repaired")
     assert '"name": "undo_created_row"' in read("user_sync_unfinished_removed")

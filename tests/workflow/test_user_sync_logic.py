@@ -51,7 +51,8 @@ from spicesync.models import (
     WriteMembershipsResult,
 )
 from starters.user_events import UserSyncFailed, WaitFor, submit_event
-from workflows.user_sync import LAST_ERROR, STAGE, UserSyncWorkflow
+from workflows import steps as steps_module
+from workflows.user_sync import LAST_ERROR, ORG_ID, STAGE, USER_ID, UserSyncWorkflow
 
 Behaviour = Callable[[int], Awaitable[None]]
 
@@ -786,3 +787,73 @@ async def test_a_repair_asked_while_the_first_insert_runs_is_answered_when_cance
         assert caught.value.error_type == "Cancelled"
         assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
     assert steps.calls == ["insert_created_row", "undo_created_row"]
+
+
+async def test_a_cancel_inside_a_signalled_creations_local_insert_undoes_its_row(
+    time_skipping_env: WorkflowEnvironment, task_queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A creation delivered by the deliver signal inserts locally; a cancel interrupts a local
+    activity where it is (after its commit, perhaps), so the row is undone all the same. A
+    re-creation after a delete is inserted in its own turn, not with the run's first read."""
+    # The cancel reaches the workflow once its task gives way (up to 8 s while a local activity
+    # runs); until then the hanging insert must stay a local try, not go on as an activity.
+    monkeypatch.setattr(steps_module, "_LOCAL_TIMEOUT", timedelta(seconds=60))
+    reached = asyncio.Event()
+
+    async def second_insert_hangs(attempt: int) -> None:
+        if attempt >= 2:  # the first is the new run's read of the user's state
+            reached.set()
+            await asyncio.Event().wait()  # until cancelled
+
+    steps = FakeSteps(
+        state=UserState(exists=False, version=3),  # deleted at version 3
+        insert_created_row=second_insert_hangs,
+    )
+    event = created(version=4, event_id="recreated-v4")
+    async for h in running(time_skipping_env, task_queue, steps):
+        assert (await h.submit(event, wait=WaitFor.START)).status == "started"
+        await asyncio.wait_for(reached.wait(), 30)
+        handle = h.env.client.get_workflow_handle(user_workflow_id(event.user_id))
+        await handle.cancel()
+        for _ in range(300):
+            if (await handle.describe()).status == WorkflowExecutionStatus.CANCELED:
+                break
+            await asyncio.sleep(0.1)
+        history = await handle.fetch_history()
+    assert steps.calls == ["insert_created_row", "insert_created_row", "undo_created_row"]
+    # Both inserts ran locally (the event was in history with its signal): no activity task.
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    assert scheduled == ["undo_created_row"]
+
+
+@pytest.mark.parametrize(
+    ("state", "shown"),
+    [
+        # Moved to another organization long ago: a late copy of its creation is stale.
+        (UserState(exists=True, version=5, org_id="elsewhere", role="member"), "elsewhere"),
+        # Deleted since: the creation is stale and the user has no organization.
+        (UserState(exists=False, version=5), None),
+    ],
+)
+async def test_a_stale_creation_does_not_leave_the_org_its_start_showed(
+    time_skipping_env: WorkflowEnvironment,
+    task_queue: str,
+    state: UserState,
+    shown: str | None,
+) -> None:
+    """The starter shows a creation's organization with the run's start; where the App DB has
+    seen the user, the run shows what the App DB holds instead, before it waits."""
+    steps = FakeSteps(state=state)
+    event = created()  # org "acme", version 1
+    async for h in running(time_skipping_env, task_queue, steps):
+        assert (await h.submit(event, wait=WaitFor.START)).status == "started"
+        assert (await h.submit(event)).status == "stale"
+        handle = h.env.client.get_workflow_handle(user_workflow_id(event.user_id))
+        attributes = (await handle.describe()).typed_search_attributes
+    assert attributes.get(ORG_ID) == shown
+    assert attributes.get(USER_ID) == event.user_id
+    assert steps.calls == ["insert_created_row"]  # read with the insert, which wrote nothing
