@@ -14,6 +14,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import (
     WithStartWorkflowOperation,
     WorkflowExecutionStatus,
+    WorkflowHandle,
     WorkflowUpdateFailedError,
 )
 from temporalio.common import WorkflowIDConflictPolicy
@@ -341,6 +342,13 @@ async def cancel_once(h: Harness, event: UserEvent, started: asyncio.Event) -> N
     """Submit ``event``, cancel its user's sync once ``started`` is set, wait until cancelled."""
     pending = asyncio.create_task(h.submit(event))
     await asyncio.wait_for(started.wait(), 30)
+    await cancel_sync(h, event)
+    with pytest.raises(Exception):  # noqa: B017 - the caller learns it did not go through
+        await pending
+
+
+async def cancel_sync(h: Harness, event: UserEvent) -> WorkflowHandle[Any, Any]:
+    """Cancel ``event``'s user's sync and wait until it has closed as cancelled."""
     handle = h.env.client.get_workflow_handle(user_workflow_id(event.user_id))
     await handle.cancel()
     for _ in range(300):
@@ -348,8 +356,7 @@ async def cancel_once(h: Harness, event: UserEvent, started: asyncio.Event) -> N
             break
         await asyncio.sleep(0.1)
     assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
-    with pytest.raises(Exception):  # noqa: B017 - the caller learns it did not go through
-        await pending
+    return handle
 
 
 async def test_a_cancel_after_the_write_restores_the_prior_state_in_reverse_order(
@@ -813,13 +820,7 @@ async def test_a_cancel_inside_a_signalled_creations_local_insert_undoes_its_row
     async for h in running(time_skipping_env, task_queue, steps):
         assert (await h.submit(event, wait=WaitFor.START)).status == "started"
         await asyncio.wait_for(reached.wait(), 30)
-        handle = h.env.client.get_workflow_handle(user_workflow_id(event.user_id))
-        await handle.cancel()
-        for _ in range(300):
-            if (await handle.describe()).status == WorkflowExecutionStatus.CANCELED:
-                break
-            await asyncio.sleep(0.1)
-        history = await handle.fetch_history()
+        history = await (await cancel_sync(h, event)).fetch_history()
     assert steps.calls == ["insert_created_row", "insert_created_row", "undo_created_row"]
     # Both inserts ran locally (the event was in history with its signal): no activity task.
     scheduled = [
