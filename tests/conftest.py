@@ -9,6 +9,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -195,3 +196,16 @@ async def spicedb(spicedb_server: SpiceDBServer) -> AsyncIterator[SpiceDBClient]
 async def client(temporal_env: WorkflowEnvironment) -> Client:
     """The dev server's client (pydantic converter)."""
     return temporal_env.client
+
+
+@pytest.fixture
+def patient_local_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give each local try 60 s instead of 1 s, for tests of the healthy local path.
+
+    A try that overruns its budget goes on as a normal activity, as it should on a busy box; a
+    test that asserts the local path must not see that happen. ``workflows.steps`` is passed
+    through the sandbox, so the workflow sees the patched value.
+    """
+    from workflows import steps
+
+    monkeypatch.setattr(steps, "_LOCAL_TIMEOUT", timedelta(seconds=60))

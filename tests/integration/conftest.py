@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +19,7 @@ from authzed.api.v1 import (
     SubjectFilter,
     WriteRelationshipsRequest,
 )
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHistory
 
 from chaos.faults import FAULTS_DDL
 from chaos.proxy import FaultProxy
@@ -290,3 +291,19 @@ async def temporal_through_proxy(client: Client) -> AsyncIterator[tuple[FaultPro
             proxy.address, namespace=client.namespace, data_converter=client.data_converter
         )
         yield proxy, through
+
+
+def local_steps(history: WorkflowHistory) -> list[str]:
+    """The activity types of the local activities recorded in ``history``, in order."""
+    return [step for _, step in local_step_events(history)]
+
+
+def local_step_events(history: WorkflowHistory) -> list[tuple[int, str]]:
+    """(event id, activity type) of each local activity recorded in ``history``."""
+    steps = []
+    for e in history.events:
+        marker = e.marker_recorded_event_attributes
+        if marker.marker_name == "core_local_activity":
+            data = marker.details["data"].payloads[0].data
+            steps.append((e.event_id, json.loads(data)["activity_type"]))
+    return steps

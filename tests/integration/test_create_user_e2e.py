@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
-from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -14,7 +12,7 @@ import grpc.aio
 import pytest
 from authzed.api.v1 import ReadSchemaRequest
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 from temporalio.testing import ActivityEnvironment
 
@@ -40,6 +38,8 @@ from tests.integration.conftest import (
     assert_synced,
     eventually,
     grant_outside_spicesync,
+    local_step_events,
+    local_steps,
     new_event,
     relationships_of,
     start_held,
@@ -47,7 +47,6 @@ from tests.integration.conftest import (
     worker_settings,
 )
 from workers.worker import SpiceDBKeyRefused, build_worker, open_resources, run_worker
-from workflows import steps as steps_module
 from workflows.user_sync import STAGE
 
 pytestmark = pytest.mark.integration
@@ -104,22 +103,6 @@ async def test_a_healthy_sync_writes_nothing_before_its_event_is_durably_accepte
     )
     writes = [i for i, _ in local_step_events(history)]
     assert writes and all(i > completed for i in writes)
-
-
-def local_steps(history: WorkflowHistory) -> list[str]:
-    """The activity types of the local activities recorded in ``history``, in order."""
-    return [step for _, step in local_step_events(history)]
-
-
-def local_step_events(history: WorkflowHistory) -> list[tuple[int, str]]:
-    """(event id, activity type) of each local activity recorded in ``history``."""
-    steps = []
-    for e in history.events:
-        marker = e.marker_recorded_event_attributes
-        if marker.marker_name == "core_local_activity":
-            data = marker.details["data"].payloads[0].data
-            steps.append((e.event_id, json.loads(data)["activity_type"]))
-    return steps
 
 
 async def test_a_creation_whose_row_committed_unrecorded_still_completes(
@@ -284,11 +267,10 @@ async def test_invalid_input_is_rejected_before_anything_starts(pipeline: Pipeli
 
 
 async def test_spicedb_outage_waits_then_completes(
-    pipeline: Pipeline, spicedb_server: SpiceDBServer, monkeypatch: pytest.MonkeyPatch
+    pipeline: Pipeline, spicedb_server: SpiceDBServer, patient_local_steps: None
 ) -> None:
-    # The insert's local try must not overrun on a busy box (it would go on as an activity, as
-    # it should); the write's fails by its own SpiceDB deadline all the same.
-    monkeypatch.setattr(steps_module, "_LOCAL_TIMEOUT", timedelta(seconds=30))
+    # The insert's local try gets the time it needs; the write's fails by its own SpiceDB
+    # deadline all the same.
     event = new_event()
     spicedb_server.pause()
     try:

@@ -52,7 +52,6 @@ from spicesync.models import (
     WriteMembershipsResult,
 )
 from starters.user_events import UserSyncFailed, WaitFor, submit_event
-from workflows import steps as steps_module
 from workflows.user_sync import LAST_ERROR, ORG_ID, STAGE, USER_ID, UserSyncWorkflow
 
 Behaviour = Callable[[int], Awaitable[None]]
@@ -797,14 +796,13 @@ async def test_a_repair_asked_while_the_first_insert_runs_is_answered_when_cance
 
 
 async def test_a_cancel_inside_a_signalled_creations_local_insert_undoes_its_row(
-    time_skipping_env: WorkflowEnvironment, task_queue: str, monkeypatch: pytest.MonkeyPatch
+    time_skipping_env: WorkflowEnvironment, task_queue: str, patient_local_steps: None
 ) -> None:
     """A creation delivered by the deliver signal inserts locally; a cancel interrupts a local
     activity where it is (after its commit, perhaps), so the row is undone all the same. A
     re-creation after a delete is inserted in its own turn, not with the run's first read."""
     # The cancel reaches the workflow once its task gives way (up to 8 s while a local activity
-    # runs); until then the hanging insert must stay a local try, not go on as an activity.
-    monkeypatch.setattr(steps_module, "_LOCAL_TIMEOUT", timedelta(seconds=60))
+    # runs); until then the hanging insert stays a local try (patient_local_steps).
     reached = asyncio.Event()
 
     async def second_insert_hangs(attempt: int) -> None:
