@@ -71,6 +71,7 @@ from workers.relay_support import (
     serve_health,
     stop_on_signals,
 )
+from workers.startup_heap import freeze_startup_heap
 
 __all__ = ["CdcBatch", "CdcMetrics", "CdcRelay", "run_cdc_relay"]
 
@@ -482,6 +483,7 @@ async def run_cdc_relay(
                 _watch_lag(relay, pool, metrics, warn_bytes=settings.cdc_lag_warn_bytes, stop=stop)
             )
         ]
+        freeze_startup_heap()
         log.info(
             "cdc relay following %s through slot %s (publication %s) to task queue %s",
             mapping.source.table,

@@ -67,6 +67,7 @@ from workers.relay_support import (
     serve_health,
     stop_on_signals,
 )
+from workers.startup_heap import freeze_startup_heap
 
 __all__ = [
     "NatsBatch",
@@ -587,6 +588,7 @@ async def run_nats_relay(
         helpers = []
         if runtime.metric_meter is not MetricMeter.noop:
             helpers.append(asyncio.create_task(_report_consumer(js, settings, metrics, stop)))
+        freeze_startup_heap()
         log.info(
             "NATS relay: consumer %s on stream %s delivering to task queue %s (batches of %d,"
             " %d in flight)",

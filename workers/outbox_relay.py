@@ -54,6 +54,7 @@ from workers.relay_support import (
     serve_health,
     stop_on_signals,
 )
+from workers.startup_heap import freeze_startup_heap
 
 __all__ = [
     "LISTEN_APPLICATION_NAME",
@@ -450,6 +451,7 @@ async def run_outbox_relay(
         ]
         if runtime.metric_meter is not MetricMeter.noop:
             helpers.append(asyncio.create_task(_report_backlog(pool, metrics, stop)))
+        freeze_startup_heap()
         log.info(
             "outbox relay delivering to task queue %s (batches of %d, %d in flight, polling"
             " every %g s)",

@@ -50,6 +50,7 @@ from spicesync.spicedb import (
     connect_configured_spicedb,
 )
 from spicesync.temporal import connect_temporal
+from workers.startup_heap import freeze_startup_heap
 from workflows.backfill import BackfillWorkflow
 from workflows.followed_user import FollowedUserWorkflow
 from workflows.reconcile import ReconcileWorkflow
@@ -334,6 +335,7 @@ async def run_worker(
             # schema is fixed and they are resumed; the worker still serves everything else.
             log.error("SpiceDB schema is missing what spicesync writes: %s", "; ".join(missing))
         worker = build_worker(client, resources, task_queue=settings.task_queue, settings=settings)
+        freeze_startup_heap()
         async with worker:
             log.info("worker polling task queue %s", settings.task_queue)
             await stop.wait()
