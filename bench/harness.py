@@ -13,8 +13,7 @@ import asyncio
 import statistics
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from collections.abc import Set as AbstractSet
+from collections.abc import Awaitable, Callable, Set as AbstractSet
 from dataclasses import dataclass, field
 
 import asyncpg

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import NamedTuple
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
@@ -81,17 +80,20 @@ with workflow.unsafe.imports_passed_through():
         Patches,
         StepRunner,
     )
-    from workflows.user_sync_helpers import MembershipWrite as _MembershipWrite
-    from workflows.user_sync_helpers import cause_type as _cause_type
-    from workflows.user_sync_helpers import describe as _describe
-    from workflows.user_sync_helpers import failed as _failed
-    from workflows.user_sync_helpers import outcome as _outcome
-    from workflows.user_sync_helpers import predicted as _predicted
-    from workflows.user_sync_helpers import refused as _refused
-    from workflows.user_sync_helpers import shielded as _shielded
-    from workflows.user_sync_helpers import state_after as _state_after
-    from workflows.user_sync_helpers import state_before as _state_before
-    from workflows.user_sync_helpers import target as _target
+    from workflows.user_sync_helpers import (
+        EarlyInsert as _EarlyInsert,
+        MembershipWrite as _MembershipWrite,
+        cause_type as _cause_type,
+        describe as _describe,
+        failed as _failed,
+        outcome as _outcome,
+        predicted as _predicted,
+        refused as _refused,
+        shielded as _shielded,
+        state_after as _state_after,
+        state_before as _state_before,
+        target as _target,
+    )
 
 __all__ = [
     "LAST_ERROR",
@@ -105,16 +107,6 @@ __all__ = [
 
 
 _TIMEOUT = timedelta(seconds=ACTIVITY_START_TO_CLOSE)
-
-
-class _EarlyInsert(NamedTuple):
-    """A new run's first creation, inserted before its turn (``UserSyncWorkflow._first_state``)."""
-
-    event: UserEvent
-    # Its step runner: the insert made the event durable, so its later steps may run locally.
-    steps: StepRunner
-    # The insert's result, or its refusal (raised again when the event's turn comes).
-    outcome: InsertCreatedRowResult | ActivityError
 
 
 # Runs recorded before the ledger refused reused event ids and failed changes to a user that is

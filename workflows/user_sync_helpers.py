@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 from temporalio.exceptions import ActivityError, ApplicationError
 
@@ -19,6 +20,7 @@ from spicesync.errors import NON_RETRYABLE_ERROR_TYPES, WRITTEN_THEN_REFUSED_ERR
 from spicesync.models import (
     EventOutcome,
     EventStatus,
+    InsertCreatedRowResult,
     Membership,
     MembershipsSnapshot,
     UserEvent,
@@ -26,7 +28,11 @@ from spicesync.models import (
     WriteMembershipsResult,
 )
 
+if TYPE_CHECKING:
+    from workflows.steps import StepRunner
+
 __all__ = [
+    "EarlyInsert",
     "MembershipWrite",
     "cause_type",
     "describe",
@@ -39,6 +45,20 @@ __all__ = [
     "state_before",
     "target",
 ]
+
+
+class EarlyInsert(NamedTuple):
+    """A new run's first creation, inserted before its turn (``UserSyncWorkflow._first_state``).
+
+    Here rather than in the workflow's module, which the sandbox executes again for every new
+    instance: building a ``NamedTuple`` class is one of the costlier parts of that.
+    """
+
+    event: UserEvent
+    # Its step runner: the insert made the event durable, so its later steps may run locally.
+    steps: StepRunner
+    # The insert's result, or its refusal (raised again when the event's turn comes).
+    outcome: InsertCreatedRowResult | ActivityError
 
 
 @dataclass

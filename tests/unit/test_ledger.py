@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from spicesync.models import EventOutcome, UserEvent, UserState
 from workflows.ledger import EventLedger, content_digest
