@@ -165,3 +165,43 @@ def test_sigterm_stops_every_process_the_bench_started(
         for pid in started:
             if pid_alive(pid):
                 stop_pid(pid)
+
+
+# A stack, then two worker processes, on a loaded 2-core box.
+@pytest.mark.timeout(300)
+def test_close_cost_measures_runs_that_close_against_runs_that_stay_open(
+    stack_env: dict[str, str],  # noqa: F811
+) -> None:
+    up = run(["stack", "up"], stack_env, timeout=180)
+    assert up.returncode == 0, up.stderr[-3000:]
+    done = subprocess.run(
+        [
+            *CLI[:-2],  # the interpreter, without "-m spicesync"
+            "-m",
+            "bench.close_cost",
+            "--users",
+            "6",
+            "--short-idle",
+            "1",
+            "--settle",
+            "6",
+            "--rounds",
+            "1",
+        ],
+        env=stack_env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    stays, closes, cost = lines
+    # Read back from Temporal: the default idle time keeps every run open, the short one closed
+    # every run within the window.
+    assert stays.startswith("idle 600 s: 0/6 closed; ms per user:"), stays
+    assert closes.startswith("idle 1 s: 6/6 closed; ms per user:"), closes
+    for line in (stays, closes):
+        for role in ("postgres", "spicedb", "temporal", "total", "worker"):
+            assert f" {role} " in line, line
+    assert cost.startswith("the close: ") and cost.endswith(" ms per user"), cost
