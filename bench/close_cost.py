@@ -29,8 +29,7 @@ from dataclasses import dataclass
 import asyncpg
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from bench.cpu import CpuWindow, Watched
-from bench.run import engine_pids
+from bench.cpu import CpuWindow, Watched, parent_of_postgres_backend
 from spicesync.constants import DELIVER_EVENT_SIGNAL, USER_SYNC_WORKFLOW, user_workflow_id
 from spicesync.models import CreateUserInput, DeliverEventInput, UserSyncInput
 from spicesync.settings import Settings, load_settings
@@ -55,15 +54,19 @@ class Pass:
 async def _engines(settings: Settings) -> list[Watched]:
     """The stack's dev server, postmaster and SpiceDB, as this host runs them."""
     state = StackState.load(settings.state_dir)
+    watched = []
+    for name in ("temporal", "spicedb"):
+        component = state.component(name)
+        if component is not None and component.managed and component.pid:
+            watched.append(Watched(name, component.pid))
     conn = await asyncpg.connect(settings.require_database_url())
     try:
-        pids = await engine_pids(state, conn)
+        postmaster = parent_of_postgres_backend(int(await conn.fetchval("SELECT pg_backend_pid()")))
     finally:
         await conn.close()
-    spicedb = state.component("spicedb")
-    if spicedb is not None and spicedb.managed and spicedb.pid:
-        pids["spicedb"] = spicedb.pid
-    return [Watched(role, pid) for role, pid in pids.items()]
+    if postmaster is not None:
+        watched.append(Watched("postgres", postmaster))
+    return watched
 
 
 async def _worker(
@@ -90,20 +93,12 @@ async def _worker(
     )
     assert process.stderr is not None
     async with asyncio.timeout(60):
-        while True:
-            line = await process.stderr.readline()
-            if not line:
+        while b"worker polling task queue" not in await process.stderr.readline():
+            if process.returncode is not None:
                 raise RuntimeError("the worker exited before it polled")
-            if b"worker polling task queue" in line:
-                break
+    # Keep reading its log, so that a full pipe never blocks it.
+    asyncio.get_running_loop().create_task(process.stderr.read())
     return process
-
-
-async def _drained(process: asyncio.subprocess.Process) -> None:
-    """Read the worker's log to its end, so that a full pipe never blocks the worker."""
-    assert process.stderr is not None
-    while await process.stderr.read(65536):
-        pass
 
 
 async def measure_pass(
@@ -129,7 +124,6 @@ async def measure_pass(
     """
     task_queue = f"close-cost-{uuid.uuid4().hex[:8]}"
     worker = await _worker(settings, task_queue, cache)
-    drain = asyncio.create_task(_drained(worker))
     try:
         window = CpuWindow([*await _engines(settings), Watched("worker", worker.pid)])
         window.start()
@@ -164,7 +158,6 @@ async def measure_pass(
     finally:
         worker.terminate()
         await worker.wait()
-        await drain
 
 
 async def closed(client: Client, user_ids: Sequence[str]) -> int:

@@ -263,7 +263,7 @@ def _watched(
     return watched
 
 
-async def engine_pids(state: StackState, pool: asyncpg.Pool | asyncpg.Connection) -> dict[str, int]:
+async def engine_pids(state: StackState, pool: asyncpg.Pool) -> dict[str, int]:
     """The pids of the shared engines this host runs: Temporal's dev server, the postmaster.
 
     A Temporal server elsewhere (``TEMPORAL_ADDRESS``) cannot be read from ``/proc`` and is left
