@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from bench.context import BenchContext
 from bench.rows import row_completions
 from spicesync.models import CreateUserInput
 from starters.user_events import WaitFor, create_user
 
-__all__ = ["PipelineSystem"]
+__all__ = ["ClosingPipelineSystem", "PipelineSystem"]
 
 
 class PipelineSystem:
@@ -32,3 +32,24 @@ class PipelineSystem:
     ) -> dict[str, tuple[datetime | None, datetime]]:
         """From the rows: inserted by the saga's first step, synced by its last."""
         return await row_completions(ctx, user_ids)
+
+
+class ClosingPipelineSystem(PipelineSystem):
+    """The same with no idle time: each user's run closes in the task that applied its event.
+
+    Run on request (``--systems``): a spicesync run otherwise closes ten idle minutes later,
+    outside the window, so the two side by side show what that close costs and saves.
+    """
+
+    name = "spicesync (no idle time)"
+    on_request = True
+
+    async def submit(self, ctx: BenchContext, user: CreateUserInput) -> None:
+        """As :meth:`PipelineSystem.submit`, with ``idle=timedelta(0)``."""
+        await create_user(
+            user,
+            wait=WaitFor.START,
+            client=ctx.client,
+            task_queue=ctx.task_queue,
+            idle=timedelta(0),
+        )

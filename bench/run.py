@@ -49,7 +49,7 @@ from bench.harness import (
 from bench.naive import NaiveTwoActivitySystem
 from bench.nats_sync import NatsSyncSystem
 from bench.outbox import OutboxSystem
-from bench.pipeline import PipelineSystem
+from bench.pipeline import ClosingPipelineSystem, PipelineSystem
 from bench.report import markdown, plot, write_json
 from spicesync.db import with_database
 from spicesync.settings import Settings, load_settings
@@ -67,7 +67,7 @@ from spicesync.stack.processes import (
 from spicesync.temporal import connect_temporal
 from starters.reconcile import schedule_as_configured
 
-__all__ = ["BenchOptions", "compile_workflow_code", "run_bench"]
+__all__ = ["BenchOptions", "all_systems", "compile_workflow_code", "known_systems", "run_bench"]
 
 DRAIN_SECONDS = 45.0
 # After the drain (and its measurements), how long unfinished users may still take to finish.
@@ -91,11 +91,12 @@ class BenchOptions:
     systems: list[str] | None = None
 
 
-def all_systems() -> list[System]:
-    """Every system, the ceiling first."""
+def known_systems() -> list[System]:
+    """Every system, the ceiling first, including those run only when named."""
     return [
         EmptyWorkflowSystem(),
         PipelineSystem(),
+        ClosingPipelineSystem(),
         NaiveTwoActivitySystem(),
         DualWriteSystem(),
         NatsSyncSystem(),
@@ -104,6 +105,11 @@ def all_systems() -> list[System]:
         FollowCdcSystem(),
         FollowNatsSystem(),
     ]
+
+
+def all_systems() -> list[System]:
+    """The systems a run without ``--systems`` measures, the ceiling first."""
+    return [s for s in known_systems() if not getattr(s, "on_request", False)]
 
 
 def _progress(label: str) -> Any:
@@ -375,7 +381,11 @@ async def _run_all(options: BenchOptions, nats_pid: int | None) -> dict[str, Any
             "engines": await engine_pids(state, pool),
             "nats_pid": nats_pid,
         }
-        systems = [s for s in all_systems() if not options.systems or s.name in options.systems]
+        systems = (
+            [s for s in known_systems() if s.name in options.systems]
+            if options.systems
+            else all_systems()
+        )
         for rate in options.rates:
             for system in systems:
                 results.append(await run_cell(system, rate, options, settings, shared))

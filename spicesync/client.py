@@ -211,6 +211,7 @@ async def submit_event(
     client: Client | None = None,
     task_queue: str | None = None,
     accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
+    idle: timedelta | None = None,
 ) -> SyncOutcome:
     """Deliver ``event`` to its user's workflow, starting the workflow if needed.
 
@@ -221,6 +222,11 @@ async def submit_event(
             from the settings when omitted.
         task_queue: The workers' task queue; the settings' by default.
         accept_within: How long to keep retrying calls refused for a passing reason.
+        idle: How long the user's workflow stays open with nothing to do, if this call starts
+            it (10 minutes by default). ``timedelta(0)`` closes it in the workflow task that
+            finished its last event: less work per user, but a failed event delivered again
+            is tried afresh at once (docs/design.md#lifetimes). Every worker must run a
+            release that knows it (2026-12-05 or later) before an app sends it.
 
     Returns:
         The outcome at the point the caller asked to wait for.
@@ -234,14 +240,21 @@ async def submit_event(
             ``accept_within`` had passed; nothing of the event was written.
     """
     validate_event(event)
+    if idle is not None and idle < timedelta(0):
+        raise ValueError("idle must not be negative")
+    start = (
+        UserSyncInput(user_id=event.user_id)
+        if idle is None
+        else UserSyncInput(user_id=event.user_id, idle_seconds=idle.total_seconds())
+    )
     client, task_queue = await client_and_queue(client, task_queue)
     workflow_id = user_workflow_id(event.user_id)
     if wait is WaitFor.START:
-        await _delivered(client, task_queue, workflow_id, event, accept_within)
+        await _delivered(client, task_queue, workflow_id, start, event, accept_within)
         outcome = EventOutcome(event_id=event.event_id, version=event.version, status="queued")
         return _sync_outcome(event, workflow_id, outcome)
     try:
-        handle = await _accepted(client, task_queue, workflow_id, event, wait, accept_within)
+        handle = await _accepted(client, task_queue, workflow_id, start, event, wait, accept_within)
         outcome = await _outcome(handle)
     except WorkflowUpdateFailedError as err:
         cause = err.cause
@@ -282,6 +295,7 @@ async def _delivered(
     client: Client,
     task_queue: str,
     workflow_id: str,
+    start: UserSyncInput,
     event: UserEvent,
     accept_within: timedelta,
 ) -> None:
@@ -292,7 +306,7 @@ async def _delivered(
         await asyncio.wait_for(
             client.start_workflow(
                 USER_SYNC_WORKFLOW,
-                UserSyncInput(user_id=event.user_id),
+                start,
                 id=workflow_id,
                 task_queue=task_queue,
                 start_signal=DELIVER_EVENT_SIGNAL,
@@ -313,6 +327,7 @@ async def _accepted(
     client: Client,
     task_queue: str,
     workflow_id: str,
+    start: UserSyncInput,
     event: UserEvent,
     wait: WaitFor,
     accept_within: timedelta,
@@ -322,7 +337,7 @@ async def _accepted(
     async def attempt(left: float | None) -> WorkflowUpdateHandle[EventOutcome]:
         return await _update_with_start(
             client,
-            (USER_SYNC_WORKFLOW, UserSyncInput(user_id=event.user_id)),
+            (USER_SYNC_WORKFLOW, start),
             (SUBMIT_EVENT_UPDATE, SubmitEventInput(event=event, wait=_STAGE[wait])),
             EventOutcome,
             workflow_id=workflow_id,
@@ -472,11 +487,17 @@ async def create_user(
     client: Client | None = None,
     task_queue: str | None = None,
     accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
+    idle: timedelta | None = None,
 ) -> SyncOutcome:
     """Deliver a ``created`` event (see :func:`submit_event`)."""
     event = creation_event(user, version=version, event_id=event_id)
     return await submit_event(
-        event, wait=wait, client=client, task_queue=task_queue, accept_within=accept_within
+        event,
+        wait=wait,
+        client=client,
+        task_queue=task_queue,
+        accept_within=accept_within,
+        idle=idle,
     )
 
 
@@ -517,6 +538,7 @@ async def _membership_change(
     client: Client | None,
     task_queue: str | None,
     accept_within: timedelta,
+    idle: timedelta | None,
 ) -> SyncOutcome:
     event = UserEvent(
         event_id=event_id or _event_id(user_id, kind, version),
@@ -527,7 +549,12 @@ async def _membership_change(
         role=role,
     )
     return await submit_event(
-        event, wait=wait, client=client, task_queue=task_queue, accept_within=accept_within
+        event,
+        wait=wait,
+        client=client,
+        task_queue=task_queue,
+        accept_within=accept_within,
+        idle=idle,
     )
 
 
@@ -542,6 +569,7 @@ async def change_role(
     client: Client | None = None,
     task_queue: str | None = None,
     accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
+    idle: timedelta | None = None,
 ) -> SyncOutcome:
     """Deliver a ``role_changed`` event: ``role`` in ``org_id`` from ``version`` on."""
     return await _membership_change(
@@ -555,6 +583,7 @@ async def change_role(
         client=client,
         task_queue=task_queue,
         accept_within=accept_within,
+        idle=idle,
     )
 
 
@@ -569,6 +598,7 @@ async def move_user(
     client: Client | None = None,
     task_queue: str | None = None,
     accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
+    idle: timedelta | None = None,
 ) -> SyncOutcome:
     """Deliver a ``moved`` event: the user belongs to ``org_id`` (as ``role``) from ``version``."""
     return await _membership_change(
@@ -582,6 +612,7 @@ async def move_user(
         client=client,
         task_queue=task_queue,
         accept_within=accept_within,
+        idle=idle,
     )
 
 
@@ -594,6 +625,7 @@ async def delete_user(
     client: Client | None = None,
     task_queue: str | None = None,
     accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
+    idle: timedelta | None = None,
 ) -> SyncOutcome:
     """Deliver a ``deleted`` event: permissions are revoked first, then the row is deleted."""
     event = UserEvent(
@@ -603,7 +635,12 @@ async def delete_user(
         kind="deleted",
     )
     return await submit_event(
-        event, wait=wait, client=client, task_queue=task_queue, accept_within=accept_within
+        event,
+        wait=wait,
+        client=client,
+        task_queue=task_queue,
+        accept_within=accept_within,
+        idle=idle,
     )
 
 

@@ -318,8 +318,18 @@ class UserSyncWorkflow:
 
     async def _serve(self, request: UserSyncInput, ledger: EventLedger) -> None:
         marks = self._stage_marks()
+        # Idle time zero: the run closes in the workflow task that finished its last event,
+        # with no idle timer, and the next event starts a new run (docs/design.md#lifetimes).
+        closes_at_once = request.idle_seconds <= 0
+
+        def done() -> bool:
+            return not ledger.has_pending() and workflow.all_handlers_finished()
+
         while True:
             if ledger.next_ready() is None and not self._repair_wanted():
+                if closes_at_once and done():
+                    await self._close_idle()
+                    return
                 # About to wait, perhaps past this workflow task: what the last event or repair
                 # left queued (back to idle, its org) goes out now, in one upsert. Work that is
                 # ready starts in this task instead, and its first stage goes out with it. Ids
@@ -334,24 +344,27 @@ class UserSyncWorkflow:
                         or self._repair_wanted()
                         or ledger.is_holding() != holding  # noqa: B023 - read in this iteration only
                         or (not ledger.has_pending() and self._should_continue_as_new())
+                        or (closes_at_once and done())
                     ),
-                    # A durable timer either way: the grace of a held change, or idleness.
+                    # A durable timer either way: the grace of a held change, or idleness. A
+                    # run that closes at once waits with no timer: an event, a repair or its
+                    # last caller served wakes it.
                     timeout=HELD_CHANGE_GRACE
                     if holding
+                    else None
+                    if closes_at_once
                     else timedelta(seconds=request.idle_seconds),
                 )
             except TimeoutError:
                 if holding:
                     # A change to a user that does not exist, and no creation came in time.
                     ledger.expire_held()
-                elif not ledger.has_pending() and workflow.all_handlers_finished():
-                    # Idle: close. The next event starts a fresh run, which reads what is
-                    # applied from the App DB, so nothing depends on this run staying open.
-                    await self._drop_preinserted()
-                    self._settle("closed_idle")
-                    marks.flush()
+                elif done():
+                    await self._close_idle()
                     return
                 continue
+            if closes_at_once and done() and not self._repair_wanted():
+                continue  # nothing ready either: it closes at the top of the loop
             event = ledger.next_ready()
             # The first creation's early insert stands only for that event, applied next.
             await self._drop_preinserted(unless=event)
@@ -404,6 +417,16 @@ class UserSyncWorkflow:
                 # queued: it goes out with the org before the workflow waits, or gives way to
                 # the next event's first stage in this same task.
                 self._settle("idle")
+
+    async def _close_idle(self) -> None:
+        """Close the run: the next event starts a fresh one.
+
+        A fresh run reads what is applied from the App DB, so nothing depends on this run
+        staying open; what it alone remembered (failed events' outcomes) goes with it.
+        """
+        await self._drop_preinserted()
+        self._settle("closed_idle")
+        self._stage_marks().flush()
 
     @workflow.update
     async def submit(self, request: SubmitEventInput) -> EventOutcome:

@@ -304,9 +304,9 @@ def bench_command(args: argparse.Namespace) -> int:
     Every process the run starts stops with it, also when it is stopped by SIGTERM (exit 143).
     """
     from bench import children
-    from bench.run import BenchOptions, all_systems, run_bench
+    from bench.run import BenchOptions, known_systems, run_bench
 
-    known = [system.name for system in all_systems()]
+    known = [system.name for system in known_systems()]
     unknown = [name for name in args.systems or [] if name not in known]
     if unknown:
         print(

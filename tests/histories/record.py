@@ -10,6 +10,8 @@ of its own and no payload encryption (the replay test has no key). Histories:
   (duplicate email) and compensated;
 * ``user_sync_delivered_repaired``: a user (delivered with ``WaitFor.START``) whose membership
   SpiceDB lost, repaired by a reconcile;
+* ``user_sync_closed_at_once``: a creation delivered with ``WaitFor.START`` and no idle time,
+  whose run closes in the workflow task that applied it;
 * ``user_sync_unfinished_removed``: a creation's row left pending with no sync (as a lost
   acceptance left it before the fix), removed by a reconcile;
 * ``reconcile_unfinished``: the reconcile that removed the unfinished creation;
@@ -60,6 +62,7 @@ import asyncio
 import contextlib
 import sys
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +109,7 @@ ALL = (
     "user_sync_delivered_compensated",
     "user_sync_delivered_repaired",
     "user_sync_unfinished_removed",
+    "user_sync_closed_at_once",
     "reconcile_unfinished",
 )
 FOLLOW = ("followed_user_quiet_lifecycle", "reconcile_follow", "backfill_follow")
@@ -163,6 +167,9 @@ async def _run(settings: Settings, names: list[str]) -> None:
     unfinished = synced.model_copy(
         update={"user_id": str(uuid.uuid4()), "email": f"left-{org}@example.com"}
     )
+    closed = synced.model_copy(
+        update={"user_id": str(uuid.uuid4()), "email": f"once-{org}@example.com"}
+    )
     queue = {"client": client, "task_queue": task_queue}
     histories: dict[str, str] = {}
     async with (
@@ -181,6 +188,8 @@ async def _run(settings: Settings, names: list[str]) -> None:
         await create_user(refused, **start)  # type: ignore[arg-type]
         with contextlib.suppress(UserSyncFailed):
             await create_user(refused, **queue)  # type: ignore[arg-type]
+        await create_user(closed, idle=timedelta(0), **start)  # type: ignore[arg-type]
+        await client.get_workflow_handle(user_workflow_id(closed.user_id)).result()
         endpoint, key = settings.require_spicedb()
         spicedb = connect_spicedb(endpoint, key)
         await revoke_all(spicedb, repaired.user_id)
@@ -223,6 +232,7 @@ async def _run(settings: Settings, names: list[str]) -> None:
         ("user_sync_delivered_compensated", refused),
         ("user_sync_delivered_repaired", repaired),
         ("user_sync_unfinished_removed", unfinished),
+        ("user_sync_closed_at_once", closed),
     ):
         handle = client.get_workflow_handle(user_workflow_id(user.user_id))
         histories[name] = (await handle.fetch_history()).to_json()

@@ -10,6 +10,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -321,3 +322,56 @@ async def test_a_failed_event_redelivered_gets_its_outcome_until_the_workflow_cl
     assert applied.status == "synced"
     await assert_synced(pipeline, second, applied.zed_token or "")
     assert await relationships_of(pipeline.spicedb, owner.user_id) == []
+
+
+# --- Issue 16: runs with no idle time close with their last event --------------------------
+
+
+async def closes_as_a_new_run(p: Pipeline, user_id: str, before: str | None) -> str:
+    """Wait for the user's current run to be closed; it must not be the run ``before``."""
+    await wait_closed_idle(p, user_id)
+    run_id, _ = await current_run(p, user_id)
+    assert run_id != before
+    return run_id
+
+
+async def test_with_no_idle_time_each_event_runs_in_a_run_that_closes_with_it(
+    pipeline: Pipeline,
+) -> None:
+    """Each event starts a run that reads the App DB, applies it and closes; a duplicate
+    delivered after the close is answered from the App DB, not applied again."""
+    user = new_event()
+    at_once: dict[str, Any] = {"idle": timedelta(0), **queue(pipeline)}
+    created = await create_user(user, **at_once)
+    first = await closes_as_a_new_run(pipeline, user.user_id, None)
+    await assert_synced(pipeline, user, created.zed_token)
+    promoted = await change_role(
+        user.user_id,
+        org_id=user.org_id,
+        role="admin",
+        version=2,
+        **at_once,
+    )
+    second = await closes_as_a_new_run(pipeline, user.user_id, first)
+    admin = user.model_copy(update={"role": "admin"})
+    await assert_synced(pipeline, admin, promoted.zed_token)
+    again = await change_role(
+        user.user_id,
+        org_id=user.org_id,
+        role="admin",
+        version=2,
+        **at_once,
+    )
+    assert (again.status, again.zed_token) == ("synced", promoted.zed_token)
+    await closes_as_a_new_run(pipeline, user.user_id, second)
+    await assert_synced(pipeline, admin, promoted.zed_token)
+    # Signalled: the caller is answered by the server; the run applies the event and closes.
+    deleted = await delete_user(user.user_id, version=3, wait=WaitFor.START, **at_once)
+    assert deleted.status == "started"
+
+    async def gone() -> bool:
+        return await user_row(pipeline.pool, user.user_id) is None
+
+    await eventually(gone, timeout=60)
+    await wait_closed_idle(pipeline, user.user_id)
+    await assert_neither(pipeline, user)

@@ -54,6 +54,7 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "user_sync_delivered_lifecycle",
         "user_sync_delivered_compensated",
         "user_sync_delivered_repaired",
+        "user_sync_closed_at_once",
         "user_sync_unfinished_removed",
         "user_sync_durable_unfinished_removed",
         "reconcile_apply",
@@ -181,6 +182,13 @@ def test_histories_cover_every_workflow_and_path() -> None:
     assert old_signalled.count("EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") == 4
     assert "signalled-events-write-locally" not in _decoded(old_signalled)
     assert "release-2026-12-04b" not in _decoded(old_signalled)
+    # No idle time: a new user's run inserts, writes and closes in its one workflow task.
+    at_once = read("user_sync_closed_at_once")
+    assert '"idle_seconds":0.0' in _decoded(at_once)
+    assert at_once.count("EVENT_TYPE_WORKFLOW_TASK_COMPLETED") == 1
+    assert "EVENT_TYPE_TIMER_STARTED" not in at_once
+    assert "EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED" in at_once
+    assert _steps_of(at_once, "write_memberships") == 1
     assert '"name": "write_memberships"' in read("user_sync_release_repaired")
     assert '"name": "write_memberships"' in read("user_sync_quiet_repaired")
     assert '"name": "undo_created_row"' in read("user_sync_unfinished_removed")

@@ -18,6 +18,7 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
 )
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
@@ -214,11 +215,15 @@ class Harness:
     def __init__(self, env: WorkflowEnvironment, task_queue: str) -> None:
         self.env, self.task_queue = env, task_queue
 
-    async def submit(self, event: UserEvent, wait: WaitFor = WaitFor.PERMISSIONS) -> Any:
+    async def submit(
+        self, event: UserEvent, wait: WaitFor = WaitFor.PERMISSIONS, idle: timedelta | None = None
+    ) -> Any:
         # The test server skips time only while a client awaits a workflow result, not an
         # update, so move its clock along while this caller waits (retry backoffs, timers).
         submitted = asyncio.ensure_future(
-            submit_event(event, wait=wait, client=self.env.client, task_queue=self.task_queue)
+            submit_event(
+                event, wait=wait, client=self.env.client, task_queue=self.task_queue, idle=idle
+            )
         )
         while not submitted.done():
             await asyncio.wait({submitted}, timeout=0.2)
@@ -531,6 +536,91 @@ async def test_an_idle_workflow_closes(
         assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
         await h.env.sleep(timedelta(seconds=UserSyncInput(user_id="x").idle_seconds + 1))
         assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
+
+
+async def history_types(handle: WorkflowHandle[Any, Any]) -> list[EventType.ValueType]:
+    return [e.event_type async for e in handle.fetch_history_events()]
+
+
+async def test_with_no_idle_time_a_run_closes_with_its_last_event_and_the_next_starts_afresh(
+    own_time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """Idle time zero: no idle timer; the run closes in the task that answered its caller, and
+    the user's next event starts a run that reads what the App DB holds."""
+    steps = FakeSteps()
+    event = created()
+    moved = change_of(event, event_id="moved", kind="moved", version=2, org_id="globex")
+    handle = own_time_skipping_env.client.get_workflow_handle(user_workflow_id(event.user_id))
+    async for h in running(own_time_skipping_env, task_queue, steps):
+        assert (await h.submit(event, idle=timedelta(0))).status == "synced"
+        first = await handle.describe()
+        assert first.status == WorkflowExecutionStatus.COMPLETED
+        steps.state = UserState(exists=True, version=1, org_id="acme", role="member")
+        # Signalled: the caller is answered by the server; the run applies it, then closes.
+        assert (await h.submit(moved, wait=WaitFor.START, idle=timedelta(0))).status == "started"
+        await handle.result()
+        second = await handle.describe()
+        assert second.run_id != first.run_id
+        assert second.status == WorkflowExecutionStatus.COMPLETED
+        assert steps.calls.count("read_user_state") == 1
+    assert [w.add[0].org_id for w in steps.writes] == ["acme", "globex"]
+    for run_id in (first.run_id, second.run_id):
+        types = await history_types(
+            own_time_skipping_env.client.get_workflow_handle(handle.id, run_id=run_id)
+        )
+        assert EventType.EVENT_TYPE_TIMER_STARTED not in types
+        # One workflow task per event: the run closes in the task that finished the event.
+        assert types.count(EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED) <= 2
+
+
+async def test_with_no_idle_time_a_change_held_for_its_creation_keeps_the_run_open(
+    own_time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """A change that arrives before its creation is held on its grace timer, as with an idle
+    time; the run closes once the creation came and both are applied."""
+    steps = FakeSteps()
+    event = created()
+    moved = change_of(event, event_id="moved", kind="moved", version=2, org_id="globex")
+    handle = own_time_skipping_env.client.get_workflow_handle(user_workflow_id(event.user_id))
+    async for h in running(own_time_skipping_env, task_queue, steps):
+        assert (await h.submit(moved, wait=WaitFor.START, idle=timedelta(0))).status == "started"
+        await h.env.sleep(HELD_CHANGE_GRACE / 2)
+        described = await handle.describe()
+        assert described.status == WorkflowExecutionStatus.RUNNING
+        assert steps.writes == []
+        assert (await h.submit(event, idle=timedelta(0))).status == "synced"
+        await handle.result()
+        assert (await handle.describe()).run_id == described.run_id
+        assert EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED not in await history_types(handle)
+    assert [w.add[0].org_id for w in steps.writes] == ["acme", "globex"]
+
+
+async def test_with_no_idle_time_a_held_change_whose_creation_never_comes_fails_then_closes(
+    own_time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    steps = FakeSteps()
+    orphan = change_of(created(), event_id="orphan", kind="moved", version=2)
+    handle = own_time_skipping_env.client.get_workflow_handle(user_workflow_id(orphan.user_id))
+    async for h in running(own_time_skipping_env, task_queue, steps):
+        assert (await h.submit(orphan, wait=WaitFor.START, idle=timedelta(0))).status == "started"
+        await h.env.sleep(HELD_CHANGE_GRACE + timedelta(seconds=1))
+        await handle.result()
+        # Closed: the duplicate starts a new run, which holds it again (the user never came).
+        assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
+    assert steps.writes == []
+
+
+async def test_a_negative_idle_time_is_refused_before_anything_starts(
+    own_time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    event = created()
+    async for h in running(own_time_skipping_env, task_queue, FakeSteps()):
+        with pytest.raises(ValueError, match="idle"):
+            await h.submit(event, idle=timedelta(seconds=-1))
+    with pytest.raises(RPCError):
+        await own_time_skipping_env.client.get_workflow_handle(
+            user_workflow_id(event.user_id)
+        ).describe()
 
 
 async def test_cancellation_compensates_after_the_inflight_write_stops(
