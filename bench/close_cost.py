@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import uuid
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import asyncpg
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from bench.cpu import CpuWindow, Watched, parent_of_postgres_backend
+from bench.cpu import CpuWindow, Watched, engine_pids
 from spicesync.constants import DELIVER_EVENT_SIGNAL, USER_SYNC_WORKFLOW, user_workflow_id
 from spicesync.models import CreateUserInput, DeliverEventInput, UserSyncInput
 from spicesync.settings import Settings, load_settings
@@ -54,25 +55,22 @@ class Pass:
 async def _engines(settings: Settings) -> list[Watched]:
     """The stack's dev server, postmaster and SpiceDB, as this host runs them."""
     state = StackState.load(settings.state_dir)
-    watched = []
-    for name in ("temporal", "spicedb"):
-        component = state.component(name)
-        if component is not None and component.managed and component.pid:
-            watched.append(Watched(name, component.pid))
     conn = await asyncpg.connect(settings.require_database_url())
     try:
-        postmaster = parent_of_postgres_backend(int(await conn.fetchval("SELECT pg_backend_pid()")))
+        pids = await engine_pids(state, conn)
     finally:
         await conn.close()
-    if postmaster is not None:
-        watched.append(Watched("postgres", postmaster))
-    return watched
+    # The bench starts a SpiceDB per cell; here the stack's own one serves every pass.
+    spicedb = state.component("spicedb")
+    if spicedb is not None and spicedb.managed and spicedb.pid:
+        pids["spicedb"] = spicedb.pid
+    return [Watched(name, pid) for name, pid in pids.items()]
 
 
 async def _worker(
     settings: Settings, task_queue: str, cache: int | None
-) -> asyncio.subprocess.Process:
-    """A ``spicesync worker`` on ``task_queue``, polling when this returns."""
+) -> tuple[asyncio.subprocess.Process, asyncio.Task[bytes]]:
+    """A ``spicesync worker`` on ``task_queue``, polling when this returns, and its log's reader."""
     endpoint, key = settings.require_spicedb()
     env = settings.worker_environment(
         task_queue=task_queue,
@@ -93,12 +91,14 @@ async def _worker(
     )
     assert process.stderr is not None
     async with asyncio.timeout(60):
-        while b"worker polling task queue" not in await process.stderr.readline():
-            if process.returncode is not None:
+        line = await process.stderr.readline()
+        while b"worker polling task queue" not in line:
+            if not line:  # the end of its log: it exited
+                await process.wait()
                 raise RuntimeError("the worker exited before it polled")
+            line = await process.stderr.readline()
     # Keep reading its log, so that a full pipe never blocks it.
-    asyncio.get_running_loop().create_task(process.stderr.read())
-    return process
+    return process, asyncio.ensure_future(process.stderr.read())
 
 
 async def measure_pass(
@@ -123,7 +123,7 @@ async def measure_pass(
         cache: The worker's workflow cache size; the default without it.
     """
     task_queue = f"close-cost-{uuid.uuid4().hex[:8]}"
-    worker = await _worker(settings, task_queue, cache)
+    worker, log = await _worker(settings, task_queue, cache)
     try:
         window = CpuWindow([*await _engines(settings), Watched("worker", worker.pid)])
         window.start()
@@ -158,6 +158,7 @@ async def measure_pass(
     finally:
         worker.terminate()
         await worker.wait()
+        await log
 
 
 async def closed(client: Client, user_ids: Sequence[str]) -> int:
@@ -213,4 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    # The Temporal client's native threads outlive asyncio.run; in about one exit of five one of
+    # them was still releasing the GIL as the interpreter finalized, which aborts the process
+    # (PyGILState_Release) after its work is done. Everything is printed and flushed by now,
+    # so leave without finalizing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

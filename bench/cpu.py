@@ -16,9 +16,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
+
+from spicesync.stack.manager import StackState
+
 __all__ = [
     "CpuWindow",
     "Watched",
+    "engine_pids",
     "parent_of_postgres_backend",
     "process_cpu_seconds",
     "tree_cpu_seconds",
@@ -151,3 +156,20 @@ class CpuWindow:
         per = {role: round(s * 1000 / completed, 2) for role, s in self.spent.items()}
         per["total"] = round(sum(self.spent.values()) * 1000 / completed, 2)
         return per
+
+
+async def engine_pids(state: StackState, pool: asyncpg.Pool | asyncpg.Connection) -> dict[str, int]:
+    """The pids of the shared engines this host runs: Temporal's dev server, the postmaster.
+
+    A Temporal server elsewhere (``TEMPORAL_ADDRESS``) cannot be read from ``/proc`` and is left
+    out; PostgreSQL is found from a backend of the caller's pool or connection (its parent is
+    the postmaster), if that backend runs on this host.
+    """
+    pids: dict[str, int] = {}
+    temporal = state.component("temporal")
+    if temporal is not None and temporal.managed and temporal.pid:
+        pids["temporal"] = temporal.pid
+    postmaster = parent_of_postgres_backend(int(await pool.fetchval("SELECT pg_backend_pid()")))
+    if postmaster is not None:
+        pids["postgres"] = postmaster
+    return pids

@@ -33,7 +33,7 @@ from bench.backfill import run_backfill_bench
 from bench.ceiling import EmptyWorkflowSystem
 from bench.cells import System, cell_context, fresh_spicedb, spawn_worker, users_held, wait_ready
 from bench.context import BenchContext
-from bench.cpu import CpuWindow, Watched, parent_of_postgres_backend
+from bench.cpu import CpuWindow, Watched, engine_pids
 from bench.dual_write import DualWriteSystem
 from bench.follow_mode import FollowCdcSystem, FollowOutboxSystem
 from bench.follow_nats import FollowNatsSystem
@@ -55,7 +55,7 @@ from spicesync.db import with_database
 from spicesync.settings import Settings, load_settings
 from spicesync.spicedb import connect_spicedb
 from spicesync.stack.components import prepare_app_db
-from spicesync.stack.manager import StackState, stack_up
+from spicesync.stack.manager import stack_up
 from spicesync.stack.processes import (
     free_port,
     spawn,
@@ -267,23 +267,6 @@ def _watched(
     # The load generator is this process; its children are the processes above.
     watched.append(Watched("load generator", os.getpid(), tree=False))
     return watched
-
-
-async def engine_pids(state: StackState, pool: asyncpg.Pool) -> dict[str, int]:
-    """The pids of the shared engines this host runs: Temporal's dev server, the postmaster.
-
-    A Temporal server elsewhere (``TEMPORAL_ADDRESS``) cannot be read from ``/proc`` and is left
-    out; PostgreSQL is found from a backend of the benchmark's own pool (its parent is the
-    postmaster), if that backend runs on this host.
-    """
-    pids: dict[str, int] = {}
-    temporal = state.component("temporal")
-    if temporal is not None and temporal.managed and temporal.pid:
-        pids["temporal"] = temporal.pid
-    postmaster = parent_of_postgres_backend(int(await pool.fetchval("SELECT pg_backend_pid()")))
-    if postmaster is not None:
-        pids["postgres"] = postmaster
-    return pids
 
 
 def summarise(results: list[CellResult]) -> dict[str, Any]:
