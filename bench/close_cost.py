@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import uuid
@@ -90,13 +91,18 @@ async def _worker(
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stderr is not None
-    async with asyncio.timeout(60):
-        line = await process.stderr.readline()
-        while b"worker polling task queue" not in line:
-            if not line:  # the end of its log: it exited
-                await process.wait()
-                raise RuntimeError("the worker exited before it polled")
+    try:
+        async with asyncio.timeout(60):
             line = await process.stderr.readline()
+            while b"worker polling task queue" not in line:
+                if not line:  # the end of its log: it exited
+                    raise RuntimeError("the worker exited before it polled")
+                line = await process.stderr.readline()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        await process.wait()
+        raise
     # Keep reading its log, so that a full pipe never blocks it.
     return process, asyncio.ensure_future(process.stderr.read())
 

@@ -20,7 +20,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from spicesync.constants import user_workflow_id
 from spicesync.errors import EventIdConflict
-from spicesync.models import UserSyncInput
+from spicesync.models import CreateUserInput, UserSyncInput
 from spicesync.settings import Settings
 from starters.user_events import (
     UserSyncFailed,
@@ -375,3 +375,38 @@ async def test_with_no_idle_time_each_event_runs_in_a_run_that_closes_with_it(
     await eventually(gone, timeout=60)
     await wait_closed_idle(pipeline, user.user_id)
     await assert_neither(pipeline, user)
+
+
+async def test_with_no_idle_time_bursts_of_events_all_apply_in_order(pipeline: Pipeline) -> None:
+    """Events that arrive while a run applies another, or while it closes, are all applied in
+    version order: a refused close is retried with them, its idempotent steps run again."""
+    users = [new_event() for _ in range(5)]
+    at_once: dict[str, Any] = {"idle": timedelta(0), "wait": WaitFor.START, **queue(pipeline)}
+
+    async def burst(user: CreateUserInput) -> None:
+        await create_user(user, **at_once)
+        await asyncio.gather(
+            change_role(user.user_id, org_id=user.org_id, role="admin", version=2, **at_once),
+            move_user(user.user_id, org_id=f"{user.org_id}-b", role="admin", version=3, **at_once),
+            change_role(
+                user.user_id, org_id=f"{user.org_id}-b", role="member", version=4, **at_once
+            ),
+        )
+
+    await asyncio.gather(*(burst(user) for user in users))
+    for user in users:
+        last = user.model_copy(update={"org_id": f"{user.org_id}-b", "role": "member"})
+        # The last event again, waiting for its permissions: answered once it is applied.
+        applied = await change_role(
+            user.user_id,
+            org_id=last.org_id,
+            role="member",
+            version=4,
+            idle=timedelta(0),
+            **queue(pipeline),
+        )
+        assert applied.status == "synced"
+        row = await user_row(pipeline.pool, user.user_id)
+        assert row is not None and row["version"] == 4
+        await assert_synced(pipeline, last, applied.zed_token or "")
+        await wait_closed_idle(pipeline, user.user_id)
