@@ -4,7 +4,7 @@ A user's workflow waits ``idle_seconds`` (10 minutes by default) for more events
 closes, long after a bench cell's window; the close (the idle timer firing, one more workflow
 task, a replay if the run has left the worker's cache, the close itself) is then missing from
 the cell's CPU per user. This measures it on the local stack: new users at a steady rate through
-signal-with-start, as ``WaitFor.START`` sends them, once with the default idle time (nothing
+``create_user(..., wait=WaitFor.START, idle=...)``, once with the default idle time (nothing
 closes in the window) and once with a short one (every run closes in it), alternating. Each
 pass has a worker of its own on a fresh task queue; the CPU of the dev server, that worker,
 PostgreSQL and SpiceDB is read from ``/proc`` from the first start until ``--settle`` seconds
@@ -27,17 +27,18 @@ import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from bench.cpu import CpuWindow, Watched, engine_pids
-from spicesync.constants import DELIVER_EVENT_SIGNAL, USER_SYNC_WORKFLOW, user_workflow_id
-from spicesync.models import CreateUserInput, DeliverEventInput, UserSyncInput
+from spicesync.constants import user_workflow_id
+from spicesync.models import CreateUserInput, UserSyncInput
 from spicesync.settings import Settings, load_settings
 from spicesync.stack.manager import StackState
 from spicesync.temporal import connect_temporal
-from starters.user_events import creation_event
+from starters.user_events import WaitFor, create_user
 
 __all__ = ["Pass", "closed", "main", "measure_pass"]
 
@@ -146,13 +147,12 @@ async def measure_pass(
             user_ids.append(user.user_id)
             starts.append(
                 asyncio.ensure_future(
-                    client.start_workflow(
-                        USER_SYNC_WORKFLOW,
-                        UserSyncInput(user_id=user.user_id, idle_seconds=idle_seconds),
-                        id=user_workflow_id(user.user_id),
+                    create_user(
+                        user,
+                        wait=WaitFor.START,
+                        client=client,
                         task_queue=task_queue,
-                        start_signal=DELIVER_EVENT_SIGNAL,
-                        start_signal_args=[DeliverEventInput(event=creation_event(user))],
+                        idle=timedelta(seconds=idle_seconds),
                     )
                 )
             )
@@ -162,7 +162,8 @@ async def measure_pass(
         window.stop()
         return Pass(idle_seconds, user_ids, window.ms_per_user(users))
     finally:
-        worker.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            worker.terminate()
         await worker.wait()
         await log
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import asyncpg
+if TYPE_CHECKING:  # annotations only: reading /proc needs neither
+    import asyncpg
 
-from spicesync.stack.manager import StackState
+    from spicesync.stack.manager import StackState
 
 __all__ = [
     "CpuWindow",

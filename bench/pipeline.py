@@ -42,7 +42,6 @@ class ClosingPipelineSystem(PipelineSystem):
     """
 
     name = "spicesync (no idle time)"
-    on_request = True
 
     async def submit(self, ctx: BenchContext, user: CreateUserInput) -> None:
         """As :meth:`PipelineSystem.submit`, with ``idle=timedelta(0)``."""

@@ -91,12 +91,11 @@ class BenchOptions:
     systems: list[str] | None = None
 
 
-def known_systems() -> list[System]:
-    """Every system, the ceiling first, including those run only when named."""
+def all_systems() -> list[System]:
+    """The systems a run without ``--systems`` measures, the ceiling first."""
     return [
         EmptyWorkflowSystem(),
         PipelineSystem(),
-        ClosingPipelineSystem(),
         NaiveTwoActivitySystem(),
         DualWriteSystem(),
         NatsSyncSystem(),
@@ -107,9 +106,9 @@ def known_systems() -> list[System]:
     ]
 
 
-def all_systems() -> list[System]:
-    """The systems a run without ``--systems`` measures, the ceiling first."""
-    return [s for s in known_systems() if not getattr(s, "on_request", False)]
+def known_systems() -> list[System]:
+    """Every system, including those run only when named in ``--systems``."""
+    return [*all_systems(), ClosingPipelineSystem()]
 
 
 def _progress(label: str) -> Any:

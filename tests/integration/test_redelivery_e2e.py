@@ -345,23 +345,12 @@ async def test_with_no_idle_time_each_event_runs_in_a_run_that_closes_with_it(
     created = await create_user(user, **at_once)
     first = await closes_as_a_new_run(pipeline, user.user_id, None)
     await assert_synced(pipeline, user, created.zed_token)
-    promoted = await change_role(
-        user.user_id,
-        org_id=user.org_id,
-        role="admin",
-        version=2,
-        **at_once,
-    )
+    promotion: dict[str, Any] = {"org_id": user.org_id, "role": "admin", "version": 2, **at_once}
+    promoted = await change_role(user.user_id, **promotion)
     second = await closes_as_a_new_run(pipeline, user.user_id, first)
     admin = user.model_copy(update={"role": "admin"})
     await assert_synced(pipeline, admin, promoted.zed_token)
-    again = await change_role(
-        user.user_id,
-        org_id=user.org_id,
-        role="admin",
-        version=2,
-        **at_once,
-    )
+    again = await change_role(user.user_id, **promotion)  # the same event, delivered again
     assert (again.status, again.zed_token) == ("synced", promoted.zed_token)
     await closes_as_a_new_run(pipeline, user.user_id, second)
     await assert_synced(pipeline, admin, promoted.zed_token)
