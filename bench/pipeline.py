@@ -10,7 +10,7 @@ from bench.rows import row_completions
 from spicesync.models import CreateUserInput
 from starters.user_events import WaitFor, create_user
 
-__all__ = ["ClosingPipelineSystem", "PipelineSystem"]
+__all__ = ["ClosingPipelineSystem", "PipelineSystem", "UnsandboxedClosingPipelineSystem"]
 
 
 class PipelineSystem:
@@ -52,3 +52,18 @@ class ClosingPipelineSystem(PipelineSystem):
             task_queue=ctx.task_queue,
             idle=timedelta(0),
         )
+
+
+class UnsandboxedClosingPipelineSystem(ClosingPipelineSystem):
+    """No idle time, on workers with ``SPICESYNC_WORKFLOW_SANDBOX=false``.
+
+    Run on request (``--systems``): the sandbox is on by default, and this shows in one run what
+    the setting's trade (the sandbox's run-time guard for the worker's CPU) buys against the
+    targets.
+    """
+
+    name = "spicesync (no idle time, no sandbox)"
+
+    def process_env(self, ctx: BenchContext) -> dict[str, str]:
+        """The worker runs every workflow outside the sandbox."""
+        return {"SPICESYNC_WORKFLOW_SANDBOX": "false"}

@@ -49,7 +49,7 @@ from bench.harness import (
 from bench.naive import NaiveTwoActivitySystem
 from bench.nats_sync import NatsSyncSystem
 from bench.outbox import OutboxSystem
-from bench.pipeline import ClosingPipelineSystem, PipelineSystem
+from bench.pipeline import ClosingPipelineSystem, PipelineSystem, UnsandboxedClosingPipelineSystem
 from bench.report import markdown, plot, write_json
 from spicesync.db import with_database
 from spicesync.settings import Settings, load_settings
@@ -108,7 +108,7 @@ def all_systems() -> list[System]:
 
 def known_systems() -> list[System]:
     """Every system, including those run only when named in ``--systems``."""
-    return [*all_systems(), ClosingPipelineSystem()]
+    return [*all_systems(), ClosingPipelineSystem(), UnsandboxedClosingPipelineSystem()]
 
 
 def _progress(label: str) -> Any:
