@@ -30,6 +30,7 @@ __all__ = [
     "CDC_PUBLICATION",
     "MAPPING",
     "SYNCED_QUERY",
+    "ClosingFollowOutboxSystem",
     "FollowCdcSystem",
     "FollowOutboxSystem",
 ]
@@ -132,6 +133,20 @@ _INSERT_PLAIN: Final = """
 INSERT INTO bench_follow.accounts (account_id, email, full_name, team_id, is_admin)
 VALUES ($1, $2, $3, $4, $5)
 """
+
+
+class ClosingFollowOutboxSystem(FollowOutboxSystem):
+    """The same, the relay starting users' runs with no idle time (run on request).
+
+    Each run closes in the workflow task that finished its sync, inside the window, where the
+    default closes ten idle minutes later, outside it.
+    """
+
+    name = "spicesync follow (outbox relay, no idle time)"
+
+    def process_env(self, ctx: BenchContext) -> dict[str, str]:
+        """The outbox system's environment, and ``SPICESYNC_FOLLOW_IDLE_SECONDS=0``."""
+        return super().process_env(ctx) | {"SPICESYNC_FOLLOW_IDLE_SECONDS": "0"}
 
 
 class FollowCdcSystem(FollowOutboxSystem):

@@ -35,7 +35,7 @@ from bench.cells import System, cell_context, fresh_spicedb, spawn_worker, users
 from bench.context import BenchContext
 from bench.cpu import CpuWindow, Watched, engine_pids
 from bench.dual_write import DualWriteSystem
-from bench.follow_mode import FollowCdcSystem, FollowOutboxSystem
+from bench.follow_mode import ClosingFollowOutboxSystem, FollowCdcSystem, FollowOutboxSystem
 from bench.follow_nats import FollowNatsSystem
 from bench.harness import (
     USERS_SYNCED,
@@ -108,7 +108,12 @@ def all_systems() -> list[System]:
 
 def known_systems() -> list[System]:
     """Every system, including those run only when named in ``--systems``."""
-    return [*all_systems(), ClosingPipelineSystem(), UnsandboxedClosingPipelineSystem()]
+    return [
+        *all_systems(),
+        ClosingPipelineSystem(),
+        UnsandboxedClosingPipelineSystem(),
+        ClosingFollowOutboxSystem(),
+    ]
 
 
 def _progress(label: str) -> Any:

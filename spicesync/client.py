@@ -678,12 +678,22 @@ def _check_change(change: UserChangedInput) -> None:
         )
 
 
+def _followed_start(user_id: str, idle: timedelta | None) -> FollowedUserInput:
+    """The followed user's workflow input, should this call start its run."""
+    if idle is None:
+        return FollowedUserInput(user_id=user_id)
+    if idle < timedelta(0):
+        raise ValueError("idle must not be negative")
+    return FollowedUserInput(user_id=user_id, idle_seconds=idle.total_seconds())
+
+
 async def deliver_change(
     change: UserChangedInput,
     *,
     client: Client,
     task_queue: str,
     rpc_timeout: timedelta | None = None,
+    idle: timedelta | None = None,
 ) -> str:
     """Deliver one change with signal-with-start, durable once the server answers.
 
@@ -695,19 +705,25 @@ async def deliver_change(
         client: A client built with ``pydantic_data_converter``.
         task_queue: The workers' task queue.
         rpc_timeout: The call's own deadline; the client's default without it.
+        idle: How long the user's workflow stays open with nothing to do, if this call starts
+            it (10 minutes by default). ``timedelta(0)`` closes it in the workflow task that
+            finished its last sync (docs/follow-mode.md#lifetimes). Every worker must run a
+            release that knows it (2026-12-05 or later) first.
 
     Returns:
         The user's workflow id.
 
     Raises:
         InvalidUserInput: The user id is not an opaque, SpiceDB-safe id; nothing was sent.
+        ValueError: ``idle`` is negative; nothing was sent.
         RPCError: Temporal refused the call.
     """
     _check_change(change)
+    start = _followed_start(change.user_id, idle)
     workflow_id = followed_user_workflow_id(change.user_id)
     await client.start_workflow(
         FOLLOWED_USER_WORKFLOW,
-        FollowedUserInput(user_id=change.user_id),
+        start,
         id=workflow_id,
         task_queue=task_queue,
         start_signal=USER_CHANGED_SIGNAL,
@@ -725,6 +741,7 @@ async def user_changed(
     client: Client | None = None,
     task_queue: str | None = None,
     accept_within: timedelta = DEFAULT_ACCEPT_WITHIN,
+    idle: timedelta | None = None,
 ) -> FollowSyncOutcome:
     """Tell spicesync that a followed user's row changed (inserted, updated or deleted).
 
@@ -740,24 +757,29 @@ async def user_changed(
         client: An injected Temporal client; connected from the settings when omitted.
         task_queue: The workers' task queue; the settings' by default.
         accept_within: How long to keep retrying calls refused for a passing reason.
+        idle: How long the user's workflow stays open with nothing to do, if this call starts
+            it; see :func:`deliver_change`.
 
     Returns:
         ``skipped`` (accepted, not waited for) or the sync's ``synced``/``unchanged``.
 
     Raises:
         InvalidUserInput: The user id is not an opaque, SpiceDB-safe id.
+        ValueError: ``idle`` is negative; nothing was sent.
         FollowSyncFailed: ``applied`` only: the sync failed for good.
         ChangeNotAccepted: Temporal kept refusing for passing reasons until ``accept_within``.
     """
     change = UserChangedInput(user_id=user_id, version=version, source="app")
     _check_change(change)
+    start = _followed_start(user_id, idle)
     client, task_queue = await client_and_queue(client, task_queue)
     workflow_id = followed_user_workflow_id(user_id)
     if wait == "accepted":
 
         async def deliver(left: float | None) -> str:
             return await asyncio.wait_for(
-                deliver_change(change, client=client, task_queue=task_queue), timeout=left
+                deliver_change(change, client=client, task_queue=task_queue, idle=idle),
+                timeout=left,
             )
 
         await _retry_passing(
@@ -770,7 +792,7 @@ async def user_changed(
     async def submit(left: float | None) -> WorkflowUpdateHandle[FollowSyncOutcome]:
         return await _update_with_start(
             client,
-            (FOLLOWED_USER_WORKFLOW, FollowedUserInput(user_id=user_id)),
+            (FOLLOWED_USER_WORKFLOW, start),
             (SYNC_CHANGE_UPDATE, change),
             FollowSyncOutcome,
             workflow_id=workflow_id,

@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import os
 import urllib.parse
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -269,6 +270,14 @@ class Settings(BaseSettings):
     # wraps every activation; off trades that guard for the worker CPU docs/performance.md
     # measures (the replay tests of recorded histories still guard determinism).
     workflow_sandbox: bool = Field(default=True, validation_alias="SPICESYNC_WORKFLOW_SANDBOX")
+
+    # Follow mode: how long a followed user's workflow that a relay starts stays open with
+    # nothing to do. 0 closes it in the workflow task that finished its last sync: no idle timer
+    # and no later close (docs/follow-mode.md#lifetimes). Workers must know it before relays
+    # send it (2026-12-05 or later).
+    follow_idle_seconds: float = Field(
+        default=600.0, ge=0, le=86400, validation_alias="SPICESYNC_FOLLOW_IDLE_SECONDS"
+    )
 
     # The outbox relay (`spicesync relay outbox`, docs/follow-mode.md#outbox): rows claimed per
     # batch (their locks are held until Temporal has answered for them), deliveries in flight at
@@ -682,6 +691,10 @@ class Settings(BaseSettings):
             self.temporal_ui_url or f"http://127.0.0.1:{self.stack_temporal_ui_port}",
             f"http://localhost:{self.stack_temporal_ui_port}",
         ]
+
+    def follow_idle(self) -> timedelta:
+        """How long a followed user's workflow that a relay starts stays open with nothing to do."""
+        return timedelta(seconds=self.follow_idle_seconds)
 
     def trace_path(self) -> Path | None:
         """Where spans go when no OTLP endpoint is configured; ``None``: nowhere.

@@ -183,6 +183,7 @@ class CdcRelay:
             rpc_timeout=timedelta(seconds=settings.cdc_rpc_timeout_seconds),
             delivered=metrics.delivered,
             failures=metrics.failures,
+            idle=settings.follow_idle(),
         )
         self._oid: int | None = None
         # A lost slot's reconcile, until Temporal accepted it (the bookkeeping keeps it too).

@@ -578,6 +578,7 @@ async def run_nats_relay(
                 rpc_timeout=timedelta(seconds=settings.nats_rpc_timeout_seconds),
                 delivered=metrics.delivered,
                 failures=metrics.failures,
+                idle=settings.follow_idle(),
             ),
             stream=settings.nats_stream or "",
             event_format=event_format,

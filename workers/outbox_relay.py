@@ -204,6 +204,7 @@ class OutboxRelay:
         concurrency: int,
         rpc_timeout: timedelta,
         metrics: RelayMetrics,
+        idle: timedelta | None = None,
     ) -> None:
         """Set the relay up (nothing is read before :meth:`relay_batch`).
 
@@ -215,6 +216,8 @@ class OutboxRelay:
             concurrency: Deliveries in flight at once.
             rpc_timeout: Each delivery's deadline.
             metrics: Where deliveries and failures are counted.
+            idle: How long a user's workflow a delivery starts stays open with nothing to do;
+                the workflow's default without it.
         """
         self._pool = pool
         self.batch_size = batch_size
@@ -226,6 +229,7 @@ class OutboxRelay:
             rpc_timeout=rpc_timeout,
             delivered=metrics.delivered,
             failures=metrics.failures,
+            idle=idle,
         )
 
     async def relay_batch(self) -> BatchOutcome:
@@ -442,6 +446,7 @@ async def run_outbox_relay(
             concurrency=settings.outbox_concurrency,
             rpc_timeout=timedelta(seconds=settings.outbox_rpc_timeout_seconds),
             metrics=metrics,
+            idle=settings.follow_idle(),
         )
         wake = asyncio.Event()
         helpers = [

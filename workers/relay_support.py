@@ -81,6 +81,7 @@ class ChangeDelivery:
         rpc_timeout: timedelta,
         delivered: MetricCounter,
         failures: MetricCounter,
+        idle: timedelta | None = None,
     ) -> None:
         """Set the delivery up.
 
@@ -91,6 +92,8 @@ class ChangeDelivery:
             rpc_timeout: Each delivery's deadline.
             delivered: Counts the changes Temporal accepted.
             failures: Counts refused or unanswered deliveries, by ``reason``.
+            idle: How long a user's workflow this delivery starts stays open with nothing to
+                do (``SPICESYNC_FOLLOW_IDLE_SECONDS``); the workflow's default without it.
         """
         self._client = client
         self._task_queue = task_queue
@@ -98,6 +101,7 @@ class ChangeDelivery:
         self._rpc_timeout = rpc_timeout
         self._delivered = delivered
         self._failures = failures
+        self._idle = idle
 
     async def deliver(
         self, items: Sequence[_Item], change: Callable[[_Item], UserChangedInput]
@@ -128,6 +132,7 @@ class ChangeDelivery:
                         client=self._client,
                         task_queue=self._task_queue,
                         rpc_timeout=self._rpc_timeout,
+                        idle=self._idle,
                     )
                 except DELIVERY_ERRORS as err:
                     refusals.append(describe_refusal(err))

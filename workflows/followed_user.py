@@ -16,7 +16,9 @@ concurrently and users never wait on each other.
   again. A schema mismatch parks the sync until an operator fixes the schema and sends
   ``resume``. Transient failures retry in the activity's RetryPolicy.
 * Idle for ``idle_seconds`` (a durable timer), the workflow closes; the next change starts a
-  new run. After ``syncs_per_run`` syncs it continues as new, carrying :class:`FollowCarried`.
+  new run. With ``idle_seconds`` zero it closes in the workflow task that finished its last
+  sync, once its callers are answered, with no timer. After ``syncs_per_run`` syncs it
+  continues as new, carrying :class:`FollowCarried`.
 """
 
 from __future__ import annotations
@@ -89,31 +91,42 @@ class FollowedUserWorkflow:
         # Goes out with the first sync's stage: one upsert less for every run.
         marks.identify(user_id=request.user_id)
         marks.settle("idle")
+        # Idle time zero: the run closes in the workflow task that finished its last sync, with
+        # no idle timer; the next change starts a new run (docs/follow-mode.md#lifetimes).
+        closes_at_once = request.idle_seconds <= 0
+
+        def done() -> bool:
+            return not self._pending() and workflow.all_handlers_finished()
+
         while True:
             if not self._pending():
+                if closes_at_once and done():
+                    self._close(marks)
+                    return
                 # About to wait, perhaps past this workflow task: the last sync's "idle" goes
                 # out now. A sync that is due starts in this task, and replaces it in one upsert.
                 marks.flush(ids_alone=False)
             try:
                 await workflow.wait_condition(
-                    lambda: self._pending() or self._should_continue_as_new(request),
-                    # A durable timer: idleness survives worker restarts.
-                    timeout=timedelta(seconds=request.idle_seconds),
+                    lambda: (
+                        self._pending()
+                        or self._should_continue_as_new(request)
+                        or (closes_at_once and done())
+                    ),
+                    # A durable timer: idleness survives worker restarts. A run that closes at
+                    # once waits with none: a change or its last caller answered wakes it.
+                    timeout=None if closes_at_once else timedelta(seconds=request.idle_seconds),
                 )
             except TimeoutError:
-                if not self._pending() and workflow.all_handlers_finished():
-                    # The next change starts a fresh run, which reads the row as it is then:
-                    # nothing depends on this run staying open. A failed user stays visible.
-                    if not self._failed:
-                        # Written only over a stage that was shown: a run that closes idle
-                        # stays "idle" (its status says it closed).
-                        marks.settle("closed_idle")
-                    marks.flush()
+                if done():
+                    self._close(marks)
                     return
                 continue
             if self._pending():
                 await self._sync()
                 continue
+            if closes_at_once and done():
+                continue  # it closes at the top of the loop, not as a new run
             # Let callers collect their outcomes first; a change arriving meanwhile is synced.
             await workflow.wait_condition(
                 lambda: workflow.all_handlers_finished() or self._pending()
@@ -133,6 +146,16 @@ class FollowedUserWorkflow:
                         ),
                     )
                 )
+
+    def _close(self, marks: StageMarks) -> None:
+        """Close the run: the next change starts a fresh one."""
+        # The next run reads the row as it is then: nothing depends on this run staying open.
+        # A failed user stays visible.
+        if not self._failed:
+            # Written only over a stage that was shown: a run that closes idle stays "idle"
+            # (its status says it closed).
+            marks.settle("closed_idle")
+        marks.flush()
 
     @workflow.signal(name=USER_CHANGED_SIGNAL)
     def user_changed(self, change: UserChangedInput) -> None:

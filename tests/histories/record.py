@@ -21,6 +21,9 @@ of its own and no payload encryption (the replay test has no key). Histories:
 * ``followed_user_quiet_lifecycle`` (follow mode, recorded by name only): a followed user inserted,
   updated, changed in a burst, failing for good on an invalid object id, fixed, and deleted,
   in an app-shaped table of its own with the application's SpiceDB schema;
+* ``followed_user_closed_at_once`` (follow mode, recorded by name only): a followed user's
+  change delivered with no idle time, whose run closes in the workflow task that finished its
+  sync;
 * ``reconcile_follow`` and ``backfill_follow`` (follow mode, recorded by name only): a
   reconcile that delivered repairs (a missing relationship at once, an orphan after the scan)
   and a backfill of 30 never-synced rows in batches of 10, paced by timers.
@@ -112,7 +115,12 @@ ALL = (
     "user_sync_closed_at_once",
     "reconcile_unfinished",
 )
-FOLLOW = ("followed_user_quiet_lifecycle", "reconcile_follow", "backfill_follow")
+FOLLOW = (
+    "followed_user_quiet_lifecycle",
+    "followed_user_closed_at_once",
+    "reconcile_follow",
+    "backfill_follow",
+)
 
 
 async def record(names: list[str]) -> None:
@@ -294,6 +302,7 @@ async def _run_follow(settings: Settings, names: list[str]) -> None:
             await user_changed(uid, wait="applied", **queue)  # type: ignore[arg-type]
             handle = client.get_workflow_handle(followed_user_workflow_id(uid))
             histories["followed_user_quiet_lifecycle"] = (await handle.fetch_history()).to_json()
+            histories["followed_user_closed_at_once"] = await _closed_at_once(pool, table, queue)
             histories |= await _follow_maintenance(pool, spicedb, table, queue)
     finally:
         config.unlink(missing_ok=True)
@@ -303,6 +312,20 @@ async def _run_follow(settings: Settings, names: list[str]) -> None:
     for name in names:
         (HERE / f"{name}.json").write_text(histories[name])
         print(f"wrote {name}.json")
+
+
+async def _closed_at_once(pool: asyncpg.Pool, table: str, queue: dict[str, Any]) -> str:
+    """A change delivered with no idle time: the run syncs and closes in one workflow task."""
+    uid = str(uuid.uuid4())
+    await pool.execute(
+        f"INSERT INTO {table} (account_id, email, team_id, is_admin, squad, squad_role)"
+        " VALUES ($1, 'closed@example.com', 'replay-org', false, 'red', 'member')",
+        uuid.UUID(uid),
+    )
+    await deliver_change(UserChangedInput(user_id=uid, version=1), idle=timedelta(0), **queue)
+    handle = queue["client"].get_workflow_handle(followed_user_workflow_id(uid))
+    await handle.result()
+    return str((await handle.fetch_history()).to_json())
 
 
 async def _follow_maintenance(

@@ -196,8 +196,8 @@ class Relays:
     # The relays' way to the database, when not the app's own (through a fault proxy, say).
     database_url: str | None = None
 
-    def env(self, **outbox: str) -> dict[str, str]:
-        """A relay's whole configuration: the worker's, plus the ``SPICESYNC_OUTBOX_*`` tuning."""
+    def env(self, extra: dict[str, str] | None = None, **outbox: str) -> dict[str, str]:
+        """A relay's whole configuration: the worker's, the ``SPICESYNC_OUTBOX_*`` tuning, extra."""
         settings = Settings(
             temporal_address=self.temporal_address,
             encryption_keys=SecretStr(self.keys),
@@ -217,10 +217,14 @@ class Relays:
         }
         tuning |= {key.upper(): value for key, value in outbox.items()}
         env |= {f"SPICESYNC_OUTBOX_{key}": value for key, value in tuning.items()}
-        return env | {"SPICESYNC_TRACE_FILE": str(self.directory / "traces.jsonl")}
+        return env | {"SPICESYNC_TRACE_FILE": str(self.directory / "traces.jsonl")} | (extra or {})
 
     async def start(
-        self, *module: str, log: str = "relay.log", **outbox: str
+        self,
+        *module: str,
+        log: str = "relay.log",
+        extra: dict[str, str] | None = None,
+        **outbox: str,
     ) -> asyncio.subprocess.Process:
         """Start ``python -m spicesync relay outbox`` (or ``module``), logging to ``log``."""
         command = module or ("spicesync", "relay", "outbox")
@@ -229,7 +233,7 @@ class Relays:
                 sys.executable,
                 "-m",
                 *command,
-                env=self.env(**outbox),
+                env=self.env(extra, **outbox),
                 stdout=out,
                 stderr=out,
             )
@@ -374,6 +378,34 @@ async def test_the_relay_delivers_what_the_app_wrote_in_its_transaction(
     assert "outbox relay stopped" in log
     # The poison row was deleted undelivered, named by its seq only.
     assert "deleted undelivered" in log and poison not in log
+
+
+async def _closed_runs(client: Client, user_id: str) -> int:
+    """How many of the user's workflow runs have completed."""
+    query = f"WorkflowId = '{followed_user_workflow_id(user_id)}' AND ExecutionStatus = 'Completed'"
+    return len([execution async for execution in client.list_workflows(query)])
+
+
+async def test_with_no_idle_time_each_delivery_syncs_and_closes_its_run(
+    relays: Relays, app_db: AppDB, client: Client, spicedb: SpiceDBClient
+) -> None:
+    """``SPICESYNC_FOLLOW_IDLE_SECONDS=0``: every run the relay starts closes with its sync, and
+    a later change of the same user starts a new run that does the same."""
+    users = _new_ids(5)
+    for user_id in users:
+        await app_db.save(user_id)
+    await relays.start(extra={"SPICESYNC_FOLLOW_IDLE_SECONDS": "0"})
+    await eventually(lambda: in_step(app_db, spicedb, users), timeout=120)
+
+    async def all_closed(count: int) -> bool:
+        return all([await _closed_runs(client, u) == count for u in users])
+
+    await eventually(lambda: all_closed(1), timeout=60)
+    for user_id in users:
+        await app_db.save(user_id, admin=True)
+    await eventually(lambda: in_step(app_db, spicedb, users), timeout=120)
+    # Each change came after its user's first run had closed: a second run, closed too.
+    await eventually(lambda: all_closed(2), timeout=60)
 
 
 async def test_a_relay_killed_between_accept_and_delete_loses_nothing(

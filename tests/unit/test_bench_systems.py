@@ -20,7 +20,11 @@ def test_names_are_unique_and_the_default_run_is_unchanged() -> None:
     assert len(names) == len(set(names))
     defaults = {system.name for system in all_systems()}
     on_request = set(names) - defaults
-    assert on_request == {"spicesync (no idle time)", "spicesync (no idle time, no sandbox)"}
+    assert on_request == {
+        "spicesync (no idle time)",
+        "spicesync (no idle time, no sandbox)",
+        "spicesync follow (outbox relay, no idle time)",
+    }
 
 
 @pytest.mark.parametrize(
@@ -43,3 +47,12 @@ def test_only_the_no_sandbox_variant_runs_its_worker_unsandboxed(
     for key, value in extra.items():
         monkeypatch.setenv(key, value)
     assert Settings(_env_file=None).workflow_sandbox is sandboxed
+
+
+def test_the_follow_variant_only_adds_no_idle_time_to_the_outbox_systems_environment() -> None:
+    systems = _by_name()
+    ctx = cast(BenchContext, None)
+    default = systems["spicesync follow (outbox relay)"].process_env(ctx)
+    closing = systems["spicesync follow (outbox relay, no idle time)"].process_env(ctx)
+    assert closing == default | {"SPICESYNC_FOLLOW_IDLE_SECONDS": "0"}
+    assert "SPICESYNC_FOLLOW_IDLE_SECONDS" not in default

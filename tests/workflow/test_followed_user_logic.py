@@ -89,14 +89,15 @@ class Harness:
     def handle(self) -> WorkflowHandle[Any, Any]:
         return self.client.get_workflow_handle(followed_user_workflow_id(self.uid))
 
-    async def signal(self, version: int | None = None) -> None:
+    async def signal(self, version: int | None = None, idle: timedelta | None = None) -> None:
         await deliver_change(
             UserChangedInput(user_id=self.uid, version=version),
             client=self.client,
             task_queue=self.task_queue,
+            idle=idle,
         )
 
-    async def applied(self, version: int | None = None) -> Any:
+    async def applied(self, version: int | None = None, idle: timedelta | None = None) -> Any:
         # The test server skips time only while a client awaits a workflow result, not an
         # update: move its clock along while this caller waits (retry backoffs).
         waiting = asyncio.ensure_future(
@@ -106,6 +107,7 @@ class Harness:
                 wait="applied",
                 client=self.client,
                 task_queue=self.task_queue,
+                idle=idle,
             )
         )
         while not waiting.done():
@@ -277,6 +279,78 @@ async def test_an_idle_workflow_closes_and_a_later_change_starts_a_new_run(
 
         await eventually(synced_again)
         assert (await h.handle().describe()).run_id != closed.run_id
+
+
+async def _closed(h: Harness) -> bool:
+    return (await h.handle().describe()).status == WorkflowExecutionStatus.COMPLETED
+
+
+async def test_with_no_idle_time_a_run_closes_with_its_sync(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    fake = FakeFollow()
+    async for h in running(time_skipping_env, task_queue, fake):
+        await h.signal(idle=timedelta(0))
+        # Closed by the task that finished the sync: no idle timer was started, so the
+        # test server's clock never had to move.
+        await eventually(lambda h=h: _closed(h))
+        first = await h.handle().describe()
+        assert len(fake.syncs) == 1
+        history = await h.handle().fetch_history()
+        assert not [e for e in history.events if e.HasField("timer_started_event_attributes")]
+        # The next change starts a fresh run, which syncs and closes the same way.
+        await h.signal(idle=timedelta(0))
+        await eventually(lambda h=h, first=first: _ran_again(h, first.run_id))
+        assert len(fake.syncs) == 2
+
+
+async def _ran_again(h: Harness, run_id: str) -> bool:
+    now = await h.handle().describe()
+    return now.run_id != run_id and now.status == WorkflowExecutionStatus.COMPLETED
+
+
+async def test_with_no_idle_time_a_waiting_caller_is_answered_before_the_close(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    fake = FakeFollow(version=3)
+    async for h in running(time_skipping_env, task_queue, fake):
+        outcome = await h.applied(3, idle=timedelta(0))
+        assert (outcome.status, outcome.zed_token) == ("synced", "token-1")
+        await eventually(lambda h=h: _closed(h))
+        # A new run does not remember the synced version: the same version syncs again.
+        assert (await h.applied(3, idle=timedelta(0))).status == "synced"
+    assert len(fake.syncs) == 2
+
+
+async def test_with_no_idle_time_a_failed_user_stays_visible_after_the_close(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    fake = FakeFollow(sync=fail_first(1, RowUnmappable("relationships[0].resource: bad id")))
+    async for h in running(time_skipping_env, task_queue, fake):
+        with pytest.raises(FollowSyncFailed):
+            await h.applied(1, idle=timedelta(0))
+        await eventually(lambda h=h: _closed(h))
+        assert await h.attributes() == ("failed", "RowUnmappable")
+        assert [f.error_type for f in fake.failures] == ["RowUnmappable"]
+
+
+async def test_a_negative_idle_time_is_refused_before_anything_starts(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    fake = FakeFollow()
+    async for h in running(time_skipping_env, task_queue, fake):
+        with pytest.raises(ValueError, match="idle"):
+            await h.signal(idle=timedelta(seconds=-1))
+        with pytest.raises(ValueError, match="idle"):
+            await user_changed(
+                h.uid,
+                wait="applied",
+                client=h.client,
+                task_queue=task_queue,
+                idle=timedelta(seconds=-1),
+            )
+        assert await h.attributes() == (None, None)  # no workflow was started
+    assert not fake.syncs
 
 
 async def test_a_misaddressed_change_is_refused_by_the_update_validator(

@@ -64,6 +64,7 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "backfill_checked",
         "followed_user_lifecycle",
         "followed_user_quiet_lifecycle",
+        "followed_user_closed_at_once",
         "reconcile_follow",
         "backfill_follow",
     ],
@@ -189,6 +190,13 @@ def test_histories_cover_every_workflow_and_path() -> None:
     assert "EVENT_TYPE_TIMER_STARTED" not in at_once
     assert "EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED" in at_once
     assert _steps_of(at_once, "write_memberships") == 1
+    # Follow mode with no idle time: the sync's activity, then the close, with no timer.
+    followed = read("followed_user_closed_at_once")
+    assert '"idle_seconds":0.0' in _decoded(followed)
+    assert followed.count("EVENT_TYPE_WORKFLOW_TASK_COMPLETED") == 2
+    assert '"name": "sync_followed_user"' in followed
+    assert "EVENT_TYPE_TIMER_STARTED" not in followed
+    assert "EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED" in followed
     assert '"name": "write_memberships"' in read("user_sync_release_repaired")
     assert '"name": "write_memberships"' in read("user_sync_quiet_repaired")
     assert '"name": "undo_created_row"' in read("user_sync_unfinished_removed")
