@@ -204,6 +204,22 @@ class UserSyncFailed(Exception):
         self.message = message
 
 
+_RunInput = TypeVar("_RunInput", UserSyncInput, FollowedUserInput)
+
+
+def _run_input(kind: type[_RunInput], user_id: str, idle: timedelta | None) -> _RunInput:
+    """A user's workflow input, should this call start its run; the model's idle time by default.
+
+    Raises:
+        ValueError: ``idle`` is negative.
+    """
+    if idle is None:
+        return kind(user_id=user_id)
+    if idle < timedelta(0):
+        raise ValueError("idle must not be negative")
+    return kind(user_id=user_id, idle_seconds=idle.total_seconds())
+
+
 async def submit_event(
     event: UserEvent,
     *,
@@ -240,13 +256,7 @@ async def submit_event(
             ``accept_within`` had passed; nothing of the event was written.
     """
     validate_event(event)
-    if idle is not None and idle < timedelta(0):
-        raise ValueError("idle must not be negative")
-    start = (
-        UserSyncInput(user_id=event.user_id)
-        if idle is None
-        else UserSyncInput(user_id=event.user_id, idle_seconds=idle.total_seconds())
-    )
+    start = _run_input(UserSyncInput, event.user_id, idle)
     client, task_queue = await client_and_queue(client, task_queue)
     workflow_id = user_workflow_id(event.user_id)
     if wait is WaitFor.START:
@@ -678,15 +688,6 @@ def _check_change(change: UserChangedInput) -> None:
         )
 
 
-def _followed_start(user_id: str, idle: timedelta | None) -> FollowedUserInput:
-    """The followed user's workflow input, should this call start its run."""
-    if idle is None:
-        return FollowedUserInput(user_id=user_id)
-    if idle < timedelta(0):
-        raise ValueError("idle must not be negative")
-    return FollowedUserInput(user_id=user_id, idle_seconds=idle.total_seconds())
-
-
 async def deliver_change(
     change: UserChangedInput,
     *,
@@ -719,7 +720,7 @@ async def deliver_change(
         RPCError: Temporal refused the call.
     """
     _check_change(change)
-    start = _followed_start(change.user_id, idle)
+    start = _run_input(FollowedUserInput, change.user_id, idle)
     workflow_id = followed_user_workflow_id(change.user_id)
     await client.start_workflow(
         FOLLOWED_USER_WORKFLOW,
@@ -771,7 +772,7 @@ async def user_changed(
     """
     change = UserChangedInput(user_id=user_id, version=version, source="app")
     _check_change(change)
-    start = _followed_start(user_id, idle)
+    start = _run_input(FollowedUserInput, user_id, idle)
     client, task_queue = await client_and_queue(client, task_queue)
     workflow_id = followed_user_workflow_id(user_id)
     if wait == "accepted":
