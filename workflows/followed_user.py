@@ -8,6 +8,12 @@ concurrently and users never wait on each other.
 
 * Changes that arrive while a sync runs coalesce into one next sync: however many there were,
   one sync that starts after them sees them all.
+* A sync runs first as a local activity, inside the workflow task that starts it, so a healthy
+  sync costs no activity task and a run with no idle time closes in the task that began it. A
+  local try that fails (a store slow or down) goes on as a normal activity with the step's
+  retry policy, shown in the search attributes (workflows/steps.py). Running it locally before
+  an update's acceptance is durable is safe here: the sync writes only what the row says now,
+  under SpiceDB's marker precondition, so a sync whose task was lost is one that ran early.
 * A change whose version is not newer than the version the last sync read needs no sync.
 * ``sync_change`` (an update) delivers a change and waits until a sync that began after it has
   finished, for a caller that needs the ZedToken.
@@ -45,12 +51,18 @@ with workflow.unsafe.imports_passed_through():
         ResumeInput,
         ResumeResult,
         SyncFollowedUserInput,
+        SyncFollowedUserResult,
         UserChangedInput,
     )
     from spicesync.retries import STEP_RETRY
     from workflows.stages import QUIET_STAGES_PATCH, StageMarks
+    from workflows.steps import Patches, StepRunner
 
-__all__ = ["FollowedUserWorkflow"]
+__all__ = ["LOCAL_SYNC_PATCH", "FollowedUserWorkflow"]
+
+# Runs recorded before a sync was tried as a local activity first replay with it a normal
+# activity. A run with this marker has the quiet stages too (asked in its place, one marker).
+LOCAL_SYNC_PATCH = "follow-sync-local-first"
 
 _TIMEOUT = timedelta(seconds=ACTIVITY_START_TO_CLOSE)
 # Outcomes kept for callers of ``sync_change`` still to collect theirs; one sync finishes per
@@ -79,6 +91,7 @@ class FollowedUserWorkflow:
         self._failed = False
         self._syncs_this_run = 0
         self._marks: StageMarks | None = None
+        self._local_sync = False
 
     @workflow.run
     async def run(self, request: FollowedUserInput) -> None:
@@ -87,7 +100,9 @@ class FollowedUserWorkflow:
         Args:
             request: The user, and what the previous run carried over, if any.
         """
-        marks = self._marks = StageMarks(legacy=not workflow.patched(QUIET_STAGES_PATCH))
+        self._local_sync = workflow.patched(LOCAL_SYNC_PATCH)
+        quiet = self._local_sync or workflow.patched(QUIET_STAGES_PATCH)
+        marks = self._marks = StageMarks(legacy=not quiet)
         # Goes out with the first sync's stage: one upsert less for every run.
         marks.identify(user_id=request.user_id)
         marks.settle("idle")
@@ -230,19 +245,19 @@ class FollowedUserWorkflow:
     async def _sync(self) -> None:
         """One sync covering every change numbered so far."""
         covers = self._started = self._requested
-        # The sync is a normal activity, which retries as long as a store is down: shown.
-        self._stage_marks().mark("syncing")
+        marks = self._stage_marks()
+        if self._local_sync:
+            # Shown only if the sync goes on as a normal activity (StepRunner says when).
+            marks.enter("syncing")
+        else:
+            # The sync is a normal activity, which retries as long as a store is down: shown.
+            marks.mark("syncing")
         request = SyncFollowedUserInput(
             user_id=self._user_id, sync_id=str(workflow.uuid4()), position=self._position
         )
         while True:
             try:
-                result = await workflow.execute_activity_method(
-                    FollowedUserActivities.sync_followed_user,
-                    request,
-                    start_to_close_timeout=_TIMEOUT,
-                    retry_policy=STEP_RETRY,
-                )
+                result = await self._run_sync(request)
             except ActivityError as err:
                 cause = err.cause
                 error_type = (cause.type if isinstance(cause, ApplicationError) else None) or type(
@@ -271,6 +286,19 @@ class FollowedUserWorkflow:
         self._syncs_this_run += 1
         self._outcomes.append((covers, outcome))
         del self._outcomes[:-_KEPT_OUTCOMES]
+
+    async def _run_sync(self, request: SyncFollowedUserInput) -> SyncFollowedUserResult:
+        if self._local_sync:
+            # durable: the sync only makes SpiceDB say what the row says now, so it may run
+            # before the change that asked for it is in history (see the module's docstring).
+            steps = StepRunner(Patches.every(), self._stage_marks().step_visible, durable=True)
+            return await steps.write(FollowedUserActivities.sync_followed_user, request)
+        return await workflow.execute_activity_method(
+            FollowedUserActivities.sync_followed_user,
+            request,
+            start_to_close_timeout=_TIMEOUT,
+            retry_policy=STEP_RETRY,
+        )
 
     async def _record_failure(self, error_type: str, message: str) -> FollowSyncOutcome:
         """Record a permanent failure where operators look; nothing is rolled back."""

@@ -18,12 +18,13 @@ of its own and no payload encryption (the replay test has no key). Histories:
 * ``reconcile_apply`` and ``backfill_checked`` (recorded by name only): a reconcile that
   repaired the user; a backfill of 30 users in batches of 10, paced by timers, that first
   counted the user syncs not checking SpiceDB under the row's lock (none: no version markers);
-* ``followed_user_quiet_lifecycle`` (follow mode, recorded by name only): a followed user inserted,
-  updated, changed in a burst, failing for good on an invalid object id, fixed, and deleted,
-  in an app-shaped table of its own with the application's SpiceDB schema;
-* ``followed_user_closed_at_once`` (follow mode, recorded by name only): a followed user's
-  change delivered with no idle time, whose run closes in the workflow task that finished its
-  sync;
+* ``followed_user_local_lifecycle`` (follow mode, recorded by name only): a followed user
+  inserted, updated, changed in a burst, failing for good on an invalid object id, fixed, and
+  deleted, in an app-shaped table of its own with the application's SpiceDB schema, each sync
+  tried first as a local activity (patch ``follow-sync-local-first``);
+* ``followed_user_local_closed_at_once`` (follow mode, recorded by name only): a followed
+  user's change delivered with no idle time, whose run syncs and closes in its one workflow
+  task;
 * ``reconcile_follow`` and ``backfill_follow`` (follow mode, recorded by name only): a
   reconcile that delivered repairs (a missing relationship at once, an orphan after the scan)
   and a backfill of 30 never-synced rows in batches of 10, paced by timers.
@@ -35,7 +36,9 @@ step local, patch ``local-activity-steps``, before writes waited for the event's
 acceptance, patch ``writes-after-durable-acceptance``); ``user_sync_durable_lifecycle``,
 ``user_sync_durable_compensated``, ``user_sync_durable_repaired`` and
 ``followed_user_lifecycle`` (every stage upserted as the sync entered it, before patch
-``healthy-path-without-stage-upserts``); ``user_sync_quiet_lifecycle``,
+``healthy-path-without-stage-upserts``); ``followed_user_quiet_lifecycle`` and
+``followed_user_closed_at_once`` (that patch, each sync a normal activity, before
+``follow-sync-local-first``); ``user_sync_quiet_lifecycle``,
 ``user_sync_quiet_compensated`` and ``user_sync_quiet_repaired`` (each patch asked on its own,
 before the one ``release-2026-12-03`` marker); ``user_sync_release_lifecycle``,
 ``user_sync_release_compensated`` and ``user_sync_release_repaired`` (that marker, and a
@@ -116,8 +119,8 @@ ALL = (
     "reconcile_unfinished",
 )
 FOLLOW = (
-    "followed_user_quiet_lifecycle",
-    "followed_user_closed_at_once",
+    "followed_user_local_lifecycle",
+    "followed_user_local_closed_at_once",
     "reconcile_follow",
     "backfill_follow",
 )
@@ -301,8 +304,10 @@ async def _run_follow(settings: Settings, names: list[str]) -> None:
             await pool.execute(f"DELETE FROM {table} WHERE account_id = $1", uuid.UUID(uid))
             await user_changed(uid, wait="applied", **queue)  # type: ignore[arg-type]
             handle = client.get_workflow_handle(followed_user_workflow_id(uid))
-            histories["followed_user_quiet_lifecycle"] = (await handle.fetch_history()).to_json()
-            histories["followed_user_closed_at_once"] = await _closed_at_once(pool, table, queue)
+            histories["followed_user_local_lifecycle"] = (await handle.fetch_history()).to_json()
+            histories["followed_user_local_closed_at_once"] = await _closed_at_once(
+                pool, table, queue
+            )
             histories |= await _follow_maintenance(pool, spicedb, table, queue)
     finally:
         config.unlink(missing_ok=True)

@@ -222,7 +222,11 @@ async def marker_of(spicedb: SpiceDBClient, user_id: str) -> list[str]:
 
 
 async def syncs_of(client: Client, user_id: str) -> int:
-    """Syncs the user's workflow ran (activities scheduled), over every run of it."""
+    """Syncs the user's workflow ran, over every run of it.
+
+    A sync runs as a local activity that succeeded (a marker with its result; the workflow's
+    only local activity) or, after a local try that failed, as a scheduled activity.
+    """
     count = 0
     async for execution in client.list_workflows(
         f"WorkflowId = '{followed_user_workflow_id(user_id)}'"
@@ -230,13 +234,13 @@ async def syncs_of(client: Client, user_id: str) -> int:
         history = await client.get_workflow_handle(
             execution.id, run_id=execution.run_id
         ).fetch_history()
-        count += sum(
-            1
-            for e in history.events
-            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-            and e.activity_task_scheduled_event_attributes.activity_type.name
-            == "sync_followed_user"
-        )
+        for e in history.events:
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+                name = e.activity_task_scheduled_event_attributes.activity_type.name
+                count += name == "sync_followed_user"
+            elif e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
+                marker = e.marker_recorded_event_attributes
+                count += marker.marker_name == "core_local_activity" and "result" in marker.details
     return count
 
 

@@ -43,6 +43,8 @@ class FakeFollow:
     def __init__(self, version: int | None = 1, **behaviour: Behaviour) -> None:
         self.syncs: list[SyncFollowedUserInput] = []
         self.attempts = 0
+        # Per attempt: whether it ran as a local activity (inside the workflow task).
+        self.local: list[bool] = []
         self.failures: list[RecordFollowFailureInput] = []
         self.version = version
         self._behaviour = behaviour
@@ -50,6 +52,7 @@ class FakeFollow:
     @activity.defn(name="sync_followed_user")
     async def sync_followed_user(self, request: SyncFollowedUserInput) -> SyncFollowedUserResult:
         self.attempts += 1
+        self.local.append(activity.info().is_local)
         if "sync" in self._behaviour:
             await self._behaviour["sync"](self.attempts)
         self.syncs.append(request)
@@ -151,15 +154,21 @@ async def test_changes_during_a_sync_coalesce_into_one_next_sync(
 ) -> None:
     started, release = asyncio.Event(), asyncio.Event()
 
-    async def block_first(attempt: int) -> None:
+    async def slow_first_sync(attempt: int) -> None:
+        # The local try fails (a moved marker), so the sync goes on as a normal activity,
+        # which may take as long as it likes: it waits for the test.
         if attempt == 1:
+            raise MarkerChanged("the marker moved")
+        if attempt == 2:
             started.set()
             await release.wait()
 
-    fake = FakeFollow(sync=block_first)
+    fake = FakeFollow(sync=slow_first_sync)
     async for h in running(time_skipping_env, task_queue, fake):
         await h.signal()
         await asyncio.wait_for(started.wait(), 30)
+        # A sync that may last is shown, with what sent it out of the workflow task.
+        assert await h.attributes() == ("syncing", "MarkerChanged")
         for _ in range(10):
             await h.signal()
         # A caller that needs the result of a sync that began after its change.
@@ -171,6 +180,24 @@ async def test_changes_during_a_sync_coalesce_into_one_next_sync(
         assert (outcome.status, outcome.zed_token) == ("synced", "token-2")
         assert await h.attributes() == ("idle", None)
     assert len(fake.syncs) == 2
+    # The coalesced sync is healthy again: tried locally first, like every sync.
+    assert fake.local == [True, False, True]
+
+
+async def test_a_healthy_sync_runs_inside_the_workflow_task_and_shows_no_stage(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    fake = FakeFollow()
+    async for h in running(time_skipping_env, task_queue, fake):
+        assert (await h.applied()).status == "synced"
+        history = await h.handle().fetch_history()
+        assert not [
+            e for e in history.events if e.HasField("activity_task_scheduled_event_attributes")
+        ]
+        assert [e for e in history.events if e.HasField("marker_recorded_event_attributes")]
+        # Over before anyone could look: no stage written, only the id that finds the run.
+        assert await h.attributes() == (None, None)
+    assert fake.local == [True]
 
 
 async def test_a_version_already_synced_needs_no_sync(
@@ -196,6 +223,8 @@ async def test_transient_failures_and_a_moved_marker_retry(
     async for h in running(time_skipping_env, task_queue, fake):
         assert (await h.applied()).status == "synced"
     assert fake.attempts == 4 and not fake.failures
+    # One local try, then the step's retry policy on a normal activity.
+    assert fake.local == [True, False, False, False]
 
 
 async def test_a_permanent_failure_is_recorded_and_the_next_change_tries_again(
@@ -210,8 +239,8 @@ async def test_a_permanent_failure_is_recorded_and_the_next_change_tries_again(
             ("RowUnmappable", "relationships[0].resource: bad id")
         ]
         assert await h.attributes() == ("failed", "RowUnmappable")
-        # Not retried as is: one attempt, then the next change syncs again.
-        assert fake.attempts == 1
+        # Not retried as is: one (local) attempt, then the next change syncs again.
+        assert fake.attempts == 1 and fake.local == [True]
         assert (await h.applied(1)).status == "synced"
         assert await h.attributes() == ("idle", None)
 
@@ -270,8 +299,9 @@ async def test_an_idle_workflow_closes_and_a_later_change_starts_a_new_run(
         await h.env.sleep(timedelta(seconds=FollowedUserInput(user_id="x").idle_seconds + 1))
         closed = await h.handle().describe()
         assert closed.status == WorkflowExecutionStatus.COMPLETED
-        # Nothing to take back: the run closes showing "idle", its status says it closed.
-        assert closed.typed_search_attributes.get(STAGE) == "idle"
+        # Its sync ran inside a workflow task, so no stage was shown and none is written at
+        # the close: its status says it closed.
+        assert closed.typed_search_attributes.get(STAGE) is None
         await h.signal()
 
         async def synced_again() -> bool:
@@ -298,6 +328,11 @@ async def test_with_no_idle_time_a_run_closes_with_its_sync(
         assert len(fake.syncs) == 1
         history = await h.handle().fetch_history()
         assert not [e for e in history.events if e.HasField("timer_started_event_attributes")]
+        # The sync ran inside the run's first workflow task, which closed it too.
+        completed = [
+            e for e in history.events if e.HasField("workflow_task_completed_event_attributes")
+        ]
+        assert len(completed) == 1
         # The next change starts a fresh run, which syncs and closes the same way.
         await h.signal(idle=timedelta(0))
         await eventually(lambda h=h, first=first: _ran_again(h, first.run_id))

@@ -65,6 +65,8 @@ HISTORIES = Path(__file__).parent.parent / "histories"
         "followed_user_lifecycle",
         "followed_user_quiet_lifecycle",
         "followed_user_closed_at_once",
+        "followed_user_local_lifecycle",
+        "followed_user_local_closed_at_once",
         "reconcile_follow",
         "backfill_follow",
     ],
@@ -197,6 +199,22 @@ def test_histories_cover_every_workflow_and_path() -> None:
     assert '"name": "sync_followed_user"' in followed
     assert "EVENT_TYPE_TIMER_STARTED" not in followed
     assert "EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED" in followed
+    # Each sync tried first as a local activity: the same lifecycle with no activity task but
+    # the permanent failure's record, and the run with no idle time closed in its one task.
+    quiet, local = read("followed_user_quiet_lifecycle"), read("followed_user_local_lifecycle")
+    assert "follow-sync-local-first" in _decoded(local)
+    assert "follow-sync-local-first" not in _decoded(quiet)
+    assert quiet.count("EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") == 10
+    assert local.count("EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") == 1
+    assert '"name": "record_follow_failure"' in local and "RowUnmappable" in local
+    assert local.count('"markerName": "core_local_activity"') == 7
+    assert _stage_upserts(local) < _stage_upserts(quiet)
+    local_at_once = read("followed_user_local_closed_at_once")
+    assert '"idle_seconds":0.0' in _decoded(local_at_once)
+    assert local_at_once.count("EVENT_TYPE_WORKFLOW_TASK_COMPLETED") == 1
+    assert '"markerName": "core_local_activity"' in local_at_once
+    assert "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED" not in local_at_once
+    assert "EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED" in local_at_once
     assert '"name": "write_memberships"' in read("user_sync_release_repaired")
     assert '"name": "write_memberships"' in read("user_sync_quiet_repaired")
     assert '"name": "undo_created_row"' in read("user_sync_unfinished_removed")
@@ -217,13 +235,15 @@ def test_histories_cover_every_workflow_and_path() -> None:
     assert '"name": "record_follow_failure"' in followed and "RowUnmappable" in followed
     # Never a column value: neither the row's email (never read) nor the invalid value that
     # failed the sync (the error names the rule and column), in a payload or a failure.
-    payloads = " ".join(
-        base64.b64decode(data).decode("utf-8", "replace")
-        for data in re.findall(r'"data": "([A-Za-z0-9+/=]+)"', followed)
-    )
-    assert '"status":"synced"' in payloads  # the decoding works
-    for text in (payloads, followed):
-        assert "@example.com" not in text and "not a team" not in text
+    # The local lifecycle's markers hold each sync's result: no column value there either.
+    for history in (followed, read("followed_user_local_lifecycle")):
+        payloads = " ".join(
+            base64.b64decode(data).decode("utf-8", "replace")
+            for data in re.findall(r'"data": "([A-Za-z0-9+/=]+)"', history)
+        )
+        assert '"status":"synced"' in payloads  # the decoding works
+        for text in (payloads, history):
+            assert "@example.com" not in text and "not a team" not in text
     # Follow mode's reconcile (both passes, a repair at once and one after the scan) and a
     # backfill paced by timers, through the same workflows as owned mode.
     reconcile_follow = read("reconcile_follow")
