@@ -301,6 +301,15 @@ def _found_by(event: UserEvent) -> TypedSearchAttributes:
     return TypedSearchAttributes(pairs)
 
 
+def _followed_by(user_id: str) -> TypedSearchAttributes:
+    """The id that finds a followed user's sync, set with its start (ignored if the run exists).
+
+    The workflow shows the ids it was started with and upserts only what differs, so a run
+    started with this writes no search attribute of spicesync's while its syncs are healthy.
+    """
+    return TypedSearchAttributes([SearchAttributePair(USER_ID_ATTRIBUTE, user_id)])
+
+
 async def _delivered(
     client: Client,
     task_queue: str,
@@ -729,6 +738,7 @@ async def deliver_change(
         task_queue=task_queue,
         start_signal=USER_CHANGED_SIGNAL,
         start_signal_args=[change],
+        search_attributes=_followed_by(change.user_id),
         rpc_timeout=rpc_timeout,
     )
     return workflow_id
@@ -799,6 +809,7 @@ async def user_changed(
             workflow_id=workflow_id,
             task_queue=task_queue,
             timeout=left,
+            search_attributes=_followed_by(user_id),
         )
 
     handle = await _retry_passing(

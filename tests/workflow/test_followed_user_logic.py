@@ -32,7 +32,7 @@ from spicesync.models import (
     UserChangedInput,
 )
 from workflows.followed_user import FollowedUserWorkflow
-from workflows.user_sync import LAST_ERROR, STAGE
+from workflows.user_sync import LAST_ERROR, STAGE, USER_ID
 
 Behaviour = Callable[[int], Awaitable[None]]
 
@@ -195,9 +195,22 @@ async def test_a_healthy_sync_runs_inside_the_workflow_task_and_shows_no_stage(
             e for e in history.events if e.HasField("activity_task_scheduled_event_attributes")
         ]
         assert [e for e in history.events if e.HasField("marker_recorded_event_attributes")]
-        # Over before anyone could look: no stage written, only the id that finds the run.
+        # Over before anyone could look: no stage written. The id that finds the run came with
+        # its start, so the workflow upserted nothing of spicesync's.
         assert await h.attributes() == (None, None)
+        assert (await h.handle().describe()).typed_search_attributes.get(USER_ID) == h.uid
+        assert _spicesync_upserts(history) == []
     assert fake.local == [True]
+
+
+def _spicesync_upserts(history: Any) -> list[list[str]]:
+    """The names in each upsert of spicesync's search attributes (not the SDK's patch upserts)."""
+    upserts = [
+        list(e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields)
+        for e in history.events
+        if e.HasField("upsert_workflow_search_attributes_event_attributes")
+    ]
+    return [names for names in upserts if any(n.startswith("Spicesync") for n in names)]
 
 
 async def test_a_version_already_synced_needs_no_sync(
@@ -333,6 +346,9 @@ async def test_with_no_idle_time_a_run_closes_with_its_sync(
             e for e in history.events if e.HasField("workflow_task_completed_event_attributes")
         ]
         assert len(completed) == 1
+        # Started by signal-with-start with the id that finds it: nothing upserted.
+        assert first.typed_search_attributes.get(USER_ID) == h.uid
+        assert _spicesync_upserts(history) == []
         # The next change starts a fresh run, which syncs and closes the same way.
         await h.signal(idle=timedelta(0))
         await eventually(lambda h=h, first=first: _ran_again(h, first.run_id))
