@@ -33,6 +33,7 @@ from temporalio.service import RPCError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from activities.followed_users import FollowedUserActivities
+from chaos.proxy import FaultProxy
 from spicesync.app_table import AppTableMismatch, inspect_app_table
 from spicesync.client import ChangeNotAccepted, FollowSyncFailed, deliver_change, user_changed
 from spicesync.constants import followed_user_workflow_id
@@ -489,6 +490,74 @@ async def test_changes_delivered_while_no_worker_runs_coalesce_into_one_sync(
             return row is not None and row["status"] == "synced"
 
         await eventually(synced, timeout=60)
+    assert await syncs_of(client, uid) == 1
+    spicedb = app_spicedb.client()
+    try:
+        assert await held_by(spicedb, uid) == {f"organization:{team}#member"}
+    finally:
+        await spicedb.close()
+
+
+async def test_a_sync_that_cannot_reach_spicedb_goes_on_as_a_visible_retrying_activity(
+    client: Client,
+    task_queue: str,
+    database_url: str,
+    app_db: asyncpg.Pool,
+    app_spicedb: SpiceDBServer,
+    app_table: str,
+    tmp_path: Path,
+) -> None:
+    """SpiceDB unreachable: the sync's local try fails, and the sync goes on as a normal
+    activity, retried, shown as ``syncing`` and listed by ``stuck``, until SpiceDB is back."""
+    host, _, port = app_spicedb.endpoint.rpartition(":")
+    uid, team = new_user(), org()
+    await app_db.execute(
+        f"INSERT INTO {app_table}.accounts (account_id, email, team_id) VALUES ($1, 'x@y.z', $2)",
+        uuid.UUID(uid),
+        team,
+    )
+    handle = client.get_workflow_handle(followed_user_workflow_id(uid))
+    async with FaultProxy((host, int(port))) as proxy:
+        settings = Settings(
+            database_url=database_url,
+            spicedb_endpoint=proxy.address,
+            spicedb_preshared_key=app_spicedb.preshared_key,
+            config_path=mapping_file(tmp_path, app_table),
+        )
+        async with (
+            open_resources(settings) as resources,
+            build_worker(client, resources, task_queue=task_queue),
+        ):
+            await proxy.refuse()
+            await deliver_change(
+                UserChangedInput(user_id=uid), client=client, task_queue=task_queue
+            )
+
+            async def shown_syncing() -> bool:
+                attributes = (await handle.describe()).typed_search_attributes
+                return attributes.get(STAGE) == "syncing" and attributes.get(LAST_ERROR) is not None
+
+            await eventually(shown_syncing, timeout=60)
+            stuck = await find_stuck(client, older_than=timedelta(0))
+            assert [s.stage for s in stuck if s.user_id == uid] == ["syncing"]
+            await proxy.restore()
+
+            async def synced() -> bool:
+                row = await app_db.fetchrow(
+                    "SELECT status FROM spicesync_followed_users WHERE user_id = $1", uid
+                )
+                return row is not None and row["status"] == "synced"
+
+            await eventually(synced, timeout=120)
+    attributes = (await handle.describe()).typed_search_attributes
+    assert (attributes.get(STAGE), attributes.get(LAST_ERROR)) == ("idle", None)
+    history = await handle.fetch_history()
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    assert scheduled == ["sync_followed_user"]  # after the one local try
     assert await syncs_of(client, uid) == 1
     spicedb = app_spicedb.client()
     try:
