@@ -158,7 +158,11 @@ class FollowedUserActivities:
             remove, add = held.relationships - target, target - held.relationships
             marker = held.marker
             if not remove and not add:
-                status = "unchanged"
+                # SpiceDB's marker ahead of the bookkeeping: an earlier attempt of a sync (a
+                # local try that timed out after its write, say) wrote and was not recorded.
+                # Its write made SpiceDB match the row, so the caller hears "synced".
+                wrote_unrecorded = (held.marker or 0) > (recorded_marker or 0)
+                status = "synced" if wrote_unrecorded else "unchanged"
                 token = held.read_at or await revision_now(
                     self._client, user_id=user_id, subject_type=mapping.subject_type
                 )

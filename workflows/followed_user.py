@@ -120,7 +120,9 @@ class FollowedUserWorkflow:
                     return
                 # About to wait, perhaps past this workflow task: the last sync's "idle" goes
                 # out now. A sync that is due starts in this task, and replaces it in one upsert.
-                marks.flush(ids_alone=False)
+                # A local sync shows no stage for the ids to go out with: they go alone (only
+                # for a run whose starter did not set them).
+                marks.flush(ids_alone=self._local_sync)
             try:
                 await workflow.wait_condition(
                     lambda: (
@@ -267,6 +269,10 @@ class FollowedUserWorkflow:
                     await self._park(error_type)
                     continue
                 message = cause.message if isinstance(cause, ApplicationError) else str(cause)
+                if self._local_sync:
+                    # A local try's refusal showed nothing; recording it is a normal activity
+                    # that retries while PostgreSQL is down, and must be findable meanwhile.
+                    self._stage_marks().step_visible(error_type)
                 outcome = await self._record_failure(error_type, message)
                 break
             self._synced_version = result.version if result.row_exists else None

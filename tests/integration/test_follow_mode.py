@@ -833,6 +833,46 @@ async def test_the_bookkeeping_never_goes_back_and_the_marker_only_grows(
         await spicedb.close()
 
 
+async def test_a_retry_after_an_unrecorded_write_reports_synced(
+    follow_app: FollowApp, app_spicedb: SpiceDBServer
+) -> None:
+    """An attempt wrote SpiceDB and was cut off before its record (a local try that timed
+    out): the next attempt finds nothing to change, but reports the sync's write and records
+    it; only a sync after that is ``unchanged``."""
+    app, uid, team = follow_app, new_user(), org()
+    await app.insert(uid, team_id=team)
+    table = await inspect_app_table(app.pool, parse_mapping(MAPPING.format(schema=app.schema)))
+    spicedb = app_spicedb.client()
+    sync = FollowedUserActivities(app.pool, spicedb, table).sync_followed_user
+    try:
+        assert (
+            await ActivityEnvironment().run(sync, SyncFollowedUserInput(user_id=uid, sync_id="s1"))
+        ).marker == 1
+        await app.update(uid, is_admin=True)
+        cut_off = SyncFollowedUserInput(user_id=uid, sync_id="s2")
+        assert (await ActivityEnvironment().run(sync, cut_off)).marker == 2
+        # As if the attempt had stopped between its write and its record.
+        await app.pool.execute(
+            "UPDATE spicesync_followed_users SET marker = 1 WHERE user_id = $1", uid
+        )
+        retried = await ActivityEnvironment().run(sync, cut_off)
+        assert (retried.status, retried.marker, retried.added, retried.removed) == (
+            "synced",
+            2,
+            0,
+            0,
+        )
+        kept = await app.bookkeeping(uid)
+        assert kept is not None and kept["marker"] == 2
+        again = await ActivityEnvironment().run(
+            sync, SyncFollowedUserInput(user_id=uid, sync_id="s3")
+        )
+        assert (again.status, again.marker) == ("unchanged", 2)
+        assert await marker_of(spicedb, uid) == ["2"]
+    finally:
+        await spicedb.close()
+
+
 @pytest.mark.parametrize("wait", ["accepted", "applied"])
 async def test_user_changed_retries_refused_calls_until_its_deadline(
     follow_app: FollowApp, wait: Literal["accepted", "applied"]

@@ -21,8 +21,12 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from spicesync.client import FollowSyncFailed, deliver_change, user_changed
-from spicesync.constants import FOLLOWED_USER_WORKFLOW, followed_user_workflow_id
-from spicesync.errors import MarkerChanged, RowUnmappable, SchemaMismatch
+from spicesync.constants import (
+    FOLLOWED_USER_WORKFLOW,
+    USER_CHANGED_SIGNAL,
+    followed_user_workflow_id,
+)
+from spicesync.errors import AppDBUnavailable, MarkerChanged, RowUnmappable, SchemaMismatch
 from spicesync.models import (
     FollowedUserInput,
     RecordFollowFailureInput,
@@ -67,6 +71,8 @@ class FakeFollow:
 
     @activity.defn(name="record_follow_failure")
     async def record_follow_failure(self, request: RecordFollowFailureInput) -> None:
+        if "record" in self._behaviour:
+            await self._behaviour["record"](len(self.failures) + 1)
         self.failures.append(request)
 
     def activities(self) -> list[Any]:
@@ -203,6 +209,33 @@ async def test_a_healthy_sync_runs_inside_the_workflow_task_and_shows_no_stage(
     assert fake.local == [True]
 
 
+async def test_a_run_started_without_its_id_writes_it_once_its_sync_is_done(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    # As an older client starts it: no search attributes with the start.
+    fake = FakeFollow()
+    async for h in running(time_skipping_env, task_queue, fake):
+        await h.client.start_workflow(
+            FOLLOWED_USER_WORKFLOW,
+            FollowedUserInput(user_id=h.uid),
+            id=followed_user_workflow_id(h.uid),
+            task_queue=task_queue,
+            start_signal=USER_CHANGED_SIGNAL,
+            start_signal_args=[UserChangedInput(user_id=h.uid)],
+        )
+
+        async def identified(h: Harness = h) -> bool:
+            found = (await h.handle().describe()).typed_search_attributes
+            return found.get(USER_ID) == h.uid
+
+        # Written as the run waits for its next change, not only when it closes.
+        await eventually(identified)
+        assert (await h.handle().describe()).status == WorkflowExecutionStatus.RUNNING
+        history = await h.handle().fetch_history()
+        assert _spicesync_upserts(history) == [["SpicesyncUserId"]]
+    assert fake.local == [True]
+
+
 def _spicesync_upserts(history: Any) -> list[list[str]]:
     """The names in each upsert of spicesync's search attributes (not the SDK's patch upserts)."""
     upserts = [
@@ -256,6 +289,33 @@ async def test_a_permanent_failure_is_recorded_and_the_next_change_tries_again(
         assert fake.attempts == 1 and fake.local == [True]
         assert (await h.applied(1)).status == "synced"
         assert await h.attributes() == ("idle", None)
+
+
+async def test_a_refused_sync_is_shown_while_its_failure_is_being_recorded(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    postgres_back = asyncio.Event()
+
+    async def record_while_postgres_is_down(_attempt: int) -> None:
+        if not postgres_back.is_set():
+            raise AppDBUnavailable("PostgreSQL unavailable")
+
+    fake = FakeFollow(
+        sync=fail_first(1, RowUnmappable("relationships[0].resource: bad id")),
+        record=record_while_postgres_is_down,
+    )
+    async for h in running(time_skipping_env, task_queue, fake):
+        await h.signal()
+
+        async def shown(stage: str, h: Harness = h) -> bool:
+            return await h.attributes() == (stage, "RowUnmappable")
+
+        # The local try's refusal showed nothing; its record retries, findable as "syncing".
+        await eventually(lambda: shown("syncing"))
+        postgres_back.set()
+        await h.env.sleep(timedelta(minutes=2))  # the record's next retry
+        await eventually(lambda: shown("failed"))
+    assert fake.local == [True] and [f.error_type for f in fake.failures] == ["RowUnmappable"]
 
 
 async def test_a_schema_mismatch_parks_until_resumed(

@@ -208,12 +208,16 @@ def test_histories_cover_every_workflow_and_path() -> None:
     assert local.count("EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") == 1
     assert '"name": "record_follow_failure"' in local and "RowUnmappable" in local
     assert local.count('"markerName": "core_local_activity"') == 7
-    assert _stage_upserts(local) < _stage_upserts(quiet)
+    # Stages only around the refusal: shown while recorded, failed, then idle once fixed.
+    assert _stage_upserts(local) == 3 < _stage_upserts(quiet)
     local_at_once = read("followed_user_local_closed_at_once")
     assert '"idle_seconds":0.0' in _decoded(local_at_once)
     assert local_at_once.count("EVENT_TYPE_WORKFLOW_TASK_COMPLETED") == 1
     assert '"markerName": "core_local_activity"' in local_at_once
     assert "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED" not in local_at_once
+    # The user's id came with the start: the one upsert is the SDK's for the patch.
+    assert local_at_once.count("EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES") == 1
+    assert '"TemporalChangeVersion"' in local_at_once
     assert "EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED" in local_at_once
     assert '"name": "write_memberships"' in read("user_sync_release_repaired")
     assert '"name": "write_memberships"' in read("user_sync_quiet_repaired")
