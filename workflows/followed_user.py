@@ -32,7 +32,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.followed_users import FollowedUserActivities
@@ -261,6 +262,10 @@ class FollowedUserWorkflow:
             try:
                 result = await self._run_sync(request)
             except ActivityError as err:
+                if is_cancelled_exception(err):
+                    # The run was cancelled (``spicesync repair rollback``): stop the sync, record
+                    # nothing; the next change starts a new run that reads the row afresh.
+                    raise
                 cause = err.cause
                 error_type = (cause.type if isinstance(cause, ApplicationError) else None) or type(
                     cause
@@ -297,7 +302,14 @@ class FollowedUserWorkflow:
         if self._local_sync:
             # durable: the sync only makes SpiceDB say what the row says now, so it may run
             # before the change that asked for it is in history (see the module's docstring).
-            steps = StepRunner(Patches.every(), self._stage_marks().step_visible, durable=True)
+            steps = StepRunner(
+                Patches.every(),
+                self._stage_marks().step_visible,
+                durable=True,
+                # Nothing to compensate: a cancelled run stops at once (an attempt still
+                # running converges under the marker's precondition, like any late attempt).
+                cancellation_type=ActivityCancellationType.TRY_CANCEL,
+            )
             return await steps.write(FollowedUserActivities.sync_followed_user, request)
         return await workflow.execute_activity_method(
             FollowedUserActivities.sync_followed_user,

@@ -163,6 +163,9 @@ class StepRunner:
         on_visible: Callable[[str | None], None] | None = None,
         *,
         durable: bool = False,
+        cancellation_type: ActivityCancellationType = (
+            ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
+        ),
     ) -> None:
         """Start an event's (or a repair's) steps, all healthy so far.
 
@@ -172,11 +175,15 @@ class StepRunner:
                 type of the local try that failed first (``None`` if none was made).
             durable: The event is in history already (a signal delivered it), so even its first
                 write may run locally.
+            cancellation_type: How a cancelled step ends. The default waits until an in-flight
+                write has really stopped, so compensation never races it; a caller with nothing
+                to compensate may stop at once (``TRY_CANCEL``).
         """
         self._patches = patches
         self._durable = durable and patches.has(SIGNALLED_LOCAL_PATCH)
         self._local = True
         self._on_visible = on_visible
+        self._cancellation_type = cancellation_type
 
     async def read(
         self, activity: MethodAsyncSingleParam[Any, ParamType, ReturnType], arg: ParamType
@@ -210,7 +217,7 @@ class StepRunner:
                     # Bounds the wait for a local-activity slot too, not only the run.
                     schedule_to_close_timeout=_LOCAL_TIMEOUT,
                     retry_policy=LOCAL_STEP_RETRY,
-                    cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                    cancellation_type=self._cancellation_type,
                 )
             except FailureError as err:
                 if is_cancelled_exception(err):
@@ -227,14 +234,14 @@ class StepRunner:
                 failed_locally = _error_type(err)
         if self._on_visible is not None:
             self._on_visible(failed_locally)
-        # WAIT_CANCELLATION_COMPLETED: on cancel, compensation must start only after an in-flight
-        # write has really stopped, or the write could land after its undo.
+        # WAIT_CANCELLATION_COMPLETED by default: on cancel, compensation must start only after
+        # an in-flight write has really stopped, or the write could land after its undo.
         return await workflow.execute_activity_method(
             activity,
             arg,
             start_to_close_timeout=_TIMEOUT,
             retry_policy=STEP_RETRY,
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            cancellation_type=self._cancellation_type,
         )
 
 

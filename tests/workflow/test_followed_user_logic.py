@@ -35,6 +35,7 @@ from spicesync.models import (
     SyncFollowedUserResult,
     UserChangedInput,
 )
+from starters.repair import rollback
 from workflows.followed_user import FollowedUserWorkflow
 from workflows.user_sync import LAST_ERROR, STAGE, USER_ID
 
@@ -316,6 +317,33 @@ async def test_a_refused_sync_is_shown_while_its_failure_is_being_recorded(
         await h.env.sleep(timedelta(minutes=2))  # the record's next retry
         await eventually(lambda: shown("failed"))
     assert fake.local == [True] and [f.error_type for f in fake.failures] == ["RowUnmappable"]
+
+
+async def test_a_rollback_stops_the_sync_in_flight_and_records_nothing(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def stuck_after_a_failed_local_try(attempt: int) -> None:
+        if attempt == 1:
+            raise MarkerChanged("the marker moved")
+        if attempt == 2:  # a normal activity now, which does not answer for a while
+            started.set()
+            await release.wait()
+
+    fake = FakeFollow(sync=stuck_after_a_failed_local_try)
+    async for h in running(time_skipping_env, task_queue, fake):
+        await h.signal()
+        await asyncio.wait_for(started.wait(), 30)
+        first = await h.handle().describe()
+        # ``spicesync repair rollback --followed-user-id``: the run ends cancelled at once.
+        assert await rollback(h.client, h.uid, followed=True) == WorkflowExecutionStatus.CANCELED
+        assert not fake.failures  # a cancelled sync is not a failed user
+        release.set()
+        # The next change starts a new run, which syncs the row afresh.
+        assert (await h.applied()).status == "synced"
+        assert (await h.handle().describe()).run_id != first.run_id
+    assert not fake.failures
 
 
 async def test_a_schema_mismatch_parks_until_resumed(
