@@ -16,9 +16,10 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowUpdateFailedError,
 )
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
+from temporalio.worker import Replayer, Worker
 
 from spicesync.client import FollowSyncFailed, deliver_change, user_changed
 from spicesync.constants import (
@@ -156,6 +157,15 @@ async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
     raise AssertionError("condition not reached in time")
 
 
+async def replays(handle: WorkflowHandle[Any, Any]) -> bool:
+    """Whether the run's history replays on this code (paths no recording covers)."""
+    history = await handle.fetch_history()
+    result = await Replayer(
+        workflows=[FollowedUserWorkflow], data_converter=pydantic_data_converter
+    ).replay_workflow(history, raise_on_replay_failure=False)
+    return result.replay_failure is None
+
+
 async def test_changes_during_a_sync_coalesce_into_one_next_sync(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
@@ -186,6 +196,7 @@ async def test_changes_during_a_sync_coalesce_into_one_next_sync(
         outcome = await waiting
         assert (outcome.status, outcome.zed_token) == ("synced", "token-2")
         assert await h.attributes() == ("idle", None)
+        assert await replays(h.handle())  # a local try, then a normal activity
     assert len(fake.syncs) == 2
     # The coalesced sync is healthy again: tried locally first, like every sync.
     assert fake.local == [True, False, True]
@@ -316,6 +327,7 @@ async def test_a_refused_sync_is_shown_while_its_failure_is_being_recorded(
         postgres_back.set()
         await h.env.sleep(timedelta(minutes=2))  # the record's next retry
         await eventually(lambda: shown("failed"))
+        assert await replays(h.handle())
     assert fake.local == [True] and [f.error_type for f in fake.failures] == ["RowUnmappable"]
 
 
@@ -339,6 +351,7 @@ async def test_a_rollback_stops_the_sync_in_flight_and_records_nothing(
         # ``spicesync repair rollback --followed-user-id``: the run ends cancelled at once.
         assert await rollback(h.client, h.uid, followed=True) == WorkflowExecutionStatus.CANCELED
         assert not fake.failures  # a cancelled sync is not a failed user
+        assert await replays(h.client.get_workflow_handle(first.id, run_id=first.run_id))
         release.set()
         # The next change starts a new run, which syncs the row afresh.
         assert (await h.applied()).status == "synced"
@@ -363,6 +376,7 @@ async def test_a_schema_mismatch_parks_until_resumed(
         assert (await waiting).status == "synced"
         again = await h.handle().execute_update(FollowedUserWorkflow.resume, ResumeInput())
         assert not again.resumed
+        assert await replays(h.handle())  # parked by a local try's refusal, then resumed
     assert fake.attempts == 2
 
 
