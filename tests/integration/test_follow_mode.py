@@ -245,6 +245,32 @@ async def syncs_of(client: Client, user_id: str) -> int:
     return count
 
 
+async def insert_account(app_db: asyncpg.Pool, app_table: str, user_id: str, team: str) -> None:
+    """The application's insert of a plain member of ``team``."""
+    await app_db.execute(
+        f"INSERT INTO {app_table}.accounts (account_id, email, team_id) VALUES ($1, 'x@y.z', $2)",
+        uuid.UUID(user_id),
+        team,
+    )
+
+
+async def recorded_synced(app_db: asyncpg.Pool, user_id: str) -> bool:
+    """Whether spicesync's bookkeeping records the user's last sync as successful."""
+    row = await app_db.fetchrow(
+        "SELECT status FROM spicesync_followed_users WHERE user_id = $1", user_id
+    )
+    return row is not None and row["status"] == "synced"
+
+
+async def held_by_server(server: SpiceDBServer, user_id: str) -> set[str]:
+    """:func:`held_by`, through a client of its own."""
+    spicedb = server.client()
+    try:
+        return await held_by(spicedb, user_id)
+    finally:
+        await spicedb.close()
+
+
 def mapping_file(tmp_path: Path, schema: str) -> Path:
     path = tmp_path / "spicesync.toml"
     path.write_text(MAPPING.format(schema=schema))
@@ -470,11 +496,7 @@ async def test_changes_delivered_while_no_worker_runs_coalesce_into_one_sync(
 ) -> None:
     settings = follow_settings(database_url, app_spicedb, mapping_file(tmp_path, app_table))
     uid, team = new_user(), org()
-    await app_db.execute(
-        f"INSERT INTO {app_table}.accounts (account_id, email, team_id) VALUES ($1, 'x@y.z', $2)",
-        uuid.UUID(uid),
-        team,
-    )
+    await insert_account(app_db, app_table, uid, team)
     # Durable as soon as Temporal answers: no worker polls this queue yet.
     for _ in range(20):
         await deliver_change(UserChangedInput(user_id=uid), client=client, task_queue=task_queue)
@@ -482,20 +504,9 @@ async def test_changes_delivered_while_no_worker_runs_coalesce_into_one_sync(
         open_resources(settings) as resources,
         build_worker(client, resources, task_queue=task_queue),
     ):
-
-        async def synced() -> bool:
-            row = await app_db.fetchrow(
-                "SELECT status FROM spicesync_followed_users WHERE user_id = $1", uid
-            )
-            return row is not None and row["status"] == "synced"
-
-        await eventually(synced, timeout=60)
+        await eventually(lambda: recorded_synced(app_db, uid), timeout=60)
     assert await syncs_of(client, uid) == 1
-    spicedb = app_spicedb.client()
-    try:
-        assert await held_by(spicedb, uid) == {f"organization:{team}#member"}
-    finally:
-        await spicedb.close()
+    assert await held_by_server(app_spicedb, uid) == {f"organization:{team}#member"}
 
 
 async def test_a_sync_that_cannot_reach_spicedb_goes_on_as_a_visible_retrying_activity(
@@ -511,11 +522,7 @@ async def test_a_sync_that_cannot_reach_spicedb_goes_on_as_a_visible_retrying_ac
     activity, retried, shown as ``syncing`` and listed by ``stuck``, until SpiceDB is back."""
     host, _, port = app_spicedb.endpoint.rpartition(":")
     uid, team = new_user(), org()
-    await app_db.execute(
-        f"INSERT INTO {app_table}.accounts (account_id, email, team_id) VALUES ($1, 'x@y.z', $2)",
-        uuid.UUID(uid),
-        team,
-    )
+    await insert_account(app_db, app_table, uid, team)
     handle = client.get_workflow_handle(followed_user_workflow_id(uid))
     async with FaultProxy((host, int(port))) as proxy:
         settings = Settings(
@@ -542,13 +549,7 @@ async def test_a_sync_that_cannot_reach_spicedb_goes_on_as_a_visible_retrying_ac
             assert [s.stage for s in stuck if s.user_id == uid] == ["syncing"]
             await proxy.restore()
 
-            async def synced() -> bool:
-                row = await app_db.fetchrow(
-                    "SELECT status FROM spicesync_followed_users WHERE user_id = $1", uid
-                )
-                return row is not None and row["status"] == "synced"
-
-            await eventually(synced, timeout=120)
+            await eventually(lambda: recorded_synced(app_db, uid), timeout=120)
     attributes = (await handle.describe()).typed_search_attributes
     assert (attributes.get(STAGE), attributes.get(LAST_ERROR)) == ("idle", None)
     history = await handle.fetch_history()
@@ -559,11 +560,7 @@ async def test_a_sync_that_cannot_reach_spicedb_goes_on_as_a_visible_retrying_ac
     ]
     assert scheduled == ["sync_followed_user"]  # after the one local try
     assert await syncs_of(client, uid) == 1
-    spicedb = app_spicedb.client()
-    try:
-        assert await held_by(spicedb, uid) == {f"organization:{team}#member"}
-    finally:
-        await spicedb.close()
+    assert await held_by_server(app_spicedb, uid) == {f"organization:{team}#member"}
 
 
 async def test_a_permanent_failure_is_recorded_listed_by_stuck_and_fixed_by_the_next_change(
