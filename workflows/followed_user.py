@@ -303,7 +303,7 @@ class FollowedUserWorkflow:
             # durable: the sync only makes SpiceDB say what the row says now, so it may run
             # before the change that asked for it is in history (see the module's docstring).
             steps = StepRunner(
-                Patches.every(),
+                Patches(ask=False),
                 self._stage_marks().step_visible,
                 durable=True,
                 # Nothing to compensate: a cancelled run stops at once (an attempt still

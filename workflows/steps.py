@@ -125,27 +125,23 @@ class Patches:
     patches that came later. Build it at the start of the run, before any patch is asked.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, ask: bool = True) -> None:
+        """Ask which release began the run.
+
+        Args:
+            ask: ``False``: take every patch above without asking Temporal, for a workflow
+                that guards its use of :class:`StepRunner` with a patch of its own (follow
+                mode's sync), whose runs never took the older paths these patches kept.
+        """
         # The patches this run's release marker does not stand for; None: no marker at all.
         self._after_release: frozenset[str] | None = None
-        if workflow.patched(RELEASE_PATCH):
+        if not ask or workflow.patched(RELEASE_PATCH):
             self._after_release = frozenset()
             return
         for marker, later in _EARLIER_RELEASES.items():
             if workflow.patched(marker):
                 self._after_release = later
                 return
-
-    @classmethod
-    def every(cls) -> Patches:
-        """Every patch above taken, asking Temporal nothing.
-
-        For a workflow that guards its use of :class:`StepRunner` with a patch of its own
-        (follow mode's sync): its runs never took the older code paths these patches kept.
-        """
-        patches = cls.__new__(cls)
-        patches._after_release = frozenset()
-        return patches
 
     def has(self, patch_id: str) -> bool:
         """Whether the run takes the code path that ``patch_id`` brought."""

@@ -89,6 +89,20 @@ def fail_first(times: int, error: Exception) -> Behaviour:
     return behaviour
 
 
+def held_after_a_failed_local_try(started: asyncio.Event, release: asyncio.Event) -> Behaviour:
+    """The local try fails (a moved marker), so the sync goes on as a normal activity, which
+    may take as long as it likes: it sets ``started`` and waits for ``release``."""
+
+    async def behaviour(attempt: int) -> None:
+        if attempt == 1:
+            raise MarkerChanged("the marker moved")
+        if attempt == 2:
+            started.set()
+            await release.wait()
+
+    return behaviour
+
+
 class Harness:
     def __init__(self, env: WorkflowEnvironment, task_queue: str, uid: str) -> None:
         self.env, self.task_queue, self.uid = env, task_queue, uid
@@ -170,17 +184,7 @@ async def test_changes_during_a_sync_coalesce_into_one_next_sync(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
     started, release = asyncio.Event(), asyncio.Event()
-
-    async def slow_first_sync(attempt: int) -> None:
-        # The local try fails (a moved marker), so the sync goes on as a normal activity,
-        # which may take as long as it likes: it waits for the test.
-        if attempt == 1:
-            raise MarkerChanged("the marker moved")
-        if attempt == 2:
-            started.set()
-            await release.wait()
-
-    fake = FakeFollow(sync=slow_first_sync)
+    fake = FakeFollow(sync=held_after_a_failed_local_try(started, release))
     async for h in running(time_skipping_env, task_queue, fake):
         await h.signal()
         await asyncio.wait_for(started.wait(), 30)
@@ -335,15 +339,7 @@ async def test_a_rollback_stops_the_sync_in_flight_and_records_nothing(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
     started, release = asyncio.Event(), asyncio.Event()
-
-    async def stuck_after_a_failed_local_try(attempt: int) -> None:
-        if attempt == 1:
-            raise MarkerChanged("the marker moved")
-        if attempt == 2:  # a normal activity now, which does not answer for a while
-            started.set()
-            await release.wait()
-
-    fake = FakeFollow(sync=stuck_after_a_failed_local_try)
+    fake = FakeFollow(sync=held_after_a_failed_local_try(started, release))
     async for h in running(time_skipping_env, task_queue, fake):
         await h.signal()
         await asyncio.wait_for(started.wait(), 30)
